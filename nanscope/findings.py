@@ -1,0 +1,220 @@
+"""Typed findings and the catalogue of stable codes.
+
+A `Finding` is what every analyzer returns: a stable code, a severity, a count, where it happened
+(a tuple of small dicts that name image, layer, query, token, box, phrase, module ...), a message and
+a fix hint. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping
+
+from nanscope.errors import UnknownCodeError
+
+
+class Severity(str, enum.Enum):
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def rank(self) -> int:
+        return {"info": 0, "warning": 1, "error": 2}[self.value]
+
+
+@dataclass(frozen=True)
+class CodeInfo:
+    code: str
+    title: str
+    severity: Severity  # the default severity; an analyzer may raise or lower it with a reason
+    hint: str
+    # Causes rank above symptoms: when several errors exist, the lowest `order` is shown first.
+    order: int
+
+
+def _c(code: str, title: str, severity: Severity, hint: str, order: int) -> CodeInfo:
+    return CodeInfo(code, title, severity, hint, order)
+
+
+E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFO
+
+CATALOGUE: dict[str, CodeInfo] = {
+    c.code: c
+    for c in [
+        _c("NS001", "non-finite loss term", E,
+           "A symptom: look at the cause findings above it; `nanscope verify-fix` checks a masked criterion.", 90),
+        _c("NS101", "padded text positions reach the classification loss", W,
+           "Drop padded positions before the loss: `torch.masked_select(logits, text_mask)` as MMDetection, "
+           "Open-GroundingDino and transformers do, or use `nanscope.criterion.SetCriterion`.", 20),
+        _c("NS102", "positive target on a padded or truncated token", E,
+           "Shorten the caption (fewer categories per prompt) or drop boxes whose phrase falls past "
+           "max_text_len, as MMDetection's check_for_positive_overflow does.", 10),
+        _c("NS103", "empty positive map row", E,
+           "Fix the phrase/span so it maps to tokens, or drop the box; a matcher that normalizes rows divides 0 by 0.", 11),
+        _c("NS104", "caption longer than max_text_len", W,
+           "Split the categories over several prompts so each caption fits in max_text_len tokens.", 12),
+        _c("NS105", "non-binary positive map used as class targets", W,
+           "Binarize the positive map (`positive_map > 0`) before using it as focal-loss targets.", 13),
+        _c("NS201", "invalid target box", E,
+           "Target boxes must be finite, normalized cxcywh in [0, 1] with width and height > 0 "
+           "(convert xyxy / pixel boxes with torchvision.ops.box_convert and divide by the image size).", 14),
+        _c("NS202", "non-finite predicted box", E,
+           "Predicted boxes went non-finite inside the model: see the origin trace (NS301/NS302).", 40),
+        _c("NS203", "non-finite matching cost", E,
+           "scipy's linear_sum_assignment raises on such costs: mask padded tokens in the class cost, guard "
+           "empty positive rows, and fix non-finite boxes.", 50),
+        _c("NS204", "image with no boxes", I,
+           "Fine when loss normalizers are clamped to at least 1 (nanscope's criterion does this).", 95),
+        _c("NS301", "first non-finite value in the forward", E,
+           "Fix the operation named here: its inputs were finite and its output is not.", 5),
+        _c("NS302", "first non-finite value in the backward", E,
+           "The backward of the named operation produced the first non-finite gradient.", 6),
+        _c("NS303", "half-precision overflow risk", W,
+           "Values near the fp16 range overflow under autocast: use bfloat16, keep this module in fp32, or clamp.", 30),
+        _c("NS304", "non-finite input images", E,
+           "The data pipeline produced NaN/inf pixels: check decoding, normalization and augmentations.", 1),
+        _c("NS305", "non-finite parameters or buffers", E,
+           "The checkpoint already holds NaN/inf weights: resume from an earlier checkpoint.", 2),
+        _c("NS306", "checkpoint does not fit the model", E,
+           "Use the config the checkpoint was trained with; missing weights stay random when loading with strict=False.", 3),
+        _c("NS307", "AMP loss-scale collapse", E,
+           "The GradScaler keeps skipping steps: gradients overflow every step. Lower the learning rate, "
+           "use bfloat16, or find the overflowing module with `nanscope inspect`.", 7),
+    ]
+}
+
+
+def code_info(code: str) -> CodeInfo:
+    """Return the catalogue entry of `code`, or raise listing the valid codes."""
+    try:
+        return CATALOGUE[code]
+    except KeyError:
+        raise UnknownCodeError(
+            f"unknown finding code {code!r}; valid codes: {', '.join(sorted(CATALOGUE))}"
+        ) from None
+
+
+def check_codes(codes: Iterable[str]) -> list[str]:
+    """Validate a user list of codes (e.g. from --select); return them upper-cased."""
+    out = [c.strip().upper() for c in codes if c.strip()]
+    unknown = [c for c in out if c not in CATALOGUE]
+    if unknown:
+        raise UnknownCodeError(
+            f"unknown finding code(s) {', '.join(unknown)}; valid codes: {', '.join(sorted(CATALOGUE))}"
+        )
+    return out
+
+
+Where = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosis. `where` lists up to a few concrete locations; `count` counts all of them."""
+
+    code: str
+    severity: Severity
+    count: int
+    message: str
+    where: tuple[Where, ...] = ()
+    hint: str = ""
+    data: Mapping[str, Any] = field(default_factory=dict)  # numbers for reports (per layer, per image ...)
+
+    def __post_init__(self) -> None:
+        info = code_info(self.code)
+        if not self.hint:
+            object.__setattr__(self, "hint", info.hint)
+        object.__setattr__(self, "severity", Severity(self.severity))
+
+    @property
+    def title(self) -> str:
+        return CATALOGUE[self.code].title
+
+    @property
+    def order(self) -> int:
+        return CATALOGUE[self.code].order
+
+    def with_severity(self, severity: Severity, reason: str = "") -> "Finding":
+        msg = f"{self.message} {reason}".strip() if reason else self.message
+        return replace(self, severity=severity, message=msg)
+
+    def where_text(self, limit: int = 3) -> str:
+        """Human text for the first `limit` locations, e.g. `image 1 box 2 'zebra' token 257 'zebra'`."""
+        parts = [format_where(w) for w in self.where[:limit]]
+        more = len(self.where) - limit
+        if more > 0:
+            parts.append(f"+{more} more")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "title": self.title,
+            "severity": self.severity.value,
+            "count": int(self.count),
+            "where": [dict(w) for w in self.where],
+            "message": self.message,
+            "hint": self.hint,
+            "data": _jsonable(dict(self.data)),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Finding":
+        return cls(
+            code=d["code"], severity=Severity(d["severity"]), count=int(d["count"]),
+            message=d["message"], where=tuple(d.get("where", ())), hint=d.get("hint", ""),
+            data=d.get("data", {}),
+        )
+
+
+_WHERE_ORDER = ("rank", "step", "image", "layer", "term", "box", "phrase", "query", "token",
+                "token_text", "module", "op", "param", "channel", "file", "line")
+
+
+def format_where(w: Where) -> str:
+    bits = []
+    keys = [k for k in _WHERE_ORDER if k in w] + sorted(k for k in w if k not in _WHERE_ORDER)
+    for k in keys:
+        v = w[k]
+        if v is None:
+            continue
+        if k in ("phrase", "token_text"):
+            bits.append(repr(v))
+        elif k in ("module", "op", "param", "layer", "term", "file"):
+            bits.append(f"{k} {v}")
+        else:
+            bits.append(f"{k} {v}")
+    return " ".join(bits)
+
+
+def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
+    """Errors first, then causes before symptoms (catalogue order), then larger counts."""
+    return sorted(findings, key=lambda f: (-f.severity.rank, f.order, -f.count, f.code))
+
+
+def worst_severity(findings: Iterable[Finding]) -> Severity | None:
+    worst = None
+    for f in findings:
+        if worst is None or f.severity.rank > worst.rank:
+            worst = f.severity
+    return worst
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float):
+        if x != x:
+            return "nan"
+        if x in (float("inf"), float("-inf")):
+            return "inf" if x > 0 else "-inf"
+        return x
+    if hasattr(x, "item") and callable(x.item):  # numpy / torch scalars
+        return _jsonable(x.item())
+    if isinstance(x, enum.Enum):
+        return x.value
+    return x
