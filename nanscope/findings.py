@@ -169,21 +169,37 @@ class Finding:
         )
 
 
-_WHERE_ORDER = ("rank", "step", "image", "layer", "term", "box", "phrase", "query", "token",
+_WHERE_ORDER = ("rank", "step", "image", "layer", "term", "box", "phrase", "query", "token", "tokens",
                 "token_text", "module", "op", "param", "channel", "file", "line")
 
 
+def _ranges(xs: list[int]) -> str:
+    """[3, 4, 5, 9] -> '3-5,9'."""
+    out: list[str] = []
+    for x in sorted(xs):
+        if out and "-" in out[-1] and int(out[-1].split("-")[1]) == x - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{x}"
+        elif out and "-" not in out[-1] and int(out[-1]) == x - 1:
+            out[-1] = f"{out[-1]}-{x}"
+        else:
+            out.append(str(x))
+    return ",".join(out)
+
+
 def format_where(w: Where) -> str:
+    """One location as text: `image 2 box 1 'small red bird' tokens 281-283 ...`."""
     bits = []
     keys = [k for k in _WHERE_ORDER if k in w] + sorted(k for k in w if k not in _WHERE_ORDER)
+    if "tokens" in w and "token" in keys:
+        keys.remove("token")
     for k in keys:
         v = w[k]
         if v is None:
             continue
         if k in ("phrase", "token_text"):
             bits.append(repr(v))
-        elif k in ("module", "op", "param", "layer", "term", "file"):
-            bits.append(f"{k} {v}")
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, int) for x in v):
+            bits.append(f"{k} {_ranges(list(v))}")
         else:
             bits.append(f"{k} {v}")
     return " ".join(bits)

@@ -1,0 +1,26 @@
+"""NS306: the checkpoint does not fit the model (groundingdino's strict=False load hides this)."""
+
+from __future__ import annotations
+
+from nanscope.analyzers.context import AnalysisContext
+from nanscope.analyzers.registry import register
+from nanscope.findings import Finding, Severity
+
+SHOW = 5  # key names listed per kind
+
+
+@register("NS306", needs=("key_fit",))
+def checkpoint_fit(ctx: AnalysisContext) -> list[Finding]:
+    fit = ctx.key_fit
+    if fit.clean:
+        return []
+    where = [{"param": k, "why": "missing"} for k in fit.missing[:SHOW]]
+    where += [{"param": k, "why": "unexpected"} for k in fit.unexpected[:SHOW]]
+    where += [{"param": k, "why": f"shape {list(a)} in file, {list(b)} in model"} for k, a, b in fit.mismatched[:SHOW]]
+    count = len(fit.missing) + len(fit.unexpected) + len(fit.mismatched)
+    msg = (f"checkpoint does not fit the model: {len(fit.missing)} missing (left at random init), "
+           f"{len(fit.unexpected)} unexpected, {len(fit.mismatched)} mis-shaped keys; "
+           f"{len(fit.matched)} loaded.")
+    data = {"missing": list(fit.missing), "unexpected": list(fit.unexpected),
+            "mismatched": [[k, list(a), list(b)] for k, a, b in fit.mismatched], "matched": len(fit.matched)}
+    return [Finding("NS306", Severity.ERROR, count, msg, tuple(where), data=data)]

@@ -1,0 +1,172 @@
+"""The batch file: what a trainer saves with `torch.save` so nanscope can replay one step.
+
+Schema (a dict):
+    images    Tensor [B, 3, H, W]: float (already normalized) or uint8 (0-255, normalized here with
+              groundingdino's ImageNet mean/std)
+    captions  list of B non-empty strings
+    targets   list of B dicts, each with
+                boxes            Tensor [N, 4], normalized cxcywh
+                phrases          list of N strings (the phrase each box refers to), or
+                tokens_positive  list of N lists of [begin, end) character spans into the caption
+                                 (ODVG/GLIP style); one of the two is required when N > 0
+Validation errors name the field and index, e.g. `targets[1].boxes has shape [3, 5]; expected [N, 4]`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from nanscope.errors import BatchError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Target:
+    boxes: torch.Tensor  # [N, 4] cxcywh, normalized
+    phrases: tuple[str, ...] | None  # one per box
+    spans: tuple[tuple[tuple[int, int], ...], ...] | None  # per box, character spans
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: torch.Tensor  # [B, 3, H, W] float32, normalized
+    captions: tuple[str, ...]
+    targets: tuple[Target, ...]
+    source: str = ""  # the file it came from, for messages
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    @property
+    def num_boxes(self) -> int:
+        return sum(int(t.boxes.shape[0]) for t in self.targets)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The schema dict (CPU tensors), as `torch.save` writes it."""
+        targets = []
+        for t in self.targets:
+            d: dict[str, Any] = {"boxes": t.boxes.detach().cpu()}
+            if t.phrases is not None:
+                d["phrases"] = list(t.phrases)
+            if t.spans is not None:
+                d["tokens_positive"] = [[list(s) for s in spans] for spans in t.spans]
+            targets.append(d)
+        return {"images": self.images.detach().cpu(), "captions": list(self.captions), "targets": targets}
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,3,H,W] in 0-255 -> float normalized like groundingdino; float images pass through."""
+    if images.dtype == torch.uint8:
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+    return images.float()
+
+
+def _spans(value: Any, where: str, caption: str) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise BatchError(f"{where} is {value!r}; expected a non-empty list of [begin, end] character spans")
+    out = []
+    for k, span in enumerate(value):
+        if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(isinstance(x, int) for x in span)):
+            raise BatchError(f"{where}[{k}] is {span!r}; expected [begin, end] with two integers")
+        beg, end = int(span[0]), int(span[1])
+        if not (0 <= beg < end <= len(caption)):
+            raise BatchError(
+                f"{where}[{k}] is [{beg}, {end}], outside its caption of {len(caption)} characters; "
+                "expected 0 <= begin < end <= len(caption)"
+            )
+        out.append((beg, end))
+    return tuple(out)
+
+
+def validate_batch(raw: Any, source: str = "batch") -> Batch:
+    """Check a raw batch dict against the schema and return a `Batch`; raise `BatchError` naming the field."""
+    if not isinstance(raw, Mapping):
+        raise BatchError(f"{source} holds a {type(raw).__name__}; expected a dict with images, captions, targets")
+    missing = [k for k in ("images", "captions", "targets") if k not in raw]
+    if missing:
+        raise BatchError(f"{source} has no {', '.join(missing)}; expected keys images, captions, targets")
+    images = raw["images"]
+    if not isinstance(images, torch.Tensor):
+        raise BatchError(f"images is a {type(images).__name__}; expected a tensor [B, 3, H, W]")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise BatchError(f"images has shape {list(images.shape)}; expected [B, 3, H, W]")
+    if not (images.dtype == torch.uint8 or images.is_floating_point()):
+        raise BatchError(f"images has dtype {images.dtype}; expected float (normalized) or uint8")
+    b = int(images.shape[0])
+    captions = raw["captions"]
+    if isinstance(captions, str) or not isinstance(captions, Sequence):
+        raise BatchError(f"captions is a {type(captions).__name__}; expected a list of {b} strings")
+    if len(captions) != b:
+        raise BatchError(f"captions has {len(captions)} entries; expected {b} (one per image)")
+    for i, c in enumerate(captions):
+        if not isinstance(c, str):
+            raise BatchError(f"captions[{i}] is a {type(c).__name__}; expected a string")
+        if not c.strip():
+            raise BatchError(f"captions[{i}] is empty; expected the text prompt of image {i}")
+    targets = raw["targets"]
+    if not isinstance(targets, Sequence) or len(targets) != b:
+        n = len(targets) if isinstance(targets, Sequence) else type(targets).__name__
+        raise BatchError(f"targets has {n} entries; expected a list of {b} dicts (one per image)")
+    out: list[Target] = []
+    for i, t in enumerate(targets):
+        if not isinstance(t, Mapping) or "boxes" not in t:
+            raise BatchError(f"targets[{i}] is not a dict with 'boxes'; expected {{boxes, phrases | tokens_positive}}")
+        boxes = t["boxes"]
+        if not isinstance(boxes, torch.Tensor):
+            boxes = torch.as_tensor(boxes, dtype=torch.float32)
+        if boxes.numel() == 0:
+            boxes = boxes.reshape(0, 4)
+        if boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise BatchError(f"targets[{i}].boxes has shape {list(boxes.shape)}; expected [N, 4]")
+        n = int(boxes.shape[0])
+        phrases = spans = None
+        if "phrases" in t and t["phrases"] is not None:
+            ph = t["phrases"]
+            if isinstance(ph, str) or not isinstance(ph, Sequence) or not all(isinstance(p, str) for p in ph):
+                raise BatchError(f"targets[{i}].phrases is {ph!r}; expected a list of {n} strings")
+            if len(ph) != n:
+                raise BatchError(f"targets[{i}].phrases has {len(ph)} entries for {n} boxes; expected one per box")
+            phrases = tuple(ph)
+        if "tokens_positive" in t and t["tokens_positive"] is not None:
+            tp = t["tokens_positive"]
+            if not isinstance(tp, Sequence) or len(tp) != n:
+                k = len(tp) if isinstance(tp, Sequence) else type(tp).__name__
+                raise BatchError(f"targets[{i}].tokens_positive has {k} entries for {n} boxes; expected one per box")
+            spans = tuple(_spans(s, f"targets[{i}].tokens_positive[{j}]", captions[i]) for j, s in enumerate(tp))
+        if n > 0 and phrases is None and spans is None:
+            raise BatchError(f"targets[{i}] has {n} boxes but neither 'phrases' nor 'tokens_positive'")
+        out.append(Target(boxes=boxes.float(), phrases=phrases, spans=spans))
+    return Batch(images=normalize_images(images), captions=tuple(captions), targets=tuple(out), source=source)
+
+
+def load_batch(path: str | os.PathLike[str]) -> Batch:
+    """Load and validate a batch file written with `torch.save` (read with weights_only=True)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BatchError(f"batch file {str(p)!r} does not exist")
+    try:
+        raw = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BatchError(
+            f"batch file {str(p)!r} could not be read as a torch file of plain tensors, strings and lists "
+            f"({first[:200]}); expected a dict saved with torch.save"
+        ) from None
+    return validate_batch(raw, source=str(p))
+
+
+def save_batch(path: str | os.PathLike[str], batch: Batch | Mapping[str, Any]) -> Path:
+    """Write a batch in the schema (validated first)."""
+    b = batch if isinstance(batch, Batch) else validate_batch(batch)
+    p = Path(path)
+    torch.save(b.to_dict(), p)
+    return p

@@ -1,0 +1,232 @@
+"""The command line: the only place that prints and chooses exit codes.
+
+Exit codes: 0 clean (or every verify-fix check passes), 1 an error finding (or a failed check),
+2 bad input or usage (one-paragraph message, no traceback), 3 an internal error in nanscope.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_FINDINGS, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="groundingdino config (.py as shipped, or .json); default: SwinT-OGC")
+    p.add_argument("--text-encoder", help="Hugging Face name or local folder of the BERT; default: from the config")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow checkpoints that need pickled Python objects (can run code: only for files you trust)")
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON (schema in README)")
+    p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
+    p.add_argument("--junit", metavar="PATH", help="write JUnit XML (one case per check and error finding)")
+    p.add_argument("--github", action="store_true",
+                   help="append a Markdown summary to $GITHUB_STEP_SUMMARY and print ::error annotations")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanscope",
+        description="Find out why a GroundingDINO loss went NaN, apply the fix, and prove it worked.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="build a small real GroundingDINO and a batch that NaNs, then inspect it")
+    p.add_argument("--out", default="reports/demo", help="folder for the demo files (default: reports/demo)")
+    p.add_argument("--html", metavar="PATH", help="HTML report path (default: OUT/report.html)")
+    p.add_argument("--no-html", action="store_true", help="skip the HTML report")
+    p.add_argument("--no-verify", action="store_true", help="skip verify-fix")
+
+    p = sub.add_parser("inspect", help="replay one batch through a GroundingDINO checkpoint and diagnose it")
+    p.add_argument("checkpoint", help="checkpoint file, or a nanscope.watch dump folder")
+    p.add_argument("batch", nargs="?", help="batch file (torch.save of the schema in README); omit for a dump")
+    _model_options(p)
+    p.add_argument("--criterion", metavar="MODULE:ATTR",
+                   help="your criterion, run on the captured outputs (class, factory or function)")
+    p.add_argument("--trace", action="store_true",
+                   help="trace the first non-finite operation, forward and backward (slower)")
+    p.add_argument("--select", metavar="CODES", help="only these finding codes (comma separated)")
+    p.add_argument("--ignore", metavar="CODES", help="skip these finding codes (comma separated)")
+    _output_options(p)
+
+    p = sub.add_parser("codes", help="list the finding codes")
+    return parser
+
+
+def _codes(value: str | None) -> list[str] | None:
+    return [c for c in value.split(",") if c.strip()] if value else None
+
+
+def check_output_path(path: str | None, inputs: Sequence[str | None]) -> None:
+    """Fail early (exit 2) when an output cannot be written or would overwrite an input."""
+    from nanscope.errors import OutputError
+
+    if not path:
+        return
+    p = Path(path)
+    for i in inputs:
+        if i and Path(i).exists() and p.exists() and p.resolve() == Path(i).resolve():
+            raise OutputError(f"output {path!r} is one of the input files; nanscope never overwrites its inputs")
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise OutputError(f"output {path!r} is a folder; expected a file path")
+    if not parent.is_dir():
+        raise OutputError(f"output {path!r} cannot be written: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise OutputError(f"output {path!r} cannot be written: permission denied")
+
+
+def _write(path: str, text: str) -> None:
+    from nanscope.errors import OutputError
+
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"output {path!r} cannot be written: {exc.strerror or exc}") from None
+
+
+def write_outputs(result: Any, args: argparse.Namespace, console: Any) -> None:
+    if getattr(args, "json", None):
+        _write(args.json, result.to_json())
+    if getattr(args, "html", None):
+        from nanscope.report.html import render_html
+
+        _write(args.html, render_html(result))
+    if getattr(args, "junit", None):
+        from nanscope.report.ci import junit_xml
+
+        _write(args.junit, junit_xml(result))
+    if getattr(args, "github", False):
+        from nanscope.report.ci import github_outputs
+
+        github_outputs(result, console)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(width=80 if not sys.stdout.isatty() else None, highlight=False)
+
+
+def _dump_paths(args: argparse.Namespace) -> None:
+    """`inspect DUMP` (a nanscope.watch dump folder) -> its checkpoint, batch, config and text encoder."""
+    import json
+
+    from nanscope.errors import InputError
+
+    d = Path(args.checkpoint)
+    if not d.is_dir():
+        return
+    if args.batch:
+        raise InputError(f"{str(d)!r} is a folder (a dump); pass it alone, without a batch file")
+    ck, bt = d / "checkpoint.pth", d / "batch.pt"
+    if not ck.is_file() or not bt.is_file():
+        raise InputError(f"folder {str(d)!r} is not a nanscope dump: expected checkpoint.pth and batch.pt in it")
+    args.checkpoint, args.batch = str(ck), str(bt)
+    manifest = d / "manifest.json"
+    if manifest.is_file():
+        meta = json.loads(manifest.read_text(encoding="utf-8"))
+        if args.config is None and meta.get("config"):
+            args.config = meta["config"]
+        if args.text_encoder is None and meta.get("text_encoder"):
+            args.text_encoder = meta["text_encoder"]
+
+
+def cmd_inspect(args: argparse.Namespace, console: Any) -> int:
+    from nanscope.diagnose import inspect
+    from nanscope.errors import InputError
+    from nanscope.report.terminal import render
+
+    _dump_paths(args)
+    if not args.batch:
+        raise InputError("inspect needs CHECKPOINT BATCH (or a dump folder)")
+    for out in (args.json, args.html, args.junit):
+        check_output_path(out, [args.checkpoint, args.batch])
+    result = inspect(args.checkpoint, args.batch, config=args.config, text_encoder=args.text_encoder,
+                     device=args.device, criterion=args.criterion, trust_checkpoint=args.trust_checkpoint,
+                     select=_codes(args.select), ignore=_codes(args.ignore), trace=args.trace)
+    render(result, console)
+    write_outputs(result, args, console)
+    return result.exit_code
+
+
+def cmd_demo(args: argparse.Namespace, console: Any) -> int:
+    from nanscope.diagnose import inspect
+    from nanscope.models.demo import write_demo
+    from nanscope.report.terminal import render
+
+    out = Path(args.out)
+    html = None if args.no_html else (args.html or str(out / "report.html"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from nanscope.errors import OutputError
+
+        raise OutputError(f"demo folder {str(out)!r} cannot be created: {exc.strerror or exc}") from None
+    check_output_path(html, [])
+    console.print(f"writing the demo model, checkpoint and batch to {out}/ ...")
+    files = write_demo(out)
+    console.print(f"$ nanscope inspect {files.checkpoint} {files.batch} --config {files.config} "
+                  "--criterion nanscope.criterion:NaiveCriterion")
+    result = inspect(files.checkpoint, files.batch, config=files.config, criterion=_demo_criterion())
+    render(result, console)
+    if html:
+        args.html = html
+        write_outputs(result, argparse.Namespace(html=html), console)
+        console.print(f"HTML report: {html}")
+    return EXIT_OK
+
+
+def _demo_criterion() -> str | None:
+    try:
+        from nanscope.criterion import NaiveCriterion  # noqa: F401
+    except ImportError:
+        return None
+    return "nanscope.criterion:NaiveCriterion"
+
+
+def cmd_codes(args: argparse.Namespace, console: Any) -> int:
+    from nanscope.findings import CATALOGUE
+
+    for c in CATALOGUE.values():
+        console.print(f"{c.code}  {c.severity.value:<7}  {c.title}", highlight=False)
+    return EXIT_OK
+
+
+COMMANDS = {"demo": cmd_demo, "inspect": cmd_inspect, "codes": cmd_codes}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")  # third-party deprecation noise would bury the report
+    console = _console()
+    from nanscope.errors import NanscopeError
+
+    try:
+        return COMMANDS[args.command](args, console)
+    except NanscopeError as exc:
+        print(f"nanscope: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("nanscope: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug in nanscope: say so in one line, keep the traceback out of the report
+        if os.environ.get("NANSCOPE_DEBUG"):
+            raise
+        print(f"nanscope: internal error: {type(exc).__name__}: {exc} (set NANSCOPE_DEBUG=1 for the traceback; "
+              "please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

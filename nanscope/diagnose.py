@@ -1,0 +1,171 @@
+"""`nanscope inspect`: replay one batch, capture what the loss sees, run the analyzers, build a Result."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import torch
+
+from nanscope.analyzers import AnalysisContext, run_analyzers
+from nanscope.batch import Batch
+from nanscope.capture import ForwardRecord
+from nanscope.findings import check_codes
+from nanscope.replay import Replay, prepare
+from nanscope.result import Result, environment
+from nanscope.user_code import call_criterion, load_criterion
+
+SANITIZED_LOGIT = -1.0e4  # finite stand-in for -inf padding in the counterfactual run (fits fp16)
+
+
+def padded_text_mask(mask: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """[B, L] -> [B, width] bool, False past L (ContrastiveEmbed pads with -inf there)."""
+    if mask is None:
+        return None
+    out = torch.zeros(mask.shape[0], width, dtype=torch.bool, device=mask.device)
+    n = min(width, mask.shape[1])
+    out[:, :n] = mask[:, :n].bool()
+    return out
+
+
+def sanitize_padding(outputs: dict[str, Any], valid: torch.Tensor) -> dict[str, Any]:
+    """Copy of DETR outputs with logits at invalid text columns replaced by a finite value."""
+    def fix(d: dict[str, Any]) -> dict[str, Any]:
+        d = dict(d)
+        lg = d["pred_logits"]
+        d["pred_logits"] = torch.where(valid[:, None, :], lg, torch.full_like(lg, SANITIZED_LOGIT))
+        return d
+
+    out = fix(outputs)
+    out["aux_outputs"] = [fix(a) for a in outputs.get("aux_outputs", [])]
+    if "enc_outputs" in outputs:
+        out["enc_outputs"] = fix(outputs["enc_outputs"])
+    return out
+
+
+def worst_image(ctx: AnalysisContext, layer: str) -> int:
+    """The image a person should look at first: most positives on padding, then most -inf cells."""
+    assert ctx.logits is not None
+    lg = ctx.logits[layer]
+    scores = []
+    for i, info in enumerate(ctx.texts):
+        cut = sum(len(b.cut) for b in info.boxes)
+        empty = sum(1 for b in info.boxes if not b.kept)
+        scores.append((cut + empty, int(torch.isneginf(lg[i]).sum())))
+    return max(range(len(scores)), key=lambda i: scores[i]) if scores else 0
+
+
+def build_context(replay: Replay, record: ForwardRecord) -> AnalysisContext:
+    T = replay.max_text_len
+    return AnalysisContext(
+        batch=replay.batch, texts=replay.texts, max_text_len=T, record=record,
+        logits=record.logits_by_layer(), boxes=record.boxes_by_layer(),
+        text_mask=padded_text_mask(record.text_token_mask, T),
+        model=replay.model, state_dict=replay.state_dict, key_fit=replay.key_fit,
+    )
+
+
+def figure_artifacts(ctx: AnalysisContext) -> dict[str, Any]:
+    """The small tensors the HTML heatmap needs (worst image, last decoder layer), on CPU."""
+    if not ctx.logits:
+        return {}
+    layer = [k for k in ctx.logits if k != "enc"][-1]
+    i = worst_image(ctx, layer)
+    info = ctx.texts[i]
+    return {
+        "layer": layer,
+        "image": i,
+        "logits": ctx.logits[layer][i].detach().float().cpu(),  # [Q, T]
+        "text_mask": ctx.text_mask[i].cpu() if ctx.text_mask is not None else None,
+        "positive_map": info.positive_map.cpu(),  # [N, T]
+        "tokens": list(info.tokens[: ctx.max_text_len]),
+        "num_tokens": info.num_tokens,
+        "phrases": [b.phrase for b in info.boxes],
+        "inf_per_layer": {k: int(torch.isneginf(v).sum()) for k, v in ctx.logits.items()},
+        "nan_per_layer": {k: int(torch.isnan(v).sum()) for k, v in ctx.logits.items()},
+    }
+
+
+def inspect_replay(
+    replay: Replay,
+    *,
+    criterion: str | None = None,
+    select: Iterable[str] | None = None,
+    ignore: Iterable[str] | None = None,
+    trace: bool = False,
+) -> Result:
+    """Run the analyzers on a prepared replay."""
+    select = check_codes(select) if select else None
+    ignore = check_codes(ignore) if ignore else None
+    record = replay.forward(detach=True)
+    ctx = build_context(replay, record)
+    terms: dict[str, float] = {}
+    if criterion:
+        crit, name = load_criterion(criterion)
+        outputs = record.to_outputs()
+        targets = replay.targets()
+        with torch.no_grad():
+            ctx.loss_terms = call_criterion(crit, outputs, targets, name=name)
+            if ctx.text_mask is not None:
+                ctx.loss_terms_padding_sanitized = call_criterion(
+                    crit, sanitize_padding(outputs, ctx.text_mask), targets, name=name)
+        ctx.criterion_name = name
+        terms = {k: float(v.detach().float().sum()) for k, v in ctx.loss_terms.items()}
+    if trace:
+        ctx.trace = run_trace(replay, criterion)
+    findings = run_analyzers(ctx, select=select, ignore=ignore)
+    summary = {
+        "images": len(replay.batch),
+        "boxes": replay.batch.num_boxes,
+        "decoder_layers": record.num_layers,
+        "encoder_proposals": record.enc_logits_all is not None,
+        "queries": int(record.layer_logits[-1].shape[1]) if record.layer_logits else 0,
+        "max_text_len": replay.max_text_len,
+        "tokens_per_image": [t.num_tokens for t in replay.texts],
+        "valid_tokens_per_image": ([int(x) for x in record.text_token_mask.sum(1).tolist()]
+                                   if record.text_token_mask is not None else None),
+        "criterion": ctx.criterion_name,
+    }
+    return Result(kind="inspect", findings=findings, summary=summary, inputs=dict(replay.inputs),
+                  environment=environment(str(replay.device)), loss_terms=terms,
+                  artifacts=figure_artifacts(ctx))
+
+
+def run_trace(replay: Replay, criterion: str | None) -> Any:
+    """The op-level origin trace of forward + loss + backward (NS301/NS302)."""
+    from nanscope.trace import trace_nonfinite
+
+    crit = load_criterion(criterion)[0] if criterion else None
+    targets = replay.targets()
+    images = replay.batch.images.to(replay.device)
+
+    def run() -> Any:
+        from nanscope.capture import capture
+
+        with capture(replay.model, detach=False) as cap:
+            replay.model(images, captions=list(replay.batch.captions))
+        outputs = cap.last.to_outputs()
+        if crit is None:
+            return {"pred_logits_sum": outputs["pred_logits"].float().sum()}
+        return call_criterion(crit, outputs, targets)
+
+    return trace_nonfinite(replay.model, run, backward=crit is not None)
+
+
+def inspect(
+    checkpoint: str | os.PathLike[str],
+    batch: str | os.PathLike[str] | Batch,
+    *,
+    config: str | os.PathLike[str] | None = None,
+    text_encoder: str | None = None,
+    device: str | None = "cpu",
+    criterion: str | None = None,
+    trust_checkpoint: bool = False,
+    select: Iterable[str] | None = None,
+    ignore: Iterable[str] | None = None,
+    trace: bool = False,
+) -> Result:
+    """Replay `batch` through the GroundingDINO in `checkpoint` and diagnose it. Never prints."""
+    replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
+                     trust_checkpoint=trust_checkpoint)
+    return inspect_replay(replay, criterion=criterion, select=select, ignore=ignore, trace=trace)
