@@ -7,6 +7,7 @@ Exit codes: 0 clean (or every verify-fix check passes), 1 an error finding (or a
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     _output_options(p)
 
     p = sub.add_parser("codes", help="list the finding codes")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -82,32 +85,6 @@ def check_output_path(path: str | None, inputs: Sequence[str | None]) -> None:
         raise OutputError(f"output {path!r} cannot be written: folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise OutputError(f"output {path!r} cannot be written: permission denied")
-
-
-def _write(path: str, text: str) -> None:
-    from nanscope.errors import OutputError
-
-    try:
-        Path(path).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise OutputError(f"output {path!r} cannot be written: {exc.strerror or exc}") from None
-
-
-def write_outputs(result: Any, args: argparse.Namespace, console: Any) -> None:
-    if getattr(args, "json", None):
-        _write(args.json, result.to_json())
-    if getattr(args, "html", None):
-        from nanscope.report.html import render_html
-
-        _write(args.html, render_html(result))
-    if getattr(args, "junit", None):
-        from nanscope.report.ci import junit_xml
-
-        _write(args.junit, junit_xml(result))
-    if getattr(args, "github", False):
-        from nanscope.report.ci import github_outputs
-
-        github_outputs(result, console)
 
 
 def _console() -> Any:
@@ -143,6 +120,7 @@ def _dump_paths(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace, console: Any) -> int:
     from nanscope.diagnose import inspect
     from nanscope.errors import InputError
+    from nanscope.report.outputs import write_outputs
     from nanscope.report.terminal import render
 
     _dump_paths(args)
@@ -161,6 +139,7 @@ def cmd_inspect(args: argparse.Namespace, console: Any) -> int:
 def cmd_demo(args: argparse.Namespace, console: Any) -> int:
     from nanscope.diagnose import inspect
     from nanscope.models.demo import write_demo
+    from nanscope.report.outputs import write_outputs
     from nanscope.report.terminal import render
 
     out = Path(args.out)
@@ -203,6 +182,10 @@ def cmd_codes(args: argparse.Namespace, console: Any) -> int:
 
 COMMANDS = {"demo": cmd_demo, "inspect": cmd_inspect, "codes": cmd_codes}
 
+# Subcommands in their own modules (nanscope/commands/): register(subparsers) adds the parser with
+# `set_defaults(command_module=<module name>)`, run(args, console) returns the exit code.
+COMMAND_MODULES: list[str] = []
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -213,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nanscope.errors import NanscopeError
 
     try:
+        if getattr(args, "command_module", None):
+            return int(importlib.import_module(args.command_module).run(args, console))
         return COMMANDS[args.command](args, console)
     except NanscopeError as exc:
         print(f"nanscope: error: {exc}", file=sys.stderr)
