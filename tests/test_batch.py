@@ -1,0 +1,66 @@
+"""The batch schema: validation errors name the field and index."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanscope.batch import IMAGENET_MEAN, IMAGENET_STD, load_batch, save_batch, validate_batch
+from nanscope.errors import BatchError
+
+
+def good():
+    return {
+        "images": torch.zeros(2, 3, 32, 32),
+        "captions": ["cat . dog .", "a zebra ."],
+        "targets": [
+            {"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]]), "phrases": ["cat", "dog"]},
+            {"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "tokens_positive": [[[2, 7]]]},
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda b: b["targets"][1].__setitem__("boxes", torch.zeros(3, 5)), "targets[1].boxes has shape [3, 5]; expected [N, 4]"),
+        (lambda b: b.__setitem__("images", torch.zeros(2, 32, 32)), "images has shape [2, 32, 32]; expected [B, 3, H, W]"),
+        (lambda b: b["captions"].__setitem__(1, "  "), "captions[1] is empty"),
+        (lambda b: b["targets"][0].__setitem__("phrases", ["cat"]), "targets[0].phrases has 1 entries for 2 boxes"),
+        (lambda b: b["targets"][1].__setitem__("tokens_positive", [[[5, 40]]]), "targets[1].tokens_positive[0][0] is [5, 40], outside its caption of 9 characters"),
+        (lambda b: b.pop("captions"), "has no captions"),
+        (lambda b: b["captions"].pop(), "captions has 1 entries; expected 2"),
+        (lambda b: b["targets"][0].pop("phrases"), "targets[0] has 2 boxes but neither 'phrases' nor 'tokens_positive'"),
+    ],
+)
+def test_validation_names_field_and_index(mutate, message):
+    b = good()
+    mutate(b)
+    with pytest.raises(BatchError) as e:
+        validate_batch(b)
+    assert message in str(e.value)
+
+
+def test_uint8_images_are_normalized_like_groundingdino():
+    b = good()
+    b["images"] = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    out = validate_batch(b)
+    expected = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])
+    assert torch.allclose(out.images[0, :, 0, 0], expected)
+
+
+def test_round_trip_and_empty_targets(tmp_path):
+    b = good()
+    b["targets"][1] = {"boxes": torch.zeros(0, 4)}
+    p = save_batch(tmp_path / "b.pt", b)
+    back = load_batch(p)
+    assert back.captions == tuple(b["captions"])
+    assert back.targets[1].boxes.shape == (0, 4)
+    assert back.targets[0].phrases == ("cat", "dog")
+
+
+def test_non_torch_file_is_an_input_error(tmp_path):
+    p = tmp_path / "b.pt"
+    p.write_bytes(b"not a torch file")
+    with pytest.raises(BatchError, match="could not be read"):
+        load_batch(p)
