@@ -184,7 +184,7 @@ COMMANDS = {"demo": cmd_demo, "inspect": cmd_inspect, "codes": cmd_codes}
 
 # Subcommands in their own modules (nanscope/commands/): register(subparsers) adds the parser with
 # `set_defaults(command_module=<module name>)`, run(args, console) returns the exit code.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["nanscope.commands.report"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
