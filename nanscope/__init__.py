@@ -1,0 +1,43 @@
+"""nanscope: why did the GroundingDINO loss go NaN, the fix, and the proof.
+
+Names are imported lazily so `nanscope --help` does not pay for torch and groundingdino.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "inspect": "nanscope.diagnose",
+    "Result": "nanscope.result",
+    "Check": "nanscope.result",
+    "Finding": "nanscope.findings",
+    "Severity": "nanscope.findings",
+    "CATALOGUE": "nanscope.findings",
+    "NanscopeError": "nanscope.errors",
+    "InputError": "nanscope.errors",
+    "Batch": "nanscope.batch",
+    "load_batch": "nanscope.batch",
+    "save_batch": "nanscope.batch",
+    "capture": "nanscope.capture",
+    "build_model": "nanscope.models.groundingdino",
+    "find_groundingdino": "nanscope.models.groundingdino",
+    "write_demo": "nanscope.models.demo",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nanscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
