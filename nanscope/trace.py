@@ -1,0 +1,236 @@
+"""The first non-finite operation, in the forward and in the backward (findings NS301, NS302).
+
+`trace_nonfinite(model, run)` replays `run()` (forward + loss) and the backward of its loss under an
+op-level observer (`nanscope._nonfinite_mode`) and returns where NaN and inf *start*: the first aten
+op whose output is non-finite while its inputs were not. GroundingDINO writes `-inf` on purpose
+(ContrastiveEmbed's `masked_fill_` and `torch.full(..., -inf)`), so NaN and inf are followed
+separately and such writes are kept as `intentional_inf_sources`, not origins. A NaN made from one of
+them names it in `Origin.inf_from`.
+
+A diagnostic replay, not for the training hot path: about 1.3-2x a plain forward + loss + backward
+(see benchmarks/trace_overhead.py), one device sync per 256 ops. Gradients are computed with
+`torch.autograd.grad`, so `.grad` of the parameters is left as it was; the model, its hooks, the
+global module hooks and the dispatch mode stack are restored on exit, also when `run()` raises.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Mapping, Union
+
+import torch
+from torch import nn
+
+from nanscope.errors import CriterionError
+from nanscope.findings import Finding, Severity
+
+Loss = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The innermost Python frame outside torch, torchvision, the standard library and this tracer."""
+
+    file: str
+    line: int
+    function: str
+
+    def __str__(self) -> str:
+        return f"{_short_path(self.file)}:{self.line} in {self.function}"
+
+
+@dataclass(frozen=True)
+class InfSource:
+    """An op that wrote infinities: on purpose (`intentional`) or an inf origin."""
+
+    op: str  # aten overload, e.g. "aten.masked_fill_.Scalar"
+    module: str | None  # path from the root module ("" is the root), None outside any module
+    module_type: str | None  # e.g. "ContrastiveEmbed"
+    frame: Frame | None
+    index: int  # op sequence number of its first occurrence
+    phase: str  # "forward" | "backward"
+    intentional: bool  # an infinite scalar argument, an infinite buffer or 0-dim constant
+    source: str | None = None  # "buffer x.y" when the infinities came from a buffer
+
+
+@dataclass(frozen=True)
+class Origin:
+    """The first op of a phase whose output holds NaN (or inf) while its inputs held none."""
+
+    phase: str  # "forward" | "backward"
+    op: str  # aten overload, e.g. "aten.binary_cross_entropy_with_logits.default"
+    module: str | None  # innermost module path from the root ("" is the root), None: outside (loss code)
+    module_type: str | None
+    kind: str  # "nan" | "inf"
+    nan_count: int  # in the output, read when the op's batch of flags was read (<= 256 ops later)
+    inf_count: int
+    shape: tuple[int, ...]
+    dtype: str
+    first_indices: tuple[tuple[int, ...], ...]  # up to 3 positions of the first NaN (or inf) values
+    frame: Frame | None  # forward only; the backward runs in autograd's engine, see grad_fn
+    index: int  # op sequence number over forward + loss + backward
+    grad_fn: str | None = None  # backward: the autograd node that ran the op, e.g. "MulBackward0"
+    source: str | None = None  # the input that was already non-finite when it entered, e.g. "parameter x.w"
+    inf_from: InfSource | None = None  # where the infinities this op turned into NaN were written
+
+    @property
+    def where(self) -> str:
+        """`module transformer.decoder.layers.0 (DeformableTransformerDecoderLayer)` or `loss code`."""
+        if self.module is None:
+            return "outside any module (loss code)"
+        name = self.module or "the root module"
+        return f"{name} ({self.module_type})" if self.module_type else name
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    forward: Origin | None  # the earliest forward origin (NaN or unintended inf)
+    backward: Origin | None  # the earliest backward origin
+    loss_finite: bool
+    ops_seen: int
+    origins: tuple[Origin, ...] = ()  # every origin found: first NaN and first inf per phase, in op order
+    intentional_inf_sources: tuple[InfSource, ...] = ()  # deliberate -inf writes (forward), first seen first
+
+    @property
+    def clean(self) -> bool:
+        return self.forward is None and self.backward is None and self.loss_finite
+
+
+def trace_nonfinite(
+    model: nn.Module,
+    run: Callable[[], Loss],
+    *,
+    backward: bool = True,
+) -> TraceResult:
+    """Replay `run()` (forward + loss, returning the loss or a dict of loss terms) and its backward.
+
+    The backward is `torch.autograd.grad` of the summed terms with respect to the trainable
+    parameters of `model` (`.grad` is not touched); it is skipped when `backward` is False, when the
+    loss has no graph, or when no parameter requires grad. Exceptions from `run()` propagate unchanged
+    after everything is restored. Module paths are relative to `model`.
+    """
+    from nanscope._nonfinite_mode import NonfiniteMode
+
+    mode = NonfiniteMode(model)
+    # One context for forward and backward: ModuleTracker follows the backward through hooks it puts
+    # on the forward's tensors, and removes them on exit.
+    with torch.enable_grad(), mode.tracker, mode:
+        out = run()
+        with mode.paused():
+            total = _total(out)
+            loss_finite = bool(torch.isfinite(total.detach()).all())
+            seed = torch.ones_like(total)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if backward and total.requires_grad and params:
+            torch.autograd.grad(total, params, grad_outputs=seed, allow_unused=True)
+    mode.flush()
+    origins = tuple(sorted(mode.origins.values(), key=lambda o: o.index))
+    return TraceResult(
+        forward=next((o for o in origins if o.phase == "forward"), None),
+        backward=next((o for o in origins if o.phase == "backward"), None),
+        loss_finite=loss_finite,
+        ops_seen=mode.ops_seen,
+        origins=origins,
+        intentional_inf_sources=tuple(s for s in mode.inf_sources if s.intentional and s.phase == "forward"),
+    )
+
+
+def _total(out: object) -> torch.Tensor:
+    """The loss, or the sum of the loss terms, as one tensor."""
+    if isinstance(out, torch.Tensor):
+        terms = [out]
+    elif isinstance(out, Mapping) and out and all(isinstance(v, torch.Tensor) for v in out.values()):
+        terms = list(out.values())
+    else:
+        got = type(out).__name__ if not isinstance(out, Mapping) else f"mapping with values {sorted({type(v).__name__ for v in out.values()})}"
+        raise CriterionError(f"run() returned {got}; expected a loss tensor or a non-empty mapping of loss tensors")
+    return torch.stack([t.float().sum() for t in terms]).sum()
+
+
+def trace_findings(result: TraceResult) -> list[Finding]:
+    """NS301 for the forward origins, NS302 for the backward ones; empty when nothing started."""
+    findings = []
+    for code, phase in (("NS301", "forward"), ("NS302", "backward")):
+        found = [o for o in result.origins if o.phase == phase]
+        if not found:
+            continue
+        first = found[0]
+        findings.append(Finding(
+            code=code, severity=Severity.ERROR, count=len(found), message=describe(first),
+            where=tuple(_where(o) for o in found),
+            data={"origins": [_origin_data(o) for o in found], "loss_finite": result.loss_finite,
+                  "ops_seen": result.ops_seen,
+                  "intentional_inf": [_source_text(s) for s in result.intentional_inf_sources]},
+        ))
+    return findings
+
+
+def describe(o: Origin) -> str:
+    """One sentence: what, where, from what."""
+    what = "NaN" if o.kind == "nan" else "inf"
+    count = o.nan_count if o.kind == "nan" else o.inf_count
+    text = (f"{what} first appears in the {o.phase} at {_op_name(o.op)}"
+            f"{' (backward of ' + o.grad_fn + ')' if o.grad_fn else ''} {_in(o)}"
+            f"{' at ' + str(o.frame) if o.frame else ''}: {count} of {_numel(o.shape)} values"
+            f" of a {list(o.shape)} {o.dtype} output")
+    if o.source:
+        text += f"; its input {o.source} was already non-finite"
+    if o.inf_from is not None:
+        text += f"; made from inf written by {_source_text(o.inf_from)}"
+    return text + "."
+
+
+def _in(o: Origin) -> str:
+    return "in the loss code, outside any module" if o.module is None else f"in {o.where}"
+
+
+def _source_text(s: InfSource) -> str:
+    where = ("outside any module" if s.module is None
+             else f"{s.module or 'the root module'}{' (' + s.module_type + ')' if s.module_type else ''}")
+    text = f"{_op_name(s.op)} in {where}"
+    if s.source:
+        text += f" from {s.source}"
+    if s.frame:
+        text += f" at {s.frame}"
+    return text
+
+
+def _where(o: Origin) -> dict[str, object]:
+    return {"phase": o.phase, "module": o.module if o.module is not None else "(loss code)", "op": _op_name(o.op),
+            "file": _short_path(o.frame.file) if o.frame else None, "line": o.frame.line if o.frame else None,
+            "kind": o.kind}
+
+
+def _origin_data(o: Origin) -> dict[str, object]:
+    return {"phase": o.phase, "op": o.op, "module": o.module, "module_type": o.module_type, "kind": o.kind,
+            "nan_count": o.nan_count, "inf_count": o.inf_count, "shape": list(o.shape), "dtype": o.dtype,
+            "first_indices": [list(i) for i in o.first_indices], "index": o.index, "grad_fn": o.grad_fn,
+            "source": o.source, "file": o.frame.file if o.frame else None, "line": o.frame.line if o.frame else None,
+            "function": o.frame.function if o.frame else None,
+            "inf_from": _source_text(o.inf_from) if o.inf_from else None}
+
+
+def _op_name(op: str) -> str:
+    """`aten.masked_fill_.Scalar` -> `masked_fill_`."""
+    parts = op.split(".")
+    return parts[1] if len(parts) == 3 and parts[0] == "aten" else op
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _short_path(path: str) -> str:
+    """Relative to the working directory when below it, else after the last site-packages."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        rel = path
+    if not rel.startswith(".."):
+        return rel
+    marker = f"-packages{os.sep}"
+    return path.split(marker, 1)[1] if marker in path else path
