@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Iterable
 
@@ -10,12 +11,30 @@ import torch
 from nanscope.analyzers import AnalysisContext, run_analyzers
 from nanscope.batch import Batch
 from nanscope.capture import ForwardRecord
+from nanscope.errors import CriterionError, InputError
 from nanscope.findings import check_codes
+from nanscope.module_stats import module_stats
 from nanscope.replay import Replay, prepare
 from nanscope.result import Result, environment
 from nanscope.user_code import call_criterion, load_criterion
 
 SANITIZED_LOGIT = -1.0e4  # finite stand-in for -inf padding in the counterfactual run (fits fp16)
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # --amp: replay the forward under autocast
+# Criterion errors that are symptoms nanscope diagnoses (NS203), not bugs in the user's code.
+MATCHING_FAILURES = ("MatchingError", "invalid numeric entries", "cost matrix is infeasible")
+
+
+def amp_dtype(amp: str | None) -> torch.dtype | None:
+    """'fp16' | 'bf16' | None -> the autocast dtype (None: no autocast)."""
+    if amp is None:
+        return None
+    if amp not in AMP_DTYPES:
+        raise InputError(f"amp {amp!r} is not supported; expected one of {', '.join(AMP_DTYPES)}")
+    return AMP_DTYPES[amp]
+
+
+def is_matching_failure(exc: CriterionError) -> bool:
+    return any(s in str(exc) for s in MATCHING_FAILURES)
 
 
 def padded_text_mask(mask: torch.Tensor | None, width: int) -> torch.Tensor | None:
@@ -93,24 +112,45 @@ def inspect_replay(
     select: Iterable[str] | None = None,
     ignore: Iterable[str] | None = None,
     trace: bool = False,
+    amp: str | None = None,
 ) -> Result:
-    """Run the analyzers on a prepared replay."""
+    """Run the analyzers on a prepared replay.
+
+    amp: 'fp16' or 'bf16' replays the forward under autocast (as AMP training runs it); None runs it in
+    the model's own dtype. Per-module activation magnitudes (NS303) are collected on the same forward.
+    """
     select = check_codes(select) if select else None
     ignore = check_codes(ignore) if ignore else None
-    record = replay.forward(detach=True)
+    dtype = amp_dtype(amp)
+    want_stats = (not select or "NS303" in select) and "NS303" not in (ignore or ())
+    with contextlib.ExitStack() as stack:
+        if dtype is not None:
+            stack.enter_context(torch.autocast(device_type=replay.device.type, dtype=dtype))
+        stats = stack.enter_context(module_stats(replay.model, check_inputs=dtype is not None)) if want_stats else None
+        record = replay.forward(detach=True)
     ctx = build_context(replay, record)
+    ctx.autocast_dtype = dtype
+    ctx.module_stats = stats.result() if stats is not None else None
     terms: dict[str, float] = {}
     if criterion:
         crit, name = load_criterion(criterion)
         outputs = record.to_outputs()
         targets = replay.targets()
-        with torch.no_grad():
-            ctx.loss_terms = call_criterion(crit, outputs, targets, name=name)
-            if ctx.text_mask is not None:
-                ctx.loss_terms_padding_sanitized = call_criterion(
-                    crit, sanitize_padding(outputs, ctx.text_mask), targets, name=name)
         ctx.criterion_name = name
-        terms = {k: float(v.detach().float().sum()) for k, v in ctx.loss_terms.items()}
+        try:
+            with torch.no_grad():
+                ctx.loss_terms = call_criterion(crit, outputs, targets, name=name)
+                if ctx.text_mask is not None:
+                    ctx.loss_terms_padding_sanitized = call_criterion(
+                        crit, sanitize_padding(outputs, ctx.text_mask), targets, name=name)
+        except CriterionError as exc:
+            if not is_matching_failure(exc):
+                raise
+            # The matcher refused non-finite costs: NS203 reports it with the causes ranked above it.
+            ctx.loss_terms = ctx.loss_terms_padding_sanitized = None
+            ctx.notes["criterion_error"] = str(exc)
+        if ctx.loss_terms is not None:
+            terms = {k: float(v.detach().float().sum()) for k, v in ctx.loss_terms.items()}
     if trace:
         ctx.trace = run_trace(replay, criterion)
     findings = run_analyzers(ctx, select=select, ignore=ignore)
@@ -125,6 +165,8 @@ def inspect_replay(
         "valid_tokens_per_image": ([int(x) for x in record.text_token_mask.sum(1).tolist()]
                                    if record.text_token_mask is not None else None),
         "criterion": ctx.criterion_name,
+        "criterion_error": ctx.notes.get("criterion_error"),
+        "autocast": amp,
     }
     return Result(kind="inspect", findings=findings, summary=summary, inputs=dict(replay.inputs),
                   environment=environment(str(replay.device)), loss_terms=terms,
@@ -149,7 +191,13 @@ def run_trace(replay: Replay, criterion: str | None) -> Any:
             return {"pred_logits_sum": outputs["pred_logits"].float().sum()}
         return call_criterion(crit, outputs, targets)
 
-    return trace_nonfinite(replay.model, run, backward=crit is not None)
+    try:
+        return trace_nonfinite(replay.model, run, backward=crit is not None)
+    except CriterionError as exc:
+        if crit is None or not is_matching_failure(exc):
+            raise
+        # The loss cannot be built (non-finite matching costs): the forward origin is what matters.
+        return run_trace(replay, None)
 
 
 def inspect(
@@ -164,8 +212,12 @@ def inspect(
     select: Iterable[str] | None = None,
     ignore: Iterable[str] | None = None,
     trace: bool = False,
+    amp: str | None = None,
 ) -> Result:
     """Replay `batch` through the GroundingDINO in `checkpoint` and diagnose it. Never prints."""
+    amp_dtype(amp)  # bad input fails before the model is built
+    select = check_codes(select) if select else None
+    ignore = check_codes(ignore) if ignore else None
     replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
                      trust_checkpoint=trust_checkpoint)
-    return inspect_replay(replay, criterion=criterion, select=select, ignore=ignore, trace=trace)
+    return inspect_replay(replay, criterion=criterion, select=select, ignore=ignore, trace=trace, amp=amp)

@@ -1,0 +1,136 @@
+"""Numbers that are broken before any loss: NS303 half-precision overflow risk, NS304 non-finite input
+images, NS305 non-finite parameters or buffers in the checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from nanscope.analyzers.context import AnalysisContext
+from nanscope.analyzers.registry import register
+from nanscope.findings import Finding, Severity
+from nanscope.module_stats import FP16_MAX, ModuleStat, half_limit
+
+MAX_WHERE = 8  # locations listed per finding; `count` has them all
+# NS303 flags modules whose largest |activation| is above the fp16 maximum divided by this margin
+# (65504 / 4 = 16376): one residual add of two such values, a sum of a few of them or a product in
+# the next op goes past 65504, so a model that measures there in fp32 is one step from inf in fp16.
+RISK_FACTOR = 4.0
+# Modules that write -inf on purpose: ContrastiveEmbed masks padded text positions with -inf.
+EXPECTED_NONFINITE = ("ContrastiveEmbed",)
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32") if dtype is not None else "fp32"
+
+
+@register("NS303", needs=("module_stats",))
+def half_precision_risk(ctx: AnalysisContext) -> list[Finding]:
+    stats: list[ModuleStat] = list(ctx.module_stats)
+    amp = ctx.autocast_dtype
+    limit = half_limit(amp, RISK_FACTOR)
+    overflowed = [s for s in stats if amp in (torch.float16, torch.bfloat16) and s.new_nonfinite
+                  and s.kind not in EXPECTED_NONFINITE and s.dtype == str(amp)]
+    near = [s for s in stats if s.max_abs > limit and s not in overflowed]
+    if not overflowed and not near:
+        return []
+    where: list[dict[str, Any]] = []
+    for s in overflowed:
+        where.append({"module": s.name or "(model)", "kind": s.kind, "dtype": s.dtype,
+                      "why": f"{s.nonfinite} non-finite output value(s) from finite inputs"})
+    for s in near:
+        why = "beyond the fp16 range" if s.max_abs > FP16_MAX else f"within {RISK_FACTOR:g}x of the fp16 maximum"
+        if amp == torch.bfloat16:
+            why = f"within {RISK_FACTOR:g}x of the bf16 maximum"
+        where.append({"module": s.name or "(model)", "kind": s.kind, "max_abs": float(f"{s.max_abs:.4g}"), "why": why})
+    first = where[0]["module"]
+    run = f"under {_dtype_name(amp)} autocast" if amp is not None else "in float32 (no autocast)"
+    if overflowed:
+        msg = (f"{len(overflowed)} module(s) produced inf/NaN from finite inputs {run}; the first in the forward "
+               f"is {first}.")
+        severity = Severity.ERROR
+    else:
+        top = max(near, key=lambda s: s.max_abs)
+        msg = (f"{len(near)} module(s) reach |activation| above {limit:.6g} ({'the bf16' if amp == torch.bfloat16 else 'the fp16'} "
+               f"maximum / {RISK_FACTOR:g}) measured {run}; the first in the forward is {first}, the largest "
+               f"{top.name or '(model)'} at {top.max_abs:.4g}.")
+        if amp is None:
+            msg += " Fine in float32 and bfloat16; under fp16 autocast these overflow or come close."
+        severity = Severity.WARNING
+    data = {"limit": limit, "factor": RISK_FACTOR, "autocast": _dtype_name(amp),
+            "modules": [[s.name, s.kind, s.max_abs, s.nonfinite] for s in overflowed + near]}
+    return [Finding("NS303", severity, len(overflowed) + len(near), msg, tuple(where[:MAX_WHERE]), data=data)]
+
+
+@register("NS304")
+def nonfinite_images(ctx: AnalysisContext) -> list[Finding]:
+    images = ctx.batch.images.detach()  # [B, 3, H, W]
+    nan = torch.isnan(images).flatten(2).sum(-1).cpu()  # [B, 3]
+    inf = torch.isinf(images).flatten(2).sum(-1).cpu()  # [B, 3]
+    bad = nan + inf
+    if int(bad.sum()) == 0:
+        return []
+    where = []
+    for i, c in bad.nonzero().tolist():
+        kind = "+".join(k for k, n in (("nan", int(nan[i, c])), ("inf", int(inf[i, c]))) if n)
+        where.append({"image": i, "channel": c, "pixels": int(bad[i, c]), "value": kind})
+    per_image = bad.sum(-1)
+    n_img = int((per_image > 0).sum())
+    msg = (f"{int(bad.sum())} non-finite pixel value(s) ({int(nan.sum())} NaN, {int(inf.sum())} inf) in {n_img} of "
+           f"{images.shape[0]} image(s), {len(where)} (image, channel) pair(s): every activation, box and loss "
+           "of those images becomes NaN.")
+    data = {"per_image": per_image.tolist(), "per_channel": bad.tolist()}
+    return [Finding("NS304", Severity.ERROR, int(bad.sum()), msg, tuple(where[:MAX_WHERE]), data=data)]
+
+
+def nonfinite_tensors(state: Mapping[str, Any]) -> list[tuple[str, int, int, int]]:
+    """(name, NaN count, inf count, numel) for every floating tensor of `state` holding NaN or inf.
+
+    Counts are stacked and read once per device (no per-tensor host sync).
+    """
+    names, counts = [], []
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():
+            t = t.detach()
+            names.append((name, t.numel()))
+            counts.append(torch.stack([torch.isnan(t).sum(), torch.isinf(t).sum()]))
+    if not counts:
+        return []
+    by_device: dict[torch.device, list[int]] = {}
+    for k, c in enumerate(counts):
+        by_device.setdefault(c.device, []).append(k)
+    values: dict[int, list[int]] = {}
+    for dev, ks in by_device.items():
+        for k, row in zip(ks, torch.stack([counts[k] for k in ks]).cpu().tolist()):
+            values[k] = row
+    out = []
+    for k, (name, numel) in enumerate(names):
+        n_nan, n_inf = values[k]
+        if n_nan or n_inf:
+            out.append((name, int(n_nan), int(n_inf), int(numel)))
+    return out
+
+
+@register("NS305")
+def nonfinite_parameters(ctx: AnalysisContext) -> list[Finding]:
+    """Non-finite tensors in the checkpoint (or, without one, in the model's own state dict)."""
+    source = "checkpoint"
+    state = ctx.state_dict
+    if state is None and ctx.model is not None:
+        state, source = ctx.model.state_dict(), "model"
+    if not state:
+        return []
+    bad = nonfinite_tensors(state)
+    if not bad:
+        return []
+    where = []
+    for name, n_nan, n_inf, numel in bad:
+        module, _, leaf = name.rpartition(".")
+        where.append({"param": name, "module": module, "nan": n_nan, "inf": n_inf, "of": numel})
+    total = sum(n + i for _, n, i, _ in bad)
+    msg = (f"{len(bad)} tensor(s) of the {source} hold {total} non-finite value(s): "
+           f"{', '.join(name for name, *_ in bad[:3])}{' ...' if len(bad) > 3 else ''}. Every forward through "
+           "them is NaN; an earlier training step already diverged (or the file is corrupt).")
+    data = {"tensors": [list(b) for b in bad]}
+    return [Finding("NS305", Severity.ERROR, len(bad), msg, tuple(where[:MAX_WHERE]), data=data)]
