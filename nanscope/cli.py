@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="your criterion, run on the captured outputs (class, factory or function)")
     p.add_argument("--trace", action="store_true",
                    help="trace the first non-finite operation, forward and backward (slower)")
+    p.add_argument("--amp", choices=["fp16", "bf16"], help="replay the forward under autocast, as AMP training does")
     p.add_argument("--select", metavar="CODES", help="only these finding codes (comma separated)")
     p.add_argument("--ignore", metavar="CODES", help="skip these finding codes (comma separated)")
     _output_options(p)
@@ -130,7 +131,7 @@ def cmd_inspect(args: argparse.Namespace, console: Any) -> int:
         check_output_path(out, [args.checkpoint, args.batch])
     result = inspect(args.checkpoint, args.batch, config=args.config, text_encoder=args.text_encoder,
                      device=args.device, criterion=args.criterion, trust_checkpoint=args.trust_checkpoint,
-                     select=_codes(args.select), ignore=_codes(args.ignore), trace=args.trace)
+                     select=_codes(args.select), ignore=_codes(args.ignore), trace=args.trace, amp=args.amp)
     render(result, console)
     write_outputs(result, args, console)
     return result.exit_code
