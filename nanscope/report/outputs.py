@@ -17,8 +17,11 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_outputs(result: Any, args: argparse.Namespace, console: Any) -> None:
+    """--json PATH also writes PATH.artifacts.pt (the figures' tensors) so `nanscope report` can re-render."""
     if getattr(args, "json", None):
-        write_text(args.json, result.to_json())
+        from nanscope.report.json_io import write_result
+
+        write_result(result, args.json)
     if getattr(args, "html", None):
         from nanscope.report.html import render_html
 

@@ -1,7 +1,9 @@
-"""The terminal report: a verdict line, the findings table, and the worst image's phrases and tokens.
+"""The terminal report: a verdict line, the findings, the checks and the worst image's lost phrases.
 
-Fits 80 columns. With `plain=True` (non-TTY output, NO_COLOR, CI logs) every finding is one greppable
-line: `NS102 error count=6 where=image 2 box 1 ... | hint`.
+Two modes. Rich (a colour terminal): tables and colour, never wider than 80 columns. Plain (output
+is not a terminal, NO_COLOR is set, TERM=dumb, CI logs): no colour, no tables, every finding one
+greppable line `NS102 error count=6 where=image 2 box 1 ... | message` followed by `NS102 hint: ...`,
+and every check `check 3 PASS name: detail`. User text never reaches rich's markup parser.
 """
 
 from __future__ import annotations
@@ -14,32 +16,25 @@ from rich.text import Text
 
 from nanscope.result import Result
 
+WIDTH = 80  # rich mode never draws wider than this, even in a wider terminal
 STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 VERDICT_STYLE = {"broken": "bold red", "clean": "bold green", "fixed": "bold green", "not fixed": "bold red"}
 
 
 def verdict_line(result: Result) -> str:
-    n_err = len(result.errors)
-    n_warn = sum(1 for f in result.findings if f.severity.value == "warning")
+    """`nanscope inspect: BROKEN - 3 error(s), 1 warning(s)` / `nanscope verify-fix: FIXED - 7/7 checks pass`."""
     if result.kind == "verify-fix":
         failed = len(result.failed_checks)
         return (f"nanscope verify-fix: {result.verdict.upper()} - {len(result.checks) - failed}/{len(result.checks)} "
                 f"checks pass")
-    return f"nanscope inspect: {result.verdict.upper()} - {n_err} error(s), {n_warn} warning(s)"
+    n_err = len(result.errors)
+    n_warn = sum(1 for f in result.findings if f.severity.value == "warning")
+    return f"nanscope {result.kind}: {result.verdict.upper()} - {n_err} error(s), {n_warn} warning(s)"
 
 
-def render_plain(result: Result) -> str:
-    lines = [verdict_line(result)]
-    for f in result.findings:
-        lines.append(f"{f.code} {f.severity.value} count={f.count} where={f.where_text()} | {f.message}")
-        lines.append(f"{f.code} hint: {f.hint}")
-    for c in result.checks:
-        lines.append(f"check {c.id} {'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}")
-    if result.tables.get("terms"):
-        lines.append("loss terms (before -> after):")
-        for row in result.tables["terms"]:
-            lines.append(f"  {row['term']}: {row['before']} -> {row['after']}")
-    return "\n".join(lines) + "\n"
+def _one_line(s: Any) -> str:
+    """User text (phrases, paths, messages) on one line: a CI log is read line by line."""
+    return str(s).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _fmt(v: Any) -> str:
@@ -48,52 +43,98 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _lost_phrases(result: Result) -> list[str]:
+    """Boxes of the worst image whose positive tokens are cut or empty (NS102/NS103)."""
+    art = result.artifacts
+    if result.kind != "inspect" or art.get("image") is None:
+        return []
+    out, seen = [], set()
+    for f in result.findings:
+        if f.code not in ("NS102", "NS103"):
+            continue
+        for w in f.where:
+            if w.get("image") == art["image"] and w.get("box") not in seen:
+                seen.add(w.get("box"))
+                toks = w.get("tokens", "")
+                toks = f"{toks[0]}-{toks[-1]}" if isinstance(toks, list) and len(toks) > 1 else toks
+                out.append(f"box {w.get('box')} {w.get('phrase')!r}: tokens {toks} ({w.get('why', f.code)})")
+    return out
+
+
+def render_plain(result: Result) -> str:
+    """The plain report as text: one fact per line, no colour, no wrapping."""
+    lines = [verdict_line(result)]
+    for f in result.findings:
+        lines.append(_one_line(f"{f.code} {f.severity.value} count={f.count} where={f.where_text()} | {f.message}"))
+        lines.append(_one_line(f"{f.code} hint: {f.hint}"))
+    for c in result.checks:
+        lines.append(_one_line(f"check {c.id} {'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}"))
+    if result.tables.get("terms"):
+        lines.append("loss terms (before -> after):")
+        for row in result.tables["terms"]:
+            lines.append(_one_line(f"  {row.get('term')}: {_fmt(row.get('before'))} -> {_fmt(row.get('after'))}"))
+    lost = _lost_phrases(result)
+    if lost:
+        art = result.artifacts
+        lines.append(f"worst image: {art['image']} ({art.get('num_tokens')} tokens, layer {art.get('layer')})")
+        lines.extend(_one_line(f"  {x}") for x in lost)
+    return "\n".join(lines) + "\n"
+
+
+def is_plain(console: Console) -> bool:
+    """Plain when the console is not a terminal, colour is off (NO_COLOR) or the terminal is dumb."""
+    return not console.is_terminal or console.no_color or console.is_dumb_terminal
+
+
 def render(result: Result, console: Console, *, plain: bool | None = None) -> None:
     """Print the report on `console` (the CLI's; tests pass a Console writing to a StringIO)."""
     if plain is None:
-        plain = not console.is_terminal or console.no_color
+        plain = is_plain(console)
     if plain:
         console.out(render_plain(result), end="", highlight=False)
         return
-    v = result.verdict
-    console.print(Text(verdict_line(result), style=VERDICT_STYLE.get(v, "bold")))
+    width = min(console.width, WIDTH)
+
+    def show(x: Any) -> None:
+        console.print(x, width=width, highlight=False, markup=False)
+
+    show(Text(verdict_line(result), style=VERDICT_STYLE.get(result.verdict, "bold")))
     if result.findings:
-        t = Table(show_lines=False, expand=False, pad_edge=False)
+        t = Table(show_lines=False, expand=False, pad_edge=False, width=None)
         t.add_column("code", no_wrap=True)
         t.add_column("sev", no_wrap=True)
         t.add_column("count", justify="right", no_wrap=True)
         t.add_column("where", overflow="fold")
         for f in result.findings:
-            t.add_row(f.code, Text(f.severity.value, style=STYLE[f.severity.value]), str(f.count), f.where_text(2))
-        console.print(t)
+            t.add_row(f.code, Text(f.severity.value, style=STYLE[f.severity.value]), str(f.count),
+                      Text(_one_line(f.where_text(2))))
+        show(t)
         for f in result.findings:
-            console.print(Text(f"{f.code} ", style=STYLE[f.severity.value]) + Text(f.message))
-            console.print(Text(f"  fix: {f.hint}", style="dim"))
+            show(Text(f"{f.code} ", style=STYLE[f.severity.value]) + Text(_one_line(f.message)))
+            show(Text(f"  fix: {_one_line(f.hint)}", style="dim"))
     if result.checks:
         t = Table(title="checks", pad_edge=False)
         t.add_column("#", justify="right")
-        t.add_column("check")
+        t.add_column("check", overflow="fold")
         t.add_column("result", no_wrap=True)
         t.add_column("detail", overflow="fold")
         for c in result.checks:
-            t.add_row(str(c.id), c.name, Text("PASS" if c.passed else "FAIL", style="green" if c.passed else "red"),
-                      c.detail)
-        console.print(t)
+            t.add_row(str(c.id), Text(_one_line(c.name)),
+                      Text("PASS" if c.passed else "FAIL", style="green" if c.passed else "red"),
+                      Text(_one_line(c.detail)))
+        show(t)
     if result.tables.get("terms"):
         t = Table(title="loss terms", pad_edge=False)
-        t.add_column("term")
+        t.add_column("term", overflow="fold")
         t.add_column("before", justify="right")
         t.add_column("after", justify="right")
         for row in result.tables["terms"]:
-            t.add_row(row["term"], _fmt(row["before"]), _fmt(row["after"]))
-        console.print(t)
-    art = result.artifacts
-    if art.get("phrases") is not None and result.kind == "inspect":
-        cut = [f for f in result.findings if f.code in ("NS102", "NS103")]
-        console.print(Text(f"worst image: {art['image']} ({art['num_tokens']} tokens, layer {art['layer']})",
-                           style="bold"))
-        for f in cut:
-            for w in f.where:
-                if w.get("image") == art["image"]:
-                    console.print(f"  box {w.get('box')} {w.get('phrase')!r}: tokens {w.get('tokens', '')} "
-                                  f"{w.get('token_text', '')!r} ({w.get('why', f.code)})")
+            t.add_row(Text(_one_line(row.get("term"))), _fmt(row.get("before")), _fmt(row.get("after")))
+        show(t)
+    lost = _lost_phrases(result)
+    if lost:
+        art = result.artifacts
+        show(Text(f"worst image: {art['image']} ({art.get('num_tokens')} tokens, layer {art.get('layer')})",
+                  style="bold"))
+        for x in lost:
+            show(Text(_one_line(f"  {x}")))
