@@ -10,7 +10,11 @@ interleaved, and the medians are compared:
 3. the fixed (masked) criterion vs the naive one over all 256 columns (which returns NaN);
 4. the same without `text_token_mask`: validity read from the -inf logits, all 256 columns used.
 
-Usage: python benchmarks/criterion_speed.py [--reps 15] [--threads N]
+On CUDA (`--device cuda`) it also counts host synchronizations with `torch.cuda.set_sync_debug_mode`:
+the sync-free classification term must have none, the whole criterion one per batch (the cost copy
+for scipy).
+
+Usage: python benchmarks/criterion_speed.py [--reps 15] [--threads N] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 B, Q, T, LAYERS, BOXES = 4, 900, 256, 6, 10
 
 
-def make_inputs(seed: int = 0, same_caption: bool = True) -> dict[str, Any]:
+def make_inputs(seed: int = 0, same_caption: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Logits of all layers (leaf tensors), boxes, masks and targets in nanscope's and transformers' forms."""
     g = torch.Generator().manual_seed(seed)
     lengths = [30] * B if same_caption else [18, 25, 33, 40]
@@ -43,14 +47,15 @@ def make_inputs(seed: int = 0, same_caption: bool = True) -> dict[str, Any]:
     for _ in range(LAYERS + 1):  # decoder layers, then the encoder proposals
         logits = torch.randn(B, Q, T, generator=g).masked_fill(~full[:, None, :], float("-inf"))
         boxes = torch.rand(B, Q, 4, generator=g) * 0.5 + 0.25
-        layers.append((logits.requires_grad_(), boxes.requires_grad_()))
+        layers.append((logits.to(device).requires_grad_(), boxes.to(device).requires_grad_()))
     labels, targets = [], []
     for i in range(B):
         n = BOXES + (i % 3) - 1
         cls = torch.randint(0, n_classes, (n,), generator=g)
         boxes = torch.rand(n, 4, generator=g) * 0.4 + 0.3
-        labels.append({"class_labels": cls, "boxes": boxes})
-        targets.append({"boxes": boxes, "positive_map": label_map[cls]})
+        labels.append({"class_labels": cls.to(device), "boxes": boxes.to(device)})
+        targets.append({"boxes": boxes.to(device), "positive_map": label_map[cls].to(device)})
+    text_mask, full, label_map = text_mask.to(device), full.to(device), label_map.to(device)
     return {"layers": layers, "text_mask": text_mask, "full_mask": full, "label_maps": (label_map,) * B,
             "labels": labels, "targets": targets}
 
@@ -70,7 +75,7 @@ def hf_step(inp: dict[str, Any]) -> torch.Tensor:
                              giou_loss_coefficient=2.0)
     dec = inp["layers"][:LAYERS]
     loss, _, _ = GroundingDinoForObjectDetectionLoss(
-        logits=dec[-1][0], labels=inp["labels"], device="cpu", pred_boxes=dec[-1][1], config=config,
+        logits=dec[-1][0], labels=inp["labels"], device=dec[-1][0].device, pred_boxes=dec[-1][1], config=config,
         label_maps=inp["label_maps"], text_mask=inp["full_mask"][:, None, :].expand(B, Q, T),
         outputs_class=[lo for lo, _ in dec], outputs_coord=[bo for _, bo in dec],
         encoder_logits=inp["layers"][LAYERS][0], encoder_pred_boxes=inp["layers"][LAYERS][1])
@@ -80,9 +85,44 @@ def hf_step(inp: dict[str, Any]) -> torch.Tensor:
 def timed(fn: Callable[[], torch.Tensor], inp: dict[str, Any]) -> float:
     for lo, bo in inp["layers"]:
         lo.grad = bo.grad = None
+    sync = torch.cuda.synchronize if inp["layers"][0][0].is_cuda else (lambda: None)
+    sync()
     start = time.perf_counter()
     fn().backward()
+    sync()
     return time.perf_counter() - start
+
+
+def count_syncs(fn: Callable[[], Any]) -> int:
+    """Host synchronizations `fn` triggers on CUDA (torch.cuda.set_sync_debug_mode warnings)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("called a synchronizing" in str(w.message) for w in caught)  # not the "prototype" notice
+
+
+def report_syncs(inp: dict[str, Any], out: dict[str, Any]) -> None:
+    from nanscope.criterion import SetCriterion
+    from nanscope.focal import focal_sum_masked_select, focal_sum_syncfree
+
+    logits = inp["layers"][0][0]
+    valid = inp["full_mask"][:, None, :]
+    target = torch.zeros_like(logits)
+    print("host syncs on CUDA (forward + backward):")
+    for name, fn in (("focal_sum_syncfree", focal_sum_syncfree), ("focal_sum_masked_select", focal_sum_masked_select)):
+        print(f"  {name:<34} {count_syncs(lambda: fn(logits, target, valid).backward())}")
+    for impl in ("syncfree", "masked_select"):
+        crit = SetCriterion("mmdet", impl=impl)
+        n = count_syncs(lambda: crit.total(crit(out, inp["targets"])).backward())
+        print(f"  SetCriterion impl={impl:<16} {n}  ({LAYERS + 1} supervised layers)")
 
 
 def compare(name: str, a: tuple[str, Callable[[], torch.Tensor]], b: tuple[str, Callable[[], torch.Tensor]],
@@ -106,10 +146,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    inp = make_inputs()
+    inp = make_inputs(device=args.device)
     out = nanscope_outputs(inp)
     hf_crit = SetCriterion("hf", aux_loss=True)
     syncfree = SetCriterion("mmdet")
@@ -117,9 +158,12 @@ def main() -> None:
     naive = NaiveCriterion("mmdet")
 
     ours, theirs = hf_crit.total(hf_crit(out, inp["targets"])), hf_step(inp)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={B} Q={Q} T={T} "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {args.device} ({where}); B={B} Q={Q} T={T} "
           f"{LAYERS} decoder layers + encoder, {sum(len(t['boxes']) for t in inp['targets'])} boxes")
     print(f"total loss: nanscope hf {ours.item():.6f}, transformers {theirs.item():.6f}")
+    if args.device.startswith("cuda"):
+        report_syncs(inp, out)
     compare("1. nanscope (hf preset) vs transformers", ("nanscope SetCriterion('hf')", lambda: hf_crit.total(
         hf_crit(out, inp["targets"]))), ("transformers GroundingDino loss", lambda: hf_step(inp)), inp, args.reps, 1.0)
     compare("2. sync-free vs masked_select (mmdet)", ("syncfree", lambda: syncfree.total(syncfree(

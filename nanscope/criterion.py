@@ -213,7 +213,7 @@ def _check_outputs(outputs: Mapping[str, Any], num_targets: int) -> None:
 
 def _normalizer(count: int, device: torch.device, *, across_ranks: bool) -> Tensor:
     """`count` as a 0-dim tensor, averaged over ranks when torch.distributed is up, clamped to >= 1."""
-    n = torch.tensor(float(count), device=device)
+    n = torch.full((), float(count), device=device)  # a fill kernel: no host-to-device copy to wait for
     if across_ranks and dist.is_available() and dist.is_initialized():
         dist.all_reduce(n)  # enqueued on the device stream: no host sync
         n = n / dist.get_world_size()

@@ -26,7 +26,7 @@ from nanscope.presets import CriterionPreset, get_preset
 from nanscope.text_mask import text_validity, text_width
 
 Match = tuple[Tensor, Tensor]  # (query indices [M] int64, box indices [M] int64), on the CPU
-_DUMMY_BOX = (0.5, 0.5, 1.0, 1.0)  # fills padded target slots so their costs stay finite
+_DUMMY = 0.5  # padded target slots hold the box (0.5, 0.5, 0.5, 0.5), so their costs stay finite
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,8 @@ def pad_targets(targets: Sequence[Mapping[str, Any]], width: int, device: torch.
             )
         sizes.append(int(boxes.shape[0]))
     n_max = max(sizes, default=0)
-    # Built on `device` with slice assignments: no host round trip for targets already on the GPU.
-    out_boxes = torch.tensor(_DUMMY_BOX, device=device).repeat(len(targets), n_max, 1)
+    # Built on `device` by fills and slice assignments: no host sync for targets already on the device.
+    out_boxes = torch.full((len(targets), n_max, 4), _DUMMY, device=device)
     out_maps = torch.zeros(len(targets), n_max, width, device=device)
     for i, t in enumerate(targets):
         n = sizes[i]

@@ -260,3 +260,56 @@ def test_matching_error_names_the_layer() -> None:
         case["outputs"]["aux_outputs"][1]["pred_boxes"][1, 5] = float("nan")
     with pytest.raises(MatchingError, match=r"in layer aux decoder layer 1: image 1, query 5, box 0, term 'bbox'"):
         SetCriterion("mmdet")(case["outputs"], case["targets"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_syncfree_focal_never_syncs_and_criterion_syncs_once() -> None:
+    case = make_case(10, lengths=[12, 7], classes=[3, 2], boxes=[2, 3], layers=3)
+    def leaf(x: torch.Tensor) -> torch.Tensor:  # a CUDA leaf: no gradient copy back to the CPU
+        return x.detach().cuda().requires_grad_(x.is_floating_point())
+
+    cuda = {k: leaf(v) for k, v in case["outputs"].items() if torch.is_tensor(v)}
+    cuda["aux_outputs"] = [{k: leaf(v) for k, v in a.items()} for a in case["outputs"]["aux_outputs"]]
+    cuda["enc_outputs"] = {k: leaf(v) for k, v in case["outputs"]["enc_outputs"].items()}
+    logits = cuda["pred_logits"]
+    targets = [{k: v.cuda() for k, v in t.items()} for t in case["targets"]]
+    valid = torch.nn.functional.pad(cuda["text_token_mask"], (0, T - 12))[:, None, :]
+    target = torch.zeros_like(logits)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        focal_sum_syncfree(logits, target, valid).backward()
+        with pytest.raises(RuntimeError):  # the reference has to ask the device for its output size
+            criterion_module.focal_sum_masked_select(logits, target, valid)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    crit = SetCriterion("mmdet")
+    torch.cuda.synchronize()
+    with pytest.warns(UserWarning, match="called a synchronizing") as caught:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            losses = crit(cuda, targets)
+            crit.total(losses).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "called a synchronizing" in str(w.message)]
+    assert len(syncs) == 1, syncs  # the cost copy for scipy
+    cpu = SetCriterion("mmdet")(case["outputs"], case["targets"])
+    for k in cpu:
+        torch.testing.assert_close(losses[k].cpu(), cpu[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_normalizers_are_averaged_over_ranks_when_distributed(tmp_path) -> None:
+    import torch.distributed as dist
+
+    case = make_case(11, lengths=[9, 12], classes=[2, 3], boxes=[2, 3], layers=2)
+    alone = {p: SetCriterion(p)(case["outputs"], case["targets"]) for p in PRESETS}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        grouped = {p: SetCriterion(p)(case["outputs"], case["targets"]) for p in PRESETS}
+    finally:
+        dist.destroy_process_group()
+    assert not dist.is_initialized()
+    for p in PRESETS:
+        for k in alone[p]:
+            torch.testing.assert_close(grouped[p][k], alone[p][k], msg=f"{p} {k}")
