@@ -202,7 +202,7 @@ def test_nan_logit_at_padded_column_breaks_only_the_naive_matcher(replay):
 ])
 def test_target_box_problems(boxes, why):
     problems = target_box_problems([torch.tensor(boxes)])
-    assert problems and all(why in w for w in problems.values())
+    assert problems and all(why in w for _kind, w in problems.values())
     if why == "looks like xyxy":
         assert sorted(problems) == [(0, 0), (0, 1)]
 

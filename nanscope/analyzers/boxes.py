@@ -10,6 +10,7 @@ valid columns, each with the focal-BCE class cost (MMDetection) and the normaliz
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,32 +31,35 @@ TERMS = ("class", "bbox", "giou")
 _MATCHER_ORDER = [n for n, _ in MATCHERS]
 
 
-def _r(x: Tensor) -> list[float]:
-    return [round(float(v), 4) for v in x.tolist()]
+def _r(x: Tensor) -> list[float | str]:
+    """Box values for `where`: rounded, non-finite ones as 'nan' / 'inf' / '-inf' (JSON has no NaN)."""
+    return [round(v, 4) if math.isfinite(v) else str(v) for v in x.float().tolist()]
 
 
-def target_box_problems(boxes: list[Tensor]) -> dict[tuple[int, int], str]:
-    """(image, box) -> why the box is not a valid normalized cxcywh box, for every invalid one.
+def target_box_problems(boxes: list[Tensor]) -> dict[tuple[int, int], tuple[str, str]]:
+    """(image, box) -> (kind, why) for every box that is not a valid normalized cxcywh box.
 
-    boxes: one [N_i, 4] tensor per image. Whether boxes look like xyxy is decided over the whole batch:
-    most boxes read as cxcywh have w > cx and h > cy (what x2 > x1, y2 > y1 gives) and some reach past
-    the image by more than EDGE_TOL.
+    boxes: one [N_i, 4] tensor per image. kind is one of 'non-finite', 'absolute pixels', 'width or
+    height <= 0', 'outside [0, 1]', 'xyxy'. Whether boxes look like xyxy is decided over the whole
+    batch: most boxes read as cxcywh have w > cx and h > cy (what x2 > x1, y2 > y1 gives) and some
+    reach past the image by more than EDGE_TOL.
     """
-    out: dict[tuple[int, int], str] = {}
+    out: dict[tuple[int, int], tuple[str, str]] = {}
     candidates: list[tuple[int, int, float]] = []  # in range, but reaching past the image edge
     in_range = xyxy_like = 0
     for i, b in enumerate(boxes):
         b = b.detach().float().cpu()
         for j in range(b.shape[0]):
             cx, cy, w, h = (float(v) for v in b[j])
+            top, low = float(b[j].max()), float(b[j].min())
             if not bool(torch.isfinite(b[j]).all()):
-                out[(i, j)] = "non-finite (NaN/inf)"
-            elif float(b[j].max()) > PIXEL_HINT and float(b[j].min()) >= 0:
-                out[(i, j)] = f"values up to {float(b[j].max()):.4g}: absolute pixels? expected normalized [0, 1]"
+                out[(i, j)] = ("non-finite", "non-finite (NaN/inf)")
+            elif top > PIXEL_HINT and low >= 0:
+                out[(i, j)] = ("absolute pixels", f"absolute pixels? values up to {top:.4g}; expected normalized [0, 1]")
             elif w <= 0 or h <= 0:
-                out[(i, j)] = f"width or height <= 0 (w={w:.4g}, h={h:.4g})"
-            elif float(b[j].min()) < -RANGE_TOL or float(b[j].max()) > 1 + RANGE_TOL:
-                out[(i, j)] = "outside [0, 1]: expected normalized cx, cy, w, h"
+                out[(i, j)] = ("width or height <= 0", f"width or height <= 0 (w={w:.4g}, h={h:.4g})")
+            elif low < -RANGE_TOL or top > 1 + RANGE_TOL:
+                out[(i, j)] = ("outside [0, 1]", "outside [0, 1]: expected normalized cx, cy, w, h")
             else:
                 in_range += 1
                 xyxy_like += (w > cx and h > cy)
@@ -64,8 +68,8 @@ def target_box_problems(boxes: list[Tensor]) -> dict[tuple[int, int], str]:
                     candidates.append((i, j, reach))
     if candidates and xyxy_like >= XYXY_SHARE * in_range:
         for i, j, reach in candidates:
-            out[(i, j)] = (f"looks like xyxy (x1, y1, x2, y2): read as cxcywh it reaches {reach:.3g} past the image; "
-                           f"{xyxy_like} of {in_range} boxes have x2 > x1 and y2 > y1")
+            out[(i, j)] = ("xyxy", f"looks like xyxy (x1, y1, x2, y2): read as cxcywh it reaches {reach:.3g} past the "
+                                   f"image; {xyxy_like} of {in_range} boxes have x2 > x1 and y2 > y1")
     return out
 
 
@@ -75,11 +79,14 @@ def invalid_target_boxes(ctx: AnalysisContext) -> list[Finding]:
     if not problems:
         return []
     where = [{"image": i, "box": j, "phrase": ctx.phrase_of(i, j), "value": _r(ctx.batch.targets[i].boxes[j]),
-              "why": why} for (i, j), why in sorted(problems.items())]
-    kinds = sorted({w["why"].split(":")[0].split(" (")[0] for w in where})
+              "why": why} for (i, j), (_kind, why) in sorted(problems.items())]
+    kinds: dict[str, int] = {}
+    for kind, _why in problems.values():
+        kinds[kind] = kinds.get(kind, 0) + 1
     msg = (f"{len(where)} of {ctx.batch.num_boxes} target boxes are not valid normalized cxcywh boxes "
-           f"({'; '.join(kinds)}): L1 and GIoU losses and matching costs on them are NaN or meaningless.")
-    return [Finding("NS201", Severity.ERROR, len(where), msg, tuple(where[:MAX_WHERE]))]
+           f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}): L1 and GIoU losses and matching costs "
+           "on them are NaN or meaningless.")
+    return [Finding("NS201", Severity.ERROR, len(where), msg, tuple(where[:MAX_WHERE]), data={"kinds": kinds})]
 
 
 def _forward_order(layers: list[str]) -> list[str]:
