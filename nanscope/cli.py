@@ -162,7 +162,18 @@ def cmd_demo(args: argparse.Namespace, console: Any) -> int:
         args.html = html
         write_outputs(result, argparse.Namespace(html=html), console)
         console.print(f"HTML report: {html}")
-    return EXIT_OK
+    if args.no_verify:
+        return EXIT_OK
+    from nanscope.verify import verify_fix
+
+    console.print(f"$ nanscope verify-fix {files.checkpoint} {files.batch} --config {files.config} "
+                  f"--steps {DEMO_VERIFY_STEPS}")
+    verified = verify_fix(files.checkpoint, files.batch, config=files.config, steps=DEMO_VERIFY_STEPS)
+    render(verified, console)
+    return verified.exit_code
+
+
+DEMO_VERIFY_STEPS = 3  # enough to see the loss go down; the default 5 would double the demo's run time
 
 
 def _demo_criterion() -> str | None:
@@ -185,7 +196,7 @@ COMMANDS = {"demo": cmd_demo, "inspect": cmd_inspect, "codes": cmd_codes}
 
 # Subcommands in their own modules (nanscope/commands/): register(subparsers) adds the parser with
 # `set_defaults(command_module=<module name>)`, run(args, console) returns the exit code.
-COMMAND_MODULES: list[str] = ["nanscope.commands.report"]
+COMMAND_MODULES: list[str] = ["nanscope.commands.report", "nanscope.commands.verify_fix"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

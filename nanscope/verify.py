@@ -1,0 +1,236 @@
+"""`nanscope verify-fix`: prove that a fixed criterion removes the NaN of padded text positions, and nothing else.
+
+One batch is replayed through the user's GroundingDINO with gradients on. The "before" criterion
+(default: nanscope's `NaiveCriterion` for the preset) and the "after" criterion (default:
+`SetCriterion`) run on the same outputs and each is backpropagated into the model with fresh
+gradients; then a few AdamW steps train a copy of the model (eval mode, so deterministic) with
+each. `nanscope.verify_checks` turns that into nine checks; `nanscope.peak_memory` says how memory
+is measured.
+
+Totals weight the terms with the criterion's `weight_dict` when it has one (DETR convention), else
+sum them. A criterion that cannot be imported, or raises on the replayed batch, raises
+`CriterionError` naming the user's frame (the CLI exits 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from functools import partial
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from nanscope.batch import Batch
+from nanscope.capture import capture
+from nanscope.errors import CriterionError, InputError
+from nanscope.peak_memory import PeakMemory
+from nanscope.replay import Replay, prepare
+from nanscope.result import Result, environment
+from nanscope.user_code import Criterion, call_criterion, load_criterion, user_frame
+from nanscope.verify_checks import (MEMORY_LIMIT, CriterionRun, Outputs, Targets, check_after_finite,
+                                    check_gradients, check_matching, check_memory, check_no_op, check_reference,
+                                    check_reproduced, check_training, check_valid_only, floats, layers, term_layer,
+                                    TrainLog, valid_positions)
+
+LR = 1e-4  # AdamW learning rate of the training steps: a typical GroundingDINO fine-tuning rate
+DEFAULT_STEPS = 5  # enough for the loss to move; each step is a forward and backward of the whole model
+
+
+def weighted_total(crit: Any, terms: Mapping[str, Tensor]) -> Tensor:
+    """Weighted sum with `crit.weight_dict` (terms it lacks are left out, as DETR does), else the plain sum."""
+    weights = getattr(crit, "weight_dict", None)
+    if isinstance(weights, Mapping):
+        used = [(float(weights[k]), v) for k, v in terms.items() if k in weights]
+        if used:
+            return sum(w * v.sum() for w, v in used)  # type: ignore[return-value]
+    return sum(v.sum() for v in terms.values())  # type: ignore[return-value]
+
+
+def _tap_output(store: dict[str, Tensor], key: str, grad: Tensor) -> None:
+    store[key] = (~torch.isfinite(grad)).sum()
+
+
+def _tap_param(order: list[tuple[str, Tensor]], name: str, param: Tensor) -> None:
+    order.append((name, torch.isfinite(param.grad).all()))
+
+
+def _differentiable_tensors(outputs: Outputs) -> dict[str, Tensor]:
+    return {f"{layer}.{k}": d[k] for layer, d in layers(outputs) for k in ("pred_logits", "pred_boxes")
+            if isinstance(d.get(k), Tensor) and d[k].requires_grad}
+
+
+def run_criterion(model: nn.Module, crit: Criterion, name: str, outputs: Outputs, targets: Targets) -> CriterionRun:
+    """Compute `crit` on `outputs`, backpropagate its total into `model` (grads reset first; graph kept)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for _, p in params:
+        p.grad = None
+    tensors = _differentiable_tensors(outputs)
+    grads: dict[str, Tensor] = {}
+    order: list[tuple[str, Tensor]] = []
+    handles = []
+    try:
+        handles += [t.register_hook(partial(_tap_output, grads, k)) for k, t in tensors.items()]
+        handles += [p.register_post_accumulate_grad_hook(partial(_tap_param, order, n)) for n, p in params]
+        with PeakMemory(outputs["pred_logits"].device) as mem:
+            terms = call_criterion(crit, outputs, targets, name=name)
+            total = weighted_total(crit, terms)
+            loss_peak = mem.peak_so_far()
+            if total.requires_grad:
+                try:
+                    total.backward(retain_graph=True)
+                except Exception as exc:
+                    raise CriterionError(f"{name}: backward raised {type(exc).__name__}: {exc} "
+                                         f"(at {user_frame(exc)})") from None
+    finally:
+        for h in handles:
+            h.remove()
+    run = CriterionRun(terms=floats(terms), total=float(total.detach().float()), differentiable=total.requires_grad,
+                       output_grads={k: (int(grads[k]) if k in grads else None) for k in tensors},
+                       nonfinite_params=[n for n, ok in order if not bool(ok)], params_with_grad=len(order),
+                       params_total=len(params), loss_peak=int(loss_peak), peak=int(mem.peak_bytes))
+    for _, p in params:
+        p.grad = None
+    return run
+
+
+def train_steps(replay: Replay, crit: Criterion, name: str, steps: int, lr: float = LR) -> TrainLog:
+    """AdamW steps on a copy of the replayed model (eval mode) with `crit`.
+
+    Returns (total loss at each step before its update, the first step with a non-finite term or
+    None, those terms). Stops at the first non-finite step.
+    """
+    model = copy.deepcopy(replay.model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    images = replay.batch.images.to(replay.device)
+    captions = list(replay.batch.captions)
+    targets = replay.targets()
+    totals: list[float] = []
+    for step in range(steps):
+        with torch.enable_grad(), capture(model, detach=False) as cap:
+            model(images, captions=captions)
+        terms = call_criterion(crit, cap.last.to_outputs(), targets, name=name)
+        total = weighted_total(crit, terms)
+        totals.append(float(total.detach().float()))
+        bad = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())]
+        if bad or not math.isfinite(totals[-1]):
+            return totals, step, bad or ["total"]
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+    return totals, None, []
+
+
+def _nonfinite_at_zero(run: CriterionRun) -> TrainLog:
+    return [run.total], 0, [k for k, v in run.terms.items() if not math.isfinite(v)] or ["total"]
+
+
+def default_criteria(preset: str) -> tuple[tuple[Criterion, str], tuple[Criterion, str]]:
+    from nanscope.criterion import NaiveCriterion, SetCriterion
+
+    return ((NaiveCriterion(preset), f"nanscope NaiveCriterion(preset={preset!r})"),
+            (SetCriterion(preset), f"nanscope SetCriterion(preset={preset!r})"))
+
+
+def _terms_table(before: CriterionRun, after: CriterionRun, last: str) -> list[dict[str, Any]]:
+    keys = list(before.terms) + [k for k in after.terms if k not in before.terms]
+    rows = [{"term": k, "layer": term_layer(k, last), "before": before.terms.get(k), "after": after.terms.get(k)}
+            for k in keys]
+    rows.append({"term": "total (weighted)", "layer": "all", "before": before.total, "after": after.total})
+    return rows
+
+
+def resolve_criteria(before: Any, after: Any, preset: str,
+                     steps: int) -> tuple[tuple[Criterion, str], tuple[Criterion, str]]:
+    """Validate the options and load both criteria (before any model is built, so mistakes fail fast)."""
+    from nanscope.presets import get_preset
+
+    get_preset(preset)  # an unknown preset is an InputError listing the valid ones
+    if steps < 2:
+        raise InputError(f"--steps {steps} given; at least 2 are needed to compare the first and last loss")
+    default_b, default_a = default_criteria(preset)
+
+    def one(spec: Any, default: tuple[Criterion, str]) -> tuple[Criterion, str]:
+        if spec is None:
+            return default
+        return load_criterion(spec) if isinstance(spec, str) else spec
+
+    return one(before, default_b), one(after, default_a)
+
+
+def verify_replay(replay: Replay, *, before: Any = None, after: Any = None, preset: str = "mmdet",
+                  steps: int = DEFAULT_STEPS) -> Result:
+    """Run the nine checks on a prepared replay (its model is only read: steps train a copy). Never prints.
+
+    `before` / `after`: a `MODULE:ATTR` spec (see `nanscope.user_code`), a loaded `(criterion, name)`,
+    or None for nanscope's NaiveCriterion / SetCriterion of `preset`.
+    """
+    crit_b, crit_a = resolve_criteria(before, after, preset, steps)
+    name_b, name_a = f"before ({crit_b[1]})", f"after ({crit_a[1]})"
+    targets = replay.targets()
+    num_boxes = sum(int(t["boxes"].shape[0]) for t in targets)
+
+    record = replay.forward(detach=False, grad=True)
+    outputs = record.to_outputs()
+    run_b = run_criterion(replay.model, crit_b[0], name_b, outputs, targets)
+    run_a = run_criterion(replay.model, crit_a[0], name_a, outputs, targets)
+    checks = [check_reproduced(run_b, crit_b[1]), check_after_finite(run_a, num_boxes),
+              check_gradients(run_b, run_a), check_reference(run_a, outputs, targets, preset),
+              check_valid_only(crit_b[0], name_b, run_a, outputs, targets),
+              check_no_op((crit_b[0], name_b), (crit_a[0], name_a), outputs, targets),
+              check_matching((crit_b[0], name_b), (crit_a[0], name_a), outputs, targets)]
+    valid_tokens = [int(x) for x in valid_positions(outputs).sum(1).tolist()]
+    layer_names = [name for name, _ in layers(outputs)]
+    del record, outputs  # frees the replay's graph before training a copy
+
+    # Step 0 is the replayed forward itself: a criterion already non-finite there is not trained.
+    after_steps = train_steps(replay, crit_a[0], name_a, steps) if run_a.finite else _nonfinite_at_zero(run_a)
+    before_steps = train_steps(replay, crit_b[0], name_b, steps) if run_b.finite else _nonfinite_at_zero(run_b)
+    checks.append(check_training(after_steps, before_steps, steps, LR))
+    method = PeakMemory(replay.device).method
+    checks.append(check_memory(run_b, run_a, method))
+
+    last = [n for n in layer_names if n != "enc"][-1]
+    n_rows = max(len(after_steps[0]), len(before_steps[0]))
+    step_rows = [{"step": s, "after": after_steps[0][s] if s < len(after_steps[0]) else None,
+                  "before": before_steps[0][s] if s < len(before_steps[0]) else None} for s in range(n_rows)]
+    tables = {
+        "terms": _terms_table(run_b, run_a, last),
+        "steps": step_rows,
+        "memory": {"method": method, "device": str(replay.device), "before_bytes": run_b.peak,
+                   "after_bytes": run_a.peak, "before_loss_bytes": run_b.loss_peak,
+                   "after_loss_bytes": run_a.loss_peak, "ratio": checks[-1].numbers["ratio"], "limit": MEMORY_LIMIT},
+    }
+    summary = {"preset": preset, "before": crit_b[1], "after": crit_a[1], "steps": steps, "lr": LR,
+               "images": len(replay.batch), "boxes": num_boxes, "layers": layer_names,
+               "valid_tokens_per_image": valid_tokens, "before_nonfinite_step": before_steps[1]}
+    inputs = {**replay.inputs, "before": crit_b[1], "after": crit_a[1], "preset": preset}
+    return Result(kind="verify-fix", checks=checks, summary=summary, inputs=inputs,
+                  environment=environment(str(replay.device)), tables=tables)
+
+
+def verify_fix(
+    checkpoint: str | os.PathLike[str],
+    batch: str | os.PathLike[str] | Batch,
+    *,
+    before: str | None = None,
+    after: str | None = None,
+    preset: str = "mmdet",
+    steps: int = DEFAULT_STEPS,
+    config: str | os.PathLike[str] | None = None,
+    text_encoder: str | None = None,
+    device: str | None = "cpu",
+    trust_checkpoint: bool = False,
+) -> Result:
+    """Replay `batch` through the GroundingDINO in `checkpoint` and run the nine checks. Never prints.
+
+    `before` / `after` are `MODULE:ATTR` specs (see `nanscope.user_code`); None uses nanscope's
+    NaiveCriterion / SetCriterion for `preset`.
+    """
+    criteria = resolve_criteria(before, after, preset, steps)
+    replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
+                     trust_checkpoint=trust_checkpoint)
+    return verify_replay(replay, before=criteria[0], after=criteria[1], preset=preset, steps=steps)
+
