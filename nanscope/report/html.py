@@ -205,16 +205,21 @@ def _trace(result: Result) -> str:
 
 
 def _truncated_notes(result: Result, image: Any) -> list[str]:
-    """NS102/NS103 locations of the heatmap's image whose tokens fall outside the logits."""
-    notes = []
+    """One note per box of the heatmap's image whose positive tokens are cut or empty (NS102/NS103)."""
+    boxes: dict[Any, tuple[Mapping[str, Any], list[str]]] = {}
     for f in result.findings:
         if f.code not in ("NS102", "NS103"):
             continue
         for w in f.where:
             if w.get("image") == image:
-                toks = w.get("tokens", w.get("token"))
-                toks_text = format_where({"tokens": toks}) if toks is not None else ""
-                notes.append(f"{f.code}: box {w.get('box')} {w.get('phrase')!r} {toks_text} ({w.get('why', f.title)})")
+                boxes.setdefault(w.get("box"), (w, []))[1].append(f.code)
+    notes = []
+    for w, codes in boxes.values():
+        toks = w.get("tokens", w.get("token"))
+        toks_text = f" {format_where({'tokens': toks})}" if toks is not None else ""
+        why = w.get("why", "")
+        why = why if len(str(why)) <= 40 else "no positive token in the logits"
+        notes.append(f"box {w.get('box')} {w.get('phrase')!r}{toks_text}: {why} ({', '.join(codes)})")
     return notes
 
 
