@@ -24,7 +24,7 @@ from nanscope.diagnose import build_context, inspect_replay
 from nanscope.errors import CriterionError, InputError
 from nanscope.findings import Finding, Severity
 from nanscope.models.demo import demo_batch
-from nanscope.module_stats import FP16_MAX, module_stats
+from nanscope.module_stats import FP16_MAX, ModuleStat, module_stats
 from nanscope.positive_map import build_text_info
 from nanscope.replay import Replay, prepare
 
@@ -281,6 +281,19 @@ def test_fp16_overflow_under_autocast_is_an_error_at_its_first_module(replay):
     (f,) = half_precision_risk(ctx)
     assert f.severity is Severity.ERROR and f.where[0]["module"] == "2" and "finite inputs" in f.where[0]["why"]
     assert f.data["autocast"] == "fp16" and f.data["limit"] == FP16_MAX / RISK_FACTOR
+
+
+def test_under_autocast_only_half_precision_outputs_are_at_risk(replay):
+    rows = [ModuleStat("ffn", "Linear", 0, 1, 5e5, 0, "torch.float32"),  # autocast disabled there: safe
+            ModuleStat("proj", "Linear", 1, 1, 3e4, 0, "torch.float16")]
+    ctx = AnalysisContext(batch=replay.batch, texts=replay.texts, module_stats=rows, autocast_dtype=torch.float16)
+    (f,) = half_precision_risk(ctx)
+    assert f.severity is Severity.WARNING and [w["module"] for w in f.where] == ["proj"]
+    ctx.autocast_dtype = None  # measured in float32: both would be at risk in fp16
+    (f,) = half_precision_risk(ctx)
+    assert [w["module"] for w in f.where] == ["ffn", "proj"]
+    ctx.autocast_dtype = torch.bfloat16
+    assert half_precision_risk(ctx) == []
 
 
 def test_nan_pixel_is_ns304_with_image_and_channel(replay):

@@ -30,9 +30,11 @@ def half_precision_risk(ctx: AnalysisContext) -> list[Finding]:
     stats: list[ModuleStat] = list(ctx.module_stats)
     amp = ctx.autocast_dtype
     limit = half_limit(amp, RISK_FACTOR)
-    overflowed = [s for s in stats if amp in (torch.float16, torch.bfloat16) and s.new_nonfinite
+    overflowed = [s for s in stats if amp is not None and s.new_nonfinite
                   and s.kind not in EXPECTED_NONFINITE and s.dtype == str(amp)]
-    near = [s for s in stats if s.max_abs > limit and s not in overflowed]
+    # Under autocast only outputs in the half dtype are at risk: modules that autocast leaves in float32
+    # (groundingdino runs its decoder FFN with autocast disabled) are fine at any magnitude.
+    near = [s for s in stats if s.max_abs > limit and s not in overflowed and (amp is None or s.dtype == str(amp))]
     if not overflowed and not near:
         return []
     where: list[dict[str, Any]] = []
@@ -56,7 +58,8 @@ def half_precision_risk(ctx: AnalysisContext) -> list[Finding]:
                f"maximum / {RISK_FACTOR:g}) measured {run}; the first in the forward is {first}, the largest "
                f"{top.name or '(model)'} at {top.max_abs:.4g}.")
         if amp is None:
-            msg += " Fine in float32 and bfloat16; under fp16 autocast these overflow or come close."
+            msg += (" Fine in float32 and bfloat16; under fp16 autocast these overflow or come close, unless "
+                    "they run with autocast disabled (check with --amp fp16 on the training device).")
         severity = Severity.WARNING
     data = {"limit": limit, "factor": RISK_FACTOR, "autocast": _dtype_name(amp),
             "modules": [[s.name, s.kind, s.max_abs, s.nonfinite] for s in overflowed + near]}
