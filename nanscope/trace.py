@@ -1,7 +1,7 @@
 """The first non-finite operation, in the forward and in the backward (findings NS301, NS302).
 
 `trace_nonfinite(model, run)` replays `run()` (forward + loss) and the backward of its loss under an
-op-level observer (`nanscope._nonfinite_mode`) and returns where NaN and inf *start*: the first aten
+op-level observer (`nanscope._nonfinite_mode`, rules in `nanscope._nonfinite_rules`) and returns where NaN and inf *start*: the first aten
 op whose output is non-finite while its inputs were not. GroundingDINO writes `-inf` on purpose
 (ContrastiveEmbed's `masked_fill_` and `torch.full(..., -inf)`), so NaN and inf are followed
 separately and such writes are kept as `intentional_inf_sources`, not origins. A NaN made from one of
@@ -91,6 +91,7 @@ class TraceResult:
     ops_seen: int
     origins: tuple[Origin, ...] = ()  # every origin found: first NaN and first inf per phase, in op order
     intentional_inf_sources: tuple[InfSource, ...] = ()  # deliberate -inf writes (forward), first seen first
+    backward_traced: bool = False  # False: asked not to, the loss has no graph, or no parameter trains
 
     @property
     def clean(self) -> bool:
@@ -113,26 +114,28 @@ def trace_nonfinite(
     from nanscope._nonfinite_mode import NonfiniteMode
 
     mode = NonfiniteMode(model)
-    # One context for forward and backward: ModuleTracker follows the backward through hooks it puts
-    # on the forward's tensors, and removes them on exit.
-    with torch.enable_grad(), mode.tracker, mode:
+    # One context for forward and backward: backward ops are named after the forward module that
+    # made their autograd node.
+    with torch.enable_grad(), mode.modules, mode:
         out = run()
         with mode.paused():
             total = _total(out)
             loss_finite = bool(torch.isfinite(total.detach()).all())
             seed = torch.ones_like(total)
         params = [p for p in model.parameters() if p.requires_grad]
-        if backward and total.requires_grad and params:
+        backward_traced = backward and total.requires_grad and bool(params)
+        if backward_traced:
             torch.autograd.grad(total, params, grad_outputs=seed, allow_unused=True)
     mode.flush()
-    origins = tuple(sorted(mode.origins.values(), key=lambda o: o.index))
+    origins = tuple(sorted(mode.ledger.origins.values(), key=lambda o: o.index))
     return TraceResult(
         forward=next((o for o in origins if o.phase == "forward"), None),
         backward=next((o for o in origins if o.phase == "backward"), None),
         loss_finite=loss_finite,
         ops_seen=mode.ops_seen,
         origins=origins,
-        intentional_inf_sources=tuple(s for s in mode.inf_sources if s.intentional and s.phase == "forward"),
+        intentional_inf_sources=tuple(s for s in mode.ledger.inf_sources if s.intentional and s.phase == "forward"),
+        backward_traced=backward_traced,
     )
 
 

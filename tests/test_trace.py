@@ -41,7 +41,7 @@ class _Contrastive(nn.Module):
     def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         res = self.proj(x) @ text.transpose(-1, -2)  # [Q, T]
         res.masked_fill_(~mask[None, :], float("-inf"))
-        new_res = torch.full((res.shape[0], 8), float("-inf"))  # [Q, 8]
+        new_res = torch.full((res.shape[0], 8), float("-inf"), device=res.device)  # [Q, 8]
         new_res[:, : res.shape[-1]] = res
         return new_res
 
@@ -56,10 +56,19 @@ class _Tiny(nn.Module):
         return {"logits": self.head(x, text, mask), "boxes": self.box(x)}
 
 
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=_CUDA)])
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
 @pytest.fixture()
-def tiny() -> tuple[_Tiny, torch.Tensor, torch.Tensor, torch.Tensor]:
+def tiny(device) -> tuple[_Tiny, torch.Tensor, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    return _Tiny(), torch.randn(3, 4), torch.randn(5, 4), torch.tensor([True, True, True, False, False])
+    return (_Tiny().to(device), torch.randn(3, 4, device=device), torch.randn(5, 4, device=device),
+            torch.tensor([True, True, True, False, False], device=device))
 
 
 def test_intentional_inf_is_recorded_not_blamed(tiny):
@@ -102,30 +111,58 @@ def test_nan_parameter_enters_at_its_module(tiny):
     assert all(p.grad is None for p in model.parameters())  # autograd.grad: .grad untouched
 
 
-def test_inf_origin_and_backward_origin_in_a_module():
+def test_nan_in_a_one_element_parameter_is_an_origin(device):
+    """MMDetection's ContrastiveEmbed has a learnable 1-element bias: NaN there must not pass as a constant."""
+
+    class Biased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = nn.Parameter(torch.full((1,), float("nan")))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.bias
+
+    model = nn.Sequential(nn.Linear(2, 2), Biased()).to(device)
+    r = trace_nonfinite(model, lambda: model(torch.ones(1, 2, device=device)).sum())
+    assert r.forward.module == "1" and r.forward.source == "parameter 1.bias" and r.forward.op == "aten.add.Tensor"
+
+
+def test_inf_origin_and_backward_origin_in_a_module(device):
     class Act(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.sqrt(torch.relu(x))  # finite; its backward is grad / (2 * sqrt(0)) = inf at x <= 0
 
-    model = nn.Sequential(nn.Linear(3, 3), Act())
-    x = torch.tensor([[1.0, -2.0, 0.5]])
+    model = nn.Sequential(nn.Linear(3, 3), Act()).to(device)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(3))
+        model[0].bias.zero_()
+    x = torch.tensor([[1.0, -2.0, 0.5]], device=device)  # relu -> [1, 0, 0.5]
     r = trace_nonfinite(model, lambda: model(x).sum())
     assert r.forward is None and r.loss_finite
     assert r.backward is not None and r.backward.kind == "inf"
     assert r.backward.module == "1" and r.backward.module_type == "Act"
     assert r.backward.grad_fn == "SqrtBackward0" and r.backward.frame is None
 
-    model2 = nn.Sequential(nn.Linear(3, 3))
+    model2 = model[:1]
     r2 = trace_nonfinite(model2, lambda: torch.log(torch.relu(model2(x))).sum())  # log(0): inf origin
     assert r2.forward.kind == "inf" and r2.forward.op == "aten.log.default" and r2.forward.module is None
     assert not r2.loss_finite and r2.intentional_inf_sources == ()
 
 
-def _no_box_model() -> tuple[nn.Module, object]:
+def test_attention_workspace_is_not_an_origin(device):
+    """CUDA's efficient attention returns a logsumexp padded with -inf next to its output: not a value."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6))  # 2 class logits + 4 box numbers
-    x, labels = torch.randn(4, 8), torch.zeros(4, 2)  # a batch without objects
-    has_box, target_boxes = torch.zeros(4, dtype=torch.bool), torch.zeros(0, 4)
+    attn = nn.MultiheadAttention(32, 4, batch_first=True).to(device)
+    q, kv = torch.randn(2, 900, 32, device=device), torch.randn(2, 50, 32, device=device)
+    r = trace_nonfinite(attn, lambda: attn(q, kv, kv, need_weights=False)[0].square().mean())
+    assert r.clean and r.backward_traced
+
+
+def _no_box_model(device: torch.device) -> tuple[nn.Module, object]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6)).to(device)  # 2 class logits + 4 box numbers
+    x, labels = torch.randn(4, 8, device=device), torch.zeros(4, 2, device=device)  # a batch without objects
+    has_box, target_boxes = torch.zeros(4, dtype=torch.bool, device=device), torch.zeros(0, 4, device=device)
 
     def run() -> torch.Tensor:
         out = model(x)
@@ -136,8 +173,8 @@ def _no_box_model() -> tuple[nn.Module, object]:
     return model, run
 
 
-def test_nan_loss_with_finite_gradients_detect_anomaly_is_silent():
-    model, run = _no_box_model()
+def test_nan_loss_with_finite_gradients_detect_anomaly_is_silent(device):
+    model, run = _no_box_model(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.autograd.detect_anomaly(check_nan=True):
@@ -184,7 +221,8 @@ def test_run_must_return_a_loss(tiny):
 
 def test_loss_dict_terms_are_summed(tiny):
     model, x, text, mask = tiny
-    r = trace_nonfinite(model, lambda: {"a": model(x, text, mask)["boxes"].sum(), "b": torch.tensor(float("nan"))})
+    nan = torch.tensor(float("nan"), device=x.device)
+    r = trace_nonfinite(model, lambda: {"a": model(x, text, mask)["boxes"].sum(), "b": nan})
     assert not r.loss_finite and r.forward is None  # the NaN term was made before the trace: no op to blame
     assert trace_findings(r) == []
 
@@ -281,7 +319,7 @@ def test_demo_nan_parameter_names_its_module(demo):
     assert r.forward is not None and r.forward.kind == "nan"
     assert r.forward.module == name.rsplit(".", 1)[0] and r.forward.module_type == "MultiheadAttention"
     assert r.forward.source == f"parameter {name}"
-    assert r.backward is None
+    assert r.backward is None and not r.backward_traced
 
 
 def test_demo_masked_loss_is_clean(demo):
@@ -291,7 +329,7 @@ def test_demo_masked_loss_is_clean(demo):
         warnings.simplefilter("ignore")
         r = trace_nonfinite(model, lambda: {"loss_ce": masked_focal_loss(out := model(images, captions=captions)),
                                             "loss_bbox": out["pred_boxes"].abs().mean()})
-    assert r.loss_finite and r.forward is None and r.backward is None and r.origins == ()
+    assert r.loss_finite and r.forward is None and r.backward is None and r.origins == () and r.backward_traced
     assert r.ops_seen > 1000 and trace_findings(r) == []
     assert {s.module for s in r.intentional_inf_sources} >= {"transformer.decoder.class_embed.0",
                                                              "transformer.enc_out_class_embed"}
