@@ -152,7 +152,7 @@ def inspect_replay(
         if ctx.loss_terms is not None:
             terms = {k: float(v.detach().float().sum()) for k, v in ctx.loss_terms.items()}
     if trace:
-        ctx.trace = run_trace(replay, criterion)
+        ctx.trace = run_trace(replay, criterion)  # in the model's dtype: see NS303 for autocast overflows
     findings = run_analyzers(ctx, select=select, ignore=ignore)
     summary = {
         "images": len(replay.batch),

@@ -192,6 +192,15 @@ def test_nan_logit_at_padded_column_breaks_only_the_naive_matcher(replay):
         ("dec0", 0, 0, 7, "class", "naive"), ("dec0", 0, 1, 7, "class", "naive")]
 
 
+def test_matching_failure_of_the_users_criterion_is_an_ns203_error(replay):
+    rep = with_batch(replay, small())
+    ctx = build_context(rep, rep.forward())
+    ctx.notes["criterion_error"] = "mine raised ValueError: matrix contains invalid numeric entries"
+    (f,) = nonfinite_matching_cost(ctx)
+    assert f.severity is Severity.ERROR and f.where == () and "invalid numeric entries" in f.message
+    assert "computes its costs differently" in f.message
+
+
 @pytest.mark.parametrize("boxes, why", [
     ([[120.0, 80.0, 60.0, 40.0]], "absolute pixels"),
     ([[0.5, 0.5, -0.2, 0.3]], "width or height <= 0"),
@@ -269,17 +278,32 @@ def test_weight_scaled_past_fp16_range_is_ns303_naming_the_module(replay):
     assert loud(result) == ["NS303"]  # finite in fp32: nothing else is wrong
 
 
+def test_amp_fp16_replay_names_the_module_that_overflows(replay):
+    """--amp fp16 on the real model (CPU autocast): the scaled projection overflows to inf in fp16, and
+    NS303 ranks above the NaN boxes and costs that follow from it."""
+    name = "transformer.decoder.layers.0.cross_attn.value_proj"
+    with planted(replay, name + ".weight", lambda t: t.mul_(1e5)):
+        result = run(replay, small(n=1), amp="fp16")
+    assert result.findings[0].code == "NS303" and result.summary["autocast"] == "fp16"
+    f = one(result, "NS303")
+    assert f.severity is Severity.ERROR and [w["module"] for w in f.where] == [name]
+    assert f.where[0]["dtype"] == "torch.float16"
+    assert "NS202" in loud(result)
+
+
 def test_fp16_overflow_under_autocast_is_an_error_at_its_first_module(replay):
     """module_stats under real CPU autocast on a small stack; the analyzer names where inf starts."""
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.LayerNorm(8))
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
     with torch.no_grad():
-        model[2].weight.mul_(1e5)
+        model[2][0].weight.mul_(1e5)
     with torch.autocast("cpu", dtype=torch.float16), module_stats(model, check_inputs=True) as stats:
         model(torch.ones(4, 8))
     rows = stats.result()
+    assert {r.name for r in rows if r.new_nonfinite} == {"2.0", "2", ""}  # the child and the parents holding it
     ctx = AnalysisContext(batch=replay.batch, texts=replay.texts, module_stats=rows, autocast_dtype=torch.float16)
     (f,) = half_precision_risk(ctx)
-    assert f.severity is Severity.ERROR and f.where[0]["module"] == "2" and "finite inputs" in f.where[0]["why"]
+    assert f.severity is Severity.ERROR and f.count == 1  # parents that only contain the overflow are not listed
+    assert f.where[0]["module"] == "2.0" and "finite inputs" in f.where[0]["why"]
     assert f.data["autocast"] == "fp16" and f.data["limit"] == FP16_MAX / RISK_FACTOR
 
 

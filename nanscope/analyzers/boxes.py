@@ -158,7 +158,8 @@ def nonfinite_costs(ctx: AnalysisContext) -> tuple[list[dict[str, Any]], list[tu
 @register("NS203", needs=("logits", "boxes"))
 def nonfinite_matching_cost(ctx: AnalysisContext) -> list[Finding]:
     groups, empty = nonfinite_costs(ctx)
-    if not groups and not empty:
+    error = ctx.notes.get("criterion_error")
+    if not groups and not empty and not error:
         return []
     where: list[dict[str, Any]] = []
     merged: dict[tuple[str, int, int], dict[str, Any]] = {}
@@ -189,11 +190,13 @@ def nonfinite_matching_cost(ctx: AnalysisContext) -> list[Finding]:
         parts.append(f"{len(empty)} box(es) have an empty positive-map row: matchers that divide each row by its "
                      "sum without a guard (transformers' GroundingDinoHungarianMatcher) get NaN class costs for "
                      "every query (see NS103).")
-    error = ctx.notes.get("criterion_error")
     if error:
+        if not merged:
+            parts.append("nanscope's recomputed costs are finite here, so your matcher computes its costs "
+                         "differently: look at its cost terms.")
         parts.append(f"Your criterion raised: {error}")
     severity = Severity.ERROR if merged or error else Severity.WARNING
-    count = cells + len(empty)
+    count = max(1, cells + len(empty))
     return [Finding("NS203", severity, count, " ".join(parts), tuple(where[:MAX_WHERE]),
                     data={"empty_rows": [list(x) for x in empty]})]
 

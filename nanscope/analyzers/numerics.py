@@ -30,8 +30,12 @@ def half_precision_risk(ctx: AnalysisContext) -> list[Finding]:
     stats: list[ModuleStat] = list(ctx.module_stats)
     amp = ctx.autocast_dtype
     limit = half_limit(amp, RISK_FACTOR)
-    overflowed = [s for s in stats if amp is not None and s.new_nonfinite
-                  and s.kind not in EXPECTED_NONFINITE and s.dtype == str(amp)]
+    overflowed: list[ModuleStat] = []
+    for s in stats:  # completion order: a child that overflowed comes before the parents that contain it
+        if amp is None or not s.new_nonfinite or s.kind in EXPECTED_NONFINITE or s.dtype != str(amp):
+            continue
+        if not any(o.name.startswith(s.name + ".") or not s.name for o in overflowed):
+            overflowed.append(s)
     # Under autocast only outputs in the half dtype are at risk: modules that autocast leaves in float32
     # (groundingdino runs its decoder FFN with autocast disabled) are fine at any magnitude.
     near = [s for s in stats if s.max_abs > limit and s not in overflowed and (amp is None or s.dtype == str(amp))]
@@ -129,7 +133,7 @@ def nonfinite_parameters(ctx: AnalysisContext) -> list[Finding]:
         return []
     where = []
     for name, n_nan, n_inf, numel in bad:
-        module, _, leaf = name.rpartition(".")
+        module = name.rpartition(".")[0]
         where.append({"param": name, "module": module, "nan": n_nan, "inf": n_inf, "of": numel})
     total = sum(n + i for _, n, i, _ in bad)
     msg = (f"{len(bad)} tensor(s) of the {source} hold {total} non-finite value(s): "
