@@ -134,6 +134,10 @@ class SetCriterion(nn.Module):
         num_boxes = _normalizer(sum(padded.sizes), device, across_ranks=True)
         losses: dict[str, Tensor] = {}
         layers = self.layers(outputs)
+        if self.masked:  # read validity from the logits once per layer, for the matcher and the loss
+            for _, layer in layers:
+                if "text_token_mask" not in layer:
+                    layer["text_token_mask"] = text_validity(layer)[0]
         all_indices = self.matcher.match_layers([lo for _, lo in layers], padded,
                                                 names=[_layer_name(s) for s, _ in layers])
         for (suffix, layer), indices in zip(layers, all_indices):

@@ -80,23 +80,27 @@ def class_cost(logits: Tensor, maps: Tensor, valid: Tensor | None, preset: Crite
     Returns:
         (cost [B, Q, N] float32, empty_rows [B, N] bool: rows with no positive at a used column)
     """
-    p = logits.float().sigmoid()
+    x = logits.float()
+    hit = maps > 0  # [B, N, W]
+    used = maps
+    if valid is not None:
+        # Invalid columns become -inf (p = 0, so finite costs) and drop out of every target matrix.
+        v = valid[:, None, :]
+        x = torch.where(v, x, float("-inf"))
+        hit, used = hit & v, maps * v
+    p = x.sigmoid()
     a, g, eps = preset.focal_alpha, preset.focal_gamma, preset.match_eps
     pos = a * (1 - p) ** g * -(p + eps).log()  # [B, Q, W]
-    neg = (1 - a) * p**g * -(1 - p + eps).log()  # [B, Q, W]
-    hit = maps > 0  # [B, N, W]
-    if valid is not None:
-        v = valid[:, None, :]
-        zero = p.new_zeros(())
-        pos, neg = torch.where(v, pos, zero), torch.where(v, neg, zero)
-        hit = hit & v
+    neg = (1 - a) * p**g * -(1 - p + eps).log()  # [B, Q, W], exactly 0 where p = 0
     if preset.match_cost == "focal_bce":
-        gt = (maps > 0).float()
-        cost = torch.bmm(pos, gt.transpose(1, 2)) + torch.bmm(neg, (1 - gt).transpose(1, 2))
+        gt = hit.float()
+        not_gt = 1 - gt if valid is None else (1 - gt) * valid[:, None, :]
+        cost = torch.bmm(pos, gt.transpose(1, 2)) + torch.bmm(neg, not_gt.transpose(1, 2))
     else:
-        # The references divide by row.sum() unguarded: an empty row gives 0/0 = NaN for every query.
-        rows = maps / maps.sum(-1, keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
-        cost = torch.bmm(pos - neg, rows.transpose(1, 2))
+        # Rows are normalized over all their columns, as the references do. They divide unguarded,
+        # so an empty row gives 0/0 = NaN for every query; the clamp makes it 0 here.
+        row_sum = maps.sum(-1, keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
+        cost = torch.bmm(pos - neg, (used / row_sum).transpose(1, 2))
     return cost, ~hit.any(-1)
 
 
@@ -122,6 +126,7 @@ def _width(outputs: Mapping[str, Any], masked: bool) -> int:
     return text_width(outputs) if masked else outputs["pred_logits"].shape[-1]
 
 
+@torch.no_grad()
 def matching_costs(outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Any]], *,
                    preset: str | CriterionPreset = "mmdet", masked: bool = True) -> list[dict[str, Tensor]]:
     """The unweighted matching cost terms, per image, so reports can say which one is non-finite.
@@ -133,8 +138,8 @@ def matching_costs(outputs: Mapping[str, Any], targets: Sequence[Mapping[str, An
 
     Returns:
         B dicts {"class": [Q, N], "bbox": [Q, N], "giou": [Q, N], "empty_rows": [N] bool}, float32.
-        `empty_rows` marks boxes whose positive-map row has no positive at a valid text position
-        (their class cost is 0 instead of the references' 0/0).
+        `empty_rows` marks boxes whose positive-map row has no positive at a valid text position;
+        with "normalized_row" presets their class cost is 0 where the references divide 0 by 0.
     """
     p = get_preset(preset)
     padded = pad_targets(targets, _width(outputs, masked), outputs["pred_logits"].device)
