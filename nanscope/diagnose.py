@@ -84,12 +84,8 @@ def build_context(replay: Replay, record: ForwardRecord) -> AnalysisContext:
     )
 
 
-def figure_artifacts(ctx: AnalysisContext) -> dict[str, Any]:
-    """The small tensors the HTML heatmap needs (worst image, last decoder layer), on CPU."""
-    if not ctx.logits:
-        return {}
-    layer = [k for k in ctx.logits if k != "enc"][-1]
-    i = worst_image(ctx, layer)
+def _heatmap(ctx: AnalysisContext, layer: str, i: int) -> dict[str, Any]:
+    assert ctx.logits is not None
     info = ctx.texts[i]
     return {
         "layer": layer,
@@ -100,6 +96,22 @@ def figure_artifacts(ctx: AnalysisContext) -> dict[str, Any]:
         "tokens": list(info.tokens[: ctx.max_text_len]),
         "num_tokens": info.num_tokens,
         "phrases": [b.phrase for b in info.boxes],
+    }
+
+
+def figure_artifacts(ctx: AnalysisContext) -> dict[str, Any]:
+    """The small tensors the HTML heatmaps need, on CPU: the worst image (top-level keys and first in
+    `heatmaps`) and, when it is another image, the one with the most -inf cells (where padding shows)."""
+    if not ctx.logits:
+        return {}
+    layer = [k for k in ctx.logits if k != "enc"][-1]
+    first = worst_image(ctx, layer)
+    most_inf = max(range(len(ctx.texts)), key=lambda i: int(torch.isneginf(ctx.logits[layer][i]).sum()))
+    images = [first] + ([most_inf] if most_inf != first else [])
+    maps = [_heatmap(ctx, layer, i) for i in images]
+    return {
+        **maps[0],
+        "heatmaps": maps,
         "inf_per_layer": {k: int(torch.isneginf(v).sum()) for k, v in ctx.logits.items()},
         "nan_per_layer": {k: int(torch.isnan(v).sum()) for k, v in ctx.logits.items()},
     }

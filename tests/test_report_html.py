@@ -106,7 +106,8 @@ def demo(demo_files, tmp_path_factory) -> Result:
 def test_demo_report_in_chromium(demo, tmp_path):
     seen = browse(render_html(demo), tmp_path, "report-inspect-demo")
     assert seen["errors"] == [] and seen["requests"] == []
-    assert len(seen["images"]) == 2  # the heatmap and the non-finite counts
+    # one heatmap per image in artifacts["heatmaps"] (worst image, and the one where padding shows) + counts
+    assert len(seen["images"]) == len(demo.artifacts["heatmaps"]) + 1
     assert all(i["complete"] and i["width"] > 0 and i["height"] > 0 for i in seen["images"]), seen["images"]
     assert seen["codes"] == [f.code for f in demo.findings]
     assert {"NS102", "NS101", "NS001", "NS104"} <= set(seen["codes"])

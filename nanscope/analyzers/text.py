@@ -71,7 +71,9 @@ def padded_logits(ctx: AnalysisContext) -> list[Finding]:
     )
     severity = Severity.WARNING
     broken = _nonfinite_terms(ctx.loss_terms)
-    if ctx.loss_terms is None:
+    if ctx.loss_terms is None and ctx.notes.get("criterion_error"):
+        message += " Your criterion failed before producing loss terms (see NS203), so whether it drops them is unknown."
+    elif ctx.loss_terms is None:
         message += " Run with --criterion MODULE:ATTR to check whether your loss drops them."
     elif broken:
         fixed = set(broken) - set(_nonfinite_terms(ctx.loss_terms_padding_sanitized))
