@@ -137,9 +137,14 @@ def cmd_inspect(args: argparse.Namespace, console: Any) -> int:
     return result.exit_code
 
 
+DEMO_CRITERION = "nanscope.criterion:NaiveCriterion"  # the unmasked loss that reproduces the NaN
+DEMO_VERIFY_STEPS = 3  # enough to see the loss go down; the default 5 would double the demo's run time
+
+
 def cmd_demo(args: argparse.Namespace, console: Any) -> int:
-    from nanscope.diagnose import inspect
+    from nanscope.diagnose import inspect_replay
     from nanscope.models.demo import write_demo
+    from nanscope.replay import prepare
     from nanscope.report.outputs import write_outputs
     from nanscope.report.terminal import render
 
@@ -154,34 +159,27 @@ def cmd_demo(args: argparse.Namespace, console: Any) -> int:
     check_output_path(html, [])
     console.print(f"writing the demo model, checkpoint and batch to {out}/ ...")
     files = write_demo(out)
+    replay = prepare(files.checkpoint, files.batch, config=files.config)  # built once, shared by both steps
     console.print(f"$ nanscope inspect {files.checkpoint} {files.batch} --config {files.config} "
-                  "--criterion nanscope.criterion:NaiveCriterion")
-    result = inspect(files.checkpoint, files.batch, config=files.config, criterion=_demo_criterion())
+                  f"--criterion {DEMO_CRITERION}")
+    result = inspect_replay(replay, criterion=DEMO_CRITERION)
     render(result, console)
     if html:
-        args.html = html
         write_outputs(result, argparse.Namespace(html=html), console)
         console.print(f"HTML report: {html}")
     if args.no_verify:
         return EXIT_OK
-    from nanscope.verify import verify_fix
+    from nanscope.verify import verify_replay
 
     console.print(f"$ nanscope verify-fix {files.checkpoint} {files.batch} --config {files.config} "
                   f"--steps {DEMO_VERIFY_STEPS}")
-    verified = verify_fix(files.checkpoint, files.batch, config=files.config, steps=DEMO_VERIFY_STEPS)
+    verified = verify_replay(replay, steps=DEMO_VERIFY_STEPS)
     render(verified, console)
+    if html:
+        vhtml = str(Path(html).with_name("verify-fix.html"))
+        write_outputs(verified, argparse.Namespace(html=vhtml), console)
+        console.print(f"HTML report: {vhtml}")
     return verified.exit_code
-
-
-DEMO_VERIFY_STEPS = 3  # enough to see the loss go down; the default 5 would double the demo's run time
-
-
-def _demo_criterion() -> str | None:
-    try:
-        from nanscope.criterion import NaiveCriterion  # noqa: F401
-    except ImportError:
-        return None
-    return "nanscope.criterion:NaiveCriterion"
 
 
 def cmd_codes(args: argparse.Namespace, console: Any) -> int:
