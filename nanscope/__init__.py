@@ -26,6 +26,19 @@ _EXPORTS = {
     "build_model": "nanscope.models.groundingdino",
     "find_groundingdino": "nanscope.models.groundingdino",
     "write_demo": "nanscope.models.demo",
+    "verify_fix": "nanscope.verify",
+    "verify_replay": "nanscope.verify",
+    "SetCriterion": "nanscope.criterion",
+    "NaiveCriterion": "nanscope.criterion",
+    "HungarianMatcher": "nanscope.matcher",
+    "matching_costs": "nanscope.matcher",
+    "text_validity": "nanscope.text_mask",
+    "PRESETS": "nanscope.presets",
+    "CriterionPreset": "nanscope.presets",
+    "trace_nonfinite": "nanscope.trace",
+    "render_html": "nanscope.report.html",
+    "read_result": "nanscope.report.json_io",
+    "write_result": "nanscope.report.json_io",
 }
 
 __all__ = sorted(_EXPORTS)
