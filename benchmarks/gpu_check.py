@@ -1,0 +1,345 @@
+"""GPU checks on one CUDA device, full-size GroundingDINO SwinT-OGC (random weights, tiny text encoder).
+
+    python benchmarks/gpu_check.py [--steps 6] [--batch 4] [--size 800] [--json out.json]
+
+Sections (each returns table rows; capture and verify-fix sections are added by their owners):
+
+  watch   plain vs watched training steps in fp32, bf16 autocast and fp16 autocast + GradScaler
+          (fused AdamW, gradient clipping, a sync-free masked loss), interleaved, medians. The
+          watcher's own calls run under `torch.cuda.set_sync_debug_mode("error")`; the syncs of a
+          whole plain and a whole watched step are counted with mode "warn" (they must be equal).
+          Then a NaN is planted at step k under bf16: the sentinel must name step k although it
+          reads late, its dump must hold the weights from before step k, and replaying the dump on
+          this GPU must give the non-finite term again.
+
+Exits 0 with a message when there is no CUDA device; exit 1 when a row fails. On one H100 (torch
+2.11) the watch section took 35 s with --steps 3. `--device cpu --demo --batch 2 --size 224` is a
+dry run of the script itself on a CPU (no sync checks there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torchvision.ops import sigmoid_focal_loss  # noqa: E402
+
+CAPTIONS = ["cat . dog . person .", "a red car next to a bus .", "zebra . giraffe .", "bird . kite . tree ."]
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    values: dict[str, Any] = field(default_factory=dict)
+    ok: bool = True
+
+
+@dataclass
+class Setup:
+    device: torch.device
+    batch: int
+    size: int
+    steps: int
+    tmp: Path
+    text_encoder: Path
+    make_model: Callable[[], torch.nn.Module]
+
+
+# ------------------------------------------------------------------ shared pieces
+
+
+def make_batch(setup: Setup, seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    b = setup.batch
+    targets = []
+    for i in range(b):
+        n = 2 + i % 2
+        cxcy = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+        wh = torch.rand(n, 2, generator=g) * 0.2 + 0.05
+        targets.append({"boxes": torch.cat([cxcy, wh], 1), "phrases": CAPTIONS[i % 4].split(" . ")[:n]})
+    return {"images": torch.randn(b, 3, setup.size, setup.size, generator=g),
+            "captions": [CAPTIONS[i % 4] for i in range(b)], "targets": targets}
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {"images": batch["images"].to(device, non_blocking=True), "captions": batch["captions"],
+            "targets": [{**t, "boxes": t["boxes"].to(device, non_blocking=True)} for t in batch["targets"]]}
+
+
+def masked_loss(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Sync-free: focal on valid text positions (padded -inf replaced first), L1 on the first queries."""
+    logits = out["pred_logits"].float()
+    valid = logits != float("-inf")
+    safe = torch.where(valid, logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
+    n = max(sum(len(t["boxes"]) for t in batch["targets"]), 1)
+    loss_ce = (sigmoid_focal_loss(safe, torch.zeros_like(safe), reduction="none") * valid).sum() / n
+    boxes = out["pred_boxes"].float()
+    loss_bbox = sum((boxes[i, : len(t["boxes"])] - t["boxes"]).abs().sum() for i, t in enumerate(batch["targets"])) / n
+    return {"loss_ce": loss_ce, "loss_bbox": loss_bbox}
+
+
+@contextlib.contextmanager
+def sync_mode(mode: str) -> Iterator[None]:
+    if not torch.cuda.is_available():  # the --device cpu dry run: nothing to watch
+        yield
+        return
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+
+
+@contextlib.contextmanager
+def count_syncs(into: list[int]) -> Iterator[None]:
+    """Count synchronizing CUDA calls (sync debug mode "warn") inside the block."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with sync_mode("warn"):
+            yield
+    into.append(sum(1 for w in seen if "synchroniz" in str(w.message).lower()))
+
+
+def _error(exc: BaseException) -> dict[str, str]:
+    """An exception as table values: the message and where it came from (the last frames)."""
+    import traceback
+
+    return {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "where": traceback.format_exc()[-800:]}
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------ section: watch
+
+
+class _Loop:
+    """One model + optimizer (+ scaler, + watcher) running the same training step."""
+
+    def __init__(self, model: torch.nn.Module, amp: str, watched: bool, dump_dir: Path) -> None:
+        from nanscope.watch import watch
+
+        self.model, self.amp = model, amp
+        self.device_type = next(model.parameters()).device.type
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)  # sync-free with a GradScaler
+        self.scaler = torch.amp.GradScaler(self.device_type) if amp == "fp16" else None
+        self.watcher = watch(model, dump_dir, scaler=self.scaler, on_nonfinite="raise") if watched else None
+        self.check_s: list[float] = []
+        self.step_i = 0
+
+    def autocast(self) -> Any:
+        if self.amp == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+
+    def step(self, batch: dict[str, Any], *, guard: bool) -> float:
+        """One step; the watcher's call under sync debug mode "error" when `guard`. Returns the loss (a sync, as logging does)."""
+        with self.autocast():
+            out = self.model(batch["images"], captions=batch["captions"])
+            terms = masked_loss(out, batch)
+        loss = sum(terms.values())
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 0.1, foreach=True)
+        if self.watcher is not None:
+            t0 = time.perf_counter()
+            with sync_mode("error") if guard else contextlib.nullcontext():
+                self.watcher.check(self.step_i, terms, batch, grad_norm=gn)
+            self.check_s.append(time.perf_counter() - t0)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.step_i += 1
+        return loss
+
+
+def section_watch(setup: Setup) -> list[Row]:
+    from nanscope.snapshot import capture_rng
+
+    rows: list[Row] = []
+    dev = setup.device
+    base = setup.make_model()
+    with sync_mode("error"):
+        capture_rng()  # what the forward pre-hook runs (CUDA is initialized now): must not sync either
+    batches = [to_device(make_batch(setup, s), dev) for s in range(2)]
+    for amp in ("fp32", "bf16", "fp16"):
+        row = Row("watch", amp)
+        try:
+            plain = _Loop(copy.deepcopy(base).train(), amp, False, setup.tmp / f"unused-{amp}")
+            watched = _Loop(copy.deepcopy(base).train(), amp, True, setup.tmp / f"dumps-{amp}")
+            times: dict[str, list[float]] = {"plain": [], "watched": []}
+            for i in range(2 + setup.steps):
+                for name, loop in (("plain", plain), ("watched", watched)) if i % 2 else (("watched", watched), ("plain", plain)):
+                    synchronize()
+                    t0 = time.perf_counter()
+                    loss = loop.step(batches[i % 2], guard=True)
+                    float(loss)  # the loop's own logging sync
+                    synchronize()
+                    if i >= 2:
+                        times[name].append(time.perf_counter() - t0)
+            syncs: dict[str, list[int]] = {"plain": [], "watched": []}
+            for name, loop in (("plain", plain), ("watched", watched)):
+                with count_syncs(syncs[name]):
+                    loop.step(batches[0], guard=False)
+                synchronize()
+            copy_bytes = watched.watcher.weight_copy_bytes
+            rep = watched.watcher.close()
+            mp, mw = statistics.median(times["plain"]), statistics.median(times["watched"])
+            row.values = {
+                "plain_s": round(mp, 4), "watched_s": round(mw, 4), "ratio": round(mw / mp, 3),
+                "check_ms": round(statistics.median(watched.check_s) * 1e3, 3),
+                "syncs_in_check": 0,  # any sync inside check() raised above (mode "error")
+                "syncs_plain_step": syncs["plain"][0], "syncs_watched_step": syncs["watched"][0],
+                "overflow_skips": rep.overflow_skips, "failed": rep.failed,
+                "weight_copy_MB": round(copy_bytes / 2**20, 1),
+                "peak_mem_GB": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None,
+            }
+            row.ok = syncs["plain"][0] == syncs["watched"][0] and not rep.failed
+        except Exception as exc:  # report and go on with the next mode
+            row.ok = False
+            row.values = _error(exc)
+        finally:
+            plain = watched = None  # type: ignore[assignment]
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        rows.append(row)
+    try:
+        rows.append(_planted_nan(setup, base))
+    except Exception as exc:  # report, do not lose the table
+        rows.append(Row("watch", "planted NaN (bf16)", _error(exc), ok=False))
+    return rows
+
+
+def _planted_nan(setup: Setup, base: torch.nn.Module) -> Row:
+    """bf16, NaN in one image at step k: named at step k after a late read; the dump replays on this GPU."""
+    from nanscope.watch import NonFiniteStepError
+
+    row = Row("watch", "planted NaN (bf16)")
+    k = 3
+    loop = _Loop(copy.deepcopy(base).train(), "bf16", True, setup.tmp / "dumps-planted")
+    before_k: dict[str, torch.Tensor] = {}
+    raised_at = None
+    try:
+        for i in range(10):
+            b = to_device(make_batch(setup, i), setup.device)
+            if i == k:
+                b["images"][min(1, setup.batch - 1), 0, 100, 100] = float("nan")
+                before_k = {n: v.detach().cpu().clone() for n, v in loop.model.state_dict().items()}
+            raised_at = i
+            loop.step(b, guard=True)  # no logging sync here: the read must come from the CUDA event
+        raised_at = None
+        loop.watcher.poll()  # type: ignore[union-attr]
+    except NonFiniteStepError as exc:
+        rep = exc.report
+        ckpt = torch.load(rep.dump / "checkpoint.pth", weights_only=True)["model"]
+        same = all(torch.equal(ckpt[n], v) for n, v in before_k.items())
+        fresh = setup.make_model().to(setup.device).train()
+        fresh.load_state_dict(ckpt)
+        batch = torch.load(rep.dump / "batch.pt", weights_only=True)
+        with torch.no_grad(), torch.autocast(setup.device.type, dtype=torch.bfloat16):
+            replay = masked_loss(fresh(batch["images"].to(setup.device), captions=batch["captions"]),
+                                 to_device(batch, setup.device))
+        bad = sorted(n for n, v in replay.items() if not math.isfinite(float(v)))
+        row.values = {"planted_step": k, "reported_step": rep.step, "detected_at_check": raised_at,
+                      "terms": ",".join(rep.nonfinite_terms), "weights_before_k": same, "replay_nonfinite": ",".join(bad),
+                      "dump": str(rep.dump)}
+        row.ok = rep.step == k and same and bool(bad)
+        return row
+    finally:
+        loop.watcher.close()  # type: ignore[union-attr]
+    row.ok = False
+    row.values = {"error": "the sentinel never fired"}
+    return row
+
+
+SECTIONS: dict[str, Callable[[Setup], list[Row]]] = {"watch": section_watch}
+
+
+# ------------------------------------------------------------------ main
+
+
+def print_table(rows: list[Row]) -> None:
+    for r in rows:
+        mark = "ok  " if r.ok else "FAIL"
+        vals = "  ".join(f"{k}={v}" for k, v in r.values.items())
+        print(f"[{mark}] {r.section:<7} {r.name:<20} {vals}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per variant")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--size", type=int, default=800)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {list(SECTIONS)}")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--device", default="cuda", help="cuda (default); 'cpu' is a dry run of the script itself")
+    ap.add_argument("--demo", action="store_true", help="the small demo model instead of full-size SwinT-OGC")
+    args = ap.parse_args()
+    if args.device != "cpu" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device visible to torch; nothing to check (run it on a machine with a GPU).")
+        return 0
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from nanscope.models.groundingdino import build_model
+    from nanscope.models.tiny_text import write_tiny_text_encoder
+
+    tmp = Path(tempfile.mkdtemp(prefix="nanscope-gpu-"))
+    te = write_tiny_text_encoder(tmp / "text_encoder")
+    device = torch.device("cpu") if args.device == "cpu" else torch.device("cuda", torch.cuda.current_device())
+    config = None
+    if args.demo:
+        from nanscope.models.demo import write_demo
+
+        config = write_demo(tmp / "demo", long=False).config
+
+    def make_model() -> torch.nn.Module:
+        model, _ = build_model(config, text_encoder=te, seed=0)
+        return model.to(device)
+
+    setup = Setup(device, args.batch, args.size, args.steps, tmp, te, make_model)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU dry run"
+    print(f"gpu_check: {name}, torch {torch.__version__}, {'demo' if args.demo else 'SwinT-OGC'} (random weights), "
+          f"batch {args.batch} at {args.size} px, {args.steps} timed steps per variant")
+    t0 = time.perf_counter()
+    rows: list[Row] = []
+    for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
+        if name not in SECTIONS:
+            print(f"gpu_check: unknown section {name!r}; valid: {', '.join(SECTIONS)}")
+            return 2
+        rows += SECTIONS[name](setup)
+    print_table(rows)
+    print(f"gpu_check: {sum(r.ok for r in rows)}/{len(rows)} ok in {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2, default=str))
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,551 @@
+"""`nanscope.watch`: a NaN sentinel cheap enough to leave on in training.
+
+    with nanscope.watch(model, dump_dir="nan-dumps", scaler=scaler) as watcher:
+        for step, batch in enumerate(loader):
+            loss_dict = criterion(model(batch["images"], captions=batch["captions"]), targets)
+            watcher.check(step, loss_dict, batch)      # before optimizer.step()
+            ...backward, optimizer step...
+
+`check` stacks the loss terms (and optionally the gradient norm and the GradScaler scale) into one
+small vector. On the CPU it is read at once. On CUDA it is copied into pinned host memory behind a
+CUDA event and read when the event has completed (the loop's own `.item()` or any other sync makes
+that happen), or at the latest every `sync_every` checks: the sentinel never waits on the device
+itself in between. Because the read can come a few steps late, a device copy of the weights is
+kept and frozen at the first bad step (`torch.where`, no host read), so the dump still holds the
+weights as they were before that step. Under torch.distributed the ranks agree at the read points
+with one small `all_gather` (see `nanscope.ranks`) and all stop at the same check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from nanscope.errors import InputError
+from nanscope.ranks import Agreement, RankContext, agree, rank_context
+from nanscope.snapshot import WeightSnapshot, capture_rng, cpu_state_dict, portable_rng, schema_batch, unwrap, write_dump
+from nanscope.watch_report import BadStep, NonFiniteStepError, WatchReport, manifest, scaler_state
+
+OnNonFinite = Literal["raise", "stop"]
+MAX_SYNC_EVERY = 1024  # a larger sync_every is capped: the unread steps' batches are kept alive until read
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    # Read the flags (and agree across ranks) at least every N checks. None: 1 on the CPU, where a
+    # read costs nothing, and 50 on CUDA, where it is a device sync (one per 50 steps is noise).
+    sync_every: int | None = None
+    # Keep a device copy of the weights, frozen at the first bad step (one extra copy of the model
+    # in device memory). None: on when a read can come after optimizer.step(), i.e. sync_every > 1.
+    keep_weights: bool | None = None
+    # A GradScaler scale below this is a collapse (NS307): with a scale under 1 the fp16 gradients
+    # overflow even unscaled, and torch's own default starts at 2**16.
+    min_scale: float = 1.0
+    # This many overflow-skips in a row is a collapse too: the scale fell 2**10-fold (backoff 0.5);
+    # a healthy fp16 warm-up from 2**16 settles after a handful of skips.
+    max_consecutive_skips: int = 10
+    on_nonfinite: OnNonFinite = "raise"  # "raise": check() raises NonFiniteStepError; "stop": it returns False
+
+
+@dataclass
+class _Record:
+    """One check: values arrive on the host now (CPU) or when `event` completes (CUDA)."""
+
+    step: int
+    names: tuple[str, ...]  # the device vector: loss terms, then "grad_norm" and "scale" when given
+    n_fail: int  # the first n_fail device values are failures when non-finite (they freeze the snapshot)
+    host: dict[str, float]  # values already on the host (python numbers)
+    batch: Any
+    forward: dict[str, Any] | None  # RNG/autocast/inputs captured at the first forward since the last check
+    rng_at_check: dict[str, Any]
+    slot: Tensor | None = None
+    event: Any = None
+    values: dict[str, float] | None = None
+
+
+@contextlib.contextmanager
+def _syncs_allowed() -> Iterator[None]:
+    """Writing a dump copies to the host: switch a caller's CUDA sync debug mode off meanwhile, then restore it."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+
+
+def _criterion_spec(criterion: Any) -> str | None:
+    """'module:QualName' of a criterion, when it can be imported again (not from __main__)."""
+    if criterion is None:
+        return None
+    obj = criterion if callable(criterion) and hasattr(criterion, "__qualname__") else type(criterion)
+    mod = getattr(obj, "__module__", None)
+    if not mod or mod == "__main__" or "<locals>" in obj.__qualname__:
+        return None
+    return f"{mod}:{obj.__qualname__}"
+
+
+def _text_encoder_of(model: nn.Module) -> str | None:
+    try:
+        name = str(unwrap(model).tokenizer.name_or_path)  # type: ignore[union-attr]
+    except AttributeError:
+        return None
+    return str(Path(name).resolve()) if name and Path(name).is_dir() else (name or None)
+
+
+class Watcher:
+    """The sentinel. Build it with `nanscope.watch(...)`; use `check` once per step, `close` (or `with`) at the end."""
+
+    def __init__(self, model: nn.Module, dump_dir: str | os.PathLike[str], *, options: WatchOptions,
+                 criterion: Any = None, scaler: Any = None, config: str | os.PathLike[str] | None = None,
+                 text_encoder: str | os.PathLike[str] | None = None, process_group: Any = None) -> None:
+        if options.on_nonfinite not in ("raise", "stop"):
+            raise InputError(f"on_nonfinite={options.on_nonfinite!r}; expected 'raise' or 'stop'")
+        if options.sync_every is not None and options.sync_every < 1:
+            raise InputError(f"sync_every={options.sync_every}; expected a positive number of steps or None")
+        self.model = model
+        self.dump_dir = Path(dump_dir)
+        self.options = options
+        self.scaler = scaler
+        self.criterion_spec = _criterion_spec(criterion)
+        self.config = None if config is None else str(Path(config).resolve())
+        self.text_encoder = str(text_encoder) if text_encoder is not None else _text_encoder_of(model)
+        if text_encoder is not None and Path(text_encoder).is_dir():
+            self.text_encoder = str(Path(text_encoder).resolve())
+        self.ctx: RankContext = rank_context(process_group)
+        self._records: list[_Record] = []  # since the last read point, in step order
+        self._unread = 0  # index into _records of the first record not analyzed yet
+        self._checks = 0
+        self._since_sync = 0
+        self._local: tuple[int, str] | None = None  # (first bad step, kind) seen on this rank
+        self._sticky_step: int | None = None  # the step the weight snapshot froze at
+        self._sticky: Tensor | None = None  # device flag: a bad step was seen (freezes the snapshot)
+        self._snapshot: WeightSnapshot | None = None
+        self._device: torch.device | None = None
+        self._ring: Tensor | None = None  # pinned host slots for the CUDA reads
+        self._forward: dict[str, Any] | None = None
+        self._prev_scale: tuple[int, float] | None = None
+        self._consecutive = 0
+        self._skip_steps: list[int] = []
+        self._skips = 0
+        self._last_scale: float | None = None
+        self._report: WatchReport | None = None
+        self._closed = False
+        self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+
+    # ------------------------------------------------------------ the loop API
+
+    def check(self, step: int, loss_dict: Mapping[str, Tensor | float] | Tensor, batch: Mapping[str, Any] | None = None,
+              *, grad_norm: Tensor | float | bool | None = None) -> bool:
+        """Record step `step`; return True while the run is healthy as far as read so far.
+
+        Call it after the loss and before `optimizer.step()` (before or after backward). `loss_dict`
+        maps term names to 0-dim tensors (or one tensor, named "loss"); `batch` is the step's input in
+        nanscope's schema (extra keys are dropped from the dump). `grad_norm`: a tensor such as
+        `clip_grad_norm_`'s result, or True to compute the norm of the current gradients here.
+        With a GradScaler a non-finite gradient norm is an overflow-skip, not a failure.
+        """
+        if self._closed:
+            raise InputError("check() was called on a closed watcher; create a new one with nanscope.watch(...)")
+        if self._report is not None and self._report.failed:
+            return self._stop()
+        names, dev, host = self._collect(loss_dict, grad_norm)
+        fwd, self._forward = self._forward, None
+        n_fail = sum(1 for n in names if n not in ("grad_norm", "scale"))
+        n_fail += 1 if "grad_norm" in names and not self._scaler_on() else 0
+        rec = _Record(step=int(step), names=tuple(names), n_fail=n_fail, host=host, batch=batch, forward=fwd,
+                      rng_at_check=capture_rng())
+        self._enqueue(rec, dev)
+        self._checks += 1
+        self._since_sync += 1
+        due = self._since_sync >= self._sync_every()
+        if self.ctx.distributed:
+            self._drain(block=False)
+            if due:
+                return self._agree(current=rec.step)
+            return True
+        self._drain(block=due)
+        if due:
+            self._read_point()
+        if self._local is not None:
+            return self._decide(Agreement(((self._local[0], self._local[1]),)), current=rec.step)
+        return True
+
+    def poll(self) -> bool:
+        """Read every pending flag now (a device sync); under torch.distributed, all ranks must call it together.
+
+        Call it where the loop synchronizes anyway, e.g. right after logging `loss.item()`.
+        """
+        if self._report is not None and self._report.failed:
+            return self._stop()
+        if not self._records:
+            return True
+        if self.ctx.distributed:
+            return self._agree(current=None)
+        self._drain(block=True)
+        self._read_point()
+        if self._local is not None:
+            return self._decide(Agreement(((self._local[0], self._local[1]),)), current=None)
+        return True
+
+    @property
+    def weight_copy_bytes(self) -> int:
+        """Device memory held by the weight copy that covers late reads (0 when keep_weights is off)."""
+        return 0 if self._snapshot is None else self._snapshot.nbytes
+
+    @property
+    def report(self) -> WatchReport:
+        """The report so far (final after a failure or `close`)."""
+        return self._report or self._healthy_report()
+
+    def close(self) -> WatchReport:
+        """Read what is pending, remove the hook and buffers, and return the report.
+
+        Under torch.distributed every rank must call it (one last agreement). If the last steps went
+        bad, the dump is written and, with on_nonfinite="raise", NonFiniteStepError is raised.
+        """
+        if self._closed:
+            return self.report
+        try:
+            self._sample_final_scale()
+            if self._report is None and self._records:
+                if self.ctx.distributed:
+                    self._agree(current=None)
+                else:
+                    self._drain(block=True)
+                    if self._local is not None:
+                        self._decide(Agreement(((self._local[0], self._local[1]),)), current=None)
+        finally:
+            self._teardown()
+        return self.report
+
+    def __enter__(self) -> "Watcher":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
+        if exc_type is None:
+            self.close()
+        else:  # never a collective here: another rank may not be coming
+            self._teardown()
+        return False
+
+    # ------------------------------------------------------------ collection
+
+    def _pre_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._forward is not None:
+            return None
+        autocast = {}
+        for dt in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(dt):
+                autocast[dt] = str(torch.get_autocast_dtype(dt)).replace("torch.", "")
+        self._forward = {"rng": capture_rng(), "autocast": autocast, "training": bool(module.training),
+                         "args": args, "kwargs": kwargs}
+        return None
+
+    def _collect(self, loss_dict: Mapping[str, Tensor | float] | Tensor,
+                 grad_norm: Tensor | float | bool | None) -> tuple[list[str], list[Tensor], dict[str, float]]:
+        items = [("loss", loss_dict)] if isinstance(loss_dict, Tensor) else list(loss_dict.items())
+        if not items:
+            raise InputError("check() got an empty loss_dict; expected {term name: 0-dim tensor}")
+        if grad_norm is True:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        elif grad_norm is False:
+            grad_norm = None
+        if grad_norm is not None:
+            items.append(("grad_norm", grad_norm))
+        scale = self._scale_value()
+        if scale is not None:
+            items.append(("scale", scale))
+        names: list[str] = []
+        dev: list[Tensor] = []
+        host: dict[str, float] = {}
+        device = self._device
+        for name, v in items:
+            if isinstance(v, Tensor):
+                t = v.detach()
+                t = t.reshape(()) if t.numel() == 1 else t.float().sum()  # a sum is non-finite iff some entry is
+                if device is None:
+                    device = t.device
+                names.append(str(name))
+                dev.append(t.to(device=device, dtype=torch.float32, non_blocking=True))
+            elif isinstance(v, (int, float)):
+                host[str(name)] = float(v)
+            else:
+                raise InputError(f"loss term {name!r} is a {type(v).__name__}; expected a tensor or a number")
+        self._device = device
+        return names, dev, host
+
+    def _scale_value(self) -> Tensor | float | None:
+        s = self.scaler
+        if s is None or (hasattr(s, "is_enabled") and not s.is_enabled()):
+            return None
+        t = getattr(s, "_scale", None)
+        if isinstance(t, Tensor):
+            return t  # read on the device, never `.item()`
+        return float(s.get_scale())  # a real GradScaler before its first scale(): the init scale, no sync
+
+    def _sync_every(self) -> int:
+        if self.options.sync_every is not None:
+            return min(self.options.sync_every, MAX_SYNC_EVERY)
+        return 50 if self._device is not None and self._device.type == "cuda" else 1
+
+    def _keep_weights(self) -> bool:
+        if self.options.keep_weights is not None:
+            return self.options.keep_weights
+        return self._sync_every() > 1
+
+    def _enqueue(self, rec: _Record, dev: list[Tensor]) -> None:
+        self._records.append(rec)
+        if not dev:
+            rec.values = {}
+            return
+        vec = torch.stack(dev)  # [K] float32: the one vector per step
+        if self._keep_weights():
+            if self._snapshot is None:
+                self._snapshot = WeightSnapshot(self.model)
+            self._snapshot.update(keep=self._sticky)
+            bad = ~torch.isfinite(vec[: rec.n_fail]).all()
+            self._sticky = bad if self._sticky is None else self._sticky | bad
+        if vec.device.type == "cpu":
+            rec.values = dict(zip(rec.names, vec.tolist()))
+            return
+        width = max(64, int(vec.numel()))
+        slots = self._sync_every() + 2  # at most sync_every records wait for a read
+        if self._ring is None or self._ring.shape[1] < width or self._ring.shape[0] < slots:
+            self._ring = torch.empty((slots, width), dtype=torch.float32, pin_memory=True)
+        rec.slot = self._ring[self._checks % self._ring.shape[0], : vec.numel()]
+        rec.slot.copy_(vec, non_blocking=True)
+        rec.event = torch.cuda.Event()
+        rec.event.record()
+
+    def _scaler_on(self) -> bool:
+        return self._scale_value() is not None
+
+    # ------------------------------------------------------------ reading and analysis
+
+    def _drain(self, *, block: bool) -> None:
+        while self._unread < len(self._records):
+            rec = self._records[self._unread]
+            if rec.event is not None:  # CUDA: readable once its copy has landed
+                if not block and not rec.event.query():
+                    return
+                rec.event.synchronize()
+                rec.values = dict(zip(rec.names, rec.slot.tolist()))
+                rec.slot = rec.event = None
+            elif not block:  # CPU: read at the read points, every sync_every checks
+                return
+            rec.values.update(rec.host)
+            self._unread += 1
+            self._analyze(rec)
+
+    def _analyze(self, rec: _Record) -> None:
+        vals = rec.values or {}
+        terms = [n for n in vals if n not in ("grad_norm", "scale")]
+        bad_terms = [n for n in terms if not math.isfinite(vals[n])]
+        scaler_on = "scale" in vals
+        kind: str | None = None
+        if bad_terms:
+            kind = "nonfinite_loss"
+        elif "grad_norm" in vals and not math.isfinite(vals["grad_norm"]) and not scaler_on:
+            kind = "nonfinite_grad"
+        if self._sticky_step is None and not all(math.isfinite(vals[n]) for n in rec.names[: rec.n_fail]):
+            self._sticky_step = rec.step  # the device flag froze the weight copy at this step too
+        if scaler_on:
+            kind = kind or self._track_scale(rec.step, vals["scale"])
+        if kind is not None and self._local is None:
+            self._local = (rec.step, kind)
+
+    def _track_scale(self, step: int, scale: float) -> str | None:
+        prev = self._prev_scale
+        if prev is not None:
+            if scale < prev[1]:  # GradScaler only lowers the scale when it skipped the step
+                self._skips += 1
+                self._consecutive += 1
+                if len(self._skip_steps) < 100:
+                    self._skip_steps.append(prev[0])
+            else:
+                self._consecutive = 0
+        self._prev_scale = (step, scale)
+        self._last_scale = scale
+        if not math.isfinite(scale) or scale < self.options.min_scale:
+            return "scale_collapse"
+        if self._consecutive >= self.options.max_consecutive_skips:
+            return "scale_collapse"
+        return None
+
+    def _sample_final_scale(self) -> None:
+        """At close: the last step's skip shows only in the scale after it (one host read, at the end)."""
+        if self._report is not None or self.scaler is None or self._prev_scale is None:
+            return
+        if hasattr(self.scaler, "is_enabled") and not self.scaler.is_enabled():
+            return
+        self._drain(block=True)
+        scale = float(self.scaler.get_scale())
+        if scale < self._prev_scale[1]:
+            self._skips += 1
+            self._consecutive += 1
+            if len(self._skip_steps) < 100:
+                self._skip_steps.append(self._prev_scale[0])
+        self._last_scale = scale
+
+    def _read_point(self) -> None:
+        """All records were read and none failed: forget them but the newest (its batch pairs with live weights)."""
+        if self._local is None and self._unread == len(self._records):
+            self._records = self._records[-1:]
+            self._unread = len(self._records)
+            self._since_sync = 0
+
+    def _agree(self, current: int | None) -> bool:
+        self._drain(block=True)
+        local = self._local or (None, None)
+        agreement = agree(self.ctx, local[0], local[1])
+        self._since_sync = 0
+        if agreement.step is None:
+            self._read_point()
+            return True
+        return self._decide(agreement, current=current)
+
+    # ------------------------------------------------------------ failure
+
+    def _decide(self, agreement: Agreement, current: int | None) -> bool:
+        """Write this rank's dump of the agreed step and stop (the dump is the one deliberate sync)."""
+        with _syncs_allowed():
+            self._write(agreement, current)
+        self._release_buffers()
+        return self._stop()
+
+    def _write(self, agreement: Agreement, current: int | None) -> None:
+        self._drain(block=True)  # we stop here anyway: know exactly where the snapshot froze
+        step = int(agreement.step)  # type: ignore[arg-type]
+        by_step = {r.step: r for r in self._records}
+        rec = by_step.get(step)
+        weights, weights_step, notes = self._weights_for(step, current)
+        if agreement.kind == "scale_collapse" and weights_step is not None and weights_step in by_step:
+            rec = by_step[weights_step]  # a collapse: pair the weights we have with their own batch
+        elif weights_step is not None and weights_step != step:
+            notes.append(f"no checkpoint on this rank: it holds the weights from before step {weights_step}, "
+                         f"not {step}; the origin rank's dump has them")
+            weights, weights_step = None, None
+        bad = BadStep(
+            agreement=agreement, rank=self.ctx.rank, world_size=self.ctx.world_size,
+            local=self._local or (None, None), batch_step=None if rec is None else rec.step,
+            weights_step=weights_step, values=dict(rec.values or {}) if rec is not None else {},
+            forward={k: v for k, v in (rec.forward or {}).items() if k in ("autocast", "training")} if rec else {},
+            overflow_skips=self._skips, overflow_steps=tuple(self._skip_steps), consecutive_skips=self._consecutive,
+            last_scale=self._last_scale, min_scale=self.options.min_scale,
+            max_consecutive_skips=self.options.max_consecutive_skips,
+        )
+        batch, batch_notes = self._dump_batch(rec)
+        rng = {"before_forward": portable_rng(rec.forward["rng"]) if rec is not None and rec.forward else None,
+               "at_check": portable_rng(rec.rng_at_check) if rec is not None else None}
+        folder = self.dump_dir / f"step{step:08d}-rank{self.ctx.rank}"
+        meta = manifest(bad, model_class=type(unwrap(self.model)).__name__, config=self.config,
+                        text_encoder=self.text_encoder, criterion=self.criterion_spec,
+                        scaler=scaler_state(self.scaler), device=self._device or torch.device("cpu"),
+                        steps_checked=self._checks, notes=notes + batch_notes)
+        write_dump(folder, state_dict=weights, batch=batch, rng=rng, manifest=meta)
+        self._report = bad.report(self._checks, folder)
+
+    def _stop(self) -> bool:
+        if self.options.on_nonfinite == "raise" and self._report is not None:
+            raise NonFiniteStepError(self._report)
+        return False
+
+    def _weights_for(self, step: int, current: int | None) -> tuple[dict[str, Tensor] | None, int | None, list[str]]:
+        """The weights from before `step` if this rank still has them, else the closest it has, and notes."""
+        if current is not None and current == step:
+            return cpu_state_dict(self.model), step, []  # inside check(step): optimizer.step() has not run
+        if self._snapshot is not None and self._snapshot.filled:
+            frozen = self._sticky_step if self._sticky_step is not None else self._records[-1].step
+            return self._snapshot.state_dict(), frozen, []
+        if current is not None:
+            return cpu_state_dict(self.model), current, []
+        return None, None, [f"no checkpoint: step {step} was read after later optimizer steps and no weight copy "
+                            "was kept (keep_weights=False)"]
+
+    def _dump_batch(self, rec: _Record | None) -> tuple[dict[str, Any] | None, list[str]]:
+        if rec is None:
+            return None, ["this rank holds no record of the step"]
+        if isinstance(rec.batch, Mapping):
+            return schema_batch(rec.batch)
+        if rec.forward is not None:  # fall back on what the model was called with
+            args, kwargs = rec.forward["args"], rec.forward["kwargs"]
+            images = args[0] if args else kwargs.get("samples", kwargs.get("images"))
+            raw = {"images": images, "captions": kwargs.get("captions")}
+            out, notes = schema_batch({k: v for k, v in raw.items() if v is not None})
+            return out, notes + ["check() was given no batch: images and captions come from the model call, "
+                                 "targets are missing"]
+        return None, ["check() was given no batch and the model was not called since the last check"]
+
+    def _healthy_report(self) -> WatchReport:
+        return WatchReport(steps_checked=self._checks, rank=self.ctx.rank, world_size=self.ctx.world_size,
+                           overflow_skips=self._skips, overflow_steps=tuple(self._skip_steps),
+                           last_scale=self._last_scale)
+
+    # ------------------------------------------------------------ teardown
+
+    def _release_buffers(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.release()
+        self._snapshot = None
+        self._sticky = None
+        self._ring = None
+        self._records = []
+        self._unread = 0
+        self._forward = None
+
+    def _teardown(self) -> None:
+        if self._closed:
+            return
+        self._hook.remove()
+        self._release_buffers()
+        self._closed = True
+
+
+def watch(
+    model: nn.Module,
+    dump_dir: str | os.PathLike[str] = "nan-dumps",
+    *,
+    criterion: Any = None,
+    scaler: Any = None,
+    config: str | os.PathLike[str] | None = None,
+    text_encoder: str | os.PathLike[str] | None = None,
+    process_group: Any = None,
+    sync_every: int | None = None,
+    keep_weights: bool | None = None,
+    min_scale: float = WatchOptions.min_scale,
+    max_consecutive_skips: int = WatchOptions.max_consecutive_skips,
+    on_nonfinite: OnNonFinite = "raise",
+) -> Watcher:
+    """Watch a training loop for non-finite losses; dump the first bad step so `nanscope inspect DUMP` replays it.
+
+    Args:
+        model: the trained module (DDP, torch.compile and PEFT wrappers are fine).
+        dump_dir: where `step{N:08d}-rank{R}/` dump folders go.
+        criterion: recorded as 'module:QualName' so a replay can use it again.
+        scaler: a `torch.amp.GradScaler` (or an object with `get_scale()`/`_scale`): its skips are counted,
+            and a collapsing scale is a failure (NS307).
+        config, text_encoder: the groundingdino config file and text encoder folder the model was built
+            from, recorded so `nanscope inspect DUMP` can rebuild it (the text encoder is read from the
+            model's tokenizer when not given).
+        process_group: the torch.distributed group the ranks agree in (default: the default group).
+        sync_every, keep_weights, min_scale, max_consecutive_skips, on_nonfinite: see `WatchOptions`.
+    """
+    opts = WatchOptions(sync_every=sync_every, keep_weights=keep_weights, min_scale=min_scale,
+                        max_consecutive_skips=max_consecutive_skips, on_nonfinite=on_nonfinite)
+    return Watcher(model, dump_dir, options=opts, criterion=criterion, scaler=scaler, config=config,
+                   text_encoder=text_encoder, process_group=process_group)
+
+
+__all__ = ["watch", "Watcher", "WatchOptions", "WatchReport", "NonFiniteStepError"]
