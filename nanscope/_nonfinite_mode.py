@@ -45,15 +45,19 @@ class NonfiniteMode(TorchDispatchMode):
 
     def __init__(self, root: nn.Module) -> None:
         super().__init__()
-        self.ledger = Ledger({p: type(m).__name__ for p, m in root.named_modules()})
-        self.modules = _ModuleStack({id(m): p for p, m in root.named_modules()})
-        self._sources: dict[int, tuple[str, int]] = {id(p): (f"parameter {n}", PARAM) for n, p in root.named_parameters()}
+        named = list(root.named_modules())
+        self.ledger = Ledger({p: type(m).__name__ for p, m in named})
+        self.modules = _ModuleStack({id(m): p for p, m in named})
+        self._sources: dict[int, tuple[str, int]] = {id(p): (f"parameter {n}", PARAM)
+                                                     for n, p in root.named_parameters()}
         self._sources.update({id(b): (f"buffer {n}", CONST) for n, b in root.named_buffers()})
         # id(tensor) -> (weak reference, record, expected version); the reference rules out a reused id
         self._known: dict[int, tuple[weakref.ref[torch.Tensor], int, int | None]] = {}
         self._node_module: dict[Any, str | None] = {}  # autograd node -> module of the forward op that made it
         self._last_outputs: tuple[str | None, list[torch.Tensor]] | None = None
-        self._queue: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
+        # (device, dtype) -> (records, their minima, their maxima), read at the next flush
+        self._queue: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[torch.Tensor], list[torch.Tensor]]]
+        self._queue = {}
         self._pending: list[Op] = []
         self._pending_bytes = 0
         self._internal: dict[types.CodeType, bool] = {}

@@ -1,16 +1,20 @@
 """The first non-finite operation, in the forward and in the backward (findings NS301, NS302).
 
 `trace_nonfinite(model, run)` replays `run()` (forward + loss) and the backward of its loss under an
-op-level observer (`nanscope._nonfinite_mode`, rules in `nanscope._nonfinite_rules`) and returns where NaN and inf *start*: the first aten
-op whose output is non-finite while its inputs were not. GroundingDINO writes `-inf` on purpose
-(ContrastiveEmbed's `masked_fill_` and `torch.full(..., -inf)`), so NaN and inf are followed
-separately and such writes are kept as `intentional_inf_sources`, not origins. A NaN made from one of
-them names it in `Origin.inf_from`.
+op-level observer (`nanscope._nonfinite_mode`; the rules are in `nanscope._nonfinite_rules`) and
+returns where NaN and inf *start*: the first aten op whose output is non-finite while its inputs were
+not. GroundingDINO writes `-inf` on purpose (ContrastiveEmbed's `masked_fill_` and
+`torch.full(..., -inf)`), so NaN and inf are followed separately and such writes are kept as
+`intentional_inf_sources`, not origins. A NaN made from one of them names it in `Origin.inf_from`.
 
-A diagnostic replay, not for the training hot path: about 1.3-2x a plain forward + loss + backward
-(see benchmarks/trace_overhead.py), one device sync per 256 ops. Gradients are computed with
-`torch.autograd.grad`, so `.grad` of the parameters is left as it was; the model, its hooks, the
-global module hooks and the dispatch mode stack are restored on exit, also when `run()` raises.
+A diagnostic replay, not for the training hot path. Cost: one aminmax per floating op output and
+~15-25 us of Python per aten op; about 1.3x a plain forward + loss + backward of the demo model on
+CPU (benchmarks/trace_overhead.py); a launch-bound GPU step pays more (5.7x on a 25 ms H100 step,
+where detect_anomaly costs 4.5x). Device syncs: one per 256 ops or 128 MiB of held outputs, plus one
+for the loss and one per origin found. Gradients come from `torch.autograd.grad`, so `.grad` is left
+as it was; the global module hooks, the dispatch mode stack and the grad mode are restored on exit,
+also when `run()` raises. Not supported: torch.compile'd modules (trace `model._orig_mod`) and
+forwards split over threads (DataParallel).
 """
 
 from __future__ import annotations
@@ -146,7 +150,8 @@ def _total(out: object) -> torch.Tensor:
     elif isinstance(out, Mapping) and out and all(isinstance(v, torch.Tensor) for v in out.values()):
         terms = list(out.values())
     else:
-        got = type(out).__name__ if not isinstance(out, Mapping) else f"mapping with values {sorted({type(v).__name__ for v in out.values()})}"
+        got = (f"a mapping with values of type {sorted({type(v).__name__ for v in out.values()})}"
+               if isinstance(out, Mapping) else type(out).__name__)
         raise CriterionError(f"run() returned {got}; expected a loss tensor or a non-empty mapping of loss tensors")
     return torch.stack([t.float().sum() for t in terms]).sum()
 
