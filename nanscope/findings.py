@@ -68,7 +68,7 @@ CATALOGUE: dict[str, CodeInfo] = {
         _c("NS204", "image with no boxes", I,
            "Fine when loss normalizers are clamped to at least 1 (nanscope's criterion does this).", 95),
         _c("NS301", "first non-finite value in the forward", E,
-           "Fix the operation named here: its inputs were finite and its output is not.", 5),
+           "Fix the operation named here: its inputs held no NaN (no inf, for an inf origin) and its output does.", 5),
         _c("NS302", "first non-finite value in the backward", E,
            "The backward of the named operation produced the first non-finite gradient.", 6),
         _c("NS303", "half-precision overflow risk", W,
