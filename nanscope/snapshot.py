@@ -125,10 +125,22 @@ def _images(x: Any, notes: list[str]) -> Tensor | None:
     return None
 
 
-def schema_batch(batch: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Keep what fits nanscope's batch schema, on CPU. Returns `(batch, notes)`; notes name what was dropped."""
+def schema_batch(batch: Mapping[str, Any] | Sequence[Any]) -> tuple[dict[str, Any], list[str]]:
+    """Keep what fits nanscope's batch schema, on CPU. Returns `(batch, notes)`; notes name what was dropped.
+
+    Also takes a DETR-style `(samples, targets)` pair; captions missing from the batch are read from
+    the targets' "caption" (Open-GroundingDino) when there.
+    """
     notes: list[str] = []
     out: dict[str, Any] = {}
+    if not isinstance(batch, Mapping):
+        if not (isinstance(batch, Sequence) and len(batch) == 2):
+            return {}, [f"batch is a {type(batch).__name__}; expected a dict or an (images, targets) pair"]
+        batch = {"images": batch[0], "targets": batch[1]}
+    if "captions" not in batch and isinstance(batch.get("targets"), Sequence):
+        caps = [t.get("caption") if isinstance(t, Mapping) else None for t in batch["targets"]]
+        if caps and all(isinstance(c, str) for c in caps):
+            batch = {**batch, "captions": caps}
     images = _images(batch.get("images"), notes) if "images" in batch else None
     if images is not None:
         out["images"] = images
@@ -153,7 +165,7 @@ def schema_batch(batch: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
                     d[k] = [str(p) for p in v]
                 else:
                     d[k] = [[[int(a), int(b)] for a, b in spans] for spans in v]
-            extra = sorted(str(k) for k in t if k not in _TARGET_KEYS)
+            extra = sorted(str(k) for k in t if k not in _TARGET_KEYS and k != "caption")
             if extra:
                 notes.append(f"targets[{i}]: dropped {', '.join(extra)}")
             kept.append(d)

@@ -84,6 +84,10 @@ def _syncs_allowed() -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(prev)
 
 
+def _finite(rec: _Record) -> bool:
+    return all(math.isfinite(v) for v in (rec.values or {}).values())
+
+
 def _criterion_spec(criterion: Any) -> str | None:
     """'module:QualName' of a criterion, when it can be imported again (not from __main__)."""
     if criterion is None:
@@ -109,6 +113,8 @@ class Watcher:
     def __init__(self, model: nn.Module, dump_dir: str | os.PathLike[str], *, options: WatchOptions,
                  criterion: Any = None, scaler: Any = None, config: str | os.PathLike[str] | None = None,
                  text_encoder: str | os.PathLike[str] | None = None, process_group: Any = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise InputError(f"watch() got a {type(model).__name__}; expected the torch.nn.Module being trained")
         if options.on_nonfinite not in ("raise", "stop"):
             raise InputError(f"on_nonfinite={options.on_nonfinite!r}; expected 'raise' or 'stop'")
         if options.sync_every is not None and options.sync_every < 1:
@@ -145,13 +151,14 @@ class Watcher:
 
     # ------------------------------------------------------------ the loop API
 
-    def check(self, step: int, loss_dict: Mapping[str, Tensor | float] | Tensor, batch: Mapping[str, Any] | None = None,
+    def check(self, step: int, loss_dict: Mapping[str, Tensor | float] | Tensor, batch: Any = None,
               *, grad_norm: Tensor | float | bool | None = None) -> bool:
         """Record step `step`; return True while the run is healthy as far as read so far.
 
         Call it after the loss and before `optimizer.step()` (before or after backward). `loss_dict`
         maps term names to 0-dim tensors (or one tensor, named "loss"); `batch` is the step's input in
-        nanscope's schema (extra keys are dropped from the dump). `grad_norm`: a tensor such as
+        nanscope's schema or a DETR-style (samples, targets) pair, only referenced until it is read
+        (extra keys are dropped from the dump). `grad_norm`: a tensor such as
         `clip_grad_norm_`'s result, or True to compute the norm of the current gradients here.
         With a GradScaler a non-finite gradient norm is an overflow-skip, not a failure.
         """
@@ -428,7 +435,10 @@ class Watcher:
     def _write(self, agreement: Agreement, current: int | None) -> None:
         self._drain(block=True)  # we stop here anyway: know exactly where the snapshot froze
         step = int(agreement.step)  # type: ignore[arg-type]
-        by_step = {r.step: r for r in self._records}
+        by_step: dict[int, _Record] = {}
+        for r in self._records:  # several checks per step (gradient accumulation): the first bad one
+            if r.step not in by_step or (_finite(by_step[r.step]) and not _finite(r)):
+                by_step[r.step] = r
         rec = by_step.get(step)
         weights, weights_step, notes = self._weights_for(step, current)
         if agreement.kind == "scale_collapse" and weights_step is not None and weights_step in by_step:
@@ -477,7 +487,7 @@ class Watcher:
     def _dump_batch(self, rec: _Record | None) -> tuple[dict[str, Any] | None, list[str]]:
         if rec is None:
             return None, ["this rank holds no record of the step"]
-        if isinstance(rec.batch, Mapping):
+        if rec.batch is not None:
             return schema_batch(rec.batch)
         if rec.forward is not None:  # fall back on what the model was called with
             args, kwargs = rec.forward["args"], rec.forward["kwargs"]

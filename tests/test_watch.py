@@ -325,6 +325,8 @@ def test_context_manager_leaves_no_hooks_when_the_loop_raises(tmp_path: Path) ->
 
 def test_bad_arguments_name_what_was_expected(tmp_path: Path) -> None:
     model = MLP()
+    with pytest.raises(InputError, match="got a function; expected the torch.nn.Module"):
+        watch(mlp_terms, tmp_path)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="on_nonfinite='ignore'"):
         watch(model, tmp_path, on_nonfinite="ignore")  # type: ignore[arg-type]
     with watch(model, tmp_path) as w:
@@ -353,6 +355,16 @@ def test_schema_batch_keeps_the_schema_and_drops_the_rest() -> None:
     assert set(out["targets"][0]) == {"boxes", "phrases"} and out["targets"][1]["tokens_positive"] == [[[0, 3]]]
     assert any("image_ids" in n for n in notes) and any("labels" in n for n in notes)
     assert any("zero-padded" in n for n in notes)
+
+    class Nested:  # groundingdino's NestedTensor: padded images and a mask
+        tensors = torch.zeros(1, 3, 4, 4)
+
+    pair = (Nested(), [{"boxes": torch.rand(1, 4), "caption": "cat .", "tokens_positive": [[[0, 3]]]}])
+    out, notes = schema_batch(pair)  # a DETR-style (samples, targets) pair, captions from the targets
+    assert out["images"].shape == (1, 3, 4, 4) and out["captions"] == ["cat ."]
+    assert set(out["targets"][0]) == {"boxes", "tokens_positive"} and torch.equal(out["targets"][0]["boxes"],
+                                                                                 pair[1][0]["boxes"])
+    assert any("mask was dropped" in n for n in notes)
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path: Path) -> None:
