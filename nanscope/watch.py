@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
@@ -559,3 +561,14 @@ def watch(
 
 
 __all__ = ["watch", "Watcher", "WatchOptions", "WatchReport", "NonFiniteStepError"]
+
+
+class _WatchModule(types.ModuleType):
+    """`nanscope.watch(...)` must work even after `import nanscope.watch` has bound the package
+    attribute `watch` to this module (the import system does that): calling the module calls `watch`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Watcher:
+        return watch(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _WatchModule

@@ -416,3 +416,13 @@ def test_cuda_check_never_syncs_and_a_late_read_names_the_planted_step(tmp_path:
     ckpt = torch.load(rep.dump / "checkpoint.pth", weights_only=True)["model"]
     assert all(torch.equal(ckpt[n], v) for n, v in before_k.items())
     assert read_manifest(rep.dump)["device"] == "cuda"
+
+
+def test_nanscope_watch_is_callable_even_after_the_module_was_imported(tmp_path: Path) -> None:
+    import nanscope
+    import nanscope.watch  # binds the package attribute `watch` to the module
+
+    model = MLP()
+    with nanscope.watch(model, tmp_path, on_nonfinite="stop") as w:  # the spelling still works
+        assert w.check(0, mlp_terms(model, mlp_batch(0)))
+    assert hooks_of(model) == 0
