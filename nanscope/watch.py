@@ -170,6 +170,8 @@ class Watcher:
             return self._stop()
         names, dev, host = self._collect(loss_dict, grad_norm)
         fwd, self._forward = self._forward, None
+        if fwd is not None and batch is not None:  # the batch is given: do not keep the model inputs alive too
+            fwd = {k: v for k, v in fwd.items() if k not in ("args", "kwargs")}
         n_fail = sum(1 for n in names if n not in ("grad_norm", "scale"))
         n_fail += 1 if "grad_norm" in names and not self._scaler_on() else 0
         rec = _Record(step=int(step), names=tuple(names), n_fail=n_fail, host=host, batch=batch, forward=fwd,
@@ -280,12 +282,13 @@ class Watcher:
         dev: list[Tensor] = []
         host: dict[str, float] = {}
         device = self._device
+        if device is None:  # the accelerator if any term lives there: moving its terms to the CPU would sync
+            devices = [v.device for _, v in items if isinstance(v, Tensor)]
+            device = next((d for d in devices if d.type != "cpu"), devices[0] if devices else None)
         for name, v in items:
             if isinstance(v, Tensor):
                 t = v.detach()
                 t = t.reshape(()) if t.numel() == 1 else t.float().sum()  # a sum is non-finite iff some entry is
-                if device is None:
-                    device = t.device
                 names.append(str(name))
                 dev.append(t.to(device=device, dtype=torch.float32, non_blocking=True))
             elif isinstance(v, (int, float)):

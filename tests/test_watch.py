@@ -426,3 +426,14 @@ def test_nanscope_watch_is_callable_even_after_the_module_was_imported(tmp_path:
     with nanscope.watch(model, tmp_path, on_nonfinite="stop") as w:  # the spelling still works
         assert w.check(0, mlp_terms(model, mlp_batch(0)))
     assert hooks_of(model) == 0
+
+
+def test_without_a_batch_the_dump_keeps_the_model_inputs(tmp_path: Path) -> None:
+    model = MLP()
+    x = mlp_batch(0)["images"]
+    x[1, 1] = float("nan")
+    with watch(model, tmp_path, on_nonfinite="stop") as w:
+        assert not w.check(0, mlp_terms(model, {"images": x}))  # no batch given to check()
+    dumped = torch.load(w.report.dump / "batch.pt", weights_only=True)
+    assert torch.allclose(dumped["images"], x, equal_nan=True)
+    assert any("targets are missing" in n for n in read_manifest(w.report.dump)["notes"])
