@@ -94,8 +94,12 @@ def _console() -> Any:
     return Console(width=80 if not sys.stdout.isatty() else None, highlight=False)
 
 
+AUTOCAST_TO_AMP = {"float16": "fp16", "bfloat16": "bf16"}  # manifest autocast dtype -> --amp
+
+
 def _dump_paths(args: argparse.Namespace) -> None:
-    """`inspect DUMP` (a nanscope.watch dump folder) -> its checkpoint, batch, config and text encoder."""
+    """`inspect DUMP` (a nanscope.watch dump, or the dump_dir holding several) -> its checkpoint, batch,
+    config, text encoder and autocast dtype. In a dump_dir, the origin rank's first bad step is replayed."""
     import json
 
     from nanscope.errors import InputError
@@ -105,6 +109,14 @@ def _dump_paths(args: argparse.Namespace) -> None:
         return
     if args.batch:
         raise InputError(f"{str(d)!r} is a folder (a dump); pass it alone, without a batch file")
+    if not (d / "checkpoint.pth").is_file() and any(d.glob("step*-rank*/manifest.json")):
+        from nanscope.ranks import merge_rank_dumps
+
+        merged = merge_rank_dumps(d)
+        if not merged.get("replay"):
+            raise InputError(f"no dump in {str(d)!r} holds a checkpoint of the origin rank; "
+                             f"replay one of its step*-rank* folders")
+        d = Path(merged["replay"])
     ck, bt = d / "checkpoint.pth", d / "batch.pt"
     if not ck.is_file() or not bt.is_file():
         raise InputError(f"folder {str(d)!r} is not a nanscope dump: expected checkpoint.pth and batch.pt in it")
@@ -116,6 +128,9 @@ def _dump_paths(args: argparse.Namespace) -> None:
             args.config = meta["config"]
         if args.text_encoder is None and meta.get("text_encoder"):
             args.text_encoder = meta["text_encoder"]
+        autocast = (meta.get("amp") or {}).get("autocast") or {}
+        if getattr(args, "amp", None) is None and autocast:
+            args.amp = AUTOCAST_TO_AMP.get(next(iter(autocast.values())))
 
 
 def cmd_inspect(args: argparse.Namespace, console: Any) -> int:
