@@ -17,6 +17,13 @@ from typing import Any, Sequence
 EXIT_OK, EXIT_FINDINGS, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 
+def replay_arguments(p: argparse.ArgumentParser) -> None:
+    """CHECKPOINT [BATCH] and the model options, shared by every command that replays a batch."""
+    p.add_argument("checkpoint", help="checkpoint file, or a nanscope.watch dump folder")
+    p.add_argument("batch", nargs="?", help="batch file (torch.save of the schema in README); omit for a dump")
+    _model_options(p)
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="groundingdino config (.py as shipped, or .json); default: SwinT-OGC")
     p.add_argument("--text-encoder", help="Hugging Face name or local folder of the BERT; default: from the config")
@@ -47,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip verify-fix")
 
     p = sub.add_parser("inspect", help="replay one batch through a GroundingDINO checkpoint and diagnose it")
-    p.add_argument("checkpoint", help="checkpoint file, or a nanscope.watch dump folder")
-    p.add_argument("batch", nargs="?", help="batch file (torch.save of the schema in README); omit for a dump")
-    _model_options(p)
+    replay_arguments(p)
     p.add_argument("--criterion", metavar="MODULE:ATTR",
                    help="your criterion, run on the captured outputs (class, factory or function)")
     p.add_argument("--trace", action="store_true",

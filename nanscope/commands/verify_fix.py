@@ -9,7 +9,7 @@ PRESET_NAMES = ("mmdet", "open-groundingdino", "hf")  # nanscope.presets.PRESETS
 
 
 def register(subparsers: Any) -> None:
-    from nanscope.cli import _model_options, _output_options
+    from nanscope.cli import _output_options, replay_arguments
 
     p = subparsers.add_parser(
         "verify-fix", help="prove a fixed criterion removes the NaN and nothing else (nine checks)",
@@ -17,9 +17,7 @@ def register(subparsers: Any) -> None:
                     "each, and check: before reproduces the NaN, after and its gradients are finite, after equals "
                     "the masked_select reference and before on valid positions, the fix is a no-op without "
                     "padding, matching is unchanged, a few training steps stay finite, memory is within 1.5x.")
-    p.add_argument("checkpoint", help="checkpoint file, or a nanscope.watch dump folder")
-    p.add_argument("batch", nargs="?", help="batch file (torch.save of the schema in README); omit for a dump")
-    _model_options(p)
+    replay_arguments(p)
     p.add_argument("--before", metavar="MODULE:ATTR",
                    help="the criterion that NaNs (class, factory or function); default: nanscope's naive criterion")
     p.add_argument("--after", metavar="MODULE:ATTR",
