@@ -20,6 +20,9 @@ from torch import nn
 from nanscope.errors import CheckpointError
 
 MIN_FIT = 0.5  # below this fraction of the model's keys matched, the file is another model's state dict
+# Unexpected keys that real GroundingDINO checkpoints carry and that are harmless when left out:
+# the denoising label embedding (training only; groundingdino-py builds the model with dn_number=0).
+TRAINING_ONLY_PREFIXES = ("label_enc.",)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -79,6 +82,9 @@ class KeyFit:
     missing: tuple[str, ...]  # in the model, not in the file: left at random init by strict=False
     unexpected: tuple[str, ...]  # in the file, not in the model
     mismatched: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]  # name, file shape, model shape
+    # Unexpected keys known to be harmless, with why: buffers the model keeps out of its state dict
+    # (e.g. BERT's position_ids in transformers >= 4.31, saved by older versions) and training-only weights.
+    benign: tuple[tuple[str, str], ...] = ()
 
     @property
     def fraction(self) -> float:
@@ -100,8 +106,17 @@ def key_fit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> KeyFit:
             else:
                 mismatched.append((k, tuple(v.shape), tuple(own[k].shape)))
     missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
-    return KeyFit(tuple(sorted(matched)), tuple(missing), tuple(unexpected), tuple(sorted(mismatched)))
+    non_persistent = {k for k, _ in model.named_buffers()} - set(own)
+    unexpected, benign = [], []
+    for k in sorted(k for k in state if k not in own):
+        if k in non_persistent:
+            benign.append((k, "a non-persistent buffer of this model (rebuilt at init)"))
+        elif k.startswith(TRAINING_ONLY_PREFIXES):
+            benign.append((k, "training-only (denoising label embedding)"))
+        else:
+            unexpected.append(k)
+    return KeyFit(tuple(sorted(matched)), tuple(missing), tuple(unexpected), tuple(sorted(mismatched)),
+                  tuple(benign))
 
 
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> KeyFit:

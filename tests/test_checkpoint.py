@@ -64,3 +64,20 @@ def test_ns306_reported_for_a_checkpoint_missing_keys(demo_files, tmp_path):
     (f,) = result.findings
     assert f.code == "NS306" and f.severity.value == "error"
     assert f.data["missing"] == dropped and f.count == len(dropped)
+
+
+def test_keys_real_checkpoints_carry_are_not_errors(demo_files, tmp_path):
+    """groundingdino_swint_ogc.pth holds BERT's position_ids (persistent in old transformers) and the
+    training-only `label_enc.weight`; loading it is clean, as groundingdino's demo shows."""
+    from nanscope.diagnose import inspect
+
+    sd = torch.load(demo_files.checkpoint, weights_only=True)["model"]
+    sd["bert.embeddings.position_ids"] = torch.arange(512)[None]
+    sd["label_enc.weight"] = torch.zeros(2001, 256)
+    p = tmp_path / "like_real.pth"
+    torch.save({"model": sd}, p)
+    result = inspect(p, demo_files.batch, config=demo_files.config, select=["NS306"])
+    (f,) = result.findings
+    assert f.severity.value == "info" and f.count == 2
+    assert sorted(k for k, _ in f.data["benign"]) == ["bert.embeddings.position_ids", "label_enc.weight"]
+    assert result.exit_code == 0

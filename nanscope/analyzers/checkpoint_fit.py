@@ -13,7 +13,13 @@ SHOW = 5  # key names listed per kind
 def checkpoint_fit(ctx: AnalysisContext) -> list[Finding]:
     fit = ctx.key_fit
     if fit.clean:
-        return []
+        if not fit.benign:
+            return []
+        where = tuple({"param": k, "why": why} for k, why in fit.benign[:SHOW])
+        msg = (f"{len(fit.benign)} key(s) in the checkpoint are not used by this model and are harmless "
+               f"({', '.join(k for k, _ in fit.benign[:SHOW])}); every model weight was loaded.")
+        return [Finding("NS306", Severity.INFO, len(fit.benign), msg, where,
+                        hint="Nothing to fix.", data={"benign": [list(b) for b in fit.benign]})]
     where = [{"param": k, "why": "missing"} for k in fit.missing[:SHOW]]
     where += [{"param": k, "why": "unexpected"} for k in fit.unexpected[:SHOW]]
     where += [{"param": k, "why": f"shape {list(a)} in file, {list(b)} in model"} for k, a, b in fit.mismatched[:SHOW]]
@@ -22,5 +28,6 @@ def checkpoint_fit(ctx: AnalysisContext) -> list[Finding]:
            f"{len(fit.unexpected)} unexpected, {len(fit.mismatched)} mis-shaped keys; "
            f"{len(fit.matched)} loaded.")
     data = {"missing": list(fit.missing), "unexpected": list(fit.unexpected),
-            "mismatched": [[k, list(a), list(b)] for k, a, b in fit.mismatched], "matched": len(fit.matched)}
+            "mismatched": [[k, list(a), list(b)] for k, a, b in fit.mismatched], "matched": len(fit.matched),
+            "benign": [list(b) for b in fit.benign]}
     return [Finding("NS306", Severity.ERROR, count, msg, tuple(where), data=data)]
