@@ -9,6 +9,8 @@ Schema (a dict):
                 phrases          list of N strings (the phrase each box refers to), or
                 tokens_positive  list of N lists of [begin, end) character spans into the caption
                                  (ODVG/GLIP style); one of the two is required when N > 0
+    image_masks  optional Tensor [B, H, W] bool, True on padded pixels (the mask of groundingdino's
+                 NestedTensor when images of different sizes were padded into one batch)
 Validation errors name the field and index, e.g. `targets[1].boxes has shape [3, 5]; expected [N, 4]`.
 """
 
@@ -40,6 +42,7 @@ class Batch:
     captions: tuple[str, ...]
     targets: tuple[Target, ...]
     source: str = ""  # the file it came from, for messages
+    image_masks: torch.Tensor | None = None  # [B, H, W] bool, True on padded pixels
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -58,7 +61,10 @@ class Batch:
             if t.spans is not None:
                 d["tokens_positive"] = [[list(s) for s in spans] for spans in t.spans]
             targets.append(d)
-        return {"images": self.images.detach().cpu(), "captions": list(self.captions), "targets": targets}
+        out = {"images": self.images.detach().cpu(), "captions": list(self.captions), "targets": targets}
+        if self.image_masks is not None:
+            out["image_masks"] = self.image_masks.detach().cpu()
+        return out
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
@@ -145,7 +151,15 @@ def validate_batch(raw: Any, source: str = "batch") -> Batch:
         if n > 0 and phrases is None and spans is None:
             raise BatchError(f"targets[{i}] has {n} boxes but neither 'phrases' nor 'tokens_positive'")
         out.append(Target(boxes=boxes.float(), phrases=phrases, spans=spans))
-    return Batch(images=normalize_images(images), captions=tuple(captions), targets=tuple(out), source=source)
+    masks = raw.get("image_masks")
+    if masks is not None:
+        if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
+            raise BatchError(f"image_masks is a {getattr(masks, 'dtype', type(masks).__name__)}; expected a bool tensor [B, H, W]")
+        if tuple(masks.shape) != (b, int(images.shape[2]), int(images.shape[3])):
+            raise BatchError(f"image_masks has shape {list(masks.shape)}; expected [{b}, {images.shape[2]}, {images.shape[3]}] "
+                             "(True on padded pixels)")
+    return Batch(images=normalize_images(images), captions=tuple(captions), targets=tuple(out), source=source,
+                 image_masks=masks)
 
 
 def load_batch(path: str | os.PathLike[str]) -> Batch:

@@ -191,13 +191,13 @@ def run_trace(replay: Replay, criterion: str | None) -> Any:
 
     crit = load_criterion(criterion)[0] if criterion else None
     targets = replay.targets()
-    images = replay.batch.images.to(replay.device)
+    samples = replay.samples()
 
     def run() -> Any:
         from nanscope.capture import capture
 
         with capture(replay.model, detach=False) as cap:
-            replay.model(images, captions=list(replay.batch.captions))
+            replay.model(samples, captions=list(replay.batch.captions))
         outputs = cap.last.to_outputs()
         if crit is None:
             return {"pred_logits_sum": outputs["pred_logits"].float().sum()}

@@ -74,10 +74,18 @@ class Replay:
             for t, info in zip(self.batch.targets, self.texts)
         ]
 
-    def forward(self, *, detach: bool = True, grad: bool = False) -> ForwardRecord:
+    def samples(self) -> Any:
+        """The model input: the image tensor, or groundingdino's NestedTensor when the batch has pixel masks."""
         images = self.batch.images.to(self.device)
+        if self.batch.image_masks is None:
+            return images
+        from groundingdino.util.misc import NestedTensor
+
+        return NestedTensor(images, self.batch.image_masks.to(self.device))
+
+    def forward(self, *, detach: bool = True, grad: bool = False) -> ForwardRecord:
         with torch.set_grad_enabled(grad), capture(self.model, detach=detach) as cap:
-            self.model(images, captions=list(self.batch.captions))
+            self.model(self.samples(), captions=list(self.batch.captions))
         return cap.last
 
 

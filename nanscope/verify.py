@@ -104,13 +104,13 @@ def train_steps(replay: Replay, crit: Criterion, name: str, steps: int, lr: floa
     """
     model = copy.deepcopy(replay.model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    images = replay.batch.images.to(replay.device)
+    samples = replay.samples()
     captions = list(replay.batch.captions)
     targets = replay.targets()
     totals: list[float] = []
     for step in range(steps):
         with torch.enable_grad(), capture(model, detach=False) as cap:
-            model(images, captions=captions)
+            model(samples, captions=captions)
         terms = call_criterion(crit, cap.last.to_outputs(), targets, name=name)
         total = weighted_total(crit, terms)
         totals.append(float(total.detach().float()))

@@ -64,3 +64,24 @@ def test_non_torch_file_is_an_input_error(tmp_path):
     p.write_bytes(b"not a torch file")
     with pytest.raises(BatchError, match="could not be read"):
         load_batch(p)
+
+
+def test_image_masks_are_validated_and_reach_the_model(demo_replay):
+    import dataclasses
+
+    b = good()
+    b["image_masks"] = torch.zeros(2, 32, 31, dtype=torch.bool)
+    with pytest.raises(BatchError, match=r"image_masks has shape \[2, 32, 31\]; expected \[2, 32, 32\]"):
+        validate_batch(b)
+    # A padded right half changes what the model computes: the mask is passed as groundingdino's NestedTensor.
+    batch = demo_replay.batch
+    masks = torch.zeros(len(batch), *batch.images.shape[2:], dtype=torch.bool)
+    masks[:, :, 112:] = True
+    replay = dataclasses.replace(demo_replay, batch=dataclasses.replace(batch, image_masks=masks))
+    from groundingdino.util.misc import NestedTensor
+
+    assert isinstance(replay.samples(), NestedTensor)
+    with_mask = replay.forward().layer_logits[-1]
+    without = demo_replay.forward().layer_logits[-1]
+    finite = torch.isfinite(without)
+    assert not torch.allclose(with_mask[finite], without[finite])
