@@ -192,6 +192,8 @@ def format_where(w: Where) -> str:
     keys = [k for k in _WHERE_ORDER if k in w] + sorted(k for k in w if k not in _WHERE_ORDER)
     if "tokens" in w and "token" in keys:
         keys.remove("token")
+    if "token_text" in w and str(w.get("phrase", "")).lower() == str(w["token_text"]).lower():
+        keys.remove("token_text")  # the tokens spell the phrase: say it once
     for k in keys:
         v = w[k]
         if v is None:
