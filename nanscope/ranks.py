@@ -18,7 +18,9 @@ import torch
 from nanscope.errors import InputError
 
 NONE = -1  # "no bad step seen" in the agreement vector
-KINDS = ("nonfinite_loss", "nonfinite_grad", "scale_collapse")  # index = priority, lower first
+# index = priority, lower first. "exception": the watched block raised after the model ran and before
+# check() (a matcher refusing NaN costs); only written at exit, never agreed on, so it ranks last.
+KINDS = ("nonfinite_loss", "nonfinite_grad", "scale_collapse", "exception")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,15 @@ itself in between. Because the read can come a few steps late, a device copy of 
 kept and frozen at the first bad step (`torch.where`, no host read), so the dump still holds the
 weights as they were before that step. Under torch.distributed the ranks agree at the read points
 with one small `all_gather` (see `nanscope.ranks`) and all stop at the same check.
+
+A step can also fail before check(): a NaN image makes every cost NaN and the Hungarian matcher
+raises inside the criterion. When the `with` block raises an `Exception` after the model ran for
+a step, the watcher dumps that step (number: last checked step + 1; the live weights, which are
+from before it as optimizer.step() comes after check(); images and captions from the model call;
+`reason: "exception"` with the exception's type and message), warns where the dump is, and lets
+the exception propagate unchanged. An earlier bad step still unread wins over it. No dump for
+KeyboardInterrupt/SystemExit, for NonFiniteStepError (dumped already), after a failure, or when
+the model did not run since the last check (a data loader error between steps).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import math
 import os
 import sys
 import types
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
@@ -70,6 +80,7 @@ class _Record:
     slot: Tensor | None = None
     event: Any = None
     values: dict[str, float] | None = None
+    checked: bool = True  # False: the step in progress when the block raised, check() never ran for it
 
 
 @contextlib.contextmanager
@@ -134,6 +145,7 @@ class Watcher:
         self._records: list[_Record] = []  # since the last read point, in step order
         self._unread = 0  # index into _records of the first record not analyzed yet
         self._checks = 0
+        self._last_step: int | None = None  # the step of the latest check()
         self._since_sync = 0
         self._local: tuple[int, str] | None = None  # (first bad step, kind) seen on this rank
         self._sticky_step: int | None = None  # the step the weight snapshot froze at
@@ -168,8 +180,8 @@ class Watcher:
             raise InputError("check() was called on a closed watcher; create a new one with nanscope.watch(...)")
         if self._report is not None and self._report.failed:
             return self._stop()
+        fwd, self._forward = self._forward, None  # taken first: a check() that raises leaves no forward to dump
         names, dev, host = self._collect(loss_dict, grad_norm)
-        fwd, self._forward = self._forward, None
         if fwd is not None and batch is not None:  # the batch is given: do not keep the model inputs alive too
             fwd = {k: v for k, v in fwd.items() if k not in ("args", "kwargs")}
         n_fail = sum(1 for n in names if n not in ("grad_norm", "scale"))
@@ -178,6 +190,7 @@ class Watcher:
                       rng_at_check=capture_rng())
         self._enqueue(rec, dev)
         self._checks += 1
+        self._last_step = rec.step
         self._since_sync += 1
         due = self._since_sync >= self._sync_every()
         if self.ctx.distributed:
@@ -246,9 +259,13 @@ class Watcher:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         if exc_type is None:
             self.close()
-        else:  # never a collective here: another rank may not be coming
+            return False
+        try:  # never a collective here: another rank may not be coming
+            if self._dumps_for(exc):
+                self._dump_exception(exc)
+        finally:
             self._teardown()
-        return False
+        return False  # the exception propagates unchanged
 
     # ------------------------------------------------------------ collection
 
@@ -437,15 +454,20 @@ class Watcher:
         self._release_buffers()
         return self._stop()
 
-    def _write(self, agreement: Agreement, current: int | None) -> None:
+    def _write(self, agreement: Agreement, current: int | None, *, pending: _Record | None = None,
+               exception: Mapping[str, str] | None = None, notes: list[str] | None = None) -> None:
+        """Write this rank's dump of `agreement.step`; `pending`: the unchecked step the block raised in."""
         self._drain(block=True)  # we stop here anyway: know exactly where the snapshot froze
         step = int(agreement.step)  # type: ignore[arg-type]
         by_step: dict[int, _Record] = {}
         for r in self._records:  # several checks per step (gradient accumulation): the first bad one
             if r.step not in by_step or (_finite(by_step[r.step]) and not _finite(r)):
                 by_step[r.step] = r
+        if pending is not None:
+            by_step[pending.step] = pending
         rec = by_step.get(step)
-        weights, weights_step, notes = self._weights_for(step, current)
+        weights, weights_step, weight_notes = self._weights_for(step, current)
+        notes = list(notes or []) + weight_notes
         if agreement.kind == "scale_collapse" and weights_step is not None and weights_step in by_step:
             rec = by_step[weights_step]  # a collapse: pair the weights we have with their own batch
         elif weights_step is not None and weights_step != step:
@@ -459,7 +481,7 @@ class Watcher:
             forward={k: v for k, v in (rec.forward or {}).items() if k in ("autocast", "training")} if rec else {},
             overflow_skips=self._skips, overflow_steps=tuple(self._skip_steps), consecutive_skips=self._consecutive,
             last_scale=self._last_scale, min_scale=self.options.min_scale,
-            max_consecutive_skips=self.options.max_consecutive_skips,
+            max_consecutive_skips=self.options.max_consecutive_skips, exception=exception,
         )
         batch, batch_notes = self._dump_batch(rec)
         rng = {"before_forward": portable_rng(rec.forward["rng"]) if rec is not None and rec.forward else None,
@@ -471,6 +493,47 @@ class Watcher:
                         steps_checked=self._checks, notes=notes + batch_notes)
         write_dump(folder, state_dict=weights, batch=batch, rng=rng, manifest=meta)
         self._report = bad.report(self._checks, folder)
+
+    def _dumps_for(self, exc: BaseException | None) -> bool:
+        """An error (not Ctrl-C or SystemExit), not the sentinel's own, and the run has not failed already."""
+        return (isinstance(exc, Exception) and not isinstance(exc, NonFiniteStepError)
+                and self._report is None and not self._closed)
+
+    def _dump_exception(self, exc: Exception) -> None:
+        """The block raised: dump the first bad step still unread, else the step the model ran for; never raise."""
+        raised = {"type": type(exc).__qualname__, "module": type(exc).__module__, "message": str(exc)[:4000]}
+        what = f"{raised['type']}: {raised['message'][:300]}"
+        try:
+            with _syncs_allowed():
+                self._drain(block=True)  # a late read may hold an earlier bad step: that one comes first
+                if self._local is not None:
+                    self._write(self._local_agreement(*self._local), None,
+                                notes=[f"after this step the watched block raised {what}"])
+                elif self._forward is not None:
+                    step = 0 if self._last_step is None else self._last_step + 1
+                    pending = _Record(step=step, names=(), n_fail=0, host={}, batch=None, forward=self._forward,
+                                      rng_at_check=capture_rng(), values={}, checked=False)
+                    self._local = (step, "exception")
+                    self._write(self._local_agreement(step, "exception"), step, pending=pending, exception=raised,
+                                notes=[f"the block raised {raised['type']} (see 'exception') after the model's "
+                                       "forward and before check(); the step number is the last checked step + 1"])
+                else:
+                    return
+        except Exception as err:  # the dump must never hide the user's exception
+            warnings.warn(f"nanscope.watch: the block raised {raised['type']}; writing its dump failed too "
+                          f"({type(err).__name__}: {str(err)[:300]})", RuntimeWarning, stacklevel=3)
+            return
+        finally:
+            self._release_buffers()
+        rep = self.report
+        warnings.warn(f"nanscope.watch: the block raised {raised['type']}; step {rep.step} ({rep.reason}) was "
+                      f"dumped to {rep.dump}; replay it with `nanscope inspect {rep.dump}`", RuntimeWarning,
+                      stacklevel=3)
+
+    def _local_agreement(self, step: int, kind: str) -> Agreement:
+        """This rank's own failure, decided without the other ranks (they may never get here)."""
+        return Agreement(tuple((step, kind) if r == self.ctx.rank else (None, None)
+                               for r in range(self.ctx.world_size)))
 
     def _stop(self) -> bool:
         if self.options.on_nonfinite == "raise" and self._report is not None:
@@ -495,12 +558,18 @@ class Watcher:
         if rec.batch is not None:
             return schema_batch(rec.batch)
         if rec.forward is not None:  # fall back on what the model was called with
-            args, kwargs = rec.forward["args"], rec.forward["kwargs"]
-            images = args[0] if args else kwargs.get("samples", kwargs.get("images"))
-            raw = {"images": images, "captions": kwargs.get("captions")}
-            out, notes = schema_batch({k: v for k, v in raw.items() if v is not None})
-            return out, notes + ["check() was given no batch: images and captions come from the model call, "
-                                 "targets are missing"]
+            out, notes = _call_batch(rec.forward["args"], rec.forward["kwargs"])
+            given = ("check() was given no batch" if rec.checked
+                     else "the step raised before check(), so no batch was given")
+            if "targets" in out:
+                return out, notes + [f"{given}: images, captions and targets come from the model call"]
+            notes.append(f"{given}: images and captions come from the model call, targets are missing")
+            images, captions = out.get("images"), out.get("captions")
+            if isinstance(images, Tensor) and images.dim() == 4 and len(captions or ()) == images.shape[0]:
+                out["targets"] = [{"boxes": torch.zeros(0, 4), "phrases": []} for _ in range(images.shape[0])]
+                notes.append("batch.pt holds each image without boxes so that `nanscope inspect DUMP` can replay "
+                             "the forward; its loss terms are not the training loss's")
+            return out, notes
         return None, ["check() was given no batch and the model was not called since the last check"]
 
     def _healthy_report(self) -> WatchReport:
@@ -526,6 +595,19 @@ class Watcher:
         self._hook.remove()
         self._release_buffers()
         self._closed = True
+
+
+def _call_batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A model call `model(images, captions=...)` or groundingdino's `model(samples, targets)` as a schema batch."""
+    images = args[0] if args else kwargs.get("samples", kwargs.get("images"))
+    raw: dict[str, Any] = {"images": images, "captions": kwargs.get("captions"), "targets": kwargs.get("targets")}
+    second = args[1] if len(args) > 1 else None
+    if isinstance(second, (list, tuple)) and second:
+        if all(isinstance(t, Mapping) for t in second):
+            raw["targets"] = raw["targets"] or second  # groundingdino's forward(samples, targets)
+        elif all(isinstance(c, str) for c in second):
+            raw["captions"] = raw["captions"] or second
+    return schema_batch({k: v for k, v in raw.items() if v is not None})
 
 
 def watch(

@@ -30,7 +30,7 @@ class WatchReport:
     world_size: int
     failed: bool = False
     step: int | None = None  # the first bad step, agreed across ranks
-    reason: str | None = None  # "nonfinite_loss", "nonfinite_grad" or "scale_collapse"
+    reason: str | None = None  # "nonfinite_loss", "nonfinite_grad", "scale_collapse" or "exception"
     origin_ranks: tuple[int, ...] = ()
     nonfinite_terms: tuple[str, ...] = ()  # on this rank, at `step`
     loss_terms: Mapping[str, float] = field(default_factory=dict)  # on this rank, at `step`
@@ -39,6 +39,7 @@ class WatchReport:
     last_scale: float | None = None
     dump: Path | None = None
     findings: tuple[Finding, ...] = ()
+    exception: str | None = None  # reason "exception": "Type: message" of what the watched block raised
 
     @property
     def origin(self) -> bool:
@@ -53,7 +54,7 @@ class WatchReport:
             "loss_terms": {k: floats(v) for k, v in self.loss_terms.items()},
             "overflow_skips": self.overflow_skips, "overflow_steps": list(self.overflow_steps),
             "last_scale": self.last_scale, "dump": None if self.dump is None else str(self.dump),
-            "findings": [f.to_dict() for f in self.findings],
+            "findings": [f.to_dict() for f in self.findings], "exception": self.exception,
         }
 
 
@@ -85,6 +86,7 @@ class BadStep:
     last_scale: float | None
     min_scale: float
     max_consecutive_skips: int
+    exception: Mapping[str, str] | None = None  # reason "exception": {"type", "module", "message"}
 
     @property
     def step(self) -> int:
@@ -105,6 +107,7 @@ class BadStep:
             nonfinite_terms=self.nonfinite_terms, loss_terms=self.terms, overflow_skips=self.overflow_skips,
             overflow_steps=self.overflow_steps, last_scale=self.last_scale, dump=folder,
             findings=(finding(self, folder),),
+            exception=f"{self.exception['type']}: {self.exception['message']}" if self.exception else None,
         )
 
 
@@ -149,12 +152,14 @@ def manifest(bad: BadStep, *, model_class: str, config: str | None, text_encoder
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "steps_checked": steps_checked,
+        "exception": dict(bad.exception) if bad.exception else None,
         "notes": notes,
     }
 
 
 def finding(bad: BadStep, folder: Path) -> Finding:
-    """NS001 for a non-finite loss term or gradient norm, NS307 for a collapsing GradScaler scale."""
+    """NS001 for a non-finite loss term or gradient norm, NS307 for a collapsing GradScaler scale, and for
+    an exception raised before check(): NS203 when it is a matcher refusing non-finite costs, else NS001."""
     step, rank, kind, origin = bad.step, bad.rank, bad.agreement.kind, bad.agreement.origin_ranks
     data = {"dump": str(folder), "loss_terms": bad.terms, "per_rank": [list(x) for x in bad.agreement.per_rank],
             "overflow_skips": bad.overflow_skips}
@@ -164,6 +169,16 @@ def finding(bad: BadStep, folder: Path) -> Finding:
                        message=f"rank {ranks} went bad first ({kind}) at step {step}; this rank ({rank}) "
                                "was not the origin", where=tuple({"rank": r, "step": step} for r in origin),
                        data=data)
+    if kind == "exception":
+        from nanscope.diagnose import MATCHING_FAILURES
+
+        exc = dict(bad.exception or {})
+        text = f"{exc.get('type', 'an exception')}: {exc.get('message', '')}"
+        matching = any(s in text for s in MATCHING_FAILURES)
+        return Finding("NS203" if matching else "NS001", Severity.ERROR, count=1,
+                       message=f"step {step} on rank {rank} raised after the model's forward and before check(), "
+                               f"so no loss terms exist for it: {text[:500]}",
+                       where=({"rank": rank, "step": step},), data={**data, "exception": exc})
     if kind == "scale_collapse":
         scale = bad.values.get("scale", bad.last_scale)
         return Finding("NS307", Severity.ERROR, count=max(bad.consecutive_skips, 1),

@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from nanscope.errors import InputError
+from nanscope.ranks import merge_rank_dumps
 from nanscope.snapshot import capture_rng, portable_rng, read_manifest, restore_rng, schema_batch
 from nanscope.watch import NonFiniteStepError, watch
 
@@ -437,3 +438,116 @@ def test_without_a_batch_the_dump_keeps_the_model_inputs(tmp_path: Path) -> None
     dumped = torch.load(w.report.dump / "batch.pt", weights_only=True)
     assert torch.allclose(dumped["images"], x, equal_nan=True)
     assert any("targets are missing" in n for n in read_manifest(w.report.dump)["notes"])
+
+
+# ------------------------------------------------------------------ a criterion that raises before check()
+
+
+def test_a_matcher_that_raises_still_leaves_a_dump_that_inspect_explains(demo: Any, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from nanscope.batch import validate_batch
+    from nanscope.capture import capture
+    from nanscope.cli import main
+    from nanscope.criterion import SetCriterion
+    from nanscope.errors import MatchingError
+    from nanscope.models.demo import demo_batch
+    from nanscope.positive_map import build_text_info
+
+    model = build_demo(demo)
+    model.train()
+    criterion = SetCriterion()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    k = 1
+    before_k: dict[str, torch.Tensor] = {}
+    seen: list[int] = []
+    with pytest.raises(MatchingError) as info, pytest.warns(RuntimeWarning, match="dumped to"):
+        with watch(model, tmp_path / "dumps", criterion=criterion, config=demo.config) as w:
+            for step in range(3):
+                raw = demo_batch(step, long=False)
+                if step == k:
+                    raw["images"][1, 2, 10, 20] = float("nan")  # every logit and box of image 1 turns NaN
+                    before_k = {n: v.detach().clone() for n, v in model.state_dict().items()}
+                b = validate_batch(raw)
+                targets = [{"boxes": t.boxes, "positive_map": ti.positive_map}
+                           for t, ti in zip(b.targets, build_text_info(model.tokenizer, b))]
+                seen.append(step)
+                with capture(model, detach=False) as cap:
+                    model(b.images, captions=list(b.captions))
+                terms = criterion(cap.last.to_outputs(), targets)  # the matcher raises at step k
+                w.check(step, terms, raw)
+                opt.zero_grad()
+                criterion.total(terms).backward()
+                opt.step()
+    assert seen == [0, 1] and type(info.value) is MatchingError  # propagated as raised, not wrapped
+    assert hooks_of(model) == 0 and w._snapshot is None and w._records == []
+
+    rep = w.report
+    dump = tmp_path / "dumps" / f"step{k:08d}-rank0"
+    assert rep.failed and rep.reason == "exception" and rep.step == k and rep.dump == dump
+    assert [f.code for f in rep.findings] == ["NS203"]  # the matcher refused NaN costs
+    manifest = read_manifest(dump)
+    assert manifest["reason"] == "exception" and manifest["step"] == k and manifest["batch_step"] == k
+    assert manifest["exception"] == {"type": "MatchingError", "module": "nanscope.errors",
+                                     "message": str(info.value)}
+    assert manifest["criterion"] == "nanscope.criterion:SetCriterion" and manifest["weights_step"] == k
+    ckpt = torch.load(dump / "checkpoint.pth", weights_only=True)["model"]
+    for name, v in before_k.items():  # the weights the failing step started from
+        assert torch.equal(ckpt[name], v), name
+    dumped = torch.load(dump / "batch.pt", weights_only=True)
+    assert torch.isnan(dumped["images"][1, 2, 10, 20]) and dumped["captions"] == demo_batch(k, long=False)["captions"]
+
+    out = tmp_path / "r.json"
+    code = main(["inspect", str(dump), "--criterion", "nanscope.criterion:SetCriterion", "--json", str(out)])
+    capsys.readouterr()
+    assert code == 1
+    findings = json.loads(out.read_text())["findings"]
+    assert findings[0]["code"] == "NS304"  # the cause: a non-finite pixel in image 1, channel 2
+    assert {"image": 1, "channel": 2}.items() <= findings[0]["where"][0].items()
+
+
+def test_an_exception_dumps_the_step_the_model_ran_for_and_only_that(tmp_path: Path) -> None:
+    model = MLP()
+    with pytest.raises(ValueError, match="matrix contains invalid numeric entries"), pytest.warns(RuntimeWarning):
+        with watch(model, tmp_path / "a", sync_every=2, keep_weights=True) as w:
+            for step in range(3):
+                terms = mlp_terms(model, mlp_batch(step))
+                if step == 2:  # what scipy's linear_sum_assignment raises in a user's own matcher
+                    raise ValueError("matrix contains invalid numeric entries")
+                w.check(step, terms, mlp_batch(step))
+    assert hooks_of(model) == 0
+    manifest = read_manifest(w.report.dump)
+    assert manifest["step"] == 2 and manifest["reason"] == "exception" and manifest["exception"]["type"] == "ValueError"
+    assert [f.code for f in w.report.findings] == ["NS203"]
+    merged = merge_rank_dumps(tmp_path / "a")  # what `nanscope report` reads
+    assert merged["origin_ranks"] == [0] and merged["reason"] == "exception" and not merged["problems"]
+    assert torch.equal(torch.load(w.report.dump / "batch.pt", weights_only=True)["images"], mlp_batch(2)["images"])
+
+    # no dump: Ctrl-C, an error before the model ran for the step, the sentinel's own error
+    with pytest.raises(KeyboardInterrupt), watch(model, tmp_path / "b") as w:
+        mlp_terms(model, mlp_batch(0))
+        raise KeyboardInterrupt
+    with pytest.raises(RuntimeError), watch(model, tmp_path / "c") as w:
+        w.check(0, mlp_terms(model, mlp_batch(0)))
+        raise RuntimeError("data loader broke")
+    with pytest.raises(InputError), watch(model, tmp_path / "d") as w:
+        mlp_terms(model, mlp_batch(0))
+        w.check(0, {})
+    assert not any((tmp_path / d).exists() for d in "bcd")
+    assert hooks_of(model) == 0
+
+
+def test_an_unread_bad_step_is_dumped_before_a_later_exception(tmp_path: Path) -> None:
+    model = MLP()
+    with pytest.raises(RuntimeError, match="later"), pytest.warns(RuntimeWarning):
+        with watch(model, tmp_path, sync_every=5) as w:
+            for step in range(4):
+                batch = mlp_batch(step)
+                if step == 1:
+                    batch["images"][0, 0] = float("nan")
+                terms = mlp_terms(model, batch)
+                if step == 3:
+                    raise RuntimeError("a later step raised")
+                w.check(step, terms, batch)  # read every 5 checks: step 1 is still unread at step 3
+    manifest = read_manifest(w.report.dump)
+    assert manifest["step"] == 1 and manifest["reason"] == "nonfinite_loss" and manifest["exception"] is None
+    assert any("a later step raised" in n for n in manifest["notes"])
