@@ -1,8 +1,8 @@
 """GPU checks on one CUDA device, full-size GroundingDINO SwinT-OGC (random weights, tiny text encoder).
 
-    python benchmarks/gpu_check.py [--steps 6] [--batch 4] [--size 800] [--json out.json]
+    python benchmarks/gpu_check.py [--steps 6] [--batch 4] [--size 800] [--sections ...] [--json out.json]
 
-Sections (each returns table rows; capture and verify-fix sections are added by their owners):
+Sections (each returns table rows), in fp32, bf16 autocast and fp16 autocast where it applies:
 
   watch   plain vs watched training steps in fp32, bf16 autocast and fp16 autocast + GradScaler
           (fused AdamW, gradient clipping, a sync-free masked loss), interleaved, medians. The
@@ -11,10 +11,22 @@ Sections (each returns table rows; capture and verify-fix sections are added by 
           Then a NaN is planted at step k under bf16: the sentinel must name step k although it
           reads late, its dump must hold the weights from before step k, and replaying the dump on
           this GPU must give the non-finite term again.
+  capture plain forward vs forward inside `nanscope.capture.capture(model)` (no_grad, eval, as
+          `inspect` runs it), interleaved, medians. The syncs of one plain and one captured forward
+          are counted with mode "warn" (they must be equal: the model's own); then every capture
+          hook runs under mode "error" (the hooks are wrapped, the model's own syncs are not; as a
+          control, a wrapped `.item()` must raise).
+  inspect the model saved to a checkpoint and loaded back with `nanscope.replay.prepare(...,
+          device=...)` (timed), then `inspect_replay(criterion=NaiveCriterion)` in fp32 and with
+          --amp bf16 / fp16: wall time, syncs counted, finding codes; NS101 (padded -inf logits
+          reaching the loss) must be among them.
+  verify  `verify_replay(replay, steps=2)` on the same replay (fp32: verify-fix has no --amp):
+          wall time and one row per check, PASS or FAIL.
 
 Exits 0 with a message when there is no CUDA device; exit 1 when a row fails. On one H100 (torch
-2.11) the watch section took 35 s with --steps 3. `--device cpu --demo --batch 2 --size 224` is a
-dry run of the script itself on a CPU (no sync checks there).
+2.11) the watch section took 35 s with --steps 3; the capture, inspect and verify sections have
+not been timed on a GPU yet. `--device cpu --demo --batch 2 --size 224` is a dry run of the script
+itself on a CPU (no sync checks there; the bf16/fp16 autocast rows are slow on a CPU).
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -42,6 +55,8 @@ import torch  # noqa: E402
 from torchvision.ops import sigmoid_focal_loss  # noqa: E402
 
 CAPTIONS = ["cat . dog . person .", "a red car next to a bus .", "zebra . giraffe .", "bird . kite . tree ."]
+PHRASES = [["cat", "dog", "person"], ["red car", "bus"], ["zebra", "giraffe"], ["bird", "kite", "tree"]]
+AMPS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -61,6 +76,8 @@ class Setup:
     tmp: Path
     text_encoder: Path
     make_model: Callable[[], torch.nn.Module]
+    config: Path | None = None  # None: groundingdino's SwinT-OGC config
+    replay: Any = None  # the inspect/verify replay, built once (see get_replay)
 
 
 # ------------------------------------------------------------------ shared pieces
@@ -71,10 +88,11 @@ def make_batch(setup: Setup, seed: int) -> dict[str, Any]:
     b = setup.batch
     targets = []
     for i in range(b):
-        n = 2 + i % 2
+        phrases = PHRASES[i % 4]  # one box per phrase: the batch passes nanscope's schema check
+        n = len(phrases)
         cxcy = torch.rand(n, 2, generator=g) * 0.6 + 0.2
         wh = torch.rand(n, 2, generator=g) * 0.2 + 0.05
-        targets.append({"boxes": torch.cat([cxcy, wh], 1), "phrases": CAPTIONS[i % 4].split(" . ")[:n]})
+        targets.append({"boxes": torch.cat([cxcy, wh], 1), "phrases": list(phrases)})
     return {"images": torch.randn(b, 3, setup.size, setup.size, generator=g),
             "captions": [CAPTIONS[i % 4] for i in range(b)], "targets": targets}
 
@@ -94,6 +112,12 @@ def masked_loss(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str
     boxes = out["pred_boxes"].float()
     loss_bbox = sum((boxes[i, : len(t["boxes"])] - t["boxes"]).abs().sum() for i, t in enumerate(batch["targets"])) / n
     return {"loss_ce": loss_ce, "loss_bbox": loss_bbox}
+
+
+def autocast_for(device_type: str, amp: str) -> Any:
+    if amp == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 @contextlib.contextmanager
@@ -149,9 +173,7 @@ class _Loop:
         self.step_i = 0
 
     def autocast(self) -> Any:
-        if self.amp == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
+        return autocast_for(self.device_type, self.amp)
 
     def step(self, batch: dict[str, Any], *, guard: bool) -> float:
         """One step; the watcher's call under sync debug mode "error" when `guard`. Returns the loss (a sync, as logging does)."""
@@ -215,7 +237,7 @@ def section_watch(setup: Setup) -> list[Row]:
             row.values = {
                 "plain_s": round(mp, 4), "watched_s": round(mw, 4), "ratio": round(mw / mp, 3),
                 "check_ms": round(statistics.median(watched.check_s) * 1e3, 3),
-                "syncs_in_check": 0,  # any sync inside check() raised above (mode "error")
+                "syncs_in_check": 0 if torch.cuda.is_available() else None,  # a sync in check() raised above
                 "syncs_plain_step": syncs["plain"][0], "syncs_watched_step": syncs["watched"][0],
                 "overflow_skips": rep.overflow_skips, "failed": rep.failed,
                 "weight_copy_MB": round(copy_bytes / 2**20, 1),
@@ -279,7 +301,220 @@ def _planted_nan(setup: Setup, base: torch.nn.Module) -> Row:
     return row
 
 
-SECTIONS: dict[str, Callable[[Setup], list[Row]]] = {"watch": section_watch}
+# ------------------------------------------------------------------ section: capture
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
+
+
+def _hook_keys(model: torch.nn.Module) -> set[tuple[int, str, int]]:
+    return {(id(m), d, k) for m in model.modules() for d in _HOOK_DICTS for k in getattr(m, d)}
+
+
+def _under_sync_error(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with sync_mode("error"):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def _guard_new_hooks(model: torch.nn.Module, before: set[tuple[int, str, int]]) -> int:
+    """Run every forward hook added since `before` under sync debug mode "error"; returns how many.
+
+    The hook dicts are edited in place (same keys), so the with_kwargs / always_call flags and the
+    handles that remove them on exit stay valid.
+    """
+    n = 0
+    for m in model.modules():
+        for d in _HOOK_DICTS:
+            hooks = getattr(m, d)
+            for k, fn in list(hooks.items()):
+                if (id(m), d, k) not in before:
+                    hooks[k] = _under_sync_error(fn)
+                    n += 1
+    return n
+
+
+def _guard_control(device: torch.device) -> str | None:
+    """The guard must bite: a wrapped function that reads a CUDA value (`.item()`) has to raise."""
+    if device.type != "cuda":
+        return None
+    x = torch.ones((), device=device)
+    try:
+        _under_sync_error(lambda: x.item())()
+    except RuntimeError:
+        return "raised"
+    return "did not raise"
+
+
+def section_capture(setup: Setup) -> list[Row]:
+    from nanscope.capture import ForwardRecord, capture
+
+    rows: list[Row] = []
+    model = setup.make_model().eval()
+    batch = to_device(make_batch(setup, 0), setup.device)
+    images, captions = batch["images"], batch["captions"]
+    dec_layers = len(model.class_embed)
+    control = _guard_control(setup.device)
+
+    def plain() -> None:
+        model(images, captions=captions)
+
+    def captured() -> ForwardRecord:
+        with capture(model) as cap:
+            model(images, captions=captions)
+        return cap.last
+
+    for amp in AMPS:
+        row = Row("capture", amp)
+        try:
+            with torch.no_grad(), autocast_for(setup.device.type, amp):
+                plain()  # warm-up (cuDNN/cuBLAS choices, autocast caches)
+                captured()
+                times: dict[str, list[float]] = {"plain": [], "capture": []}
+                for i in range(max(setup.steps, 3)):
+                    for name, fn in (("plain", plain), ("capture", captured)) if i % 2 else (("capture", captured), ("plain", plain)):
+                        synchronize()
+                        t0 = time.perf_counter()
+                        fn()
+                        synchronize()
+                        times[name].append(time.perf_counter() - t0)
+                syncs: dict[str, list[int]] = {"plain": [], "capture": []}
+                with count_syncs(syncs["plain"]):
+                    plain()
+                with count_syncs(syncs["capture"]):
+                    captured()
+                synchronize()
+                before = _hook_keys(model)
+                with capture(model) as cap:
+                    guarded = _guard_new_hooks(model, before)
+                    model(images, captions=captions)  # a hook that syncs raises here
+                rec = cap.last
+            left = len(_hook_keys(model))
+            complete = (rec.num_layers == dec_layers and rec.references is not None and rec.enc_logits_all is not None
+                        and rec.text_token_mask is not None and rec.outputs is not None)
+            mp, mc = statistics.median(times["plain"]), statistics.median(times["capture"])
+            row.values = {"plain_ms": round(mp * 1e3, 2), "capture_ms": round(mc * 1e3, 2), "ratio": round(mc / mp, 3),
+                          "syncs_plain_fwd": syncs["plain"][0], "syncs_capture_fwd": syncs["capture"][0],
+                          "hooks_under_error": guarded, "guard_control": control,
+                          "syncs_in_hooks": 0 if torch.cuda.is_available() else None,  # a sync in a hook raised above
+                          "layers": f"{rec.num_layers}+enc" if rec.enc_logits_all is not None else rec.num_layers,
+                          "hooks_left": left}
+            row.ok = (syncs["plain"][0] == syncs["capture"][0] and complete and guarded > 0 and left == 0
+                      and control in ("raised", None))
+        except Exception as exc:  # report and go on with the next mode
+            row.ok = False
+            row.values = _error(exc)
+        rows.append(row)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------ sections: inspect, verify
+
+
+def get_replay(setup: Setup) -> tuple[Any, Row]:
+    """The full-size model saved as a checkpoint and loaded back by `prepare`, as `nanscope inspect` does; once."""
+    if setup.replay is not None:
+        return setup.replay, Row("inspect", "prepare (cached)")
+    from nanscope.batch import validate_batch
+    from nanscope.replay import prepare
+
+    folder = setup.tmp / "replay"
+    folder.mkdir(exist_ok=True)
+    model = setup.make_model()
+    ckpt = folder / "checkpoint.pth"
+    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, ckpt)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    batch = validate_batch(make_batch(setup, 0), source="gpu_check batch 0")
+    t0 = time.perf_counter()
+    replay = prepare(ckpt, batch, config=setup.config, text_encoder=str(setup.text_encoder), device=str(setup.device))
+    fit = replay.key_fit
+    row = Row("inspect", "prepare", {"prepare_s": round(time.perf_counter() - t0, 2),
+                                     "checkpoint_MB": round(ckpt.stat().st_size / 2**20, 1),
+                                     "keys_matched": len(fit.matched), "missing": len(fit.missing),
+                                     "mismatched": len(fit.mismatched)})
+    row.ok = not fit.missing and not fit.mismatched
+    setup.replay = replay
+    return replay, row
+
+
+def section_inspect(setup: Setup) -> list[Row]:
+    from nanscope.diagnose import inspect_replay
+
+    try:
+        replay, prep = get_replay(setup)
+    except Exception as exc:
+        return [Row("inspect", "prepare", _error(exc), ok=False)]
+    rows = [prep]
+    for amp in AMPS:
+        row = Row("inspect", amp)
+        try:
+            syncs: list[int] = []
+            synchronize()
+            t0 = time.perf_counter()
+            with count_syncs(syncs):
+                result = inspect_replay(replay, criterion="nanscope.criterion:NaiveCriterion",
+                                        amp=None if amp == "fp32" else amp)
+            synchronize()
+            codes = [f.code for f in result.findings]
+            row.values = {"inspect_s": round(time.perf_counter() - t0, 2), "syncs": syncs[0],
+                          "codes": ",".join(codes), "exit": result.exit_code,
+                          "criterion_error": bool(result.summary.get("criterion_error"))}
+            row.ok = "NS101" in codes  # the padded -inf logits a naive loss sees: the diagnosis inspect exists for
+        except Exception as exc:
+            row.ok = False
+            row.values = _error(exc)
+        rows.append(row)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def section_verify(setup: Setup) -> list[Row]:
+    from nanscope.verify import verify_replay
+
+    rows: list[Row] = []
+    try:
+        replay, prep = get_replay(setup)
+    except Exception as exc:
+        return [Row("verify", "prepare", _error(exc), ok=False)]
+    if prep.name == "prepare":
+        rows.append(Row("verify", prep.name, prep.values, prep.ok))
+    row = Row("verify", "verify-fix fp32")
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        synchronize()
+        t0 = time.perf_counter()
+        result = verify_replay(replay, steps=2)
+        synchronize()
+        mem = result.tables.get("memory", {})
+        row.values = {"wall_s": round(time.perf_counter() - t0, 2), "steps": 2,
+                      "passed": f"{sum(c.passed for c in result.checks)}/{len(result.checks)}",
+                      "verdict": result.verdict,
+                      "loss_mem_ratio": round(mem["ratio"], 3) if isinstance(mem.get("ratio"), float) else mem.get("ratio"),
+                      "peak_mem_GB": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None}
+        row.ok = len(result.checks) == 9
+        rows.append(row)
+        for c in result.checks:
+            rows.append(Row("verify", f"check {c.id}", {"result": "PASS" if c.passed else "FAIL", "name": c.name,
+                                                          **({} if c.passed else {"detail": c.detail[:300]})},
+                            ok=c.passed))
+    except Exception as exc:
+        row.ok = False
+        row.values = _error(exc)
+        rows.append(row)
+    return rows
+
+
+SECTIONS: dict[str, Callable[[Setup], list[Row]]] = {"watch": section_watch, "capture": section_capture,
+                                                     "inspect": section_inspect, "verify": section_verify}
 
 
 # ------------------------------------------------------------------ main
@@ -323,7 +558,7 @@ def main() -> int:
         model, _ = build_model(config, text_encoder=te, seed=0)
         return model.to(device)
 
-    setup = Setup(device, args.batch, args.size, args.steps, tmp, te, make_model)
+    setup = Setup(device, args.batch, args.size, args.steps, tmp, te, make_model, config=config)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU dry run"
     print(f"gpu_check: {name}, torch {torch.__version__}, {'demo' if args.demo else 'SwinT-OGC'} (random weights), "
           f"batch {args.batch} at {args.size} px, {args.steps} timed steps per variant")
