@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from nanscope._callable_module import make_callable
 from nanscope.models.groundingdino import find_groundingdino
 
 
@@ -191,3 +192,6 @@ def capture(model: nn.Module, *, detach: bool = True) -> Iterator[Capture]:
     finally:
         for h in handles:
             h.remove()
+
+
+make_callable(__name__)  # `nanscope.capture(model)` works after `import nanscope.capture` too

@@ -105,24 +105,28 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------- batch
 
 
-def _images(x: Any, notes: list[str]) -> Tensor | None:
+def _images(x: Any, notes: list[str]) -> tuple[Tensor | None, Tensor | None]:
+    """Model images -> ([B, 3, H, W] on CPU, [B, H, W] bool padding mask or None)."""
     if isinstance(x, Tensor):
-        return x.detach().cpu()
+        return x.detach().cpu(), None
     if hasattr(x, "tensors") and isinstance(x.tensors, Tensor):  # groundingdino's NestedTensor
-        notes.append("images: NestedTensor, its padding mask was dropped")
-        return x.tensors.detach().cpu()
+        mask = getattr(x, "mask", None)
+        return x.tensors.detach().cpu(), (mask.detach().cpu().bool() if isinstance(mask, Tensor) else None)
     if isinstance(x, Sequence) and x and all(isinstance(t, Tensor) for t in x):
         shapes = {tuple(t.shape) for t in x}
         if len(shapes) == 1:
-            return torch.stack([t.detach().cpu() for t in x])
+            return torch.stack([t.detach().cpu() for t in x]), None
         h = max(int(t.shape[-2]) for t in x)
         w = max(int(t.shape[-1]) for t in x)
         out = torch.zeros(len(x), 3, h, w, dtype=x[0].dtype)
+        mask = torch.ones(len(x), h, w, dtype=torch.bool)
         for i, t in enumerate(x):
             out[i, :, : t.shape[-2], : t.shape[-1]] = t.detach().cpu()
-        notes.append(f"images: {len(x)} images of different sizes were zero-padded to {h}x{w} (bottom/right)")
-        return out
-    return None
+            mask[i, : t.shape[-2], : t.shape[-1]] = False
+        notes.append(f"images: {len(x)} images of different sizes were zero-padded to {h}x{w} (bottom/right), "
+                     "image_masks marks the padding")
+        return out, mask
+    return None, None
 
 
 def schema_batch(batch: Mapping[str, Any] | Sequence[Any]) -> tuple[dict[str, Any], list[str]]:
@@ -141,9 +145,13 @@ def schema_batch(batch: Mapping[str, Any] | Sequence[Any]) -> tuple[dict[str, An
         caps = [t.get("caption") if isinstance(t, Mapping) else None for t in batch["targets"]]
         if caps and all(isinstance(c, str) for c in caps):
             batch = {**batch, "captions": caps}
-    images = _images(batch.get("images"), notes) if "images" in batch else None
+    images, masks = _images(batch.get("images"), notes) if "images" in batch else (None, None)
     if images is not None:
         out["images"] = images
+    if isinstance(batch.get("image_masks"), Tensor):
+        masks = batch["image_masks"].detach().cpu().bool()
+    if masks is not None:
+        out["image_masks"] = masks
     captions = batch.get("captions")
     if isinstance(captions, Sequence) and not isinstance(captions, str):
         out["captions"] = [str(c) for c in captions]
@@ -170,7 +178,7 @@ def schema_batch(batch: Mapping[str, Any] | Sequence[Any]) -> tuple[dict[str, An
                 notes.append(f"targets[{i}]: dropped {', '.join(extra)}")
             kept.append(d)
         out["targets"] = kept
-    dropped = sorted(str(k) for k in batch if k not in ("images", "captions", "targets"))
+    dropped = sorted(str(k) for k in batch if k not in ("images", "captions", "targets", "image_masks"))
     if dropped:
         notes.append(f"dropped batch keys: {', '.join(dropped)}")
     return out, notes

@@ -30,8 +30,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
-import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from typing import Any, Iterator, Literal, Mapping
 import torch
 from torch import Tensor, nn
 
+from nanscope._callable_module import make_callable
 from nanscope.errors import InputError
 from nanscope.ranks import Agreement, RankContext, agree, rank_context
 from nanscope.snapshot import WeightSnapshot, capture_rng, cpu_state_dict, portable_rng, schema_batch, unwrap, write_dump
@@ -648,12 +647,4 @@ def watch(
 __all__ = ["watch", "Watcher", "WatchOptions", "WatchReport", "NonFiniteStepError"]
 
 
-class _WatchModule(types.ModuleType):
-    """`nanscope.watch(...)` must work even after `import nanscope.watch` has bound the package
-    attribute `watch` to this module (the import system does that): calling the module calls `watch`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Watcher:
-        return watch(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _WatchModule
+make_callable(__name__)  # `nanscope.watch(...)` works after `import nanscope.watch` too

@@ -350,7 +350,7 @@ def test_schema_batch_keeps_the_schema_and_drops_the_rest() -> None:
         "image_ids": torch.tensor([1, 2]),
     }
     out, notes = schema_batch(batch)
-    assert set(out) == {"images", "captions", "targets"}
+    assert set(out) == {"images", "captions", "targets", "image_masks"}  # the padding is marked
     assert out["images"].shape == (2, 3, 6, 5) and out["images"][0, :, 4:].sum() == 0
     assert out["captions"] == ["cat .", "dog ."]
     assert set(out["targets"][0]) == {"boxes", "phrases"} and out["targets"][1]["tokens_positive"] == [[[0, 3]]]
@@ -365,7 +365,7 @@ def test_schema_batch_keeps_the_schema_and_drops_the_rest() -> None:
     assert out["images"].shape == (1, 3, 4, 4) and out["captions"] == ["cat ."]
     assert set(out["targets"][0]) == {"boxes", "tokens_positive"} and torch.equal(out["targets"][0]["boxes"],
                                                                                  pair[1][0]["boxes"])
-    assert any("mask was dropped" in n for n in notes)
+    assert "image_masks" not in out  # this NestedTensor-like object has no mask to keep
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path: Path) -> None:
@@ -551,3 +551,20 @@ def test_an_unread_bad_step_is_dumped_before_a_later_exception(tmp_path: Path) -
     manifest = read_manifest(w.report.dump)
     assert manifest["step"] == 1 and manifest["reason"] == "nonfinite_loss" and manifest["exception"] is None
     assert any("a later step raised" in n for n in manifest["notes"])
+
+
+def test_nested_tensor_padding_mask_is_kept_in_the_dump_batch() -> None:
+    from groundingdino.util.misc import nested_tensor_from_tensor_list
+
+    from nanscope.batch import validate_batch
+    from nanscope.snapshot import schema_batch
+
+    imgs = [torch.randn(3, 8, 6), torch.randn(3, 5, 6)]
+    nested = nested_tensor_from_tensor_list(imgs)  # groundingdino pads and masks (True on padding)
+    targets = [{"boxes": torch.zeros(0, 4)}, {"boxes": torch.zeros(0, 4)}]
+    out, _notes = schema_batch({"images": nested, "captions": ["cat .", "dog ."], "targets": targets})
+    assert torch.equal(out["image_masks"], nested.mask)
+    assert int(out["image_masks"][1].sum()) == 3 * 6  # rows 5..7 of the smaller image are padding
+    listed, notes = schema_batch({"images": imgs, "captions": ["cat .", "dog ."], "targets": targets})
+    assert torch.equal(listed["image_masks"], nested.mask) and torch.equal(listed["images"], nested.tensors)
+    assert validate_batch(out).image_masks is not None  # the dump's batch loads with its mask
