@@ -6,6 +6,7 @@ rank 0's dump must say it was not.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from datetime import timedelta
@@ -36,6 +37,8 @@ def _worker(rank: int, out: str) -> None:
     try:
         for sync_every in SYNC_EVERY:  # one spawn for both: starting two processes costs more than the loops
             _train(rank, Path(out) / f"sync{sync_every}", sync_every)
+        gc.collect()  # drop the DDP reducers (they hold the group) before it is destroyed
+        dist.barrier()  # neither rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
 
