@@ -4,7 +4,6 @@ module, parameter) and that the planted cause - not a symptom - ranks first."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -27,6 +26,8 @@ from nanscope.models.demo import demo_batch
 from nanscope.module_stats import FP16_MAX, ModuleStat, module_stats
 from nanscope.positive_map import build_text_info
 from nanscope.replay import Replay, prepare
+
+from _planting import planted, set_nan
 
 MASKED = "nanscope.criterion:SetCriterion"  # the fixed criterion: NS101 is only info with it
 CRITERIA = str(Path(__file__).parent / "criteria.py")
@@ -73,27 +74,6 @@ def one(result: Any, code: str) -> Finding:
 
 def loud(result: Any) -> list[str]:
     return [f.code for f in result.findings if f.severity is not Severity.INFO]
-
-
-@contextlib.contextmanager
-def planted(replay: Replay, name: str, fn: Any) -> Iterator[None]:
-    """Apply `fn` in place to parameter `name` of the model and of the checkpoint state dict (and its
-    aliases: shared modules appear under several keys); restore both on exit."""
-    param = dict(replay.model.named_parameters(remove_duplicate=False))[name]
-    saved = param.detach().clone(), replay.state_dict[name].clone()
-    try:
-        with torch.no_grad():
-            fn(param)
-            fn(replay.state_dict[name])  # aliases share its storage (torch.save keeps sharing)
-        yield
-    finally:
-        with torch.no_grad():
-            param.copy_(saved[0])
-            replay.state_dict[name].copy_(saved[1])
-
-
-def set_nan(t: torch.Tensor) -> None:
-    t.view(-1)[0] = NAN
 
 
 # -- NS103 / NS102: positive maps ------------------------------------------------------------------

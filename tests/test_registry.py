@@ -22,6 +22,8 @@ from nanscope.module_stats import module_stats
 from nanscope.positive_map import build_text_info
 from nanscope.replay import Replay, prepare
 
+from _planting import planted, set_nan
+
 NAN = float("nan")
 WATCH_ONLY = {"NS307"}  # AMP loss-scale collapse is seen across steps by nanscope.watch, not in one replay
 
@@ -58,21 +60,8 @@ def _context(replay: Replay, raw: dict[str, Any] | None = None) -> AnalysisConte
 
 
 def _with_param(replay: Replay, name: str, fn: Callable[[torch.Tensor], Any], build: Callable[[], Any]) -> Any:
-    param = dict(replay.model.named_parameters(remove_duplicate=False))[name]
-    saved = param.detach().clone(), replay.state_dict[name].clone()
-    try:
-        with torch.no_grad():
-            fn(param)
-            fn(replay.state_dict[name])
+    with planted(replay, name, fn):
         return build()
-    finally:
-        with torch.no_grad():
-            param.copy_(saved[0])
-            replay.state_dict[name].copy_(saved[1])
-
-
-def _nan0(t: torch.Tensor) -> None:
-    t.view(-1)[0] = NAN
 
 
 def _fractional(ctx: AnalysisContext) -> AnalysisContext:
@@ -111,7 +100,7 @@ def contexts(replay) -> dict[str, AnalysisContext]:
         "no-boxes": _context(replay, _small(p=lambda r: r["targets"].__setitem__(1, {"boxes": torch.zeros(0, 4),
                                                                                   "phrases": []}))),
         "fractional-map": _fractional(healthy),
-        "nan-bbox-embed": _with_param(replay, "bbox_embed.0.layers.0.weight", _nan0,
+        "nan-bbox-embed": _with_param(replay, "bbox_embed.0.layers.0.weight", set_nan,
                                       lambda: _context(replay, _small())),
         "scaled-weight": _with_param(replay, "transformer.decoder.layers.0.linear1.weight", lambda t: t.mul_(1e5),
                                      lambda: _context(replay, _small())),
@@ -125,7 +114,7 @@ def contexts(replay) -> dict[str, AnalysisContext]:
         ctx.trace = run_trace(rep, "nanscope.criterion:SetCriterion")
         return ctx
 
-    out["nan-param-traced"] = _with_param(replay, "transformer.decoder.layers.0.linear1.weight", _nan0, traced)
+    out["nan-param-traced"] = _with_param(replay, "transformer.decoder.layers.0.linear1.weight", set_nan, traced)
     assert set(out) == set(EXPECTED)
     return out
 

@@ -1,0 +1,33 @@
+"""Plant a cause in a prepared demo Replay's weights, and restore them: shared by the analyzer tests."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+from nanscope.replay import Replay
+
+NAN = float("nan")
+
+
+@contextlib.contextmanager
+def planted(replay: Replay, name: str, fn: Any) -> Iterator[None]:
+    """Apply `fn` in place to parameter `name` of the model and of the checkpoint state dict (and its
+    aliases: shared modules appear under several keys); restore both on exit."""
+    param = dict(replay.model.named_parameters(remove_duplicate=False))[name]
+    saved = param.detach().clone(), replay.state_dict[name].clone()
+    try:
+        with torch.no_grad():
+            fn(param)
+            fn(replay.state_dict[name])  # aliases share its storage (torch.save keeps sharing)
+        yield
+    finally:
+        with torch.no_grad():
+            param.copy_(saved[0])
+            replay.state_dict[name].copy_(saved[1])
+
+
+def set_nan(t: torch.Tensor) -> None:
+    t.view(-1)[0] = NAN
