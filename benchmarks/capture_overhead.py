@@ -17,9 +17,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from nanscope.capture import capture  # noqa: E402
-from nanscope.models.demo import demo_batch, write_demo  # noqa: E402
-from nanscope.models.groundingdino import build_model  # noqa: E402
+from nanscope.stacks.capture import capture  # noqa: E402
+from nanscope.stacks.demo import demo_batch, write_demo  # noqa: E402
+from nanscope.stacks.groundingdino_py import build_model  # noqa: E402
 
 
 def main() -> None:

@@ -110,8 +110,8 @@ def count_syncs(fn: Callable[[], Any]) -> int:
 
 
 def report_syncs(inp: dict[str, Any], out: dict[str, Any]) -> None:
-    from nanscope.criterion import SetCriterion
-    from nanscope.focal import focal_sum_masked_select, focal_sum_syncfree
+    from nanscope.criterion.set_criterion import SetCriterion
+    from nanscope.criterion.focal import focal_sum_masked_select, focal_sum_syncfree
 
     logits = inp["layers"][0][0]
     valid = inp["full_mask"][:, None, :]
@@ -141,7 +141,7 @@ def compare(name: str, a: tuple[str, Callable[[], torch.Tensor]], b: tuple[str, 
 
 
 def main() -> None:
-    from nanscope.criterion import NaiveCriterion, SetCriterion
+    from nanscope.criterion.set_criterion import NaiveCriterion, SetCriterion
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=15)

@@ -11,7 +11,7 @@ Sections (each returns table rows), in fp32, bf16 autocast and fp16 autocast whe
           Then a NaN is planted at step k under bf16: the sentinel must name step k although it
           reads late, its dump must hold the weights from before step k, and replaying the dump on
           this GPU must give the non-finite term again.
-  capture plain forward vs forward inside `nanscope.capture.capture(model)` (no_grad, eval, as
+  capture plain forward vs forward inside `nanscope.stacks.capture.capture(model)` (no_grad, eval, as
           `inspect` runs it), interleaved, medians. The syncs of one plain and one captured forward
           are counted with mode "warn" (they must be equal: the model's own); then every capture
           hook runs under mode "error" (the hooks are wrapped, the model's own syncs are not; as a
@@ -162,7 +162,7 @@ class _Loop:
     """One model + optimizer (+ scaler, + watcher) running the same training step."""
 
     def __init__(self, model: torch.nn.Module, amp: str, watched: bool, dump_dir: Path) -> None:
-        from nanscope.watch import watch
+        from nanscope.watch.sentinel import watch
 
         self.model, self.amp = model, amp
         self.device_type = next(model.parameters()).device.type
@@ -203,7 +203,7 @@ class _Loop:
 
 
 def section_watch(setup: Setup) -> list[Row]:
-    from nanscope.snapshot import capture_rng
+    from nanscope.watch.snapshot import capture_rng
 
     rows: list[Row] = []
     dev = setup.device
@@ -261,7 +261,7 @@ def section_watch(setup: Setup) -> list[Row]:
 
 def _planted_nan(setup: Setup, base: torch.nn.Module) -> Row:
     """bf16, NaN in one image at step k: named at step k after a late read; the dump replays on this GPU."""
-    from nanscope.watch import NonFiniteStepError
+    from nanscope.watch.sentinel import NonFiniteStepError
 
     row = Row("watch", "planted NaN (bf16)")
     k = 3
@@ -349,7 +349,7 @@ def _guard_control(device: torch.device) -> str | None:
 
 
 def section_capture(setup: Setup) -> list[Row]:
-    from nanscope.capture import ForwardRecord, capture
+    from nanscope.stacks.capture import ForwardRecord, capture
 
     rows: list[Row] = []
     model = setup.make_model().eval()
@@ -420,8 +420,8 @@ def get_replay(setup: Setup) -> tuple[Any, Row]:
     """The full-size model saved as a checkpoint and loaded back by `prepare`, as `nanscope inspect` does; once."""
     if setup.replay is not None:
         return setup.replay, Row("inspect", "prepare (cached)")
-    from nanscope.batch import validate_batch
-    from nanscope.replay import prepare
+    from nanscope.replay.batch import validate_batch
+    from nanscope.replay.session import prepare
 
     folder = setup.tmp / "replay"
     folder.mkdir(exist_ok=True)
@@ -445,7 +445,7 @@ def get_replay(setup: Setup) -> tuple[Any, Row]:
 
 
 def section_inspect(setup: Setup) -> list[Row]:
-    from nanscope.diagnose import inspect_replay
+    from nanscope.replay.diagnose import inspect_replay
 
     try:
         replay, prep = get_replay(setup)
@@ -477,7 +477,7 @@ def section_inspect(setup: Setup) -> list[Row]:
 
 
 def section_verify(setup: Setup) -> list[Row]:
-    from nanscope.verify import verify_replay
+    from nanscope.verify.pipeline import verify_replay
 
     rows: list[Row] = []
     try:
@@ -542,15 +542,15 @@ def main() -> int:
         return 0
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from nanscope.models.groundingdino import build_model
-    from nanscope.models.tiny_text import write_tiny_text_encoder
+    from nanscope.stacks.groundingdino_py import build_model
+    from nanscope.stacks.tiny_text import write_tiny_text_encoder
 
     tmp = Path(tempfile.mkdtemp(prefix="nanscope-gpu-"))
     te = write_tiny_text_encoder(tmp / "text_encoder")
     device = torch.device("cpu") if args.device == "cpu" else torch.device("cuda", torch.cuda.current_device())
     config = None
     if args.demo:
-        from nanscope.models.demo import write_demo
+        from nanscope.stacks.demo import write_demo
 
         config = write_demo(tmp / "demo", long=False).config
 

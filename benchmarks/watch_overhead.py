@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torchvision.ops import sigmoid_focal_loss  # noqa: E402
 
-from nanscope.models.demo import demo_batch, write_demo  # noqa: E402
-from nanscope.models.groundingdino import build_model  # noqa: E402
-from nanscope.watch import watch  # noqa: E402
+from nanscope.stacks.demo import demo_batch, write_demo  # noqa: E402
+from nanscope.stacks.groundingdino_py import build_model  # noqa: E402
+from nanscope.watch.sentinel import watch  # noqa: E402
 
 
 def masked_loss(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:

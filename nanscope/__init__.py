@@ -8,10 +8,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from nanscope import _compat
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "inspect": "nanscope.diagnose",
+    "inspect": "nanscope.replay.diagnose",
     "Result": "nanscope.result",
     "Check": "nanscope.result",
     "Finding": "nanscope.findings",
@@ -19,39 +21,41 @@ _EXPORTS = {
     "CATALOGUE": "nanscope.findings",
     "NanscopeError": "nanscope.errors",
     "InputError": "nanscope.errors",
-    "Batch": "nanscope.batch",
-    "load_batch": "nanscope.batch",
-    "save_batch": "nanscope.batch",
-    "capture": "nanscope.capture",
-    "build_model": "nanscope.models.groundingdino",
-    "find_groundingdino": "nanscope.models.groundingdino",
-    "write_demo": "nanscope.models.demo",
-    "verify_fix": "nanscope.verify",
-    "verify_replay": "nanscope.verify",
-    "SetCriterion": "nanscope.criterion",
-    "NaiveCriterion": "nanscope.criterion",
-    "HungarianMatcher": "nanscope.matcher",
-    "matching_costs": "nanscope.matcher",
-    "text_validity": "nanscope.text_mask",
-    "PRESETS": "nanscope.presets",
-    "CriterionPreset": "nanscope.presets",
-    "trace_nonfinite": "nanscope.trace",
-    "trace_findings": "nanscope.trace",
-    "TraceResult": "nanscope.trace",
-    "Origin": "nanscope.trace",
-    "watch": "nanscope.watch",
-    "Watcher": "nanscope.watch",
-    "WatchOptions": "nanscope.watch",
-    "WatchReport": "nanscope.watch_report",
-    "NonFiniteStepError": "nanscope.watch_report",
-    "merge_rank_dumps": "nanscope.ranks",
-    "restore_rng": "nanscope.snapshot",
+    "Batch": "nanscope.replay.batch",
+    "load_batch": "nanscope.replay.batch",
+    "save_batch": "nanscope.replay.batch",
+    "capture": "nanscope.stacks.capture",
+    "build_model": "nanscope.stacks.groundingdino_py",
+    "find_groundingdino": "nanscope.stacks.groundingdino_py",
+    "write_demo": "nanscope.stacks.demo",
+    "verify_fix": "nanscope.verify.pipeline",
+    "verify_replay": "nanscope.verify.pipeline",
+    "SetCriterion": "nanscope.criterion.set_criterion",
+    "NaiveCriterion": "nanscope.criterion.set_criterion",
+    "HungarianMatcher": "nanscope.criterion.matcher",
+    "matching_costs": "nanscope.criterion.matcher",
+    "text_validity": "nanscope.criterion.text_mask",
+    "PRESETS": "nanscope.criterion.presets",
+    "CriterionPreset": "nanscope.criterion.presets",
+    "trace_nonfinite": "nanscope.trace.tracer",
+    "trace_findings": "nanscope.trace.tracer",
+    "TraceResult": "nanscope.trace.tracer",
+    "Origin": "nanscope.trace.tracer",
+    "watch": "nanscope.watch.sentinel",
+    "Watcher": "nanscope.watch.sentinel",
+    "WatchOptions": "nanscope.watch.sentinel",
+    "WatchReport": "nanscope.watch.report",
+    "NonFiniteStepError": "nanscope.watch.report",
+    "merge_rank_dumps": "nanscope.watch.ranks",
+    "restore_rng": "nanscope.watch.snapshot",
     "render_html": "nanscope.report.html",
     "read_result": "nanscope.report.json_io",
     "write_result": "nanscope.report.json_io",
 }
 
 __all__ = sorted(_EXPORTS)
+
+_compat.install()  # old module paths (nanscope.batch, nanscope.models.demo, ...) still import
 
 
 def __getattr__(name: str) -> Any:

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")  # third-party deprecation noise
     os.chdir(ROOT)  # inputs are recorded relative to the repository root
 
-    from nanscope.diagnose import inspect
-    from nanscope.models.demo import write_demo
+    from nanscope.replay.diagnose import inspect
+    from nanscope.stacks.demo import write_demo
     from nanscope.report.html import render_html
 
     files = write_demo(Path("reports/demo"))
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                      criterion="nanscope.criterion:NaiveCriterion")
     outputs[Path("reports/example.html")] = render_html(result)
     if not args.no_verify:
-        from nanscope.verify import verify_fix
+        from nanscope.verify.pipeline import verify_fix
 
         fixed = verify_fix(files.checkpoint, files.batch, config=files.config)
         outputs[Path("reports/example-verify-fix.html")] = render_html(fixed)

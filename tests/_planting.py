@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import torch
 
-from nanscope.replay import Replay
+from nanscope.replay.session import Replay
 
 NAN = float("nan")
 

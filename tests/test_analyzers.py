@@ -17,15 +17,15 @@ from nanscope.analyzers import AnalysisContext, run_analyzers
 from nanscope.analyzers.boxes import nonfinite_matching_cost, target_box_problems
 from nanscope.analyzers.numerics import RISK_FACTOR, half_precision_risk
 from nanscope.analyzers.targets import empty_positive_rows, non_binary_positive_map
-from nanscope.batch import validate_batch
+from nanscope.replay.batch import validate_batch
 from nanscope.cli import main
-from nanscope.diagnose import build_context, inspect_replay
+from nanscope.replay.diagnose import build_context, inspect_replay
 from nanscope.errors import CriterionError, InputError
 from nanscope.findings import Finding, Severity
-from nanscope.models.demo import demo_batch
-from nanscope.module_stats import FP16_MAX, ModuleStat, module_stats
-from nanscope.positive_map import build_text_info
-from nanscope.replay import Replay, prepare
+from nanscope.stacks.demo import demo_batch
+from nanscope.replay.module_stats import FP16_MAX, ModuleStat, module_stats
+from nanscope.replay.positive_map import build_text_info
+from nanscope.replay.session import Replay, prepare
 
 from _planting import planted, set_nan
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanscope.batch import IMAGENET_MEAN, IMAGENET_STD, load_batch, save_batch, validate_batch
+from nanscope.replay.batch import IMAGENET_MEAN, IMAGENET_STD, load_batch, save_batch, validate_batch
 from nanscope.errors import BatchError
 
 

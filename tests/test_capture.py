@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from nanscope.capture import capture
-from nanscope.models.groundingdino import find_groundingdino
+from nanscope.stacks.capture import capture
+from nanscope.stacks.groundingdino_py import find_groundingdino
 
 
 def _hook_count(model):

@@ -7,7 +7,7 @@ import collections
 import pytest
 import torch
 
-from nanscope.checkpoint import key_fit, load_into, read_state_dict
+from nanscope.stacks.checkpoint import key_fit, load_into, read_state_dict
 from nanscope.errors import CheckpointError
 
 
@@ -52,7 +52,7 @@ def test_foreign_state_dict_is_an_input_error():
 
 
 def test_ns306_reported_for_a_checkpoint_missing_keys(demo_files, tmp_path):
-    from nanscope.diagnose import inspect
+    from nanscope.replay.diagnose import inspect
 
     sd = torch.load(demo_files.checkpoint, weights_only=True)["model"]
     dropped = sorted(k for k in sd if k.startswith("transformer.decoder.layers.0.ca_text"))
@@ -69,7 +69,7 @@ def test_ns306_reported_for_a_checkpoint_missing_keys(demo_files, tmp_path):
 def test_keys_real_checkpoints_carry_are_not_errors(demo_files, tmp_path):
     """groundingdino_swint_ogc.pth holds BERT's position_ids (persistent in old transformers) and the
     training-only `label_enc.weight`; loading it is clean, as groundingdino's demo shows."""
-    from nanscope.diagnose import inspect
+    from nanscope.replay.diagnose import inspect
 
     sd = torch.load(demo_files.checkpoint, weights_only=True)["model"]
     sd["bert.embeddings.position_ids"] = torch.arange(512)[None]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanscope.cli import main
-from nanscope.models.demo import demo_batch
+from nanscope.stacks.demo import demo_batch
 
 
 def sha(p):

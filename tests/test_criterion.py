@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import nanscope.criterion as criterion_module
-from nanscope.criterion import NaiveCriterion, SetCriterion, presets_markdown
+import nanscope.criterion.set_criterion as criterion_module
+from nanscope.criterion.set_criterion import NaiveCriterion, SetCriterion, presets_markdown
 from nanscope.errors import CriterionError, InputError, MatchingError
-from nanscope.focal import focal_sum_syncfree, focal_terms
-from nanscope.presets import PRESETS, get_preset, register_preset
+from nanscope.criterion.focal import focal_sum_syncfree, focal_terms
+from nanscope.criterion.presets import PRESETS, get_preset, register_preset
 
 NEG_INF = float("-inf")
 T = 256

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanscope.diagnose import inspect
-from nanscope.models.demo import demo_batch
-from nanscope.models.groundingdino import build_model
+from nanscope.replay.diagnose import inspect
+from nanscope.stacks.demo import demo_batch
+from nanscope.stacks.groundingdino_py import build_model
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nanscope.cli import main
-from nanscope.diagnose import inspect, inspect_replay
-from nanscope.models.demo import demo_batch
+from nanscope.replay.diagnose import inspect, inspect_replay
+from nanscope.stacks.demo import demo_batch
 
 CRITERIA = str(Path(__file__).parent / "criteria.py")
 

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanscope.errors import InputError, MatchingError
-from nanscope.matcher import HungarianMatcher, matching_costs
-from nanscope.presets import PRESETS, get_preset
-from nanscope.text_mask import text_validity
+from nanscope.criterion.matcher import HungarianMatcher, matching_costs
+from nanscope.criterion.presets import PRESETS, get_preset
+from nanscope.criterion.text_mask import text_validity
 
 NEG_INF = float("-inf")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from nanscope.module_stats import FP16_MAX, half_limit, module_stats
+from nanscope.replay.module_stats import FP16_MAX, half_limit, module_stats
 
 
 class Masked(nn.Module):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from groundingdino.util.vl_utils import create_positive_map_from_span
 
-from nanscope.batch import validate_batch
-from nanscope.positive_map import build_text_info
+from nanscope.replay.batch import validate_batch
+from nanscope.replay.positive_map import build_text_info
 
 
 def _batch(caption, phrases=None, spans=None):

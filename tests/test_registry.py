@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from nanscope.analyzers import AnalysisContext, get, register, registered, run_analyzers
-from nanscope.batch import validate_batch
-from nanscope.diagnose import build_context, run_trace
+from nanscope.replay.batch import validate_batch
+from nanscope.replay.diagnose import build_context, run_trace
 from nanscope.errors import UnknownCodeError
 from nanscope.findings import CATALOGUE, Finding, Severity, check_codes
-from nanscope.models.demo import demo_batch
-from nanscope.module_stats import module_stats
-from nanscope.positive_map import build_text_info
-from nanscope.replay import Replay, prepare
+from nanscope.stacks.demo import demo_batch
+from nanscope.replay.module_stats import module_stats
+from nanscope.replay.positive_map import build_text_info
+from nanscope.replay.session import Replay, prepare
 
 from _planting import planted, set_nan
 

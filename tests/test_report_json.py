@@ -78,12 +78,12 @@ def test_write_result_removes_a_stale_sidecar(tmp_path):
 
 
 def test_report_rerenders_from_json_without_the_model(demo, tmp_path, monkeypatch, capsys):
-    import nanscope.replay
+    import nanscope.replay.session
 
     def no_model(*a, **k):
         raise AssertionError("nanscope report must not load the model")
 
-    monkeypatch.setattr(nanscope.replay, "prepare", no_model)
+    monkeypatch.setattr(nanscope.replay.session, "prepare", no_model)
     out, html, junit = tmp_path / "same.json", tmp_path / "r.html", tmp_path / "r.xml"
     code = main(["report", str(demo), "--json", str(out), "--html", str(html), "--junit", str(junit)])
     assert code == 1

@@ -12,7 +12,7 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from nanscope.errors import CriterionError
-from nanscope.trace import TraceResult, trace_findings, trace_nonfinite
+from nanscope.trace.tracer import TraceResult, trace_findings, trace_nonfinite
 
 
 def _global_hook_counts() -> tuple[int, ...]:
@@ -238,8 +238,8 @@ def _line(frame) -> str:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from nanscope.models.demo import demo_batch, write_demo
-    from nanscope.models.groundingdino import build_model
+    from nanscope.stacks.demo import demo_batch, write_demo
+    from nanscope.stacks.groundingdino_py import build_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared small CPU: one thread is faster and steadier than oversubscribing

@@ -11,15 +11,15 @@ import torch
 from torchvision.ops import sigmoid_focal_loss
 
 from nanscope.cli import main
-from nanscope.peak_memory import PeakMemory
-from nanscope.verify_checks import compare_terms, term_layer, unpadded_batch
+from nanscope.verify.peak_memory import PeakMemory
+from nanscope.verify.checks import compare_terms, term_layer, unpadded_batch
 
 BROKEN_AFTER = '''
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
-from nanscope.criterion import SetCriterion
-from nanscope.text_mask import text_validity
+from nanscope.criterion.set_criterion import SetCriterion
+from nanscope.criterion.text_mask import text_validity
 
 
 class MaskMultiplied(SetCriterion):
@@ -42,8 +42,8 @@ RAISING = '''def explode(outputs, targets):
 @pytest.fixture(scope="module")
 def short(demo_files, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """The demo model with the two short captions (6 and 13 tokens; padded, nothing truncated)."""
-    from nanscope.batch import save_batch
-    from nanscope.models.demo import demo_batch
+    from nanscope.replay.batch import save_batch
+    from nanscope.stacks.demo import demo_batch
 
     folder = tmp_path_factory.mktemp("verify")
     batch = save_batch(folder / "short.pt", demo_batch(0, long=False))
@@ -82,7 +82,7 @@ def test_cli_passes_all_nine_checks_and_matches_transformers(short, capsys) -> N
     # Both images have 2 boxes, so transformers' class-label offset (len(label_maps[i])) happens to be right.
     from transformers.loss.loss_grounding_dino import GroundingDinoForObjectDetectionLoss
 
-    from nanscope.replay import prepare
+    from nanscope.replay.session import prepare
 
     replay = prepare(short.checkpoint, short.batch, config=short.config, hash_checkpoint=False)
     outputs = replay.forward(detach=True).to_outputs()

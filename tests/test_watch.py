@@ -14,9 +14,9 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from nanscope.errors import InputError
-from nanscope.ranks import merge_rank_dumps
-from nanscope.snapshot import capture_rng, portable_rng, read_manifest, restore_rng, schema_batch
-from nanscope.watch import NonFiniteStepError, watch
+from nanscope.watch.ranks import merge_rank_dumps
+from nanscope.watch.snapshot import capture_rng, portable_rng, read_manifest, restore_rng, schema_batch
+from nanscope.watch.sentinel import NonFiniteStepError, watch
 
 # ------------------------------------------------------------------ helpers
 
@@ -39,20 +39,20 @@ def masked_loss(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from nanscope.models.demo import write_demo
+    from nanscope.stacks.demo import write_demo
 
     return write_demo(tmp_path_factory.mktemp("demo"), long=False)
 
 
 def build_demo(demo: Any) -> nn.Module:
-    from nanscope.models.groundingdino import build_model
+    from nanscope.stacks.groundingdino_py import build_model
 
     model, _ = build_model(demo.config, text_encoder=demo.text_encoder, seed=0)
     return model
 
 
 def demo_step_batch(step: int) -> dict[str, Any]:
-    from nanscope.models.demo import demo_batch
+    from nanscope.stacks.demo import demo_batch
 
     b = demo_batch(step, long=False)
     b["images"] = b["images"][:1]
@@ -445,13 +445,13 @@ def test_without_a_batch_the_dump_keeps_the_model_inputs(tmp_path: Path) -> None
 
 def test_a_matcher_that_raises_still_leaves_a_dump_that_inspect_explains(demo: Any, tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from nanscope.batch import validate_batch
-    from nanscope.capture import capture
+    from nanscope.replay.batch import validate_batch
+    from nanscope.stacks.capture import capture
     from nanscope.cli import main
-    from nanscope.criterion import SetCriterion
+    from nanscope.criterion.set_criterion import SetCriterion
     from nanscope.errors import MatchingError
-    from nanscope.models.demo import demo_batch
-    from nanscope.positive_map import build_text_info
+    from nanscope.stacks.demo import demo_batch
+    from nanscope.replay.positive_map import build_text_info
 
     model = build_demo(demo)
     model.train()
@@ -489,7 +489,7 @@ def test_a_matcher_that_raises_still_leaves_a_dump_that_inspect_explains(demo: A
     assert manifest["reason"] == "exception" and manifest["step"] == k and manifest["batch_step"] == k
     assert manifest["exception"] == {"type": "MatchingError", "module": "nanscope.errors",
                                      "message": str(info.value)}
-    assert manifest["criterion"] == "nanscope.criterion:SetCriterion" and manifest["weights_step"] == k
+    assert manifest["criterion"] == "nanscope.criterion.set_criterion:SetCriterion" and manifest["weights_step"] == k
     ckpt = torch.load(dump / "checkpoint.pth", weights_only=True)["model"]
     for name, v in before_k.items():  # the weights the failing step started from
         assert torch.equal(ckpt[name], v), name
@@ -556,8 +556,8 @@ def test_an_unread_bad_step_is_dumped_before_a_later_exception(tmp_path: Path) -
 def test_nested_tensor_padding_mask_is_kept_in_the_dump_batch() -> None:
     from groundingdino.util.misc import nested_tensor_from_tensor_list
 
-    from nanscope.batch import validate_batch
-    from nanscope.snapshot import schema_batch
+    from nanscope.replay.batch import validate_batch
+    from nanscope.watch.snapshot import schema_batch
 
     imgs = [torch.randn(3, 8, 6), torch.randn(3, 5, 6)]
     nested = nested_tensor_from_tensor_list(imgs)  # groundingdino pads and masks (True on padding)

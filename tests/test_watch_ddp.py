@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from nanscope.ranks import Agreement, merge_rank_dumps
+from nanscope.watch.ranks import Agreement, merge_rank_dumps
 
 WORLD = 2
 PLANT_RANK = 1
@@ -44,7 +44,7 @@ def _worker(rank: int, out: str) -> None:
 
 
 def _train(rank: int, out: Path, sync_every: int) -> None:
-    from nanscope.watch import watch
+    from nanscope.watch.sentinel import watch
 
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)))

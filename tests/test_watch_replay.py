@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import nanscope
-from nanscope.batch import validate_batch
+from nanscope.replay.batch import validate_batch
 from nanscope.cli import main
-from nanscope.models.demo import demo_batch
-from nanscope.models.groundingdino import build_model
-from nanscope.positive_map import build_text_info
-from nanscope.watch_report import NonFiniteStepError
+from nanscope.stacks.demo import demo_batch
+from nanscope.stacks.groundingdino_py import build_model
+from nanscope.replay.positive_map import build_text_info
+from nanscope.watch.report import NonFiniteStepError
 
 CRITERIA = str(Path(__file__).parent / "criteria.py")
 

@@ -2,7 +2,7 @@
 matching costs, NS204 images without boxes.
 
 Target boxes are the batch's normalized cxcywh boxes; predicted boxes are the captured per-layer
-boxes (`ctx.boxes`: 'dec0'.., 'enc'). Matching costs are recomputed with `nanscope.matcher.matching_costs`
+boxes (`ctx.boxes`: 'dec0'.., 'enc'). Matching costs are recomputed with `nanscope.criterion.matcher.matching_costs`
 the way both matchers see them: the naive one over all text columns and the masked (fixed) one over
 valid columns, each with the focal-BCE class cost (MMDetection) and the normalized-row class cost
 (Open-GroundingDino, transformers).
@@ -125,7 +125,7 @@ def nonfinite_costs(ctx: AnalysisContext) -> tuple[list[dict[str, Any]], list[tu
     empty lists (image, box) whose positive-map row is all zero, which an unguarded row-normalizing
     matcher turns into 0/0 (nanscope's matcher clamps it, so it does not show up in `groups`).
     """
-    from nanscope.matcher import matching_costs
+    from nanscope.criterion.matcher import matching_costs
 
     assert ctx.logits is not None and ctx.boxes is not None
     targets = _targets(ctx)

@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 import torch
 
-from nanscope.batch import Batch
-from nanscope.positive_map import MAX_TEXT_LEN, TextInfo
+from nanscope.replay.batch import Batch
+from nanscope.replay.positive_map import MAX_TEXT_LEN, TextInfo
 
 
 @dataclass
@@ -20,7 +20,7 @@ class AnalysisContext:
     batch: Batch
     texts: list[TextInfo]  # per image: tokens and positive maps
     max_text_len: int = MAX_TEXT_LEN
-    # From the capture of one forward (nanscope.capture.ForwardRecord); None when no model ran.
+    # From the capture of one forward (nanscope.stacks.capture.ForwardRecord); None when no model ran.
     record: Any = None
     logits: dict[str, torch.Tensor] | None = None  # layer name ('dec0'.., 'enc') -> [B, Q, T]
     boxes: dict[str, torch.Tensor] | None = None  # layer name -> [B, Q, 4] cxcywh
@@ -28,7 +28,7 @@ class AnalysisContext:
     # The model and checkpoint.
     model: Any = None
     state_dict: Mapping[str, torch.Tensor] | None = None
-    key_fit: Any = None  # nanscope.checkpoint.KeyFit
+    key_fit: Any = None  # nanscope.stacks.checkpoint.KeyFit
     # The user's criterion, when given (--criterion): its terms on the captured outputs, and the same
     # criterion on outputs whose padded logits were replaced by a finite value (the counterfactual that
     # tells whether padding causes a non-finite term).
@@ -36,7 +36,7 @@ class AnalysisContext:
     loss_terms: Mapping[str, torch.Tensor] | None = None
     loss_terms_padding_sanitized: Mapping[str, torch.Tensor] | None = None
     # Optional passes.
-    trace: Any = None  # nanscope.trace.TraceResult
+    trace: Any = None  # nanscope.trace.tracer.TraceResult
     module_stats: Any = None  # per-module activation magnitudes, for half-precision checks
     autocast_dtype: torch.dtype | None = None
     notes: dict[str, Any] = field(default_factory=dict)

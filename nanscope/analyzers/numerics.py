@@ -10,7 +10,7 @@ import torch
 from nanscope.analyzers.context import AnalysisContext
 from nanscope.analyzers.registry import register
 from nanscope.findings import Finding, Severity
-from nanscope.module_stats import FP16_MAX, ModuleStat, half_limit
+from nanscope.replay.module_stats import FP16_MAX, ModuleStat, half_limit
 
 MAX_WHERE = 8  # locations listed per finding; `count` has them all
 # NS303 flags modules whose largest |activation| is above the fp16 maximum divided by this margin

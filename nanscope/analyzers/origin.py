@@ -12,7 +12,7 @@ from nanscope.findings import Finding
 
 
 def _trace_findings(ctx: AnalysisContext, code: str) -> list[Finding]:
-    from nanscope.trace import trace_findings
+    from nanscope.trace.tracer import trace_findings
 
     return [f for f in trace_findings(ctx.trace) if f.code == code]
 

@@ -3,7 +3,7 @@
 `load_report(paths)` is what `nanscope report` renders: one result JSON is returned as it is (with
 its sidecar artifacts); several are merged (`merge_results`); watch dumps (folders holding
 `manifest.json`, the manifests themselves, or a dump_dir of `step*-rank*/` folders) are merged with
-`nanscope.ranks.merge_rank_dumps` into a `kind="watch"` result (`watch_result`).
+`nanscope.watch.ranks.merge_rank_dumps` into a `kind="watch"` result (`watch_result`).
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ def merge_results(results: Sequence[tuple[str, Result]]) -> Result:
 
 def _merge_dumps(paths: Sequence[PathLike]) -> dict[str, Any]:
     try:
-        from nanscope.ranks import merge_rank_dumps
+        from nanscope.watch.ranks import merge_rank_dumps
     except ImportError:  # older layouts kept it in nanscope.watch
-        from nanscope.watch import merge_rank_dumps  # type: ignore[attr-defined,no-redef]
+        from nanscope.watch.sentinel import merge_rank_dumps  # type: ignore[attr-defined,no-redef]
     return merge_rank_dumps([Path(p) for p in paths])
 
 

@@ -31,7 +31,7 @@ _TARGET_KEYS = ("boxes", "phrases", "tokens_positive")
 def unwrap(model: nn.Module) -> nn.Module:
     """The module whose state dict a fresh model loads: GroundingDINO inside wrappers, else DDP's `module`."""
     try:
-        from nanscope.models.groundingdino import find_groundingdino
+        from nanscope.stacks.groundingdino_py import find_groundingdino
 
         return find_groundingdino(model)
     except Exception:  # not a GroundingDINO, or groundingdino-py not installed
@@ -185,9 +185,9 @@ def schema_batch(batch: Mapping[str, Any] | Sequence[Any]) -> tuple[dict[str, An
 
 
 def save_schema_batch(path: Path, batch: Mapping[str, Any]) -> list[str]:
-    """Write `batch` (already schema-shaped) with nanscope.batch when it validates, else as is. Returns notes."""
+    """Write `batch` (already schema-shaped) with nanscope.replay.batch when it validates, else as is. Returns notes."""
     try:
-        from nanscope.batch import save_batch
+        from nanscope.replay.batch import save_batch
     except ImportError:
         torch.save(dict(batch), path)
         return []

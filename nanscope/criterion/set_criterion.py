@@ -41,10 +41,10 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
 from nanscope.errors import InputError
-from nanscope.focal import focal_sum_masked_select, focal_sum_naive, focal_sum_syncfree
-from nanscope.matcher import HungarianMatcher, Match, PaddedTargets, matching_costs
-from nanscope.presets import PRESETS, CriterionPreset, get_preset
-from nanscope.text_mask import text_validity
+from nanscope.criterion.focal import focal_sum_masked_select, focal_sum_naive, focal_sum_syncfree
+from nanscope.criterion.matcher import HungarianMatcher, Match, PaddedTargets, matching_costs
+from nanscope.criterion.presets import PRESETS, CriterionPreset, get_preset
+from nanscope.criterion.text_mask import text_validity
 
 __all__ = ["SetCriterion", "NaiveCriterion", "LossWeights", "PRESETS", "CriterionPreset", "HungarianMatcher",
            "matching_costs", "text_validity", "presets_markdown"]

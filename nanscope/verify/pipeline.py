@@ -4,7 +4,7 @@ One batch is replayed through the user's GroundingDINO with gradients on. The "b
 (default: nanscope's `NaiveCriterion` for the preset) and the "after" criterion (default:
 `SetCriterion`) run on the same outputs and each is backpropagated into the model with fresh
 gradients; then a few AdamW steps train a copy of the model (eval mode, so deterministic) with
-each. `nanscope.verify_checks` turns that into nine checks; `nanscope.peak_memory` says how memory
+each. `nanscope.verify.checks` turns that into nine checks; `nanscope.verify.peak_memory` says how memory
 is measured.
 
 Totals weight the terms with the criterion's `weight_dict` when it has one (DETR convention), else
@@ -23,14 +23,14 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from nanscope.batch import Batch
-from nanscope.capture import capture
+from nanscope.replay.batch import Batch
+from nanscope.stacks.capture import capture
 from nanscope.errors import CriterionError, InputError
-from nanscope.peak_memory import PeakMemory
-from nanscope.replay import Replay, prepare
+from nanscope.verify.peak_memory import PeakMemory
+from nanscope.replay.session import Replay, prepare
 from nanscope.result import Result, environment
 from nanscope.user_code import Criterion, call_criterion, load_criterion, user_frame
-from nanscope.verify_checks import (MEMORY_LIMIT, CriterionRun, Outputs, Targets, check_after_finite,
+from nanscope.verify.checks import (MEMORY_LIMIT, CriterionRun, Outputs, Targets, check_after_finite,
                                     check_gradients, check_matching, check_memory, check_no_op, check_reference,
                                     check_reproduced, check_training, check_valid_only, floats, layers, term_layer,
                                     TrainLog, valid_positions)
@@ -128,7 +128,7 @@ def _nonfinite_at_zero(run: CriterionRun) -> TrainLog:
 
 
 def default_criteria(preset: str) -> tuple[tuple[Criterion, str], tuple[Criterion, str]]:
-    from nanscope.criterion import NaiveCriterion, SetCriterion
+    from nanscope.criterion.set_criterion import NaiveCriterion, SetCriterion
 
     return ((NaiveCriterion(preset), f"nanscope NaiveCriterion(preset={preset!r})"),
             (SetCriterion(preset), f"nanscope SetCriterion(preset={preset!r})"))
@@ -145,7 +145,7 @@ def _terms_table(before: CriterionRun, after: CriterionRun, last: str) -> list[d
 def resolve_criteria(before: Any, after: Any, preset: str,
                      steps: int) -> tuple[tuple[Criterion, str], tuple[Criterion, str]]:
     """Validate the options and load both criteria (before any model is built, so mistakes fail fast)."""
-    from nanscope.presets import get_preset
+    from nanscope.criterion.presets import get_preset
 
     get_preset(preset)  # an unknown preset is an InputError listing the valid ones
     if steps < 2:

@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, console: Any) -> int:
-    from nanscope.cli import check_output_path
+    from nanscope.cli._common import check_output_path
     from nanscope.report.merge import load_report
     from nanscope.report.outputs import write_outputs
     from nanscope.report.terminal import render

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-PRESET_NAMES = ("mmdet", "open-groundingdino", "hf")  # nanscope.presets.PRESETS, listed here to keep --help fast
+PRESET_NAMES = ("mmdet", "open-groundingdino", "hf")  # nanscope.criterion.presets.PRESETS, listed here to keep --help fast
 
 
 def register(subparsers: Any) -> None:
-    from nanscope.cli import _output_options, replay_arguments
+    from nanscope.cli._common import output_options, replay_arguments
 
     p = subparsers.add_parser(
         "verify-fix", help="prove a fixed criterion removes the NaN and nothing else (nine checks)",
@@ -26,18 +26,18 @@ def register(subparsers: Any) -> None:
                    help="loss weights, normalizers and matching of the reference trainer (default: mmdet)")
     p.add_argument("--steps", type=int, default=5, metavar="N",
                    help="AdamW steps (lr 1e-4) on a copy of the model with the after criterion (default: 5, min 2)")
-    _output_options(p)
+    output_options(p)
     p.set_defaults(command_module=__name__)
 
 
 def run(args: argparse.Namespace, console: Any) -> int:
-    from nanscope.cli import _dump_paths, check_output_path
+    from nanscope.cli._common import check_output_path, dump_paths
     from nanscope.errors import InputError
     from nanscope.report.outputs import write_outputs
     from nanscope.report.terminal import render
-    from nanscope.verify import verify_fix
+    from nanscope.verify.pipeline import verify_fix
 
-    _dump_paths(args)
+    dump_paths(args)
     if not args.batch:
         raise InputError("verify-fix needs CHECKPOINT BATCH (or a dump folder)")
     if args.steps < 2:

@@ -1,7 +1,7 @@
 """The first non-finite operation, in the forward and in the backward (findings NS301, NS302).
 
 `trace_nonfinite(model, run)` replays `run()` (forward + loss) and the backward of its loss under an
-op-level observer (`nanscope._nonfinite_mode`; the rules are in `nanscope._nonfinite_rules`) and
+op-level observer (`nanscope.trace._mode`; the rules are in `nanscope.trace._rules`) and
 returns where NaN and inf *start*: the first aten op whose output is non-finite while its inputs were
 not. GroundingDINO writes `-inf` on purpose (ContrastiveEmbed's `masked_fill_` and
 `torch.full(..., -inf)`), so NaN and inf are followed separately and such writes are kept as
@@ -115,7 +115,7 @@ def trace_nonfinite(
     loss has no graph, or when no parameter requires grad. Exceptions from `run()` propagate unchanged
     after everything is restored. Module paths are relative to `model`.
     """
-    from nanscope._nonfinite_mode import NonfiniteMode
+    from nanscope.trace._mode import NonfiniteMode
 
     mode = NonfiniteMode(model)
     # One context for forward and backward: backward ops are named after the forward module that

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from nanscope.batch import Batch
+from nanscope.replay.batch import Batch
 
 MAX_TEXT_LEN = 256  # groundingdino pads logits to this many columns and truncates captions to it
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nanscope._nonfinite_rules import CONST, OP, PARAM, REFRESH, Ledger, Op
+from nanscope.trace._rules import CONST, OP, PARAM, REFRESH, Ledger, Op
 
 _FLUSH_OPS = 256  # ops between two reads of the queued flags (one device sync each)
 _FLUSH_BYTES = 128 * 2**20  # outputs held for origin details before a read is forced
@@ -242,7 +242,7 @@ def _package_dir(name: str) -> str | None:
 _INTERNAL_DIRS = tuple(d for d in map(_package_dir, ("torch", "torchvision", "functorch")) if d)
 _STDLIB = os.path.join(sysconfig.get_paths()["stdlib"], "")
 _TRACER_FILES = frozenset(os.path.join(os.path.dirname(os.path.abspath(__file__)), f)
-                          for f in ("trace.py", "_nonfinite_mode.py", "_nonfinite_rules.py"))
+                          for f in ("__init__.py", "tracer.py", "_mode.py", "_rules.py"))
 
 
 def _is_internal(filename: str) -> bool:

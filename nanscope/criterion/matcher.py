@@ -1,6 +1,6 @@
 """Hungarian matching of queries to target boxes; costs never reach scipy non-finite.
 
-The class cost uses only valid text positions (see `nanscope.text_mask`). At a `-inf` column
+The class cost uses only valid text positions (see `nanscope.criterion.text_mask`). At a `-inf` column
 p = sigmoid(-inf) = 0, so with targets that are 0 there the padded columns add exactly 0 to both
 cost kinds: masked and naive matching agree whenever the costs are finite. The risks are elsewhere:
 a positive-map row with no positive token (0/0 when a row is normalized: clamped here and reported
@@ -22,8 +22,8 @@ from torch import Tensor
 from torchvision.ops import box_convert, generalized_box_iou
 
 from nanscope.errors import InputError, MatchingError
-from nanscope.presets import CriterionPreset, get_preset
-from nanscope.text_mask import text_validity, text_width
+from nanscope.criterion.presets import CriterionPreset, get_preset
+from nanscope.criterion.text_mask import text_validity, text_width
 
 Match = tuple[Tensor, Tensor]  # (query indices [M] int64, box indices [M] int64), on the CPU
 _DUMMY = 0.5  # padded target slots hold the box (0.5, 0.5, 0.5, 0.5), so their costs stay finite

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from nanscope.batch import Batch, load_batch
-from nanscope.capture import ForwardRecord, capture
-from nanscope.checkpoint import KeyFit, file_sha256, load_into, read_state_dict
+from nanscope.replay.batch import Batch, load_batch
+from nanscope.stacks.capture import ForwardRecord, capture
+from nanscope.stacks.checkpoint import KeyFit, file_sha256, load_into, read_state_dict
 from nanscope.errors import DeviceError
-from nanscope.models.groundingdino import build_model, load_config
-from nanscope.positive_map import TextInfo, build_text_info
+from nanscope.stacks.groundingdino_py import build_model, load_config
+from nanscope.replay.positive_map import TextInfo, build_text_info
 
 
 def resolve_device(device: str | None) -> torch.device:

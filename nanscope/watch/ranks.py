@@ -117,7 +117,7 @@ def merge_rank_dumps(paths: Sequence[str | Path] | str | Path) -> dict[str, Any]
     ranks (per-rank step, reason, non-finite terms, loss terms, dump folder, origin flag), overflow_skips,
     and problems (manifests that disagree, missing ranks, dumps of other steps).
     """
-    from nanscope.snapshot import read_manifest
+    from nanscope.watch.snapshot import read_manifest
 
     if isinstance(paths, (str, Path)):
         paths = [paths]

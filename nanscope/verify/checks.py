@@ -92,7 +92,7 @@ def _map_logits(outputs: Outputs, fn: Any, mask: Tensor | None) -> dict[str, Any
 
 
 def valid_positions(outputs: Outputs) -> Tensor:
-    from nanscope.text_mask import text_validity
+    from nanscope.criterion.text_mask import text_validity
 
     return text_validity(outputs)[0]  # [B, T]
 
@@ -233,7 +233,7 @@ def _equality_check(cid: int, title: str, got: Mapping[str, float], ref: Mapping
 
 
 def check_reference(after: CriterionRun, outputs: Outputs, targets: Targets, preset: str) -> Check:
-    from nanscope.criterion import SetCriterion
+    from nanscope.criterion.set_criterion import SetCriterion
 
     ref = SetCriterion(preset, impl="masked_select")
     with torch.no_grad():

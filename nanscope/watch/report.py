@@ -15,8 +15,8 @@ import torch
 
 from nanscope.errors import NanscopeError
 from nanscope.findings import Finding, Severity
-from nanscope.ranks import Agreement
-from nanscope.snapshot import MANIFEST_FORMAT, MANIFEST_VERSION, floats
+from nanscope.watch.ranks import Agreement
+from nanscope.watch.snapshot import MANIFEST_FORMAT, MANIFEST_VERSION, floats
 
 _NOT_TERMS = ("grad_norm", "scale")
 
@@ -170,7 +170,7 @@ def finding(bad: BadStep, folder: Path) -> Finding:
                                "was not the origin", where=tuple({"rank": r, "step": step} for r in origin),
                        data=data)
     if kind == "exception":
-        from nanscope.diagnose import MATCHING_FAILURES
+        from nanscope.replay.diagnose import MATCHING_FAILURES
 
         exc = dict(bad.exception or {})
         text = f"{exc.get('type', 'an exception')}: {exc.get('message', '')}"

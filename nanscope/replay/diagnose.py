@@ -9,12 +9,12 @@ from typing import Any, Iterable
 import torch
 
 from nanscope.analyzers import AnalysisContext, run_analyzers
-from nanscope.batch import Batch
-from nanscope.capture import ForwardRecord
+from nanscope.replay.batch import Batch
+from nanscope.stacks.capture import ForwardRecord
 from nanscope.errors import CriterionError, InputError
 from nanscope.findings import check_codes
-from nanscope.module_stats import module_stats
-from nanscope.replay import Replay, prepare
+from nanscope.replay.module_stats import module_stats
+from nanscope.replay.session import Replay, prepare
 from nanscope.result import Result, environment
 from nanscope.user_code import call_criterion, load_criterion
 
@@ -187,14 +187,14 @@ def inspect_replay(
 
 def run_trace(replay: Replay, criterion: str | None) -> Any:
     """The op-level origin trace of forward + loss + backward (NS301/NS302)."""
-    from nanscope.trace import trace_nonfinite
+    from nanscope.trace.tracer import trace_nonfinite
 
     crit = load_criterion(criterion)[0] if criterion else None
     targets = replay.targets()
     samples = replay.samples()
 
     def run() -> Any:
-        from nanscope.capture import capture
+        from nanscope.stacks.capture import capture
 
         with capture(replay.model, detach=False) as cap:
             replay.model(samples, captions=list(replay.batch.captions))

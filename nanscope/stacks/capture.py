@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from nanscope._callable_module import make_callable
-from nanscope.models.groundingdino import find_groundingdino
+from nanscope.stacks.groundingdino_py import find_groundingdino
 
 
 @dataclass

@@ -13,7 +13,7 @@ that happen), or at the latest every `sync_every` checks: the sentinel never wai
 itself in between. Because the read can come a few steps late, a device copy of the weights is
 kept and frozen at the first bad step (`torch.where`, no host read), so the dump still holds the
 weights as they were before that step. Under torch.distributed the ranks agree at the read points
-with one small `all_gather` (see `nanscope.ranks`) and all stop at the same check.
+with one small `all_gather` (see `nanscope.watch.ranks`) and all stop at the same check.
 
 A step can also fail before check(): a NaN image makes every cost NaN and the Hungarian matcher
 raises inside the criterion. When the `with` block raises an `Exception` after the model ran for
@@ -38,11 +38,10 @@ from typing import Any, Iterator, Literal, Mapping
 import torch
 from torch import Tensor, nn
 
-from nanscope._callable_module import make_callable
 from nanscope.errors import InputError
-from nanscope.ranks import Agreement, RankContext, agree, rank_context
-from nanscope.snapshot import WeightSnapshot, capture_rng, cpu_state_dict, portable_rng, schema_batch, unwrap, write_dump
-from nanscope.watch_report import BadStep, NonFiniteStepError, WatchReport, manifest, scaler_state
+from nanscope.watch.ranks import Agreement, RankContext, agree, rank_context
+from nanscope.watch.snapshot import WeightSnapshot, capture_rng, cpu_state_dict, portable_rng, schema_batch, unwrap, write_dump
+from nanscope.watch.report import BadStep, NonFiniteStepError, WatchReport, manifest, scaler_state
 
 OnNonFinite = Literal["raise", "stop"]
 MAX_SYNC_EVERY = 1024  # a larger sync_every is capped: the unread steps' batches are kept alive until read
@@ -647,4 +646,3 @@ def watch(
 __all__ = ["watch", "Watcher", "WatchOptions", "WatchReport", "NonFiniteStepError"]
 
 
-make_callable(__name__)  # `nanscope.watch(...)` works after `import nanscope.watch` too

@@ -1,0 +1,21 @@
+"""`nanscope codes`: the finding codes, their severity and title."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+EXIT_OK = 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("codes", help="list the finding codes")
+    p.set_defaults(command_module=__name__)
+
+
+def run(args: argparse.Namespace, console: Any) -> int:
+    from nanscope.findings import CATALOGUE
+
+    for c in CATALOGUE.values():
+        console.print(f"{c.code}  {c.severity.value:<7}  {c.title}", highlight=False)
+    return EXIT_OK

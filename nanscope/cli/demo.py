@@ -1,0 +1,65 @@
+"""`nanscope demo`: write a small real GroundingDINO and a batch that NaNs, then inspect and verify-fix it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from nanscope.cli._common import check_output_path
+
+EXIT_OK = 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("demo", help="build a small real GroundingDINO and a batch that NaNs, then inspect it")
+    p.add_argument("--out", default="reports/demo", help="folder for the demo files (default: reports/demo)")
+    p.add_argument("--html", metavar="PATH", help="HTML report path (default: OUT/report.html)")
+    p.add_argument("--no-html", action="store_true", help="skip the HTML report")
+    p.add_argument("--no-verify", action="store_true", help="skip verify-fix")
+    p.set_defaults(command_module=__name__)
+
+
+DEMO_CRITERION = "nanscope.criterion:NaiveCriterion"  # the unmasked loss that reproduces the NaN
+DEMO_VERIFY_STEPS = 3  # enough to see the loss go down; the default 5 would double the demo's run time
+
+
+def run(args: argparse.Namespace, console: Any) -> int:
+    from nanscope.replay.diagnose import inspect_replay
+    from nanscope.stacks.demo import write_demo
+    from nanscope.replay.session import prepare
+    from nanscope.report.outputs import write_outputs
+    from nanscope.report.terminal import render
+
+    out = Path(args.out)
+    html = None if args.no_html else (args.html or str(out / "report.html"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from nanscope.errors import OutputError
+
+        raise OutputError(f"demo folder {str(out)!r} cannot be created: {exc.strerror or exc}") from None
+    check_output_path(html, [])
+    console.print(f"writing the demo model, checkpoint and batch to {out}/ ...")
+    files = write_demo(out)
+    replay = prepare(files.checkpoint, files.batch, config=files.config)  # built once, shared by both steps
+    console.print(f"$ nanscope inspect {files.checkpoint} {files.batch} --config {files.config} "
+                  f"--criterion {DEMO_CRITERION}")
+    result = inspect_replay(replay, criterion=DEMO_CRITERION)
+    render(result, console)
+    if html:
+        write_outputs(result, argparse.Namespace(html=html), console)
+        console.print(f"HTML report: {html}")
+    if args.no_verify:
+        return EXIT_OK
+    from nanscope.verify.pipeline import verify_replay
+
+    console.print(f"$ nanscope verify-fix {files.checkpoint} {files.batch} --config {files.config} "
+                  f"--steps {DEMO_VERIFY_STEPS}")
+    verified = verify_replay(replay, steps=DEMO_VERIFY_STEPS)
+    render(verified, console)
+    if html:
+        vhtml = str(Path(html).with_name("verify-fix.html"))
+        write_outputs(verified, argparse.Namespace(html=vhtml), console)
+        console.print(f"HTML report: {vhtml}")
+    return verified.exit_code

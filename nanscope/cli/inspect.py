@@ -1,0 +1,41 @@
+"""`nanscope inspect CHECKPOINT BATCH` (or a watch dump): replay, capture, diagnose."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from nanscope.cli._common import check_output_path, codes, dump_paths, output_options, replay_arguments
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("inspect", help="replay one batch through a GroundingDINO checkpoint and diagnose it")
+    replay_arguments(p)
+    p.add_argument("--criterion", metavar="MODULE:ATTR",
+                   help="your criterion, run on the captured outputs (class, factory or function)")
+    p.add_argument("--trace", action="store_true",
+                   help="trace the first non-finite operation, forward and backward (slower)")
+    p.add_argument("--amp", choices=["fp16", "bf16"], help="replay the forward under autocast, as AMP training does")
+    p.add_argument("--select", metavar="CODES", help="only these finding codes (comma separated)")
+    p.add_argument("--ignore", metavar="CODES", help="skip these finding codes (comma separated)")
+    output_options(p)
+    p.set_defaults(command_module=__name__)
+
+
+def run(args: argparse.Namespace, console: Any) -> int:
+    from nanscope.replay.diagnose import inspect
+    from nanscope.errors import InputError
+    from nanscope.report.outputs import write_outputs
+    from nanscope.report.terminal import render
+
+    dump_paths(args)
+    if not args.batch:
+        raise InputError("inspect needs CHECKPOINT BATCH (or a dump folder)")
+    for out in (args.json, args.html, args.junit):
+        check_output_path(out, [args.checkpoint, args.batch])
+    result = inspect(args.checkpoint, args.batch, config=args.config, text_encoder=args.text_encoder,
+                     device=args.device, criterion=args.criterion, trust_checkpoint=args.trust_checkpoint,
+                     select=codes(args.select), ignore=codes(args.ignore), trace=args.trace, amp=args.amp)
+    render(result, console)
+    write_outputs(result, args, console)
+    return result.exit_code
