@@ -175,7 +175,8 @@ def test_self_contained_and_robust_to_missing_parts():
 
 
 def test_heatmap_shows_the_valid_region_a_padding_band_and_positives_on_padding():
-    from nanscope.report.figures import PAD_BAND, select_columns, select_queries
+    from nanscope.report.figures import PAD_BAND
+    from nanscope.report.heatmap import select_columns, select_queries
 
     valid = torch.zeros(256, dtype=torch.bool)
     valid[:6] = True

@@ -20,6 +20,8 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="groundingdino config (.py as shipped, or .json); default: SwinT-OGC")
     p.add_argument("--text-encoder", help="Hugging Face name or local folder of the BERT; default: from the config")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--stack", metavar="NAME",
+                   help="the model family (groundingdino-py, ...); default: detected from the checkpoint")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that need pickled Python objects (can run code: only for files you trust)")
 
@@ -95,6 +97,9 @@ def dump_paths(args: argparse.Namespace) -> None:
             args.config = meta["config"]
         if args.text_encoder is None and meta.get("text_encoder"):
             args.text_encoder = meta["text_encoder"]
+        stack = meta.get("stack") if isinstance(meta.get("stack"), dict) else {}
+        if getattr(args, "stack", None) is None and isinstance(stack.get("stack"), str):
+            args.stack = stack["stack"]
         autocast = (meta.get("amp") or {}).get("autocast") or {}
         if getattr(args, "amp", None) is None and autocast:
             args.amp = AUTOCAST_TO_AMP.get(next(iter(autocast.values())))

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace, console: Any) -> int:
         check_output_path(out, [args.checkpoint, args.batch])
     result = inspect(args.checkpoint, args.batch, config=args.config, text_encoder=args.text_encoder,
                      device=args.device, criterion=args.criterion, trust_checkpoint=args.trust_checkpoint,
-                     select=codes(args.select), ignore=codes(args.ignore), trace=args.trace, amp=args.amp)
+                     select=codes(args.select), ignore=codes(args.ignore), trace=args.trace, amp=args.amp,
+                     stack=args.stack)
     render(result, console)
     write_outputs(result, args, console)
     return result.exit_code

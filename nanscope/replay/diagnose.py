@@ -170,7 +170,7 @@ def inspect_replay(
         "images": len(replay.batch),
         "boxes": replay.batch.num_boxes,
         "decoder_layers": record.num_layers,
-        "encoder_proposals": record.enc_logits_all is not None,
+        "encoder_proposals": record.has_encoder,
         "queries": int(record.layer_logits[-1].shape[1]) if record.layer_logits else 0,
         "max_text_len": replay.max_text_len,
         "tokens_per_image": [t.num_tokens for t in replay.texts],
@@ -191,13 +191,12 @@ def run_trace(replay: Replay, criterion: str | None) -> Any:
 
     crit = load_criterion(criterion)[0] if criterion else None
     targets = replay.targets()
-    samples = replay.samples()
+    args, kwargs = replay.model_call()
+    assert replay.stack is not None
 
     def run() -> Any:
-        from nanscope.stacks.capture import capture
-
-        with capture(replay.model, detach=False) as cap:
-            replay.model(samples, captions=list(replay.batch.captions))
+        with replay.stack.capture(replay.model, detach=False) as cap:  # type: ignore[union-attr]
+            replay.model(*args, **kwargs)
         outputs = cap.last.to_outputs()
         if crit is None:
             return {"pred_logits_sum": outputs["pred_logits"].float().sum()}
@@ -221,6 +220,7 @@ def inspect(
     device: str | None = "cpu",
     criterion: str | None = None,
     trust_checkpoint: bool = False,
+    stack: str | None = None,
     select: Iterable[str] | None = None,
     ignore: Iterable[str] | None = None,
     trace: bool = False,
@@ -231,5 +231,5 @@ def inspect(
     select = check_codes(select) if select else None
     ignore = check_codes(ignore) if ignore else None
     replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
-                     trust_checkpoint=trust_checkpoint)
+                     trust_checkpoint=trust_checkpoint, stack=stack)
     return inspect_replay(replay, criterion=criterion, select=select, ignore=ignore, trace=trace, amp=amp)

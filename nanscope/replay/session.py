@@ -1,24 +1,25 @@
-"""Replay one batch through a real GroundingDINO: build, load the checkpoint, run the forward with capture.
+"""Replay one batch through the user's model: build, load the checkpoint, run the forward with capture.
 
-Shared by `inspect`, `verify-fix` and the replay of `watch` dumps. Inputs are only read.
+Shared by `inspect`, `verify-fix` and the replay of `watch` dumps. The model family is a stack
+(`nanscope.stacks`): detected from the checkpoint, or named. Inputs are only read.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from nanscope.replay.batch import Batch, load_batch
-from nanscope.stacks.capture import ForwardRecord, capture
-from nanscope.stacks.checkpoint import KeyFit, file_sha256, load_into, read_state_dict
 from nanscope.errors import DeviceError
-from nanscope.stacks.groundingdino_py import build_model, load_config
+from nanscope.replay.batch import Batch, load_batch
 from nanscope.replay.positive_map import TextInfo, build_text_info
+from nanscope.stacks import stack_for_checkpoint
+from nanscope.stacks.base import Stack
+from nanscope.stacks.capture import ForwardRecord
+from nanscope.stacks.checkpoint import KeyFit
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -36,20 +37,6 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def resolve_text_encoder(config: str | os.PathLike[str] | None, text_encoder: str | None) -> str | None:
-    """An explicit --text-encoder wins; a relative folder named in the config is found next to the config."""
-    if text_encoder is not None:
-        return text_encoder
-    if config is None:
-        return None
-    cfg = load_config(config)
-    te = str(getattr(cfg, "text_encoder_type", ""))
-    candidate = Path(config).parent / te
-    if te and not Path(te).is_absolute() and candidate.is_dir():
-        return str(candidate)
-    return None
-
-
 @dataclass
 class Replay:
     """A model with the user's weights, the batch, and what nanscope derived from them."""
@@ -62,30 +49,39 @@ class Replay:
     key_fit: KeyFit
     device: torch.device
     inputs: dict[str, Any]  # paths, hashes, options, for reports
+    stack: Stack | None = None  # None: the model's own stack, found when first needed
+    max_text_len: int = 256
 
-    @property
-    def max_text_len(self) -> int:
-        return int(getattr(self.cfg, "max_text_len", 256))
+    def __post_init__(self) -> None:
+        if self.stack is None:
+            from nanscope.stacks import stack_for_model
+
+            self.stack = stack_for_model(self.model)
 
     def targets(self) -> list[dict[str, torch.Tensor]]:
         """Criterion targets (DETR convention): boxes [N, 4] cxcywh and binary positive_map [N, T]."""
-        return [
-            {"boxes": t.boxes.to(self.device), "positive_map": info.positive_map.to(self.device)}
-            for t, info in zip(self.batch.targets, self.texts)
-        ]
+        assert self.stack is not None
+        return self.stack.targets(self.batch, self.texts, self.device)
+
+    def model_call(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """`(args, kwargs)` of the model call for this batch, on the replay's device."""
+        assert self.stack is not None
+        return self.stack.model_call(self.model, self.batch, self.device)
 
     def samples(self) -> Any:
-        """The model input: the image tensor, or groundingdino's NestedTensor when the batch has pixel masks."""
-        images = self.batch.images.to(self.device)
-        if self.batch.image_masks is None:
-            return images
-        from groundingdino.util.misc import NestedTensor
+        """The first positional model input (groundingdino-py: the image tensor or its NestedTensor)."""
+        return self.model_call()[0][0]
 
-        return NestedTensor(images, self.batch.image_masks.to(self.device))
+    def run(self, model: nn.Module | None = None) -> Any:
+        """One forward of `model` (default: the replay's) on the batch; returns what the model returns."""
+        args, kwargs = self.model_call()
+        return (model if model is not None else self.model)(*args, **kwargs)
 
     def forward(self, *, detach: bool = True, grad: bool = False) -> ForwardRecord:
-        with torch.set_grad_enabled(grad), capture(self.model, detach=detach) as cap:
-            self.model(self.samples(), captions=list(self.batch.captions))
+        """One captured forward (eval mode, no gradients unless `grad`)."""
+        assert self.stack is not None
+        with torch.set_grad_enabled(grad), self.stack.capture(self.model, detach=detach) as cap:
+            self.run()
         return cap.last
 
 
@@ -98,22 +94,19 @@ def prepare(
     device: str | None = "cpu",
     trust_checkpoint: bool = False,
     hash_checkpoint: bool = True,
+    stack: str | None = None,
 ) -> Replay:
-    """Load everything a replay needs; raises `InputError` subclasses with one-line reasons."""
+    """Load everything a replay needs; raises `InputError` subclasses with one-line reasons.
+
+    stack: the model family by name ('groundingdino-py', ...); None detects it from `checkpoint`.
+    """
     dev = resolve_device(device)
     b = batch if isinstance(batch, Batch) else load_batch(batch)
-    state = read_state_dict(checkpoint, trust=trust_checkpoint)
-    te = resolve_text_encoder(config, text_encoder)
-    model, cfg = build_model(config, text_encoder=te)
-    fit = load_into(model, state, source=f"checkpoint {str(checkpoint)!r}")
-    model.to(dev).eval()
-    texts = build_text_info(model.tokenizer, b, max_text_len=int(getattr(cfg, "max_text_len", 256)))
-    inputs = {
-        "checkpoint": str(checkpoint),
-        "checkpoint_sha256": file_sha256(checkpoint) if hash_checkpoint else None,
-        "batch": b.source if isinstance(batch, Batch) else str(batch),
-        "config": str(config) if config is not None else "groundingdino SwinT-OGC (default)",
-        "text_encoder": str(cfg.text_encoder_type),
-        "device": str(dev),
-    }
-    return Replay(model, cfg, b, texts, state, fit, dev, inputs)
+    st = stack_for_checkpoint(checkpoint, stack=stack)
+    loaded = st.load(checkpoint, config=config, text_encoder=text_encoder, trust=trust_checkpoint, device=dev,
+                     hash_checkpoint=hash_checkpoint)
+    texts = build_text_info(loaded.tokenizer, b, max_text_len=loaded.max_text_len)
+    inputs = {"checkpoint": str(checkpoint), "checkpoint_sha256": None,
+              "batch": b.source if isinstance(batch, Batch) else str(batch), **loaded.inputs, "device": str(dev)}
+    return Replay(loaded.model, loaded.cfg, b, texts, loaded.state_dict, loaded.key_fit, dev, inputs,
+                  stack=st, max_text_len=loaded.max_text_len)

@@ -1,4 +1,4 @@
-"""Build the real groundingdino-py model from a config, and find it inside wrappers.
+"""The groundingdino-py stack: build the real model from a config, find it inside wrappers, load and replay it.
 
 Configs are groundingdino's own (a `.py` as shipped, or `.json`/`.yaml` read by its `SLConfig`).
 A config may carry `nanscope_swin = {embed_dim, depths, num_heads, window_size}`: the Swin backbone is
@@ -12,12 +12,14 @@ import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import nn
 
 from nanscope.errors import ConfigError
+from nanscope.stacks.base import LoadedModel, Stack
+from nanscope.stacks.capture import Capture
 
 DEFAULT_CONFIG = "SwinT_OGC"  # groundingdino's GroundingDINO_SwinT_OGC.py, shipped inside the package
 DEFAULT_TEXT_ENCODER = "bert-base-uncased"
@@ -130,3 +132,92 @@ def find_groundingdino(model: nn.Module) -> nn.Module:
         if isinstance(sub, GroundingDINO):
             return sub
     raise ConfigError(f"no GroundingDINO module found inside {type(model).__name__}")
+
+
+def resolve_text_encoder(config: str | os.PathLike[str] | None, text_encoder: str | None) -> str | None:
+    """An explicit --text-encoder wins; a relative folder named in the config is found next to the config."""
+    if text_encoder is not None:
+        return text_encoder
+    if config is None:
+        return None
+    cfg = load_config(config)
+    te = str(getattr(cfg, "text_encoder_type", ""))
+    candidate = Path(config).parent / te
+    if te and not Path(te).is_absolute() and candidate.is_dir():
+        return str(candidate)
+    return None
+
+
+class GroundingDinoPy(Stack):
+    """IDEA-Research's groundingdino-py (and Open-GroundingDino, whose model code and keys are the same)."""
+
+    name = "groundingdino-py"
+
+    def owns(self, model: nn.Module) -> bool:
+        try:
+            self.find_model(model)
+        except (ConfigError, ImportError):
+            return False
+        return True
+
+    def find_model(self, model: nn.Module) -> nn.Module:
+        return find_groundingdino(model)
+
+    def claims(self, checkpoint: Path) -> bool:
+        return Path(checkpoint).is_file()  # a torch file; the fallback stack for single files
+
+    def load(self, checkpoint: str | os.PathLike[str], *, config: str | os.PathLike[str] | None = None,
+             text_encoder: str | None = None, trust: bool = False, device: torch.device = torch.device("cpu"),
+             hash_checkpoint: bool = True) -> LoadedModel:
+        from nanscope.stacks.checkpoint import file_sha256, load_into, read_state_dict
+
+        state = read_state_dict(checkpoint, trust=trust)
+        te = resolve_text_encoder(config, text_encoder)
+        model, cfg = build_model(config, text_encoder=te)
+        fit = load_into(model, state, source=f"checkpoint {str(checkpoint)!r}")
+        model.to(device).eval()
+        inputs = {
+            "checkpoint": str(checkpoint),
+            "checkpoint_sha256": file_sha256(checkpoint) if hash_checkpoint else None,
+            "config": str(config) if config is not None else "groundingdino SwinT-OGC (default)",
+            "text_encoder": str(cfg.text_encoder_type),
+            "stack": self.name,
+        }
+        return LoadedModel(self, model, cfg, model.tokenizer, int(getattr(cfg, "max_text_len", 256)), state, fit,
+                           inputs)
+
+    def load_tokenizer(self, *, config: str | os.PathLike[str] | None = None,
+                       text_encoder: str | None = None) -> tuple[Any, int]:
+        from groundingdino.util.get_tokenlizer import get_tokenlizer
+
+        cfg = load_config(config)
+        te = resolve_text_encoder(config, text_encoder) or str(cfg.text_encoder_type)
+        if os.sep in te or te.startswith("."):
+            te = str(Path(te).resolve())
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                tok = get_tokenlizer(te)
+        except OSError as exc:
+            raise ConfigError(f"text encoder {te!r} could not be loaded ({str(exc).splitlines()[0]}); "
+                              "pass --text-encoder with a local folder holding the tokenizer") from None
+        return tok, int(getattr(cfg, "max_text_len", 256))
+
+    def model_call(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        images = batch.images.to(device)
+        if batch.image_masks is not None:
+            from groundingdino.util.misc import NestedTensor
+
+            images = NestedTensor(images, batch.image_masks.to(device))
+        return (images,), {"captions": list(batch.captions)}
+
+    def capture(self, model: nn.Module, *, detach: bool = True) -> ContextManager[Capture]:
+        from nanscope.stacks.gdpy_capture import capture_groundingdino
+
+        return capture_groundingdino(self.find_model(model), detach=detach)
+
+    def dump_meta(self, model: nn.Module) -> dict[str, Any]:
+        gd = self.find_model(model)
+        name = str(getattr(getattr(gd, "tokenizer", None), "name_or_path", "") or "")
+        te = str(Path(name).resolve()) if name and Path(name).is_dir() else (name or None)
+        return {"stack": self.name, "model_class": type(gd).__name__, "text_encoder": te,
+                "max_text_len": int(getattr(gd, "max_text_len", 256)), "num_queries": int(getattr(gd, "num_queries", 0))}

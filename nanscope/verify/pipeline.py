@@ -24,7 +24,6 @@ import torch
 from torch import Tensor, nn
 
 from nanscope.replay.batch import Batch
-from nanscope.stacks.capture import capture
 from nanscope.errors import CriterionError, InputError
 from nanscope.verify.peak_memory import PeakMemory
 from nanscope.replay.session import Replay, prepare
@@ -104,13 +103,13 @@ def train_steps(replay: Replay, crit: Criterion, name: str, steps: int, lr: floa
     """
     model = copy.deepcopy(replay.model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    samples = replay.samples()
-    captions = list(replay.batch.captions)
+    args, kwargs = replay.model_call()
     targets = replay.targets()
+    assert replay.stack is not None
     totals: list[float] = []
     for step in range(steps):
-        with torch.enable_grad(), capture(model, detach=False) as cap:
-            model(samples, captions=captions)
+        with torch.enable_grad(), replay.stack.capture(model, detach=False) as cap:
+            model(*args, **kwargs)
         terms = call_criterion(crit, cap.last.to_outputs(), targets, name=name)
         total = weighted_total(crit, terms)
         totals.append(float(total.detach().float()))
@@ -223,6 +222,7 @@ def verify_fix(
     text_encoder: str | None = None,
     device: str | None = "cpu",
     trust_checkpoint: bool = False,
+    stack: str | None = None,
 ) -> Result:
     """Replay `batch` through the GroundingDINO in `checkpoint` and run the nine checks. Never prints.
 
@@ -231,6 +231,6 @@ def verify_fix(
     """
     criteria = resolve_criteria(before, after, preset, steps)
     replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
-                     trust_checkpoint=trust_checkpoint)
+                     trust_checkpoint=trust_checkpoint, stack=stack)
     return verify_replay(replay, before=criteria[0], after=criteria[1], preset=preset, steps=steps)
 

@@ -125,7 +125,7 @@ def scaler_state(scaler: Any) -> dict[str, Any] | None:
             for k, v in sd.items() if isinstance(v, (int, float, str, bool))}
 
 
-def manifest(bad: BadStep, *, model_class: str, config: str | None, text_encoder: str | None,
+def manifest(bad: BadStep, *, model_class: str, stack: dict[str, Any], config: str | None, text_encoder: str | None,
              criterion: str | None, scaler: dict[str, Any] | None, device: torch.device, steps_checked: int,
              notes: list[str]) -> dict[str, Any]:
     """DUMP/manifest.json: enough for `nanscope inspect DUMP` to rebuild, replay and explain the step."""
@@ -148,6 +148,7 @@ def manifest(bad: BadStep, *, model_class: str, config: str | None, text_encoder
                 "min_scale": bad.min_scale, "max_consecutive_skips": bad.max_consecutive_skips,
                 "autocast": dict(bad.forward.get("autocast", {}))},
         "model": {"class": model_class, "training": bad.forward.get("training")},
+        "stack": dict(stack),  # the model family and what its replay needs (nanscope.stacks, dump_meta)
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,

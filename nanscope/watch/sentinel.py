@@ -27,21 +27,22 @@ the model did not run since the last check (a data loader error between steps).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from nanscope.errors import InputError
+from nanscope.watch.amp import ScaleTracker, scale_value
+from nanscope.watch.dumping import DumpWriter, criterion_spec, stack_meta
 from nanscope.watch.ranks import Agreement, RankContext, agree, rank_context
-from nanscope.watch.snapshot import WeightSnapshot, capture_rng, cpu_state_dict, portable_rng, schema_batch, unwrap, write_dump
-from nanscope.watch.report import BadStep, NonFiniteStepError, WatchReport, manifest, scaler_state
+from nanscope.watch.records import StepRecord, syncs_allowed
+from nanscope.watch.report import NonFiniteStepError, WatchReport
+from nanscope.watch.snapshot import WeightSnapshot, capture_rng
 
 OnNonFinite = Literal["raise", "stop"]
 MAX_SYNC_EVERY = 1024  # a larger sync_every is capped: the unread steps' batches are kept alive until read
@@ -64,61 +65,7 @@ class WatchOptions:
     on_nonfinite: OnNonFinite = "raise"  # "raise": check() raises NonFiniteStepError; "stop": it returns False
 
 
-@dataclass
-class _Record:
-    """One check: values arrive on the host now (CPU) or when `event` completes (CUDA)."""
-
-    step: int
-    names: tuple[str, ...]  # the device vector: loss terms, then "grad_norm" and "scale" when given
-    n_fail: int  # the first n_fail device values are failures when non-finite (they freeze the snapshot)
-    host: dict[str, float]  # values already on the host (python numbers)
-    batch: Any
-    forward: dict[str, Any] | None  # RNG/autocast/inputs captured at the first forward since the last check
-    rng_at_check: dict[str, Any]
-    slot: Tensor | None = None
-    event: Any = None
-    values: dict[str, float] | None = None
-    checked: bool = True  # False: the step in progress when the block raised, check() never ran for it
-
-
-@contextlib.contextmanager
-def _syncs_allowed() -> Iterator[None]:
-    """Writing a dump copies to the host: switch a caller's CUDA sync debug mode off meanwhile, then restore it."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    prev = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode(0)
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode(prev)
-
-
-def _finite(rec: _Record) -> bool:
-    return all(math.isfinite(v) for v in (rec.values or {}).values())
-
-
-def _criterion_spec(criterion: Any) -> str | None:
-    """'module:QualName' of a criterion, when it can be imported again (not from __main__)."""
-    if criterion is None:
-        return None
-    obj = criterion if callable(criterion) and hasattr(criterion, "__qualname__") else type(criterion)
-    mod = getattr(obj, "__module__", None)
-    if not mod or mod == "__main__" or "<locals>" in obj.__qualname__:
-        return None
-    return f"{mod}:{obj.__qualname__}"
-
-
-def _text_encoder_of(model: nn.Module) -> str | None:
-    try:
-        name = str(unwrap(model).tokenizer.name_or_path)  # type: ignore[union-attr]
-    except AttributeError:
-        return None
-    return str(Path(name).resolve()) if name and Path(name).is_dir() else (name or None)
-
-
-class Watcher:
+class Watcher(DumpWriter):
     """The sentinel. Build it with `nanscope.watch(...)`; use `check` once per step, `close` (or `with`) at the end."""
 
     def __init__(self, model: nn.Module, dump_dir: str | os.PathLike[str], *, options: WatchOptions,
@@ -134,13 +81,14 @@ class Watcher:
         self.dump_dir = Path(dump_dir)
         self.options = options
         self.scaler = scaler
-        self.criterion_spec = _criterion_spec(criterion)
+        self.criterion_spec = criterion_spec(criterion)
         self.config = None if config is None else str(Path(config).resolve())
-        self.text_encoder = str(text_encoder) if text_encoder is not None else _text_encoder_of(model)
+        self.stack_meta = stack_meta(model)
+        self.text_encoder = str(text_encoder) if text_encoder is not None else self.stack_meta.get("text_encoder")
         if text_encoder is not None and Path(text_encoder).is_dir():
             self.text_encoder = str(Path(text_encoder).resolve())
         self.ctx: RankContext = rank_context(process_group)
-        self._records: list[_Record] = []  # since the last read point, in step order
+        self._records: list[StepRecord] = []  # since the last read point, in step order
         self._unread = 0  # index into _records of the first record not analyzed yet
         self._checks = 0
         self._last_step: int | None = None  # the step of the latest check()
@@ -152,11 +100,7 @@ class Watcher:
         self._device: torch.device | None = None
         self._ring: Tensor | None = None  # pinned host slots for the CUDA reads
         self._forward: dict[str, Any] | None = None
-        self._prev_scale: tuple[int, float] | None = None
-        self._consecutive = 0
-        self._skip_steps: list[int] = []
-        self._skips = 0
-        self._last_scale: float | None = None
+        self._amp = ScaleTracker(options.min_scale, options.max_consecutive_skips)
         self._report: WatchReport | None = None
         self._closed = False
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
@@ -184,7 +128,7 @@ class Watcher:
             fwd = {k: v for k, v in fwd.items() if k not in ("args", "kwargs")}
         n_fail = sum(1 for n in names if n not in ("grad_norm", "scale"))
         n_fail += 1 if "grad_norm" in names and not self._scaler_on() else 0
-        rec = _Record(step=int(step), names=tuple(names), n_fail=n_fail, host=host, batch=batch, forward=fwd,
+        rec = StepRecord(step=int(step), names=tuple(names), n_fail=n_fail, host=host, batch=batch, forward=fwd,
                       rng_at_check=capture_rng())
         self._enqueue(rec, dev)
         self._checks += 1
@@ -314,13 +258,7 @@ class Watcher:
         return names, dev, host
 
     def _scale_value(self) -> Tensor | float | None:
-        s = self.scaler
-        if s is None or (hasattr(s, "is_enabled") and not s.is_enabled()):
-            return None
-        t = getattr(s, "_scale", None)
-        if isinstance(t, Tensor):
-            return t  # read on the device, never `.item()`
-        return float(s.get_scale())  # a real GradScaler before its first scale(): the init scale, no sync
+        return scale_value(self.scaler)
 
     def _sync_every(self) -> int:
         if self.options.sync_every is not None:
@@ -332,7 +270,7 @@ class Watcher:
             return self.options.keep_weights
         return self._sync_every() > 1
 
-    def _enqueue(self, rec: _Record, dev: list[Tensor]) -> None:
+    def _enqueue(self, rec: StepRecord, dev: list[Tensor]) -> None:
         self._records.append(rec)
         if not dev:
             rec.values = {}
@@ -376,7 +314,7 @@ class Watcher:
             self._unread += 1
             self._analyze(rec)
 
-    def _analyze(self, rec: _Record) -> None:
+    def _analyze(self, rec: StepRecord) -> None:
         vals = rec.values or {}
         terms = [n for n in vals if n not in ("grad_norm", "scale")]
         bad_terms = [n for n in terms if not math.isfinite(vals[n])]
@@ -389,42 +327,16 @@ class Watcher:
         if self._sticky_step is None and not all(math.isfinite(vals[n]) for n in rec.names[: rec.n_fail]):
             self._sticky_step = rec.step  # the device flag froze the weight copy at this step too
         if scaler_on:
-            kind = kind or self._track_scale(rec.step, vals["scale"])
+            kind = kind or self._amp.track(rec.step, vals["scale"])
         if kind is not None and self._local is None:
             self._local = (rec.step, kind)
 
-    def _track_scale(self, step: int, scale: float) -> str | None:
-        prev = self._prev_scale
-        if prev is not None:
-            if scale < prev[1]:  # GradScaler only lowers the scale when it skipped the step
-                self._skips += 1
-                self._consecutive += 1
-                if len(self._skip_steps) < 100:
-                    self._skip_steps.append(prev[0])
-            else:
-                self._consecutive = 0
-        self._prev_scale = (step, scale)
-        self._last_scale = scale
-        if not math.isfinite(scale) or scale < self.options.min_scale:
-            return "scale_collapse"
-        if self._consecutive >= self.options.max_consecutive_skips:
-            return "scale_collapse"
-        return None
-
     def _sample_final_scale(self) -> None:
         """At close: the last step's skip shows only in the scale after it (one host read, at the end)."""
-        if self._report is not None or self.scaler is None or self._prev_scale is None:
-            return
-        if hasattr(self.scaler, "is_enabled") and not self.scaler.is_enabled():
+        if self._report is not None or self._amp.prev is None or scale_value(self.scaler) is None:
             return
         self._drain(block=True)
-        scale = float(self.scaler.get_scale())
-        if scale < self._prev_scale[1]:
-            self._skips += 1
-            self._consecutive += 1
-            if len(self._skip_steps) < 100:
-                self._skip_steps.append(self._prev_scale[0])
-        self._last_scale = scale
+        self._amp.final(float(self.scaler.get_scale()))
 
     def _read_point(self) -> None:
         """All records were read and none failed: forget them but the newest (its batch pairs with live weights)."""
@@ -447,133 +359,20 @@ class Watcher:
 
     def _decide(self, agreement: Agreement, current: int | None) -> bool:
         """Write this rank's dump of the agreed step and stop (the dump is the one deliberate sync)."""
-        with _syncs_allowed():
+        with syncs_allowed():
             self._write(agreement, current)
         self._release_buffers()
         return self._stop()
-
-    def _write(self, agreement: Agreement, current: int | None, *, pending: _Record | None = None,
-               exception: Mapping[str, str] | None = None, notes: list[str] | None = None) -> None:
-        """Write this rank's dump of `agreement.step`; `pending`: the unchecked step the block raised in."""
-        self._drain(block=True)  # we stop here anyway: know exactly where the snapshot froze
-        step = int(agreement.step)  # type: ignore[arg-type]
-        by_step: dict[int, _Record] = {}
-        for r in self._records:  # several checks per step (gradient accumulation): the first bad one
-            if r.step not in by_step or (_finite(by_step[r.step]) and not _finite(r)):
-                by_step[r.step] = r
-        if pending is not None:
-            by_step[pending.step] = pending
-        rec = by_step.get(step)
-        weights, weights_step, weight_notes = self._weights_for(step, current)
-        notes = list(notes or []) + weight_notes
-        if agreement.kind == "scale_collapse" and weights_step is not None and weights_step in by_step:
-            rec = by_step[weights_step]  # a collapse: pair the weights we have with their own batch
-        elif weights_step is not None and weights_step != step:
-            notes.append(f"no checkpoint on this rank: it holds the weights from before step {weights_step}, "
-                         f"not {step}; the origin rank's dump has them")
-            weights, weights_step = None, None
-        bad = BadStep(
-            agreement=agreement, rank=self.ctx.rank, world_size=self.ctx.world_size,
-            local=self._local or (None, None), batch_step=None if rec is None else rec.step,
-            weights_step=weights_step, values=dict(rec.values or {}) if rec is not None else {},
-            forward={k: v for k, v in (rec.forward or {}).items() if k in ("autocast", "training")} if rec else {},
-            overflow_skips=self._skips, overflow_steps=tuple(self._skip_steps), consecutive_skips=self._consecutive,
-            last_scale=self._last_scale, min_scale=self.options.min_scale,
-            max_consecutive_skips=self.options.max_consecutive_skips, exception=exception,
-        )
-        batch, batch_notes = self._dump_batch(rec)
-        rng = {"before_forward": portable_rng(rec.forward["rng"]) if rec is not None and rec.forward else None,
-               "at_check": portable_rng(rec.rng_at_check) if rec is not None else None}
-        folder = self.dump_dir / f"step{step:08d}-rank{self.ctx.rank}"
-        meta = manifest(bad, model_class=type(unwrap(self.model)).__name__, config=self.config,
-                        text_encoder=self.text_encoder, criterion=self.criterion_spec,
-                        scaler=scaler_state(self.scaler), device=self._device or torch.device("cpu"),
-                        steps_checked=self._checks, notes=notes + batch_notes)
-        write_dump(folder, state_dict=weights, batch=batch, rng=rng, manifest=meta)
-        self._report = bad.report(self._checks, folder)
-
-    def _dumps_for(self, exc: BaseException | None) -> bool:
-        """An error (not Ctrl-C or SystemExit), not the sentinel's own, and the run has not failed already."""
-        return (isinstance(exc, Exception) and not isinstance(exc, NonFiniteStepError)
-                and self._report is None and not self._closed)
-
-    def _dump_exception(self, exc: Exception) -> None:
-        """The block raised: dump the first bad step still unread, else the step the model ran for; never raise."""
-        raised = {"type": type(exc).__qualname__, "module": type(exc).__module__, "message": str(exc)[:4000]}
-        what = f"{raised['type']}: {raised['message'][:300]}"
-        try:
-            with _syncs_allowed():
-                self._drain(block=True)  # a late read may hold an earlier bad step: that one comes first
-                if self._local is not None:
-                    self._write(self._local_agreement(*self._local), None,
-                                notes=[f"after this step the watched block raised {what}"])
-                elif self._forward is not None:
-                    step = 0 if self._last_step is None else self._last_step + 1
-                    pending = _Record(step=step, names=(), n_fail=0, host={}, batch=None, forward=self._forward,
-                                      rng_at_check=capture_rng(), values={}, checked=False)
-                    self._local = (step, "exception")
-                    self._write(self._local_agreement(step, "exception"), step, pending=pending, exception=raised,
-                                notes=[f"the block raised {raised['type']} (see 'exception') after the model's "
-                                       "forward and before check(); the step number is the last checked step + 1"])
-                else:
-                    return
-        except Exception as err:  # the dump must never hide the user's exception
-            warnings.warn(f"nanscope.watch: the block raised {raised['type']}; writing its dump failed too "
-                          f"({type(err).__name__}: {str(err)[:300]})", RuntimeWarning, stacklevel=3)
-            return
-        finally:
-            self._release_buffers()
-        rep = self.report
-        warnings.warn(f"nanscope.watch: the block raised {raised['type']}; step {rep.step} ({rep.reason}) was "
-                      f"dumped to {rep.dump}; replay it with `nanscope inspect {rep.dump}`", RuntimeWarning,
-                      stacklevel=3)
-
-    def _local_agreement(self, step: int, kind: str) -> Agreement:
-        """This rank's own failure, decided without the other ranks (they may never get here)."""
-        return Agreement(tuple((step, kind) if r == self.ctx.rank else (None, None)
-                               for r in range(self.ctx.world_size)))
 
     def _stop(self) -> bool:
         if self.options.on_nonfinite == "raise" and self._report is not None:
             raise NonFiniteStepError(self._report)
         return False
 
-    def _weights_for(self, step: int, current: int | None) -> tuple[dict[str, Tensor] | None, int | None, list[str]]:
-        """The weights from before `step` if this rank still has them, else the closest it has, and notes."""
-        if current is not None and current == step:
-            return cpu_state_dict(self.model), step, []  # inside check(step): optimizer.step() has not run
-        if self._snapshot is not None and self._snapshot.filled:
-            frozen = self._sticky_step if self._sticky_step is not None else self._records[-1].step
-            return self._snapshot.state_dict(), frozen, []
-        if current is not None:
-            return cpu_state_dict(self.model), current, []
-        return None, None, [f"no checkpoint: step {step} was read after later optimizer steps and no weight copy "
-                            "was kept (keep_weights=False)"]
-
-    def _dump_batch(self, rec: _Record | None) -> tuple[dict[str, Any] | None, list[str]]:
-        if rec is None:
-            return None, ["this rank holds no record of the step"]
-        if rec.batch is not None:
-            return schema_batch(rec.batch)
-        if rec.forward is not None:  # fall back on what the model was called with
-            out, notes = _call_batch(rec.forward["args"], rec.forward["kwargs"])
-            given = ("check() was given no batch" if rec.checked
-                     else "the step raised before check(), so no batch was given")
-            if "targets" in out:
-                return out, notes + [f"{given}: images, captions and targets come from the model call"]
-            notes.append(f"{given}: images and captions come from the model call, targets are missing")
-            images, captions = out.get("images"), out.get("captions")
-            if isinstance(images, Tensor) and images.dim() == 4 and len(captions or ()) == images.shape[0]:
-                out["targets"] = [{"boxes": torch.zeros(0, 4), "phrases": []} for _ in range(images.shape[0])]
-                notes.append("batch.pt holds each image without boxes so that `nanscope inspect DUMP` can replay "
-                             "the forward; its loss terms are not the training loss's")
-            return out, notes
-        return None, ["check() was given no batch and the model was not called since the last check"]
-
     def _healthy_report(self) -> WatchReport:
         return WatchReport(steps_checked=self._checks, rank=self.ctx.rank, world_size=self.ctx.world_size,
-                           overflow_skips=self._skips, overflow_steps=tuple(self._skip_steps),
-                           last_scale=self._last_scale)
+                           overflow_skips=self._amp.skips, overflow_steps=tuple(self._amp.skip_steps),
+                           last_scale=self._amp.last_scale)
 
     # ------------------------------------------------------------ teardown
 
@@ -593,19 +392,6 @@ class Watcher:
         self._hook.remove()
         self._release_buffers()
         self._closed = True
-
-
-def _call_batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """A model call `model(images, captions=...)` or groundingdino's `model(samples, targets)` as a schema batch."""
-    images = args[0] if args else kwargs.get("samples", kwargs.get("images"))
-    raw: dict[str, Any] = {"images": images, "captions": kwargs.get("captions"), "targets": kwargs.get("targets")}
-    second = args[1] if len(args) > 1 else None
-    if isinstance(second, (list, tuple)) and second:
-        if all(isinstance(t, Mapping) for t in second):
-            raw["targets"] = raw["targets"] or second  # groundingdino's forward(samples, targets)
-        elif all(isinstance(c, str) for c in second):
-            raw["captions"] = raw["captions"] or second
-    return schema_batch({k: v for k, v in raw.items() if v is not None})
 
 
 def watch(

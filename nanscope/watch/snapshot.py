@@ -28,14 +28,22 @@ MANIFEST_VERSION = 1
 _TARGET_KEYS = ("boxes", "phrases", "tokens_positive")
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module whose state dict a fresh model loads: GroundingDINO inside wrappers, else DDP's `module`."""
-    try:
-        from nanscope.stacks.groundingdino_py import find_groundingdino
+def model_stack(model: nn.Module) -> Any:
+    """The stack of `model` (nanscope.stacks), or None for a model no stack knows (any nn.Module can be watched)."""
+    from nanscope.errors import ConfigError
+    from nanscope.stacks import stack_for_model
 
-        return find_groundingdino(model)
-    except Exception:  # not a GroundingDINO, or groundingdino-py not installed
-        pass
+    try:
+        return stack_for_model(model)
+    except ConfigError:
+        return None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module whose state dict a fresh model loads: the detector inside wrappers, else DDP's `module`."""
+    stack = model_stack(model)
+    if stack is not None:
+        return stack.find_model(model)
     m: Any = model
     for _ in range(8):
         inner = getattr(m, "_orig_mod", None) or getattr(m, "module", None)
@@ -203,7 +211,10 @@ def save_schema_batch(path: Path, batch: Mapping[str, Any]) -> list[str]:
 
 
 def cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The live state dict of `unwrap(model)` as plain, detached CPU tensors."""
+    """The live weights as plain, detached CPU tensors, under the names the model's stack loads again."""
+    stack = model_stack(model)
+    if stack is not None:
+        return stack.dump_state_dict(model)
     return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()
             if isinstance(v, Tensor)}
 

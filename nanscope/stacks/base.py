@@ -1,0 +1,98 @@
+"""The stack seam: what every GroundingDINO model family (groundingdino-py, transformers, ...) provides.
+
+`inspect`, `verify-fix`, `watch` and the analyzers talk to a `Stack`, never to a model library directly.
+A stack knows how to find its model inside wrappers, build it and load a checkpoint (with the key-fit
+report), turn a batch into the model's call, capture what the loss sees per forward, build criterion
+targets, name its own reference criterion, and write the weights and facts a watch dump needs.
+
+Adding a stack: subclass `Stack`, implement the abstract methods, and add it to `STACKS` in
+`nanscope/stacks/__init__.py` (see README, "Extending: adding a stack").
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, ContextManager
+
+import torch
+from torch import Tensor, nn
+
+from nanscope.stacks.capture import Capture
+from nanscope.stacks.checkpoint import KeyFit
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class LoadedModel:
+    """A model with the user's weights, as a stack built and loaded it."""
+
+    stack: "Stack"
+    model: nn.Module  # eval mode, on the device
+    cfg: Any  # the stack's own config object
+    tokenizer: Any  # a fast tokenizer (char_to_token): positive maps come from its untruncated tokenization
+    max_text_len: int  # logits have this many text columns; longer captions are truncated (or rejected)
+    state_dict: dict[str, Tensor]  # what the checkpoint held, under the model's own key names
+    key_fit: KeyFit
+    inputs: dict[str, Any] = field(default_factory=dict)  # report metadata: checkpoint, sha256, config, ...
+
+
+class Stack(abc.ABC):
+    """One model family. Instances are stateless; the registry holds one of each."""
+
+    name: ClassVar[str]  # stable, used in dumps and --stack: "groundingdino-py", "transformers"
+
+    # ---------------------------------------------------------------- models
+    @abc.abstractmethod
+    def owns(self, model: nn.Module) -> bool:
+        """True when `model`, or a module inside it (DDP, PEFT, torch.compile), is of this family."""
+
+    @abc.abstractmethod
+    def find_model(self, model: nn.Module) -> nn.Module:
+        """The detector module inside wrappers; raises `ConfigError` when there is none."""
+
+    # ---------------------------------------------------------------- files
+    @abc.abstractmethod
+    def claims(self, checkpoint: Path) -> bool:
+        """True when this stack reads `checkpoint` (a file or a folder) without being asked by name."""
+
+    @abc.abstractmethod
+    def load(self, checkpoint: PathLike, *, config: PathLike | None = None, text_encoder: str | None = None,
+             trust: bool = False, device: torch.device = torch.device("cpu"),
+             hash_checkpoint: bool = True) -> LoadedModel:
+        """Build the model, load the checkpoint (never strict, always reported) and move it to `device`."""
+
+    @abc.abstractmethod
+    def load_tokenizer(self, *, config: PathLike | None = None, text_encoder: str | None = None) -> tuple[Any, int]:
+        """`(tokenizer, max_text_len)` without building the model (what `nanscope scan` needs)."""
+
+    # ---------------------------------------------------------------- a forward
+    @abc.abstractmethod
+    def model_call(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """`(args, kwargs)` for `model(*args, **kwargs)` on a validated `Batch`."""
+
+    @abc.abstractmethod
+    def capture(self, model: nn.Module, *, detach: bool = True) -> ContextManager[Capture]:
+        """Hooks that fill one `ForwardRecord` per forward of `model`; removed on exit, also on exceptions."""
+
+    def targets(self, batch: Any, texts: list[Any], device: torch.device) -> list[dict[str, Any]]:
+        """Criterion targets (DETR convention): boxes [N, 4] cxcywh and binary positive_map [N, T]."""
+        return [{"boxes": t.boxes.to(device), "positive_map": info.positive_map.to(device)}
+                for t, info in zip(batch.targets, texts)]
+
+    def reference_criterion(self, preset: str) -> str | None:
+        """`MODULE:ATTR` of this stack's own loss for `preset`, when it ships one (None: nanscope's)."""
+        return None
+
+    # ---------------------------------------------------------------- watch dumps
+    def dump_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        """The live weights as plain CPU tensors, under names `load` accepts again."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.find_model(model).state_dict().items()
+                if isinstance(v, Tensor)}
+
+    @abc.abstractmethod
+    def dump_meta(self, model: nn.Module) -> dict[str, Any]:
+        """JSON values (never code or paths to code) a replay of a dump needs besides the weights."""
