@@ -11,12 +11,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def demo_files(tmp_path_factory: pytest.TempPathFactory):
-    """The demo (text encoder, config, checkpoint, long batch), written once per test session. Read-only."""
-    from nanscope.stacks.demo import write_demo
+def _load_fixture_builder():
+    import importlib.util
+    import sys
+    from pathlib import Path
 
-    return write_demo(tmp_path_factory.mktemp("demo"))
+    path = Path(__file__).parents[1] / "fixtures" / "build.py"
+    spec = importlib.util.spec_from_file_location("nanscope_fixtures_build", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def fixture_files(tmp_path_factory: pytest.TempPathFactory):
+    """fixtures/build.py's files (demo model, checkpoint, batches), built once per test session. Read-only."""
+    return _load_fixture_builder().build(tmp_path_factory.mktemp("fixtures"))
+
+
+@pytest.fixture(scope="session")
+def demo_files(fixture_files):
+    """The demo (text encoder, config, checkpoint, long batch), written once per test session. Read-only."""
+    return fixture_files.demo
 
 
 @pytest.fixture(scope="session")

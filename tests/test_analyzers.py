@@ -30,7 +30,7 @@ from nanscope.replay.session import Replay, prepare
 from _planting import planted, set_nan
 
 MASKED = "nanscope.criterion:SetCriterion"  # the fixed criterion: NS101 is only info with it
-CRITERIA = str(Path(__file__).parent / "criteria.py")
+CRITERIA = str(Path(__file__).parents[1] / "fixtures" / "criteria" / "simple.py")
 NAN = float("nan")
 
 

@@ -11,7 +11,7 @@ from nanscope.cli import main
 from nanscope.replay.diagnose import inspect, inspect_replay
 from nanscope.stacks.demo import demo_batch
 
-CRITERIA = str(Path(__file__).parent / "criteria.py")
+CRITERIA = str(Path(__file__).parents[1] / "fixtures" / "criteria" / "simple.py")
 
 
 def _valid_tokens(tokenizer, captions, max_len=256):
@@ -90,4 +90,4 @@ def test_user_criterion_that_raises_names_its_frame(demo_files, healthy_batch, c
                  "--criterion", f"{CRITERIA}:Raises"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "boom in user criterion" in err and "criteria.py:" in err and "Traceback" not in err
+    assert "boom in user criterion" in err and "simple.py:" in err and "Traceback" not in err

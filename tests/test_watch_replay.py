@@ -16,7 +16,7 @@ from nanscope.stacks.groundingdino_py import build_model
 from nanscope.replay.positive_map import build_text_info
 from nanscope.watch.report import NonFiniteStepError
 
-CRITERIA = str(Path(__file__).parent / "criteria.py")
+CRITERIA = str(Path(__file__).parents[1] / "fixtures" / "criteria" / "simple.py")
 
 
 def _masked():
