@@ -82,6 +82,20 @@ CATALOGUE: dict[str, CodeInfo] = {
         _c("NS307", "AMP loss-scale collapse", E,
            "The GradScaler keeps skipping steps: gradients overflow every step. Lower the learning rate, "
            "use bfloat16, or find the overflowing module with `nanscope inspect`.", 7),
+        # Beyond NaN: a finite loss that supervises the wrong thing (measured on the user's criterion).
+        _c("NS401", "negatives never trained", E,
+           "Compute the classification loss over every query (unmatched queries get all-zero targets), not only "
+           "over the matched ones: `src_logits[idx]` alone never teaches the other queries 'no object'.", 60),
+        _c("NS402", "positives ignored by a classification term", E,
+           "Build this term's targets from the matched boxes' positive-map rows (token labels); a term whose "
+           "targets are all zero trains every query towards 'no object'.", 61),
+        _c("NS403", "matcher hides non-finite costs", E,
+           "Let the matcher refuse non-finite costs (or use nanscope's HungarianMatcher) and fix what makes them: "
+           "drop boxes with an empty positive-map row; replacing NaN by 0 or the largest float matches such a "
+           "box to an arbitrary query.", 62),
+        _c("NS404", "one loss term drowns the others", W,
+           "Normalize the classification sum as the reference trainers do (matched queries or GT boxes, at least "
+           "1) or rebalance weight_dict, so no term is 100x the others on a healthy batch.", 63),
     ]
 }
 

@@ -1,6 +1,7 @@
 """Analyzers: one module per family of causes, registered by stable code (see registry.py)."""
 
-from nanscope.analyzers import boxes, checkpoint_fit, loss, numerics, origin, targets, text  # noqa: F401  (register the built-ins)
+from nanscope.analyzers import (boxes, checkpoint_fit, loss, numerics, origin, supervision, targets,  # noqa: F401
+                                text)  # (register the built-ins)
 from nanscope.analyzers.context import AnalysisContext
 from nanscope.analyzers.registry import Analyzer, get, register, registered, run_analyzers
 

@@ -38,6 +38,7 @@ class AnalysisContext:
     # Optional passes.
     trace: Any = None  # nanscope.trace.tracer.TraceResult
     module_stats: Any = None  # per-module activation magnitudes, for half-precision checks
+    supervision: Any = None  # nanscope.replay.supervision.SupervisionProbe of the user's criterion
     autocast_dtype: torch.dtype | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 

@@ -62,6 +62,33 @@ def sanitize_padding(outputs: dict[str, Any], valid: torch.Tensor) -> dict[str, 
     return out
 
 
+SUPERVISION_CODES = ("NS401", "NS402", "NS403", "NS404")  # measured by re-running the user's criterion
+
+
+def _wants(codes: Iterable[str], select: Iterable[str] | None, ignore: Iterable[str] | None) -> bool:
+    chosen = set(select) if select else set(codes)
+    return bool(chosen.intersection(codes) - set(ignore or ()))
+
+
+def nonfinite_images(outputs: dict[str, Any]) -> list[int]:
+    """Images whose logits hold NaN/+inf or whose boxes are non-finite (-inf logits are padding, not counted)."""
+    lg, bx = outputs["pred_logits"], outputs["pred_boxes"]
+    bad = torch.isnan(lg).flatten(1).any(1) | torch.isposinf(lg).flatten(1).any(1) | ~torch.isfinite(bx).flatten(1).all(1)
+    return [int(i) for i in bad.nonzero().flatten().tolist()]
+
+
+def probe_criterion(crit: Any, name: str, outputs: dict[str, Any], targets: list[dict[str, Any]],
+                    texts: list[Any]) -> Any:
+    """What the user's criterion supervises (nanscope.replay.supervision), measured on the captured outputs."""
+    from nanscope.replay.supervision import probe_supervision
+
+    matcher = getattr(crit, "matcher", None)
+    return probe_supervision(lambda o, t: call_criterion(crit, o, t, name=name), name, outputs, targets, texts,
+                             weight_dict=getattr(crit, "weight_dict", None),
+                             matcher=matcher if callable(matcher) else None,
+                             nonfinite_images=nonfinite_images(outputs))
+
+
 def worst_image(ctx: AnalysisContext, layer: str) -> int:
     """The image a person should look at first: most positives on padding, then most -inf cells."""
     assert ctx.logits is not None
@@ -163,6 +190,8 @@ def inspect_replay(
             ctx.notes["criterion_error"] = str(exc)
         if ctx.loss_terms is not None:
             terms = {k: float(v.detach().float().sum()) for k, v in ctx.loss_terms.items()}
+            if _wants(SUPERVISION_CODES, select, ignore):
+                ctx.supervision = probe_criterion(crit, name, outputs, targets, replay.texts)
     if trace:
         ctx.trace = run_trace(replay, criterion)  # in the model's dtype: see NS303 for autocast overflows
     findings = run_analyzers(ctx, select=select, ignore=ignore)
