@@ -11,7 +11,8 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from nanscope.findings import Finding, Severity, _jsonable, sort_findings, worst_severity
+from nanscope.causes import Group, group, linked_dicts
+from nanscope.findings import Finding, Severity, _jsonable, worst_severity
 
 SCHEMA = "nanscope.result/1"
 
@@ -48,7 +49,12 @@ class Result:
     artifacts: dict[str, Any] = field(default_factory=dict)  # tensors for figures (sidecar, not JSON)
 
     def __post_init__(self) -> None:
-        self.findings = sort_findings(self.findings)
+        self.findings = [f for g in group(self.findings) for f in g.findings]  # by cause (nanscope.causes)
+
+    @property
+    def groups(self) -> list[Group]:
+        """One group per cause: the cause (at the worst severity it explains), then what it explains."""
+        return group(self.findings)
 
     @property
     def errors(self) -> list[Finding]:
@@ -82,7 +88,7 @@ class Result:
             "kind": self.kind,
             "verdict": self.verdict,
             "exit_code": self.exit_code,
-            "findings": [f.to_dict() for f in self.findings],
+            "findings": linked_dicts(self.groups),
             "checks": [c.to_dict() for c in self.checks],
             "summary": self.summary,
             "inputs": self.inputs,
