@@ -26,14 +26,16 @@ from nanscope.findings import Finding, Severity, Where, sort_findings, worst_sev
 # rank's symptom in a merged report, nor one step's another step's.
 SCOPE = ("rank", "step")
 
-When = Callable[[Finding, Where, Where], bool]  # (cause finding, cause location, effect location)
+When = Callable[[Finding, Where, Finding, Where], bool]  # (cause, its location, effect, its location)
 
 
 @dataclass(frozen=True)
 class Rule:
     """A finding with code `cause` explains one with code `effect` at each effect location that a
     cause location matches: equal on every key in `same` (both must have it) and on `SCOPE`, and
-    `when(cause, cause location, effect location)` holds. `same=()`: anywhere in the batch."""
+    `when(cause, cause location, effect, effect location)` holds. `same=()`: anywhere in the batch.
+    When several findings could explain one, the one explaining most of its locations wins, then the
+    rule naming more keys (location before a blanket rule), then the one ranked first."""
 
     cause: str
     effect: str
@@ -42,30 +44,40 @@ class Rule:
     when: When | None = None
 
 
-def _truncated(c: Finding, wc: Where, we: Where) -> bool:
+def _truncated(c: Finding, wc: Where, e: Finding, we: Where) -> bool:
     return we.get("why") == "truncated"
 
 
-def _empty_row(c: Finding, wc: Where, we: Where) -> bool:
+def _empty_row(c: Finding, wc: Where, e: Finding, we: Where) -> bool:
     return str(we.get("why", "")).startswith("empty positive row")
 
 
-def _box_term(c: Finding, wc: Where, we: Where) -> bool:
+def _box_term(c: Finding, wc: Where, e: Finding, we: Where) -> bool:
     term = str(we.get("term", ""))
     return "bbox" in term or "giou" in term
 
 
-def _padding_term(c: Finding, wc: Where, we: Where) -> bool:
+def _padding_term(c: Finding, wc: Where, e: Finding, we: Where) -> bool:
     return we.get("term") in (c.data.get("terms") or ())
 
 
-def _in_module(c: Finding, wc: Where, we: Where) -> bool:
+def _from_padding(c: Finding, wc: Where, e: Finding, we: Where) -> bool:
+    """The trace's origin is made from the -inf that ContrastiveEmbed writes at padded text positions."""
+    origins = e.data.get("origins") or []
+    k = e.where.index(we) if we in e.where else -1
+    origin = origins[k] if 0 <= k < len(origins) and isinstance(origins[k], dict) else {}
+    return "ContrastiveEmbed" in str(origin.get("inf_from") or "")
+
+
+def _in_module(c: Finding, wc: Where, e: Finding, we: Where) -> bool:
     outer, inner = wc.get("module"), we.get("module")
     return isinstance(outer, str) and isinstance(inner, str) and (inner == outer or inner.startswith(outer + "."))
 
 
-def _in_model(c: Finding, wc: Where, we: Where) -> bool:
-    return wc.get("module") != "(loss code)"  # an origin in the loss code comes after the boxes
+def _in_model(c: Finding, wc: Where, e: Finding, we: Where) -> bool:
+    """An origin in the loss code (outside any module, or in a criterion module) comes after the boxes."""
+    module = str(wc.get("module", ""))
+    return module != "(loss code)" and not module.startswith("<outside>")
 
 
 _SPREAD = ("NaN/inf spreads to every image of the batch: groundingdino's BiMultiHeadAttention subtracts the "
@@ -80,6 +92,8 @@ RULES: tuple[Rule, ...] = (
          _empty_row),
     Rule("NS101", "NS001", (), "the term turns finite when only the padded positions are made finite",
          _padding_term),
+    Rule("NS101", "NS301", (), "the loss's first NaN is made from the -inf written at padded positions",
+         _from_padding),
     # boxes and matching
     Rule("NS201", "NS203", ("image", "box"), "an invalid target box makes its L1 and GIoU costs non-finite"),
     Rule("NS201", "NS001", (), "an invalid target box makes the box loss terms non-finite", _box_term),
@@ -123,39 +137,52 @@ def _rules_by_effect() -> dict[str, tuple[Rule, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
-def _matches(rule: Rule, cause: Finding, wc: Where, we: Where) -> bool:
+def _matches(rule: Rule, cause: Finding, wc: Where, effect: Finding, we: Where) -> bool:
     if any(k in wc and k in we and wc[k] != we[k] for k in SCOPE):
         return False
     if any(k not in wc or k not in we or wc[k] != we[k] for k in rule.same):
         return False
-    return rule.when is None or bool(rule.when(cause, wc, we))
+    return rule.when is None or bool(rule.when(cause, wc, effect, we))
+
+
+def _explained_by(cause: Finding, effect: Finding, rules: Iterable[Rule]) -> tuple[set[int], int]:
+    """(indices of `effect.where` that `cause` explains, the most keys a rule that explained one names)."""
+    got: set[int] = set()
+    keys = -1
+    for r in rules:
+        if r.cause != cause.code or r.effect != effect.code:
+            continue
+        hit = {k for k, we in enumerate(effect.where or ({},))
+               if any(_matches(r, cause, wc, effect, we) for wc in cause.where or ({},))}
+        if hit:
+            got |= hit
+            keys = max(keys, len(r.same))
+    return got, keys
 
 
 def explained(cause: Finding, effect: Finding, rules: Iterable[Rule] = RULES) -> set[int]:
     """Indices of `effect.where` that `cause` explains (a finding without locations counts as one)."""
-    mine = [r for r in rules if r.cause == cause.code and r.effect == effect.code]
-    causes: Sequence[Where] = cause.where or ({},)
-    return {k for k, we in enumerate(effect.where or ({},))
-            if any(_matches(r, cause, wc, we) for r in mine for wc in causes)}
+    return _explained_by(cause, effect, rules)[0]
 
 
 def _explainer(fs: Sequence[Finding], j: int) -> int | None:
     """The finding that explains fs[j]: together the candidates must explain every location of it; the
-    one explaining the most is its cause (ties: the one ranked first)."""
+    one explaining the most is its cause, then the one whose rule names more location keys, then the
+    one ranked first."""
     rules = _rules_by_effect().get(fs[j].code, ())
     if not rules:
         return None
     codes = {r.cause for r in rules}
-    best: tuple[int, int] | None = None
+    best: tuple[int, int, int] | None = None  # (locations, keys, -position)
     covered: set[int] = set()
     for i, c in enumerate(fs):
         if i == j or c.code not in codes:
             continue
-        got = explained(c, fs[j], rules)
+        got, keys = _explained_by(c, fs[j], rules)
         covered |= got
-        if got and (best is None or len(got) > best[0]):
-            best = (len(got), i)
-    return best[1] if best is not None and len(covered) == max(len(fs[j].where), 1) else None
+        if got and (best is None or (len(got), keys, -i) > best):
+            best = (len(got), keys, -i)
+    return -best[2] if best is not None and len(covered) == max(len(fs[j].where), 1) else None
 
 
 def _root(parent: Sequence[int | None], j: int) -> int:
