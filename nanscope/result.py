@@ -11,6 +11,7 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from nanscope import progress
 from nanscope.causes import Group, group, linked_dicts
 from nanscope.findings import Finding, Severity, _jsonable, worst_severity
 
@@ -47,6 +48,9 @@ class Result:
     loss_terms: dict[str, Any] = field(default_factory=dict)  # name -> float (inspect: the user's criterion)
     tables: dict[str, Any] = field(default_factory=dict)  # verify-fix: before/after per term, steps, memory
     artifacts: dict[str, Any] = field(default_factory=dict)  # tensors for figures (sidecar, not JSON)
+    # How long each stage of the command took so far, when a progress listener is installed (the CLI
+    # installs one): the terminal and HTML reports show it; the JSON never does, so it stays byte-identical.
+    timings: list[progress.Timing] = field(default_factory=progress.finished)
 
     def __post_init__(self) -> None:
         self.findings = [f for g in group(self.findings) for f in g.findings]  # by cause (nanscope.causes)

@@ -50,8 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = make_console()
     from nanscope.errors import NanscopeError
 
+    from nanscope.cli._progress import reporting
+
     try:
-        return int(importlib.import_module(args.command_module).run(args, console))
+        with reporting(console, quiet=getattr(args, "quiet", False)):  # ended before any message below
+            return int(importlib.import_module(args.command_module).run(args, console))
     except NanscopeError as exc:
         print(f"nanscope: error: {exc}", file=sys.stderr)
         return EXIT_INPUT

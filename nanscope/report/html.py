@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from nanscope import progress
 from nanscope.causes import explains_text
 from nanscope.findings import Finding, format_where
 from nanscope.report.html_parts import (CSP, CSS, MAX_WHERE, cell, e, figure, fmt, is_nonfinite, kv_table, long_text,
@@ -287,9 +288,14 @@ def _context(result: Result) -> str:
         out.append('<h2 id="inputs">Inputs</h2>' + kv_table(result.inputs))
     if result.environment:
         out.append('<h2 id="environment">Environment</h2>' + kv_table(result.environment))
+    if result.timings:
+        rows = ([f'<td style="padding-left:{0.55 + 1.2 * t.depth:.2f}em">{e(t.done)}</td>', cell(round(t.seconds, 2))]
+                for t in result.timings)
+        out.append('<h3 id="timings">Time per stage</h3>' + table(["stage (in the order they ended)", "seconds"], rows))
     return "".join(out)
 
 
+@progress.staged("rendering the HTML report", "rendered the HTML report")
 def render_html(result: Result) -> str:
     """The whole report as one HTML string. Never touches the network or the disk."""
     title = f"{_title(result)}: {result.verdict}"

@@ -164,3 +164,13 @@ def render(result: Result, console: Console, *, plain: bool | None = None) -> No
                   style="bold"))
         for x in lost:
             show(Text(_one_line(f"  {x}")))
+    if result.timings:  # rich mode only: off a terminal the stage lines on stderr say it, stdout stays the same
+        show(Text(timings_line(result), style="dim"))
+
+
+def timings_line(result: Result, slowest: int = 3) -> str:
+    """`time: 12.3 s in 7 stages; slowest: built the model 4.1 s, ...` (outermost stages and steps)."""
+    top = [t for t in result.timings if t.depth == 0]
+    worst = sorted(top, key=lambda t: -t.seconds)[:slowest]
+    return (f"time: {sum(t.seconds for t in top):.1f} s in {len(top)} stage(s); slowest: "
+            + ", ".join(f"{t.done} {t.seconds:.1f} s" for t in worst))
