@@ -165,7 +165,24 @@ def explained(cause: Finding, effect: Finding, rules: Iterable[Rule] = RULES) ->
     return _explained_by(cause, effect, rules)[0]
 
 
-def _explainer(fs: Sequence[Finding], j: int) -> int | None:
+Scope = dict[str, frozenset[Any]]
+
+
+def _scope(f: Finding) -> Scope:
+    """The SCOPE values (rank, step) of a finding whose every location carries them."""
+    out = {}
+    for k in SCOPE:
+        if f.where and all(k in w for w in f.where):
+            out[k] = frozenset(str(w[k]) for w in f.where)
+    return out
+
+
+def _apart(a: Scope, b: Scope) -> bool:
+    """No location of one can match one of the other (a merged report: other ranks are skipped fast)."""
+    return any(k in b and not (v & b[k]) for k, v in a.items())
+
+
+def _explainer(fs: Sequence[Finding], j: int, scopes: Sequence[Scope]) -> int | None:
     """The finding that explains fs[j]: together the candidates must explain every location of it; the
     one explaining the most is its cause, then the one whose rule names more location keys, then the
     one ranked first."""
@@ -176,7 +193,7 @@ def _explainer(fs: Sequence[Finding], j: int) -> int | None:
     best: tuple[int, int, int] | None = None  # (locations, keys, -position)
     covered: set[int] = set()
     for i, c in enumerate(fs):
-        if i == j or c.code not in codes:
+        if i == j or c.code not in codes or _apart(scopes[i], scopes[j]):
             continue
         got, keys = _explained_by(c, fs[j], rules)
         covered |= got
@@ -211,7 +228,8 @@ def group(findings: Iterable[Finding]) -> list[Group]:
     """Findings grouped by cause: causes ordered errors first, then catalogue order (causes before
     symptoms), then larger counts; each cause's effects in that order too. Idempotent."""
     fs = sort_findings(findings)
-    parent = [_explainer(fs, j) for j in range(len(fs))]
+    scopes = [_scope(f) for f in fs]
+    parent = [_explainer(fs, j, scopes) for j in range(len(fs))]
     roots = [_root(parent, j) for j in range(len(fs))]
     groups = []
     for r in dict.fromkeys(roots):

@@ -58,7 +58,12 @@ class Result:
     @property
     def groups(self) -> list[Group]:
         """One group per cause: the cause (at the worst severity it explains), then what it explains."""
-        return group(self.findings)
+        key = tuple(map(id, self.findings))  # findings are frozen: the same objects group the same way
+        cached = self.__dict__.get("_groups")
+        if cached is None or cached[0] != key:
+            cached = (key, group(self.findings))
+            self.__dict__["_groups"] = cached
+        return cached[1]
 
     @property
     def errors(self) -> list[Finding]:
