@@ -48,9 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nanscope.cli._common import console as make_console
 
     console = make_console()
-    from nanscope.errors import NanscopeError
-
     from nanscope.cli._progress import reporting
+    from nanscope.errors import NanscopeError
 
     try:
         with reporting(console, quiet=getattr(args, "quiet", False)):  # ended before any message below

@@ -62,14 +62,14 @@ class _Stages(progress.Listener):
         first = self.count[3] if self.count is not None else time.perf_counter()
         self.count = (done, total, unit, first)
 
-    def current(self) -> str:
-        return " > ".join(d for d, _ in self.open) or self.idle
+    def current(self, opened: list[tuple[str, float]] | None = None) -> str:
+        return " > ".join(d for d, _ in (self.open if opened is None else opened)) or self.idle
 
-    def rate_eta(self) -> tuple[float | None, float | None]:
+    def rate_eta(self, count: tuple[int, int | None, str, float] | None) -> tuple[float | None, float | None]:
         """Units per second since the count began, and the seconds left at that rate."""
-        if self.count is None:
+        if count is None:
             return None, None
-        done, total, _, first = self.count
+        done, total, _, first = count
         elapsed = time.perf_counter() - first
         rate = done / elapsed if elapsed > 0 and done else None
         eta = (total - done) / rate if rate and total is not None else None
@@ -101,7 +101,7 @@ class PlainLines(_Stages):
         if now - self.last_count < COUNT_EVERY:
             return
         if self.last_count:
-            rate, eta = self.rate_eta()
+            rate, eta = self.rate_eta(self.count)
             extra = (f" ({rate:,.0f} {unit}/s" + (f", {_seconds(eta)} left" if eta is not None else "") + ")"
                      if rate else "")
             self._write(f"nanscope: {self.current()}: {done}{f'/{total}' if total is not None else ''} {unit}{extra}")
@@ -136,11 +136,12 @@ class LiveStatus(_Stages):
         from rich.text import Text
 
         now = time.perf_counter()
+        opened, count = list(self.open), self.count  # the refresh thread reads while the main thread writes
         grid = Table.grid(padding=(0, 1))
-        cells: list[Any] = [self.spinner, Text(self.current(), style="bold")]
-        if self.count is not None:
-            done, total, unit, _ = self.count
-            rate, eta = self.rate_eta()
+        cells: list[Any] = [self.spinner, Text(self.current(opened), style="bold")]
+        if count is not None:
+            done, total, unit, _ = count
+            rate, eta = self.rate_eta(count)
             cells.append(ProgressBar(total=total, completed=done, width=24, pulse=total is None))
             stats = f"{done}{f'/{total}' if total is not None else ''} {unit}"
             if rate:
@@ -148,7 +149,7 @@ class LiveStatus(_Stages):
             if eta is not None:
                 stats += f" · ETA {_seconds(eta)}"
             cells.append(Text(stats))
-        stage_s = now - (self.open[-1][1] if self.open else self.last)
+        stage_s = now - (opened[-1][1] if opened else self.last)
         cells.append(Text(f"{_seconds(stage_s)} (total {_seconds(now - self.t0)})", style="dim"))
         for _ in cells:
             grid.add_column(no_wrap=True)
