@@ -11,7 +11,9 @@ import platform
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from nanscope.findings import Finding, Severity, _jsonable, sort_findings, worst_severity
+from nanscope import progress
+from nanscope.causes import Group, group, linked_dicts
+from nanscope.findings import Finding, Severity, _jsonable, worst_severity
 
 SCHEMA = "nanscope.result/1"
 
@@ -46,9 +48,22 @@ class Result:
     loss_terms: dict[str, Any] = field(default_factory=dict)  # name -> float (inspect: the user's criterion)
     tables: dict[str, Any] = field(default_factory=dict)  # verify-fix: before/after per term, steps, memory
     artifacts: dict[str, Any] = field(default_factory=dict)  # tensors for figures (sidecar, not JSON)
+    # How long each stage of the command took so far, when a progress listener is installed (the CLI
+    # installs one): the terminal and HTML reports show it; the JSON never does, so it stays byte-identical.
+    timings: list[progress.Timing] = field(default_factory=progress.finished)
 
     def __post_init__(self) -> None:
-        self.findings = sort_findings(self.findings)
+        self.findings = [f for g in group(self.findings) for f in g.findings]  # by cause (nanscope.causes)
+
+    @property
+    def groups(self) -> list[Group]:
+        """One group per cause: the cause (at the worst severity it explains), then what it explains."""
+        key = tuple(map(id, self.findings))  # findings are frozen: the same objects group the same way
+        cached = self.__dict__.get("_groups")
+        if cached is None or cached[0] != key:
+            cached = (key, group(self.findings))
+            self.__dict__["_groups"] = cached
+        return cached[1]
 
     @property
     def errors(self) -> list[Finding]:
@@ -82,7 +97,7 @@ class Result:
             "kind": self.kind,
             "verdict": self.verdict,
             "exit_code": self.exit_code,
-            "findings": [f.to_dict() for f in self.findings],
+            "findings": linked_dicts(self.groups),
             "checks": [c.to_dict() for c in self.checks],
             "summary": self.summary,
             "inputs": self.inputs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 
@@ -72,7 +73,9 @@ def test_bad_input_exits_2_with_message(bad_files, demo_files, capsys, name, arg
     assert code == 2
     assert message in captured.err
     assert "Traceback" not in captured.err + captured.out
-    assert captured.err.count("\n") == 1  # one paragraph
+    *progress_lines, error = captured.err.splitlines()  # stages that ended before the error said so
+    assert error.startswith("nanscope: error: ") and message in error  # one paragraph
+    assert all(re.fullmatch(r"nanscope: .+ in \d+\.\d s", ln) for ln in progress_lines), progress_lines
     assert {a: sha(a) for a in hashes} == hashes  # inputs untouched
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from nanscope.cli import main
 
 
@@ -16,7 +18,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     verdicts = [line for line in lines if line.startswith("nanscope ")]
     assert verdicts[0].startswith("nanscope inspect: BROKEN")
     assert verdicts[1] == "nanscope verify-fix: FIXED - 9/9 checks pass"
-    # The cause is ranked first; the NaN loss is reported as a symptom.
-    findings = [line.split()[0] for line in lines if line[:2] == "NS" and " hint:" not in line]
-    assert findings[0] == "NS102" and "NS001" in findings and "NS101" in findings
+    # The long caption is the first cause; the NaN loss is listed under the padding, as a symptom.
+    causes = [m.group(1) for m in map(re.compile(r"cause \d+: (NS\d{3}) ").match, lines) if m]
+    explained = [m.group(1) for m in map(re.compile(r"  (NS\d{3}) (error|warning|info) ").match, lines) if m]
+    assert causes[:2] == ["NS104", "NS101"] and "NS001" in explained and "NS102" in explained
     assert sum(1 for line in lines if line.startswith("check ") and " PASS " in line) == 9

@@ -55,7 +55,7 @@ def test_planted_phrase_past_256_gives_ns102_and_ns104_with_token_indices(demo_r
     ns104 = next(f for f in result.findings if f.code == "NS104")
     assert ns104.where[0]["image"] == 2 and ns104.where[0]["tokens"] == len(enc["input_ids"])
     assert sorted(ns104.where[0]["phrases_cut"]) == sorted(phrases[j] for j in expected)
-    assert result.findings[0].code == "NS102"  # the cause ranks first
+    assert result.findings[0].code == "NS104"  # the cause ranks first: the caption, then what it explains
     assert result.exit_code == 1
 
 

@@ -7,10 +7,12 @@ from io import StringIO
 
 from rich.console import Console
 
+from _report_demo import demo_json
 from nanscope.cli import main
+from nanscope.findings import CATALOGUE
 from nanscope.findings import Finding, Severity
 from nanscope.report.ci import github_annotations, github_markdown, github_outputs, junit_xml
-from nanscope.report.json_io import write_result
+from nanscope.report.json_io import read_result, write_result
 from nanscope.result import Check, Result
 
 
@@ -100,9 +102,9 @@ def test_github_outputs_append_summary_and_print_annotations(tmp_path):
 
 def test_github_markdown_escapes_table_cells():
     md = github_markdown(_inspect_result())
-    row = next(ln for ln in md.splitlines() if ln.startswith("| NS102 "))
+    row = next(ln for ln in md.splitlines() if ln.startswith("| 1 | NS102 "))
     assert "'small \\| red\\nbird'" in row and "padding &lt;b&gt;&amp;&lt;/b&gt; |" in row
-    assert row.count(" | ") == 5  # six cells, no stray separators
+    assert row.count(" | ") == 6  # seven cells, no stray separators
 
 
 def test_cli_report_writes_junit_and_github(tmp_path, monkeypatch, capsys):
@@ -117,3 +119,26 @@ def test_cli_report_writes_junit_and_github(tmp_path, monkeypatch, capsys):
     assert "::error title=nanscope verify-fix check 2 failed%3A gradients finite::" in out
     assert "check 2 FAIL gradients finite: 3 parameters have NaN gradients" in out
     assert "NOT FIXED" in summary.read_text()
+
+
+def test_ci_outputs_report_each_cause_once_with_what_it_explains(demo_files, tmp_path_factory):
+    """The demo: two causes (the 290-token caption, the unmasked padding), so two failed JUnit cases and
+    two annotations; the caption's case and annotation name the three findings it explains."""
+    demo = read_result(demo_json(demo_files, tmp_path_factory))
+    counts = {f.code: f.count for f in demo.findings}
+    cases = _cases(junit_xml(demo))
+    assert [c.get("name") for c in cases] == [f"NS104 {CATALOGUE['NS104'].title}", f"NS101 {CATALOGUE['NS101'].title}"]
+    text = cases[0].find("failure").text
+    for code in ("NS102", "NS103", "NS203"):
+        assert f"explains {code} " in text and f"count={counts[code]} " in text
+    assert text.count("fix: ") == 1 and CATALOGUE["NS102"].hint not in text
+    assert "explains NS001 error count=2 " in cases[1].find("failure").text
+    lines = github_annotations(demo)
+    assert [ln.split("::")[1] for ln in lines] == [f"error title=NS104 {CATALOGUE['NS104'].title}",
+                                                   f"error title=NS101 {CATALOGUE['NS101'].title}"]
+    assert f"Explains: NS102 x{counts['NS102']}, NS103 x{counts['NS103']}, NS203 x{counts['NS203']}." in lines[0]
+    md = github_markdown(demo).splitlines()
+    rows = [ln.split(" | ")[:2] for ln in md if ln.startswith("| ") and " NS" in ln]
+    assert rows == [["| 1", "NS104"], ["| ", "└ NS102"], ["| ", "└ NS103"], ["| ", "└ NS203"], ["| 2", "NS101"],
+                    ["| ", "└ NS001"]]
+    assert md[0] == "## ❌ nanscope inspect: BROKEN - 2 cause(s): 2 error(s), 0 warning(s)"

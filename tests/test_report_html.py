@@ -49,6 +49,11 @@ PROBE = """<script>
         return {alt: i.alt, width: i.naturalWidth, height: i.naturalHeight, complete: i.complete}; }),
       codes: Array.prototype.map.call(document.querySelectorAll('table.findings td.code'),
                                       function (td) { return td.textContent; }),
+      effects: Array.prototype.map.call(document.querySelectorAll('table.findings tr.effect td.code'),
+                                        function (td) { return td.textContent; }),
+      groups: Array.prototype.map.call(document.querySelectorAll('table.findings tbody'),
+                                       function (b) { return b.querySelectorAll('tr').length; }),
+      causes: document.querySelectorAll('#verdict ol.causes li').length,
       checks: document.querySelectorAll('table.checks tbody tr').length,
       verdict: (document.getElementById('verdict') || {}).textContent || null,
       requests: performance.getEntriesByType('resource').map(function (r) { return r.name; })
@@ -112,6 +117,9 @@ def test_demo_report_in_chromium(demo, tmp_path):
     assert seen["codes"] == [f.code for f in demo.findings]
     assert {"NS102", "NS101", "NS001", "NS104"} <= set(seen["codes"])
     assert seen["verdict"].startswith("BROKEN")
+    # grouped by cause: the caption with the three findings it explains, the padding with the NaN loss
+    assert seen["causes"] == len(seen["groups"]) == 2 and seen["groups"] == [4, 2]
+    assert seen["effects"] == ["NS102", "NS103", "NS203", "NS001"]
     assert {"findings", "heatmap", "nonfinite", "environment", "inputs"} <= set(seen["sections"])
 
 

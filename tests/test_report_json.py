@@ -36,7 +36,7 @@ def test_json_validates_against_the_shipped_schema(demo):
     jsonschema.validate(data, schema, cls=jsonschema.Draft202012Validator)
     assert data["schema"] == SCHEMA == schema["properties"]["schema"]["const"]
     codes = [f["code"] for f in data["findings"]]
-    assert {"NS102", "NS101", "NS001", "NS104"} <= set(codes) and codes[0] == "NS102"  # the cause first
+    assert {"NS102", "NS101", "NS001", "NS104"} <= set(codes) and codes[0] == "NS104"  # the cause first
     assert data["verdict"] == "broken" and data["exit_code"] == 1
     assert len(data["inputs"]["checkpoint_sha256"]) == 64
     # keys sorted at every level, no timestamps: the text is its own canonical form

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.text import Text
 
 from _report_demo import demo_json
-from nanscope.findings import Finding, Severity
+from nanscope.findings import CATALOGUE, Finding, Severity
 from nanscope.report.json_io import read_result
 from nanscope.report.terminal import render
 from nanscope.result import Check, Result
@@ -49,38 +49,44 @@ def _render(result: Result, **console_kw) -> str:
     return buf.getvalue()
 
 
-def test_plain_lines_for_the_demo(demo, cut_phrases):
+def test_plain_lines_for_the_demo(demo, cut_phrases, demo_files):
+    """One cause, once: the 290-token caption leads, with the three findings it explains under it and
+    its fix said once; the unmasked padding is the second cause, with the NaN loss terms under it."""
+    import torch
+    from transformers import AutoTokenizer
+
     out = _render(demo, width=80)  # a StringIO is not a terminal: plain
     lines = out.splitlines()
-    by_code = {ln.split()[0]: ln for ln in lines if re.match(r"NS\d{3} (error|warning|info) ", ln)}
-    # The demo's causes: positives truncated past 256 tokens (NS102), -inf padding reaching the criterion
-    # (NS101), its NaN loss terms (NS001), the 290-token caption (NS104). Other analyzers may add more.
-    assert {"NS102", "NS101", "NS001", "NS104"} <= set(by_code)
-    n_err = sum(1 for f in demo.findings if f.severity is Severity.ERROR)
-    n_warn = sum(1 for f in demo.findings if f.severity is Severity.WARNING)
-    assert lines[0] == f"nanscope inspect: BROKEN - {n_err} error(s), {n_warn} warning(s)"
-    assert n_err >= 3 and n_warn >= 1
+    batch = torch.load(demo_files.batch, weights_only=True)
+    tok = AutoTokenizer.from_pretrained(str(demo_files.text_encoder))
+    n_tok = [len(tok(c)["input_ids"]) for c in batch["captions"]]
+    long = [i for i, n in enumerate(n_tok) if n > 256]
+    assert long == [2]
+    # Two causes, both errors: the long caption (its cut positives are errors) and the unmasked padding.
+    assert lines[0] == "nanscope inspect: BROKEN - 2 cause(s): 2 error(s), 0 warning(s)"
+    phrases = [ph for _, (ph, _) in sorted(cut_phrases.items())]
+    assert lines[1].startswith(f"cause 1: NS104 error count=1 where=image 2 tokens {n_tok[2]} max_text_len 256 "
+                               f"phrases_cut {phrases!r} | The caption of image 2 is {n_tok[2]} tokens, longer than "
+                               f"max_text_len=256; 2 target phrase(s) lose tokens to truncation.")
+    assert lines[2] == f"cause 1 fix: {CATALOGUE['NS104'].hint}"
     n_cut = sum(len(t) for _, t in cut_phrases.values())
     # The token text equals the phrase here, so it is said once.
     where = "; ".join(f"image 2 box {b} {ph!r} tokens {t[0]}-{t[-1]} why truncated"
                       for b, (ph, t) in sorted(cut_phrases.items()))
-    assert by_code["NS102"].startswith(f"NS102 error count={n_cut} where={where} | ")
-    assert by_code["NS102"] == "NS102 error count=6 where=image 2 box 1 'small red bird' tokens 281-283 " \
-                               "why truncated; image 2 box 2 'large blue car' tokens 285-287 " \
-                               "why truncated | " + demo.findings[0].message
-    assert lines[1] == by_code["NS102"]  # the cause ranks first
-    assert lines[2].startswith("NS102 hint: Shorten the caption")
-    assert by_code["NS101"].startswith("NS101 error count=887400 where=image 0 layer dec0 columns 250 ")
-    assert by_code["NS001"] == ("NS001 error count=2 where=layer last term loss_ce value nan; layer enc term "
-                                "loss_ce_enc value nan | 2 of 6 loss terms of nanscope.criterion:NaiveCriterion "
-                                "are non-finite: loss_ce, loss_ce_enc.")
-    assert by_code["NS104"].startswith("NS104 warning count=1 where=image 2 tokens 290 max_text_len 256 ")
-    for f in demo.findings:  # every finding: its line, then its hint line
-        i = lines.index(by_code[f.code])
-        assert lines[i + 1] == f"{f.code} hint: {f.hint}"
-    assert lines[-3:] == ["worst image: 2 (290 tokens, layer dec0)",
-                          "  box 1 'small red bird': tokens 281-283 (truncated)",
-                          "  box 2 'large blue car': tokens 285-287 (truncated)"]
+    assert lines[3].startswith(f"  NS102 error count={n_cut} where={where} | ")
+    assert lines[4].startswith(f"  NS103 error count={len(cut_phrases)} where=image 2 box 1 ")
+    assert lines[5].startswith(f"  NS203 warning count={len(cut_phrases)} where=image 2 term class box 1 ")
+    assert lines[6].startswith("cause 2: NS101 error count=887400 where=image 0 layer dec0 columns 250 ")
+    assert lines[7] == f"cause 2 fix: {CATALOGUE['NS101'].hint}"
+    assert lines[8] == ("  NS001 error count=2 where=layer last term loss_ce value nan; layer enc term "
+                        "loss_ce_enc value nan | 2 of 6 loss terms of nanscope.criterion:NaiveCriterion "
+                        "are non-finite: loss_ce, loss_ce_enc.")
+    assert lines[9:] == ["worst image: 2 (290 tokens, layer dec0)",
+                         "  box 1 'small red bird': tokens 281-283 (truncated)",
+                         "  box 2 'large blue car': tokens 285-287 (truncated)"]
+    # Each fix is said once: the consequences' own hints (NS102's "Shorten the caption") are not repeated.
+    for code in ("NS102", "NS103", "NS203", "NS001"):
+        assert CATALOGUE[code].hint not in out
     assert not ANSI.search(out)
 
 
@@ -92,8 +98,10 @@ def test_rich_mode_fits_80_columns(demo, width):
     assert max(Text.from_ansi(ln).cell_len for ln in lines) <= 80
     plain = [ANSI.sub("", ln) for ln in lines]
     assert plain[0] == _render(demo, width=80).splitlines()[0]
-    for code in ("NS102", "NS101", "NS001", "NS104"):
-        assert any(ln.startswith(f"│{code} ") for ln in plain), code
+    rows = [ln for ln in plain if re.match(r"│\s*(\d+|) │ (└ )?NS\d{3} ", ln)]  # first line of each table row
+    assert [re.match(r"│\s*(\d*) │ (└ )?(NS\d{3})", ln).group(1, 3) for ln in rows] == [
+        ("1", "NS104"), ("", "NS102"), ("", "NS103"), ("", "NS203"), ("2", "NS101"), ("", "NS001")]
+    assert sum(ln.startswith("  fix: ") for ln in plain) == 2  # one fix per cause
     assert "  box 2 'large blue car': tokens 285-287 (truncated)" in plain
 
 
@@ -109,7 +117,8 @@ def test_user_text_is_neither_markup_nor_a_line_break():
                 ({"image": 0, "box": 0, "phrase": "a\nb [red]c[/red]"},))
     r = Result(kind="inspect", findings=[f])
     plain = _render(r, width=80)
-    assert plain.splitlines()[1] == "NS102 error count=1 where=image 0 box 0 'a\\nb [red]c[/red]' | phrase [bold red]x[/] cut"
+    assert plain.splitlines()[1] == ("cause 1: NS102 error count=1 where=image 0 box 0 'a\\nb [red]c[/red]' | "
+                                     "phrase [bold red]x[/] cut")
     rich = ANSI.sub("", _render(r, width=80, force_terminal=True))
     assert "[bold red]x[/]" in rich and "[red]c[/red]" in rich
 

@@ -71,6 +71,7 @@ def padded_logits(ctx: AnalysisContext) -> list[Finding]:
     )
     severity = Severity.WARNING
     broken = _nonfinite_terms(ctx.loss_terms)
+    fixed: set[str] = set()  # the criterion's terms that the padded positions make non-finite
     if ctx.loss_terms is None and ctx.notes.get("criterion_error"):
         message += " Your criterion failed before producing loss terms (see NS203), so whether it drops them is unknown."
     elif ctx.loss_terms is None:
@@ -84,7 +85,7 @@ def padded_logits(ctx: AnalysisContext) -> list[Finding]:
     else:
         message += " Your criterion's terms are all finite: it drops them."
         severity = Severity.INFO
-    data = {"per_layer": per_layer, "total_inf_cells": total, "nonfinite_focal": nonfinite}
+    data = {"per_layer": per_layer, "total_inf_cells": total, "nonfinite_focal": nonfinite, "terms": sorted(fixed)}
     return [Finding("NS101", severity, total, message, tuple(where[:MAX_WHERE]), data=data)]
 
 
@@ -127,4 +128,7 @@ def caption_too_long(ctx: AnalysisContext) -> list[Finding]:
     n_cut = sum(len(w["phrases_cut"]) for w in out_where)
     msg = (f"{len(out_where)} caption(s) are longer than max_text_len={ctx.max_text_len} tokens "
            f"(longest {max(w['tokens'] for w in out_where)}); {n_cut} target phrase(s) lose tokens to truncation.")
+    if len(out_where) == 1:  # the cause a report leads with: say it plainly
+        msg = (f"The caption of image {out_where[0]['image']} is {out_where[0]['tokens']} tokens, longer than "
+               f"max_text_len={ctx.max_text_len}; {n_cut} target phrase(s) lose tokens to truncation.")
     return [Finding("NS104", Severity.WARNING, len(out_where), msg, tuple(out_where[:MAX_WHERE]))]

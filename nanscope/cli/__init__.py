@@ -48,10 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from nanscope.cli._common import console as make_console
 
     console = make_console()
+    from nanscope.cli._progress import reporting
     from nanscope.errors import NanscopeError
 
     try:
-        return int(importlib.import_module(args.command_module).run(args, console))
+        with reporting(console, quiet=getattr(args, "quiet", False)):  # ended before any message below
+            return int(importlib.import_module(args.command_module).run(args, console))
     except NanscopeError as exc:
         print(f"nanscope: error: {exc}", file=sys.stderr)
         return EXIT_INPUT

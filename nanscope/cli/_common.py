@@ -34,6 +34,11 @@ def output_options(p: argparse.ArgumentParser) -> None:
                    help="append a Markdown summary to $GITHUB_STEP_SUMMARY and print ::error annotations")
 
 
+def quiet_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr (the live status on a terminal, the per-stage lines off it)")
+
+
 def codes(value: str | None) -> list[str] | None:
     return [c for c in value.split(",") if c.strip()] if value else None
 

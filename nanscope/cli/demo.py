@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from nanscope.cli._common import check_output_path
+from nanscope.cli._common import check_output_path, quiet_option
 
 EXIT_OK = 0
 
@@ -17,6 +17,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--html", metavar="PATH", help="HTML report path (default: OUT/report.html)")
     p.add_argument("--no-html", action="store_true", help="skip the HTML report")
     p.add_argument("--no-verify", action="store_true", help="skip verify-fix")
+    quiet_option(p)
     p.set_defaults(command_module=__name__)
 
 

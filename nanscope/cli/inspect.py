@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nanscope.cli._common import check_output_path, codes, dump_paths, output_options, replay_arguments
+from nanscope.cli._common import check_output_path, codes, dump_paths, output_options, quiet_option, replay_arguments
 
 
 def register(subparsers: Any) -> None:
@@ -19,6 +19,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--select", metavar="CODES", help="only these finding codes (comma separated)")
     p.add_argument("--ignore", metavar="CODES", help="skip these finding codes (comma separated)")
     output_options(p)
+    quiet_option(p)
     p.set_defaults(command_module=__name__)
 
 

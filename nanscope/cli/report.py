@@ -14,6 +14,8 @@ NAME = "report"
 
 
 def register(subparsers: Any) -> None:
+    from nanscope.cli._common import quiet_option
+
     p = subparsers.add_parser(
         NAME, help="re-render saved results (--json files) or merge per-rank results / watch dumps",
         description="Re-render results written with --json (and their .artifacts.pt sidecars) without the model. "
@@ -25,6 +27,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", metavar="PATH", help="write the (merged) result as JSON, with its sidecar")
     p.add_argument("--github", action="store_true",
                    help="append a Markdown summary to $GITHUB_STEP_SUMMARY and print ::error annotations")
+    quiet_option(p)
     p.set_defaults(command_module=__name__)
 
 

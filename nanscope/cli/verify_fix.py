@@ -9,7 +9,7 @@ PRESET_NAMES = ("mmdet", "open-groundingdino", "hf")  # nanscope.criterion.prese
 
 
 def register(subparsers: Any) -> None:
-    from nanscope.cli._common import output_options, replay_arguments
+    from nanscope.cli._common import output_options, quiet_option, replay_arguments
 
     p = subparsers.add_parser(
         "verify-fix", help="prove a fixed criterion removes the NaN and nothing else (nine checks)",
@@ -27,6 +27,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, default=5, metavar="N",
                    help="AdamW steps (lr 1e-4) on a copy of the model with the after criterion (default: 5, min 2)")
     output_options(p)
+    quiet_option(p)
     p.set_defaults(command_module=__name__)
 
 

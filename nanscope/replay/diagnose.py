@@ -8,6 +8,7 @@ from typing import Any, Iterable
 
 import torch
 
+from nanscope import progress
 from nanscope.analyzers import AnalysisContext, run_analyzers
 from nanscope.replay.batch import Batch
 from nanscope.stacks.capture import ForwardRecord
@@ -166,7 +167,8 @@ def inspect_replay(
         if dtype is not None:
             stack.enter_context(torch.autocast(device_type=replay.device.type, dtype=dtype))
         stats = stack.enter_context(module_stats(replay.model, check_inputs=dtype is not None)) if want_stats else None
-        record = replay.forward(detach=True)
+        with progress.stage("replaying the batch", f"replayed the batch ({len(replay.batch)} images)"):
+            record = replay.forward(detach=True)
     ctx = build_context(replay, record)
     ctx.autocast_dtype = dtype
     ctx.module_stats = stats.result() if stats is not None else None
@@ -193,8 +195,10 @@ def inspect_replay(
             if _wants(SUPERVISION_CODES, select, ignore):
                 ctx.supervision = probe_criterion(crit, name, outputs, targets, replay.texts)
     if trace:
-        ctx.trace = run_trace(replay, criterion)  # in the model's dtype: see NS303 for autocast overflows
-    findings = run_analyzers(ctx, select=select, ignore=ignore)
+        with progress.stage("tracing the first non-finite operation", "traced the first non-finite operation"):
+            ctx.trace = run_trace(replay, criterion)  # in the model's dtype: see NS303 for autocast overflows
+    with progress.stage("running the analyzers", "ran the analyzers"):
+        findings = run_analyzers(ctx, select=select, ignore=ignore)
     summary = {
         "images": len(replay.batch),
         "boxes": replay.batch.num_boxes,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanscope import progress
 from nanscope.errors import DeviceError
 from nanscope.replay.batch import Batch, load_batch
 from nanscope.replay.positive_map import TextInfo, build_text_info
@@ -101,7 +102,8 @@ def prepare(
     stack: the model family by name ('groundingdino-py', ...); None detects it from `checkpoint`.
     """
     dev = resolve_device(device)
-    b = batch if isinstance(batch, Batch) else load_batch(batch)
+    with progress.stage("reading the batch", "read the batch"):
+        b = batch if isinstance(batch, Batch) else load_batch(batch)
     st = stack_for_checkpoint(checkpoint, stack=stack)
     loaded = st.load(checkpoint, config=config, text_encoder=text_encoder, trust=trust_checkpoint, device=dev,
                      hash_checkpoint=hash_checkpoint)

@@ -1,12 +1,14 @@
 """CI writers: JUnit XML, and GitHub Actions' step summary and annotations.
 
-JUnit: one test case per verify-fix check (failed when the check fails) and one per error finding
-(always failed: an error finding is a failure of the run); a result with neither gets one passing case
-so a test report never shows "no tests". Warnings and infos are listed in the suite's <system-out>.
+Findings are grouped by cause (`nanscope.causes`), so one cause is reported once. JUnit: one test
+case per verify-fix check (failed when the check fails) and one per error cause (always failed: an
+error finding is a failure of the run), whose text lists the findings it explains; a result with
+neither gets one passing case so a test report never shows "no tests". Causes at warning or info
+severity, with what they explain, are listed in the suite's <system-out>.
 
 GitHub: `github_markdown(result)` is appended to the file named by $GITHUB_STEP_SUMMARY (when set),
-and `github_annotations(result)` - `::error title=...::message` lines for error findings and failed
-checks, `::warning` for warnings - are written to the console, where the runner picks them up.
+and `github_annotations(result)` - one `::error title=...::message` line per error cause and failed
+check, `::warning` per warning cause - are written to the console, where the runner picks them up.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import xml.etree.ElementTree as ET
 from typing import Any, Mapping
 
 from nanscope.errors import OutputError
+from nanscope.causes import Group, explains_text
 from nanscope.findings import Finding, format_where
 from nanscope.result import Result
 
@@ -33,6 +36,15 @@ def _finding_text(f: Finding) -> str:
     return f"{f.message}\nwhere:\n{where}\nfix: {f.hint}\n"
 
 
+def _group_text(g: Group) -> str:
+    """The cause's text, then each finding it explains: code, severity, count, locations, message."""
+    out = _finding_text(g.cause)
+    for f in g.effects:
+        where = "; ".join(format_where(w) for w in f.where) or "-"
+        out += f"explains {f.code} {f.severity.value} count={f.count} ({f.title}): {f.message}\n  where: {where}\n"
+    return out
+
+
 def junit_xml(result: Result) -> str:
     """The result as a JUnit XML document (one <testsuite> inside <testsuites>)."""
     suite_name = f"nanscope.{result.kind}"
@@ -44,10 +56,14 @@ def junit_xml(result: Result) -> str:
             nums = "\n".join(f"{k} = {v}" for k, v in sorted(c.numbers.items()))
             fail.text = _x(f"{c.detail}\n{nums}".strip() + "\n")
         cases.append(case)
-    for f in result.errors:
+    groups = result.groups
+    for g in groups:
+        if g.severity.value != "error":
+            continue
+        f = g.cause
         case = ET.Element("testcase", classname=f"{suite_name}.findings", name=_x(f"{f.code} {f.title}"), time="0")
         fail = ET.SubElement(case, "failure", message=_x(f.message), type=f.code)
-        fail.text = _x(_finding_text(f))
+        fail.text = _x(_group_text(g))
         cases.append(case)
     if not cases:
         cases.append(ET.Element("testcase", classname=suite_name, name=f"{result.kind}: {result.verdict}", time="0"))
@@ -60,10 +76,10 @@ def junit_xml(result: Result) -> str:
             (f"environment.{k}", v) for k, v in result.environment.items()):
         ET.SubElement(props, "property", name=_x(k), value=_x(v))
     suite.extend(cases)
-    others = [f for f in result.findings if f.severity.value != "error"]
+    others = [g for g in groups if g.severity.value != "error"]
     if others:
         out = ET.SubElement(suite, "system-out")
-        out.text = _x("".join(f"{f.code} {f.severity.value}: {_finding_text(f)}" for f in others))
+        out.text = _x("".join(f"{g.cause.code} {g.severity.value}: {_group_text(g)}" for g in others))
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
@@ -91,15 +107,19 @@ def _annotation(level: str, title: str, message: str, where: Mapping[str, Any] |
 
 
 def github_annotations(result: Result) -> list[str]:
-    """`::error` lines for error findings and failed checks, `::warning` lines for warnings."""
+    """One `::error` line per error cause and failed check, `::warning` per warning cause. An annotation
+    points at the first `file:line` any finding of its group names (the trace's user frame)."""
     lines = []
-    for f in result.findings:
-        level = {"error": "error", "warning": "warning"}.get(f.severity.value)
+    for g in result.groups:
+        f = g.cause
+        level = {"error": "error", "warning": "warning"}.get(g.severity.value)
         if level is None:
             continue
         loc = f.where_text(2)
-        msg = f"{f.message}" + (f" Where: {loc}." if loc else "") + f" Fix: {f.hint}"
-        lines.append(_annotation(level, f"{f.code} {f.title}", msg, f.where[0] if f.where else None))
+        msg = (f"{f.message}" + (f" Where: {loc}." if loc else "")
+               + (f" Explains: {explains_text(g)}." if g.effects else "") + f" Fix: {f.hint}")
+        framed = next((w for x in g.findings for w in x.where if w.get("file")), f.where[0] if f.where else None)
+        lines.append(_annotation(level, f"{f.code} {f.title}", msg, framed))
     for c in result.failed_checks:
         lines.append(_annotation("error", f"nanscope verify-fix check {c.id} failed: {c.name}", c.detail))
     return lines
@@ -118,10 +138,13 @@ def github_markdown(result: Result) -> str:
     ok = result.exit_code == 0
     lines = [f"## {'✅' if ok else '❌'} {_md(verdict_line(result))}", ""]
     if result.findings:
-        lines += ["| code | severity | count | where | what | fix |", "|---|---|---:|---|---|---|"]
-        for f in result.findings:
-            lines.append(f"| {f.code} | {f.severity.value} | {f.count} | {_md(f.where_text(3))} | {_md(f.message)} "
-                         f"| {_md(f.hint)} |")
+        lines += ["| cause | code | severity | count | where | what | fix |", "|---:|---|---|---:|---|---|---|"]
+        for n, g in enumerate(result.groups, 1):
+            for f in g.findings:
+                first = f is g.cause
+                lines.append(f"| {n if first else ''} | {f.code if first else '└ ' + f.code} | {f.severity.value} "
+                             f"| {f.count} | {_md(f.where_text(3))} | {_md(f.message)} "
+                             f"| {_md(f.hint) if first else f'see cause {n}'} |")
         lines.append("")
     if result.checks:
         lines += ["| # | check | result | detail |", "|---:|---|---|---|"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from nanscope import progress
+from nanscope.causes import explains_text
 from nanscope.findings import Finding, format_where
 from nanscope.report.html_parts import (CSP, CSS, MAX_WHERE, cell, e, figure, fmt, is_nonfinite, kv_table, long_text,
                                         records_table, table)
@@ -26,14 +28,22 @@ def _verdict(result: Result) -> str:
 
     v = result.verdict
     explain = {
-        "broken": "At least one error finding: the loss is or will be non-finite. The first row is the cause to fix first.",
+        "broken": "At least one error finding: the loss is or will be non-finite. Each cause is listed with its fix "
+                  "and the findings it explains; fix the first one first.",
         "clean": "No error findings.",
         "fixed": "Every verify-fix check passes.",
         "not fixed": "At least one verify-fix check fails.",
     }.get(v, "")
+    causes = []
+    for n, g in enumerate(result.groups, 1):
+        sev = g.severity.value
+        explains = f' <span class="hint">explains {e(explains_text(g))}</span>' if g.effects else ""
+        causes.append(f'<li><span class="sev {sev}">{e(sev)}</span> <span class="mono">{e(g.cause.code)}</span> '
+                      f'{e(g.cause.message)}{explains}<br><span class="fix">Fix: {e(g.cause.hint)}</span></li>')
+    listed = f'<ol class="causes">{"".join(causes)}</ol>' if causes else ""
     return (f'<div class="verdict {e(v.replace(" ", "-"))}" id="verdict"><span class="label">{e(v.upper())}</span> '
             f'<span class="mono">{e(verdict_line(result))}</span><br><span>{e(explain)}</span> '
-            f'<span class="hint">exit code {result.exit_code}</span></div>')
+            f'<span class="hint">exit code {result.exit_code}</span>{listed}</div>')
 
 
 def _where_list(f: Finding) -> str:
@@ -47,15 +57,23 @@ def _where_list(f: Finding) -> str:
 def _findings(result: Result) -> str:
     if not result.findings:
         return '<h2 id="findings">Findings</h2><p>No findings.</p>'
-    rows = []
-    for f in result.findings:
-        sev = f.severity.value
-        rows.append([f'<td class="mono code">{e(f.code)}</td>', f'<td><span class="sev {sev}">{e(sev)}</span></td>',
-                     f"<td>{e(f.title)}</td>", f'<td class="num">{f.count}</td>', f"<td>{_where_list(f)}</td>",
-                     f"<td>{e(f.message)}</td>", f'<td class="hint">{e(f.hint)}</td>'])
-    return ('<h2 id="findings">Findings</h2>'
-            '<p class="hint">Errors first, causes before symptoms. `nanscope codes` lists every code.</p>'
-            + table(["code", "severity", "title", "count", "where", "what", "fix"], rows, cls="findings"))
+    head = "".join(f"<th>{h}</th>" for h in ("cause", "code", "severity", "title", "count", "where", "what", "fix"))
+    bodies = []
+    for n, g in enumerate(result.groups, 1):
+        rows = []
+        for f in g.findings:
+            sev, is_cause = f.severity.value, f is g.cause
+            fix = (f'<td class="fix">{e(f.hint)}</td>' if is_cause
+                   else f'<td class="hint">explained by cause {n} ({e(g.cause.code)}): its fix applies</td>')
+            rows.append(f'<tr class="{"cause" if is_cause else "effect"}"><td class="num">{n if is_cause else ""}</td>'
+                        f'<td class="mono code">{e(f.code)}</td><td><span class="sev {sev}">{e(sev)}</span></td>'
+                        f'<td>{e(f.title)}</td><td class="num">{f.count}</td><td>{_where_list(f)}</td>'
+                        f"<td>{e(f.message)}</td>{fix}</tr>")
+        bodies.append(f'<tbody id="cause-{n}">{"".join(rows)}</tbody>')
+    return ('<h2 id="findings">Findings by cause</h2>'
+            '<p class="hint">Each cause (errors first, causes before symptoms), then the findings it explains, '
+            'marked &#x2514;: fixing the cause fixes them. `nanscope codes` lists every code.</p>'
+            f'<table class="findings"><thead><tr>{head}</tr></thead>{"".join(bodies)}</table>')
 
 
 def _trace(result: Result) -> str:
@@ -270,9 +288,14 @@ def _context(result: Result) -> str:
         out.append('<h2 id="inputs">Inputs</h2>' + kv_table(result.inputs))
     if result.environment:
         out.append('<h2 id="environment">Environment</h2>' + kv_table(result.environment))
+    if result.timings:
+        rows = ([f'<td style="padding-left:{0.55 + 1.2 * t.depth:.2f}em">{e(t.done)}</td>', cell(round(t.seconds, 2))]
+                for t in result.timings)
+        out.append('<h3 id="timings">Time per stage</h3>' + table(["stage (in the order they ended)", "seconds"], rows))
     return "".join(out)
 
 
+@progress.staged("rendering the HTML report", "rendered the HTML report")
 def render_html(result: Result) -> str:
     """The whole report as one HTML string. Never touches the network or the disk."""
     title = f"{_title(result)}: {result.verdict}"

@@ -39,6 +39,10 @@ th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: ta
 .pass { color: var(--good); font-weight: 700; } .fail { color: var(--bad); font-weight: 700; }
 .nonfinite { color: var(--bad); font-weight: 700; }
 .where { margin: 0; padding-left: 1.1em; } .hint { color: var(--muted); }
+table.findings tbody { border-top: 2px solid var(--fg); } td.code { white-space: nowrap; }
+tr.cause td.code, tr.cause td.fix { font-weight: 700; }
+tr.effect td.code::before { content: "\\2514 "; color: var(--muted); }
+ol.causes { margin: .5em 0 0; padding-left: 1.4em; } ol.causes li { margin: .3em 0; } .fix { font-weight: 600; }
 figure { margin: .5em 0 1.2em; } figcaption { color: var(--muted); max-width: 70em; }
 .scroll { overflow-x: auto; border: 1px solid var(--line); padding: 4px; }
 .scroll img { display: block; max-width: none; }

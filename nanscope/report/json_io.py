@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from nanscope import progress
 from nanscope.errors import InputError, OutputError
 from nanscope.result import SCHEMA, Result
 
@@ -54,6 +55,7 @@ def _weights_only_safe(x: Any, key: str) -> Any:
     raise TypeError(f"artifact {key!r} is a {type(x).__name__}; expected tensors, numbers, strings, lists or dicts")
 
 
+@progress.staged("writing the JSON result", "wrote the JSON result")
 def write_result(result: Result, path: str | os.PathLike[str]) -> Path | None:
     """Write `path` (the JSON) and, when the result has artifacts, the sidecar; return the sidecar path.
 

@@ -1,9 +1,11 @@
 """The terminal report: a verdict line, the findings, the checks and the worst image's lost phrases.
 
-Two modes. Rich (a colour terminal): tables and colour, never wider than 80 columns. Plain (output
-is not a terminal, NO_COLOR is set, TERM=dumb, CI logs): no colour, no tables, every finding one
-greppable line `NS102 error count=6 where=image 2 box 1 ... | message` followed by `NS102 hint: ...`,
-and every check `check 3 PASS name: detail`. User text never reaches rich's markup parser.
+Findings come grouped by cause (`nanscope.causes`): each cause with its fix, then the findings it
+explains, whose fix is the cause's. Two modes. Rich (a colour terminal): tables and colour, never
+wider than 80 columns. Plain (output is not a terminal, NO_COLOR is set, TERM=dumb, CI logs): no
+colour, no tables, one greppable line per finding - `cause 1: NS104 error count=1 where=image 2 ... |
+message`, then `cause 1 fix: ...`, then the findings it explains, indented: `  NS102 error count=6 ...`
+- and every check `check 3 PASS name: detail`. User text never reaches rich's markup parser.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from nanscope.causes import Group
+from nanscope.findings import Finding
 from nanscope.result import Result
 
 WIDTH = 80  # rich mode never draws wider than this, even in a wider terminal
 STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+EXPLAINED = "\u2514"  # box-drawing corner before a finding its cause explains, in rich mode
 VERDICT_STYLE = {"broken": "bold red", "clean": "bold green", "fixed": "bold green", "not fixed": "bold red"}
 
 
@@ -27,9 +32,16 @@ def verdict_line(result: Result) -> str:
         failed = len(result.failed_checks)
         return (f"nanscope verify-fix: {result.verdict.upper()} - {len(result.checks) - failed}/{len(result.checks)} "
                 f"checks pass")
-    n_err = len(result.errors)
-    n_warn = sum(1 for f in result.findings if f.severity.value == "warning")
-    return f"nanscope {result.kind}: {result.verdict.upper()} - {n_err} error(s), {n_warn} warning(s)"
+    return f"nanscope {result.kind}: {result.verdict.upper()} - {causes_text(result.groups)}"
+
+
+def causes_text(groups: list[Group]) -> str:
+    """`2 cause(s): 2 error(s), 0 warning(s)`: causes counted by their severity; `no findings`."""
+    if not groups:
+        return "no findings"
+    sev = [g.severity.value for g in groups]
+    infos = f", {sev.count('info')} info" if "info" in sev else ""
+    return f"{len(groups)} cause(s): {sev.count('error')} error(s), {sev.count('warning')} warning(s){infos}"
 
 
 def _one_line(s: Any) -> str:
@@ -61,12 +73,18 @@ def _lost_phrases(result: Result) -> list[str]:
     return out
 
 
+def finding_line(f: Finding) -> str:
+    """`NS102 error count=6 where=image 2 box 1 'small red bird' tokens 281-283 ... | message`."""
+    return f"{f.code} {f.severity.value} count={f.count} where={f.where_text()} | {f.message}"
+
+
 def render_plain(result: Result) -> str:
     """The plain report as text: one fact per line, no colour, no wrapping."""
     lines = [verdict_line(result)]
-    for f in result.findings:
-        lines.append(_one_line(f"{f.code} {f.severity.value} count={f.count} where={f.where_text()} | {f.message}"))
-        lines.append(_one_line(f"{f.code} hint: {f.hint}"))
+    for n, g in enumerate(result.groups, 1):
+        lines.append(_one_line(f"cause {n}: {finding_line(g.cause)}"))
+        lines.append(_one_line(f"cause {n} fix: {g.cause.hint}"))
+        lines.extend(_one_line(f"  {finding_line(f)}") for f in g.effects)
     for c in result.checks:
         lines.append(_one_line(f"check {c.id} {'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}"))
     if result.tables.get("terms"):
@@ -99,19 +117,27 @@ def render(result: Result, console: Console, *, plain: bool | None = None) -> No
         console.print(x, width=width, highlight=False, markup=False)
 
     show(Text(verdict_line(result), style=VERDICT_STYLE.get(result.verdict, "bold")))
-    if result.findings:
+    groups = result.groups
+    if groups:
         t = Table(show_lines=False, expand=False, pad_edge=False, width=None)
+        t.add_column("cause", justify="right", no_wrap=True)
         t.add_column("code", no_wrap=True)
         t.add_column("sev", no_wrap=True)
         t.add_column("count", justify="right", no_wrap=True)
         t.add_column("where", overflow="fold")
-        for f in result.findings:
-            t.add_row(f.code, Text(f.severity.value, style=STYLE[f.severity.value]), str(f.count),
-                      Text(_one_line(f.where_text(2))))
+        for n, g in enumerate(groups, 1):
+            for f in g.findings:
+                t.add_row(str(n) if f is g.cause else "", f.code if f is g.cause else f"{EXPLAINED} {f.code}",
+                          Text(f.severity.value, style=STYLE[f.severity.value]), str(f.count),
+                          Text(_one_line(f.where_text(2))))
         show(t)
-        for f in result.findings:
-            show(Text(f"{f.code} ", style=STYLE[f.severity.value]) + Text(_one_line(f.message)))
-            show(Text(f"  fix: {_one_line(f.hint)}", style="dim"))
+        for n, g in enumerate(groups, 1):
+            sev = g.severity.value
+            show(Text(f"cause {n}: {g.cause.code} ", style=STYLE[sev]) + Text(_one_line(g.cause.message)))
+            show(Text("  fix: ", style="bold") + Text(_one_line(g.cause.hint)))
+            for f in g.effects:
+                show(Text(f"  {EXPLAINED} {f.code} ", style=STYLE[f.severity.value]) + Text(_one_line(f.message),
+                                                                                          style="dim"))
     if result.checks:
         t = Table(title="checks", pad_edge=False)
         t.add_column("#", justify="right")
@@ -138,3 +164,13 @@ def render(result: Result, console: Console, *, plain: bool | None = None) -> No
                   style="bold"))
         for x in lost:
             show(Text(_one_line(f"  {x}")))
+    if result.timings:  # rich mode only: off a terminal the stage lines on stderr say it, stdout stays the same
+        show(Text(timings_line(result), style="dim"))
+
+
+def timings_line(result: Result, slowest: int = 3) -> str:
+    """`time: 12.3 s in 7 stages; slowest: built the model 4.1 s, ...` (outermost stages and steps)."""
+    top = [t for t in result.timings if t.depth == 0]
+    worst = sorted(top, key=lambda t: -t.seconds)[:slowest]
+    return (f"time: {sum(t.seconds for t in top):.1f} s in {len(top)} stage(s); slowest: "
+            + ", ".join(f"{t.done} {t.seconds:.1f} s" for t in worst))

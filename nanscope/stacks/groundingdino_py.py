@@ -17,6 +17,7 @@ from typing import Any, ContextManager, Iterator
 import torch
 from torch import nn
 
+from nanscope import progress
 from nanscope.errors import ConfigError
 from nanscope.stacks.base import LoadedModel, Stack
 from nanscope.stacks.capture import Capture
@@ -171,10 +172,13 @@ class GroundingDinoPy(Stack):
              hash_checkpoint: bool = True) -> LoadedModel:
         from nanscope.stacks.checkpoint import file_sha256, load_into, read_state_dict
 
-        state = read_state_dict(checkpoint, trust=trust)
+        with progress.stage("reading the checkpoint", "read the checkpoint"):
+            state = read_state_dict(checkpoint, trust=trust)
         te = resolve_text_encoder(config, text_encoder)
-        model, cfg = build_model(config, text_encoder=te)
-        fit = load_into(model, state, source=f"checkpoint {str(checkpoint)!r}")
+        with progress.stage("building the model", "built the model"):
+            model, cfg = build_model(config, text_encoder=te)
+        with progress.stage("loading the weights", "loaded the weights"):
+            fit = load_into(model, state, source=f"checkpoint {str(checkpoint)!r}")
         model.to(device).eval()
         inputs = {
             "checkpoint": str(checkpoint),

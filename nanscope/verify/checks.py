@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from nanscope import progress
 from nanscope.errors import CriterionError
 from nanscope.result import Check
 from nanscope.user_code import Criterion, call_criterion, user_frame
@@ -164,6 +165,7 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+@progress.staged("check 1 (before reproduces the bug)")
 def check_reproduced(before: CriterionRun, name: str) -> Check:
     bad = [k for k, v in before.terms.items() if not math.isfinite(v)]
     numbers = {"nonfinite_terms": bad, "total": before.total}
@@ -176,6 +178,7 @@ def check_reproduced(before: CriterionRun, name: str) -> Check:
     return Check(1, "before reproduces the bug", True, detail, numbers)
 
 
+@progress.staged("check 2 (every after term is finite)")
 def check_after_finite(after: CriterionRun, num_boxes: int) -> Check:
     bad = [k for k, v in after.terms.items() if not math.isfinite(v)]
     zero = [k for k, v in after.terms.items() if v == 0.0] if num_boxes > 0 else []
@@ -190,6 +193,7 @@ def check_after_finite(after: CriterionRun, num_boxes: int) -> Check:
                  {"terms": len(after.terms), "nonfinite": bad, "zero": zero})
 
 
+@progress.staged("check 3 (after's gradients are finite)")
 def check_gradients(before: CriterionRun, after: CriterionRun) -> Check:
     bad_out = {k: v for k, v in after.output_grads.items() if v}
     reached = sum(1 for v in after.output_grads.values() if v is not None)
@@ -232,6 +236,7 @@ def _equality_check(cid: int, title: str, got: Mapping[str, float], ref: Mapping
     return Check(cid, title, cmp["equal"], detail, {**cmp, **(extra or {})})
 
 
+@progress.staged("check 4 (after equals the masked_select reference)")
 def check_reference(after: CriterionRun, outputs: Outputs, targets: Targets, preset: str) -> Check:
     from nanscope.criterion.set_criterion import SetCriterion
 
@@ -244,6 +249,7 @@ def check_reference(after: CriterionRun, outputs: Outputs, targets: Targets, pre
                            hint="If your criterion follows another trainer, pass the matching --preset")
 
 
+@progress.staged("check 5 (after equals before on valid positions)")
 def check_valid_only(before_crit: Criterion, before_name: str, after: CriterionRun, outputs: Outputs,
                      targets: Targets) -> Check:
     valid = valid_positions(outputs)  # [B, T]
@@ -280,6 +286,7 @@ def check_valid_only(before_crit: Criterion, before_name: str, after: CriterionR
                            hint="The fix changes more than the padded positions")
 
 
+@progress.staged("check 6 (the fix is a no-op without padding)")
 def check_no_op(before: tuple[Criterion, str], after: tuple[Criterion, str], outputs: Outputs,
                 targets: Targets) -> Check:
     out, tg, info = unpadded_batch(outputs, targets)
@@ -299,6 +306,7 @@ def check_no_op(before: tuple[Criterion, str], after: tuple[Criterion, str], out
                            hint="The fix changes the loss even where nothing is padded")
 
 
+@progress.staged("check 7 (the matcher assigns the same pairs)")
 def check_matching(before: tuple[Criterion, str], after: tuple[Criterion, str], outputs: Outputs,
                    targets: Targets) -> Check:
     mb, ma = getattr(before[0], "matcher", None), getattr(after[0], "matcher", None)
@@ -337,6 +345,7 @@ def _pairs(matches: Any) -> set[tuple[int, int]]:
     return set(zip(torch.as_tensor(rows).tolist(), torch.as_tensor(cols).tolist()))
 
 
+@progress.staged("check 8 (training steps stay finite)")
 def check_training(after_steps: TrainLog, before_steps: TrainLog, steps: int, lr: float) -> Check:
     """`after_steps` / `before_steps`: (total before each update, first non-finite step or None, its terms)."""
     totals, bad_step, bad_terms = after_steps
@@ -355,6 +364,7 @@ def check_training(after_steps: TrainLog, before_steps: TrainLog, steps: int, lr
                   "before_nonfinite_step": b_step, "before_nonfinite_terms": b_terms, "lr": lr})
 
 
+@progress.staged("check 9 (peak memory)")
 def check_memory(before: CriterionRun, after: CriterionRun, method: str) -> Check:
     ratio = after.peak / before.peak if before.peak else (1.0 if not after.peak else math.inf)
     detail = (f"loss + backward peak: after {_mb(after.peak)} vs before {_mb(before.peak)} ({ratio:.2f}x, limit "

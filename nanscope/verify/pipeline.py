@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from nanscope import progress
 from nanscope.replay.batch import Batch
 from nanscope.errors import CriterionError, InputError
 from nanscope.verify.peak_memory import PeakMemory
@@ -108,6 +109,7 @@ def train_steps(replay: Replay, crit: Criterion, name: str, steps: int, lr: floa
     assert replay.stack is not None
     totals: list[float] = []
     for step in range(steps):
+        progress.step(step + 1, steps, f"training with {name.split(' ')[0]} (check 8)")
         with torch.enable_grad(), replay.stack.capture(model, detach=False) as cap:
             model(*args, **kwargs)
         terms = call_criterion(crit, cap.last.to_outputs(), targets, name=name)
@@ -171,10 +173,13 @@ def verify_replay(replay: Replay, *, before: Any = None, after: Any = None, pres
     targets = replay.targets()
     num_boxes = sum(int(t["boxes"].shape[0]) for t in targets)
 
-    record = replay.forward(detach=False, grad=True)
+    with progress.stage("replaying the batch with gradients", f"replayed the batch ({len(replay.batch)} images)"):
+        record = replay.forward(detach=False, grad=True)
     outputs = record.to_outputs()
-    run_b = run_criterion(replay.model, crit_b[0], name_b, outputs, targets)
-    run_a = run_criterion(replay.model, crit_a[0], name_a, outputs, targets)
+    with progress.stage("backpropagating before", "backpropagated before"):
+        run_b = run_criterion(replay.model, crit_b[0], name_b, outputs, targets)
+    with progress.stage("backpropagating after", "backpropagated after"):
+        run_a = run_criterion(replay.model, crit_a[0], name_a, outputs, targets)
     checks = [check_reproduced(run_b, crit_b[1]), check_after_finite(run_a, num_boxes),
               check_gradients(run_b, run_a), check_reference(run_a, outputs, targets, preset),
               check_valid_only(crit_b[0], name_b, run_a, outputs, targets),
