@@ -17,7 +17,7 @@ from nanscope.findings import check_codes
 from nanscope.replay.module_stats import module_stats
 from nanscope.replay.session import Replay, prepare
 from nanscope.result import Result, environment
-from nanscope.user_code import call_criterion, load_criterion
+from nanscope.user_code import call_criterion, collect_user_stdout, load_criterion
 
 SANITIZED_LOGIT = -1.0e4  # finite stand-in for -inf padding in the counterfactual run (fits fp16)
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # --amp: replay the forward under autocast
@@ -50,17 +50,13 @@ def padded_text_mask(mask: torch.Tensor | None, width: int) -> torch.Tensor | No
 
 def sanitize_padding(outputs: dict[str, Any], valid: torch.Tensor) -> dict[str, Any]:
     """Copy of DETR outputs with logits at invalid text columns replaced by a finite value."""
-    def fix(d: dict[str, Any]) -> dict[str, Any]:
-        d = dict(d)
-        lg = d["pred_logits"]
-        d["pred_logits"] = torch.where(valid[:, None, :], lg, torch.full_like(lg, SANITIZED_LOGIT))
-        return d
+    from nanscope.stacks.capture import map_layers
 
-    out = fix(outputs)
-    out["aux_outputs"] = [fix(a) for a in outputs.get("aux_outputs", [])]
-    if "enc_outputs" in outputs:
-        out["enc_outputs"] = fix(outputs["enc_outputs"])
-    return out
+    def fix(d: dict[str, Any]) -> dict[str, Any]:
+        lg = d["pred_logits"]
+        return {**d, "pred_logits": torch.where(valid[:, None, :], lg, torch.full_like(lg, SANITIZED_LOGIT))}
+
+    return map_layers(outputs, fix)
 
 
 SUPERVISION_CODES = ("NS401", "NS402", "NS403", "NS404")  # measured by re-running the user's criterion
@@ -177,13 +173,14 @@ def inspect_replay(
         crit, name = load_criterion(criterion)
         outputs = record.to_outputs()
         targets = replay.targets()
+        extras = replay.criterion_extras()
         ctx.criterion_name = name
         try:
             with torch.no_grad():
-                ctx.loss_terms = call_criterion(crit, outputs, targets, name=name)
+                ctx.loss_terms = call_criterion(crit, outputs, targets, name=name, extras=extras)
                 if ctx.text_mask is not None:
                     ctx.loss_terms_padding_sanitized = call_criterion(
-                        crit, sanitize_padding(outputs, ctx.text_mask), targets, name=name)
+                        crit, sanitize_padding(outputs, ctx.text_mask), targets, name=name, extras=extras)
         except CriterionError as exc:
             if not is_matching_failure(exc):
                 raise
@@ -233,7 +230,7 @@ def run_trace(replay: Replay, criterion: str | None) -> Any:
         outputs = cap.last.to_outputs()
         if crit is None:
             return {"pred_logits_sum": outputs["pred_logits"].float().sum()}
-        return call_criterion(crit, outputs, targets)
+        return call_criterion(crit, outputs, targets, extras=replay.criterion_extras())
 
     try:
         return trace_nonfinite(replay.model, run, backward=crit is not None)
@@ -265,4 +262,7 @@ def inspect(
     ignore = check_codes(ignore) if ignore else None
     replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
                      trust_checkpoint=trust_checkpoint, stack=stack)
-    return inspect_replay(replay, criterion=criterion, select=select, ignore=ignore, trace=trace, amp=amp)
+    with collect_user_stdout() as out:  # the criterion's prints go in their own block of the report
+        result = inspect_replay(replay, criterion=criterion, select=select, ignore=ignore, trace=trace, amp=amp)
+    result.user_stdout = out.text
+    return result
