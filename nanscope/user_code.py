@@ -292,3 +292,20 @@ def call_matcher(matcher: Any, outputs: Mapping[str, Any], targets: list[Mapping
             and not isinstance(result[1], (list, tuple)):
         result = result[0]
     return list(result)
+
+
+def per_image_matcher(matcher: Any, extras: Mapping[str, Any] | None) -> Callable[..., list[tuple[Any, Any]]]:
+    """`fn(outputs, targets)` -> the user's matcher run image by image, each with its own extras
+    (`label_map` of that image, ...): what a batch-level caller needs for a 3-argument matcher.
+    For a DETR matcher the result is the batched one (matching is per image)."""
+    from nanscope.replay.criterion_inputs import image_extras
+
+    def call(outputs: Mapping[str, Any], targets: list[Mapping[str, Any]]) -> list[tuple[Any, Any]]:
+        out: list[tuple[Any, Any]] = []
+        for i, t in enumerate(targets):
+            one = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == len(targets)
+                       else v) for k, v in outputs.items() if not isinstance(v, (dict, list))}
+            out += call_matcher(matcher, one, [t], extras=image_extras(extras or {}, i))
+        return out
+
+    return call

@@ -1,6 +1,6 @@
 """User criteria with no glue: the names public trainers read, factories, extra parameters, messages.
 
-The criteria in `trainer_criteria.py` follow public trainers' shapes (Open-GroundingDino's 4-argument
+The criteria in `fixtures/criteria/trainers.py` follow public trainers' shapes (Open-GroundingDino's 4-argument
 criterion and 3-argument matcher, a DETR-style criterion on `labels`/`token_labels`, ...) and never
 import nanscope. They run on the real demo model through `load_criterion` / `call_criterion` alone.
 """
@@ -21,7 +21,7 @@ from nanscope.user_code import call_criterion, call_matcher, collect_user_stdout
 from nanscope.verify.checks import floats
 
 HERE = Path(__file__).parent
-CRITERIA = HERE / "trainer_criteria.py"
+CRITERIA = HERE.parent / "fixtures" / "criteria" / "trainers.py"
 
 
 def spec(attr: str) -> str:
@@ -29,7 +29,7 @@ def spec(attr: str) -> str:
 
 
 def line_of(text: str) -> int:
-    """1-based line of `text` in trainer_criteria.py, found by reading the file (not by nanscope)."""
+    """1-based line of `text` in the criteria file, found by reading it (not by nanscope)."""
     return next(i for i, line in enumerate(CRITERIA.read_text().splitlines(), 1) if text in line)
 
 
@@ -99,9 +99,7 @@ def test_open_gdino_style_criterion_runs_as_is_and_equals_the_reference(short) -
 
 
 def test_three_argument_matcher_gets_the_images_label_map(short) -> None:
-    from trainer_criteria import ThreeArgMatcher
-
-    matcher = ThreeArgMatcher()
+    matcher, _ = load_criterion(spec("ThreeArgMatcher"))  # a class with defaults: built with no arguments
     for i, t in enumerate(short.targets):
         one = {k: short.outputs[k][i:i + 1] for k in ("pred_logits", "pred_boxes")}
         pairs = call_matcher(matcher, one, [t], extras=image_extras(short.extras, i))

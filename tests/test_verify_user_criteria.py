@@ -14,7 +14,7 @@ import pytest
 from nanscope.cli import main
 from nanscope.report.json_io import result_schema
 
-CRITERIA = Path(__file__).parent / "trainer_criteria.py"
+CRITERIA = Path(__file__).parents[1] / "fixtures" / "criteria" / "trainers.py"
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +58,14 @@ def test_a_fix_with_another_normalizer_is_fixed_and_check_4_names_it(short, caps
     ratio = terms["loss_ce"]["after"] / checks[4]["numbers"]["reference"]["loss_ce"]
     assert ratio == pytest.approx(num_pos / (num_pos + 0.1 * num_neg), rel=1e-5)
     n4 = checks[4]["numbers"]
-    assert n4["closest"] == "hf" and n4["normalizers"] == {"num_pos + 0.1 * num_neg": ["loss_ce"]}
+    eos = "matched queries + 0.1 * unmatched queries"
+    assert n4["closest"] == "hf" and n4["normalizers"] == {eos: ["loss_ce"]}
     assert set(n4["presets"]) == {"mmdet", "open-groundingdino", "hf"}  # every preset's distance
-    assert f"= {num_pos + 0.1 * num_neg:g} instead of num_boxes = {num_pos}" in checks[4]["detail"]
+    assert f"= {num_pos + 0.1 * num_neg:g} instead of GT boxes = {num_pos}" in checks[4]["detail"]
     detail = d["summary"]["verdict_detail"]
-    assert detail.startswith("fixed: no non-finite term, differs from the hf reference by loss_ce divided by "
-                             "num_pos + 0.1 * num_neg")
+    assert detail.startswith(f"fixed: no non-finite term, differs from the hf reference by loss_ce divided by {eos}")
     first = stdout.splitlines()[0]
-    assert first.startswith("nanscope verify-fix: FIXED - ") and "num_pos + 0.1 * num_neg" in first
+    assert first.startswith("nanscope verify-fix: FIXED - ") and eos in first
 
     # class_error is a metric (no weight_dict entry, no gradient): shown, never checked as a term.
     assert checks[2]["numbers"]["terms"] == 3 and "class_error" not in checks[2]["detail"]

@@ -40,12 +40,9 @@ def is_matching_failure(exc: CriterionError) -> bool:
 
 def padded_text_mask(mask: torch.Tensor | None, width: int) -> torch.Tensor | None:
     """[B, L] -> [B, width] bool, False past L (ContrastiveEmbed pads with -inf there)."""
-    if mask is None:
-        return None
-    out = torch.zeros(mask.shape[0], width, dtype=torch.bool, device=mask.device)
-    n = min(width, mask.shape[1])
-    out[:, :n] = mask[:, :n].bool()
-    return out
+    from nanscope.stacks.capture import padded_mask
+
+    return None if mask is None else padded_mask(mask, width)
 
 
 def sanitize_padding(outputs: dict[str, Any], valid: torch.Tensor) -> dict[str, Any]:
@@ -75,14 +72,17 @@ def nonfinite_images(outputs: dict[str, Any]) -> list[int]:
 
 
 def probe_criterion(crit: Any, name: str, outputs: dict[str, Any], targets: list[dict[str, Any]],
-                    texts: list[Any]) -> Any:
-    """What the user's criterion supervises (nanscope.replay.supervision), measured on the captured outputs."""
+                    texts: list[Any], extras: dict[str, Any] | None = None) -> Any:
+    """What the user's criterion supervises (nanscope.replay.supervision), measured on the captured outputs.
+
+    extras: the named parameters of the criterion and its matcher (`Replay.criterion_extras`)."""
     from nanscope.replay.supervision import probe_supervision
+    from nanscope.user_code import per_image_matcher
 
     matcher = getattr(crit, "matcher", None)
-    return probe_supervision(lambda o, t: call_criterion(crit, o, t, name=name), name, outputs, targets, texts,
-                             weight_dict=getattr(crit, "weight_dict", None),
-                             matcher=matcher if callable(matcher) else None,
+    return probe_supervision(lambda o, t: call_criterion(crit, o, t, name=name, extras=extras), name, outputs,
+                             targets, texts, weight_dict=getattr(crit, "weight_dict", None),
+                             matcher=per_image_matcher(matcher, extras) if callable(matcher) else None,
                              nonfinite_images=nonfinite_images(outputs))
 
 
@@ -190,7 +190,7 @@ def inspect_replay(
         if ctx.loss_terms is not None:
             terms = {k: float(v.detach().float().sum()) for k, v in ctx.loss_terms.items()}
             if _wants(SUPERVISION_CODES, select, ignore):
-                ctx.supervision = probe_criterion(crit, name, outputs, targets, replay.texts)
+                ctx.supervision = probe_criterion(crit, name, outputs, targets, replay.texts, extras)
     if trace:
         with progress.stage("tracing the first non-finite operation", "traced the first non-finite operation"):
             ctx.trace = run_trace(replay, criterion)  # in the model's dtype: see NS303 for autocast overflows

@@ -76,15 +76,12 @@ def floats(terms: Mapping[str, Tensor], keys: Sequence[str] | None = None) -> di
 
 
 def loss_keys(crit: Any, terms: Mapping[str, Tensor]) -> tuple[str, ...]:
-    """The loss terms of a criterion's output: keys of its `weight_dict` (DETR convention) when it has one
-    that names some of them, else the tensors that require grad, else all (a detached criterion)."""
-    weights = getattr(crit, "weight_dict", None)
-    if isinstance(weights, Mapping):
-        named = tuple(k for k in terms if k in weights)
-        if named:
-            return named
-    grad = tuple(k for k, v in terms.items() if v.requires_grad)
-    return grad or tuple(terms)
+    """The loss terms of a criterion's output: its `weight_dict` keys with a non-zero weight (DETR convention)
+    when it names some of them, else the tensors that require grad (NS401's rule), else all of them (a
+    detached criterion: check 3 says so)."""
+    from nanscope.replay.supervision import loss_term_names
+
+    return tuple(loss_term_names(terms, getattr(crit, "weight_dict", None))) or tuple(terms)
 
 
 def layers(outputs: Outputs) -> list[tuple[str, dict[str, Any]]]:
