@@ -51,6 +51,7 @@ class Result:
     # How long each stage of the command took so far, when a progress listener is installed (the CLI
     # installs one): the terminal and HTML reports show it; the JSON never does, so it stays byte-identical.
     timings: list[progress.Timing] = field(default_factory=progress.finished)
+    user_stdout: str = ""  # what the user's criterion printed (shown in its own block, never interleaved)
 
     def __post_init__(self) -> None:
         self.findings = [f for g in group(self.findings) for f in g.findings]  # by cause (nanscope.causes)
@@ -74,17 +75,23 @@ class Result:
         return [c for c in self.checks if not c.passed]
 
     @property
+    def failed_required(self) -> list[Check]:
+        """Failed checks that decide the verdict: those in `summary["required_checks"]` (all when absent)."""
+        required = self.summary.get("required_checks")
+        return [c for c in self.failed_checks if required is None or c.id in required]
+
+    @property
     def verdict(self) -> str:
-        """inspect: 'broken' or 'clean'; verify-fix: 'fixed' or 'not fixed'."""
+        """inspect: 'broken' or 'clean'; verify-fix: 'fixed' (every required check passes) or 'not fixed'."""
         if self.kind == "verify-fix":
-            return "not fixed" if self.failed_checks else "fixed"
+            return "not fixed" if self.failed_required else "fixed"
         return "broken" if self.errors else "clean"
 
     @property
     def exit_code(self) -> int:
-        """0 clean / all checks pass, 1 an error finding or a failed check (2 is the CLI's, for bad input)."""
+        """0 clean / required checks pass, 1 an error finding or a failed required check (2: the CLI's, bad input)."""
         if self.kind == "verify-fix":
-            return 1 if self.failed_checks else 0
+            return 1 if self.failed_required else 0
         return 1 if self.errors else 0
 
     @property
@@ -104,6 +111,7 @@ class Result:
             "environment": self.environment,
             "loss_terms": self.loss_terms,
             "tables": self.tables,
+            **({"user_stdout": self.user_stdout} if self.user_stdout else {}),
         })
 
     def to_json(self) -> str:
@@ -120,6 +128,7 @@ class Result:
             environment=dict(d.get("environment", {})),
             loss_terms=dict(d.get("loss_terms", {})),
             tables=dict(d.get("tables", {})),
+            user_stdout=str(d.get("user_stdout", "")),
         )
 
 

@@ -1,27 +1,76 @@
-"""Load and call a user's criterion given as `MODULE:ATTR` (a dotted module or a path to a .py file).
+"""Load and call a user's criterion given as `MODULE:ATTR` or `MODULE:ATTR(arg=value, ...)`.
 
-Protocol: `ATTR` is a class (instantiated with no arguments), a factory taking no arguments (called
-once), or the criterion itself; the criterion is called as `criterion(outputs, targets)` and returns a
-dict of loss terms (DETR convention). Errors name the user's own frame (file:line), not nanscope's.
+`MODULE` is a dotted module or a path to a .py file. `ATTR` is a class (instantiated with no
+arguments), a factory taking no arguments (called once), or the criterion itself; `ATTR(k=v, ...)`
+calls it with literal keyword arguments (read with `ast.literal_eval`, nothing is evaluated). A
+callable is the criterion itself when its first two parameters can take (outputs, targets) and
+every other required parameter is a name nanscope fills (`EXTRA_NAMES`); one whose parameters name
+its configuration (`num_classes`, `matcher`, `args`, ...) is a factory and needs `ATTR(...)`.
+
+The criterion is called `criterion(outputs, targets, **extras)`: further parameters of its
+`__call__`/`forward` named like an extra are filled by name (`cat_list`, `caption`, `label_map`,
+`tokenizer`, ...), so Open-GroundingDino's `forward(outputs, targets, cat_list, caption)` runs as it
+is; `call_matcher` does the same for a matcher. Each call gets a fresh copy of the output dicts
+(criteria write `one_hot` into them). The user's stdout is captured while `collect_user_stdout` is
+active. Errors name the user's own frame (file:line), not nanscope's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
+import io
 import sys
 import traceback
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
 from nanscope.errors import CriterionError
+from nanscope.replay.criterion_inputs import EXTRA_NAMES
+from nanscope.user_spec import call_with_literals, parse_spec
 
-Criterion = Callable[[Mapping[str, Any], list[Mapping[str, torch.Tensor]]], Mapping[str, torch.Tensor]]
+Criterion = Callable[..., Mapping[str, torch.Tensor]]
 
 _INTERNAL = (f"{Path(torch.__file__).parent}", f"{Path(__file__).parent}", "<frozen ", "importlib")
+# Parameter names that say a callable builds a criterion rather than being one (public trainers' factories).
+CONSTRUCTION_NAMES = frozenset({"args", "cfg", "config", "num_classes", "matcher", "weight_dict", "losses",
+                                "eos_coef", "focal_alpha", "focal_gamma", "num_queries", "device", "model",
+                                "max_txt_len", "max_text_len", "loss_type", "opt", "options", "hparams"})
+MAX_STDOUT = 64 * 1024  # characters of the user's output kept for the report
+
+_STDOUT: ContextVar[io.StringIO | None] = ContextVar("nanscope_user_stdout", default=None)
+
+
+class UserStdout:
+    """What the user's code printed while `collect_user_stdout()` was active (`.text` once it exits)."""
+
+    def __init__(self) -> None:
+        self.buffer = io.StringIO()
+        self.text = ""
+
+
+@contextlib.contextmanager
+def collect_user_stdout() -> Iterator[UserStdout]:
+    """Capture the stdout of user code run inside (criteria, matchers, their module imports)."""
+    out = UserStdout()
+    token = _STDOUT.set(out.buffer)
+    try:
+        yield out
+    finally:
+        _STDOUT.reset(token)
+        text = out.buffer.getvalue()
+        out.text = text if len(text) <= MAX_STDOUT else text[:MAX_STDOUT] + f"\n... ({len(text) - MAX_STDOUT} more characters)\n"
+
+
+def user_io() -> contextlib.AbstractContextManager[Any]:
+    """Redirect stdout into the active collector (a no-op without one)."""
+    buf = _STDOUT.get()
+    return contextlib.redirect_stdout(buf) if buf is not None else contextlib.nullcontext()
 
 
 def user_frame(exc: BaseException) -> str:
@@ -32,6 +81,15 @@ def user_frame(exc: BaseException) -> str:
     if f is None:
         return "<unknown>"
     return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def defined_at(obj: Any) -> str:
+    """'file.py:12' where a user's class or function is defined ('<unknown>' for builtins)."""
+    try:
+        target = inspect.unwrap(obj)
+        return f"{inspect.getsourcefile(target)}:{inspect.getsourcelines(target)[1]}"
+    except (TypeError, OSError):
+        return "<unknown>"
 
 
 def _import(module: str) -> Any:
@@ -51,12 +109,12 @@ def _import(module: str) -> Any:
 
 
 def load_criterion(spec: str) -> tuple[Criterion, str]:
-    """`'pkg.losses:SetCriterion'` or `'path/losses.py:make'` -> (callable criterion, display name)."""
-    if ":" not in spec.replace(":\\", ""):
-        raise CriterionError(f"criterion {spec!r} is not MODULE:ATTR; expected e.g. 'mypkg.losses:SetCriterion'")
-    module, _, attr = spec.rpartition(":")
+    """`'pkg.losses:SetCriterion'`, `'path/losses.py:make'` or `'losses.py:build(num_classes=3)'`
+    -> (callable criterion, display name)."""
+    module, attr, kwargs = parse_spec(spec)
     try:
-        mod = _import(module)
+        with user_io():
+            mod = _import(module)
     except CriterionError:
         raise
     except Exception as exc:
@@ -69,12 +127,10 @@ def load_criterion(spec: str) -> tuple[Criterion, str]:
             raise CriterionError(f"criterion module {module!r} has no attribute {attr!r}; it has {', '.join(names)}")
         obj = getattr(obj, part)
     try:
-        if inspect.isclass(obj):
-            crit = obj()
-        elif callable(obj) and _required_params(obj) == 0:
-            crit = obj()
-        else:
-            crit = obj
+        with user_io():
+            crit = _create(obj, spec, attr, kwargs)
+    except CriterionError:
+        raise
     except Exception as exc:
         raise CriterionError(f"criterion {spec!r} raised while being created: {type(exc).__name__}: {exc} "
                              f"(at {user_frame(exc)})") from None
@@ -83,27 +139,173 @@ def load_criterion(spec: str) -> tuple[Criterion, str]:
     return crit, spec
 
 
-def _required_params(fn: Callable[..., Any]) -> int:
+def _create(obj: Any, spec: str, attr: str, kwargs: dict[str, Any] | None) -> Any:
+    if kwargs is not None:
+        return call_with_literals(obj, kwargs, spec, defined_at(obj))
+    if inspect.isclass(obj):
+        need = _required(obj)
+        if need:
+            raise CriterionError(
+                f"criterion {spec!r} is class {obj.__name__} (defined at {defined_at(obj)}), whose constructor needs "
+                f"{', '.join(need)}; pass them as '{spec}({', '.join(f'{n}=...' for n in need)})' with literal "
+                "values, or point at a factory that builds it")
+        return obj()
+    if not callable(obj):
+        return obj
+    need = _required(obj)
+    if not need:
+        return obj() if _signature(obj) is not None else obj  # a factory with no arguments (builtins: as is)
+    if _is_criterion(obj):
+        return obj
+    raise CriterionError(
+        f"criterion {spec!r} is {getattr(obj, '__name__', type(obj).__name__)} (defined at {defined_at(obj)}), "
+        f"which takes {', '.join(need)}: a factory, not a criterion called as (outputs, targets); pass them as "
+        f"'{spec}({', '.join(f'{n}=...' for n in need)})' with literal values, or point at the criterion itself")
+
+
+def _signature(fn: Any) -> inspect.Signature | None:
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
     try:
-        sig = inspect.signature(fn)
+        return inspect.signature(target)
     except (TypeError, ValueError):
-        return -1
-    return sum(1 for p in sig.parameters.values()
-               if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        return None
 
 
-def call_criterion(crit: Criterion, outputs: Mapping[str, Any], targets: list[Mapping[str, torch.Tensor]],
-                   *, name: str = "criterion") -> dict[str, torch.Tensor]:
-    """Run the criterion; its exceptions become `CriterionError` naming the user's frame."""
+def _positional(sig: inspect.Signature) -> list[inspect.Parameter]:
+    return [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _required(fn: Any) -> list[str]:
+    sig = _signature(fn)
+    if sig is None:
+        return []
+    return [p.name for p in sig.parameters.values() if p.default is p.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _is_criterion(fn: Any) -> bool:
+    """Its first two parameters take (outputs, targets) and nanscope fills every other required one."""
+    sig = _signature(fn)
+    if sig is None:
+        return True
+    pos = _positional(sig)
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
+    if len(pos) < 2 and not varargs:
+        return False
+    if any(p.name in CONSTRUCTION_NAMES for p in pos[:2]):
+        return False
+    rest = [p for p in sig.parameters.values() if p not in pos[:2] and p.default is p.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return all(p.name in EXTRA_NAMES for p in rest)
+
+
+def bind_extras(fn: Any, extras: Mapping[str, Any], n_args: int = 2) -> tuple[list[Any], dict[str, Any], list[str]]:
+    """(extra positional args, keyword args, missing required names) for `fn(*first n_args, ...)`."""
+    sig = _signature(fn)
+    if sig is None:
+        return [], {}, []
+    params = list(sig.parameters.values())
+    pos = _positional(sig)
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    missing: list[str] = []
+    for p in params:
+        if p in pos[:n_args] or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.name in extras:
+            if p.kind is p.POSITIONAL_ONLY:
+                args.append(extras[p.name])
+            else:
+                kwargs[p.name] = extras[p.name]
+        elif p.default is p.empty:
+            missing.append(p.name)
+    return args, kwargs, missing
+
+
+def fresh_outputs(outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the output dicts (same tensors): a criterion that writes into them does not change ours."""
+    out = dict(outputs)
+    for k, v in out.items():
+        if isinstance(v, dict):
+            out[k] = dict(v)
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            out[k] = [dict(x) for x in v]
+    return out
+
+
+def _keys_note(outputs: Mapping[str, Any], targets: Any, extras: Mapping[str, Any]) -> str:
+    tkeys = sorted({str(k) for t in targets if isinstance(t, Mapping) for k in t})
+    return (f"nanscope's targets carry {', '.join(tkeys) or 'nothing'}; its outputs carry "
+            f"{', '.join(sorted(map(str, outputs)))}; parameters it fills by name: "
+            f"{', '.join(sorted(extras)) or 'none'} (README, 'Criterion protocol')")
+
+
+def _invoke(fn: Any, outputs: Mapping[str, Any], targets: Any, extras: Mapping[str, Any] | None,
+            name: str, what: str) -> Any:
+    extras = dict(extras or {})
+    args, kwargs, missing = bind_extras(fn, extras)
+    if missing:
+        raise CriterionError(
+            f"{name}: its {what} needs {', '.join(missing)}, which nanscope cannot fill (defined at "
+            f"{defined_at(fn.forward if isinstance(fn, torch.nn.Module) else fn)}); it fills "
+            f"{', '.join(sorted(extras)) or 'nothing'} by name. Give them defaults, or wrap it")
+    outputs = fresh_outputs(outputs)
+    targets = [dict(t) if isinstance(t, Mapping) else t for t in targets]
     try:
-        terms = crit(outputs, targets)
+        with user_io():
+            return fn(outputs, targets, *args, **kwargs)
+    except KeyError as exc:
+        raise CriterionError(f"{name} raised KeyError {exc} (at {user_frame(exc)}): "
+                             f"{_keys_note(outputs, targets, extras)}") from None
+
+
+def call_criterion(crit: Criterion, outputs: Mapping[str, Any], targets: list[Mapping[str, Any]], *,
+                   name: str = "criterion", extras: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Run the criterion (extras filled by name); its exceptions become `CriterionError` naming the user's frame."""
+    try:
+        terms = _invoke(crit, outputs, targets, extras, name, "criterion")
+    except CriterionError:
+        raise
     except Exception as exc:
         raise CriterionError(f"{name} raised {type(exc).__name__}: {exc} (at {user_frame(exc)})") from None
     if isinstance(terms, torch.Tensor):
         terms = {"loss": terms}
+    if isinstance(terms, tuple) and terms and isinstance(terms[0], Mapping):  # (losses, indices), return_indices
+        terms = terms[0]
     if not isinstance(terms, Mapping):
         raise CriterionError(f"{name} returned a {type(terms).__name__}; expected a dict of loss tensors")
     out = {str(k): v for k, v in terms.items() if isinstance(v, torch.Tensor)}
     if not out:
         raise CriterionError(f"{name} returned no tensor loss terms (keys: {', '.join(map(str, terms))})")
     return out
+
+
+def call_matcher(matcher: Any, outputs: Mapping[str, Any], targets: list[Mapping[str, Any]], *,
+                 extras: Mapping[str, Any] | None = None) -> list[tuple[Any, Any]]:
+    """`matcher(outputs, targets, **extras by name)` -> its [(query_idx, box_idx)] per image.
+
+    A matcher that returns `(indices, something)` (e.g. the positive maps it built) gives its indices.
+    Exceptions propagate as they are (a matcher refusing non-finite costs is a finding, not a bug).
+    """
+    result = _invoke(matcher, outputs, targets, extras, "matcher", "matcher")
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], (list, tuple)) \
+            and not isinstance(result[1], (list, tuple)):
+        result = result[0]
+    return list(result)
+
+
+def per_image_matcher(matcher: Any, extras: Mapping[str, Any] | None) -> Callable[..., list[tuple[Any, Any]]]:
+    """`fn(outputs, targets)` -> the user's matcher run image by image, each with its own extras
+    (`label_map` of that image, ...): what a batch-level caller needs for a 3-argument matcher.
+    For a DETR matcher the result is the batched one (matching is per image)."""
+    from nanscope.replay.criterion_inputs import image_extras
+
+    def call(outputs: Mapping[str, Any], targets: list[Mapping[str, Any]]) -> list[tuple[Any, Any]]:
+        out: list[tuple[Any, Any]] = []
+        for i, t in enumerate(targets):
+            one = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == len(targets)
+                       else v) for k, v in outputs.items() if not isinstance(v, (dict, list))}
+            out += call_matcher(matcher, one, [t], extras=image_extras(extras or {}, i))
+        return out
+
+    return call

@@ -30,7 +30,11 @@ def good():
         (lambda b: b["targets"][1].__setitem__("tokens_positive", [[[5, 40]]]), "targets[1].tokens_positive[0][0] is [5, 40], outside its caption of 9 characters"),
         (lambda b: b.pop("captions"), "has no captions"),
         (lambda b: b["captions"].pop(), "captions has 1 entries; expected 2"),
-        (lambda b: b["targets"][0].pop("phrases"), "targets[0] has 2 boxes but neither 'phrases' nor 'tokens_positive'"),
+        (lambda b: b["targets"][0].pop("phrases"), "targets[0] has 2 boxes but no 'phrases', 'tokens_positive' or 'positive_map'"),
+        (lambda b: b["targets"][0].__setitem__("positive_map", torch.ones(3, 256)), "targets[0].positive_map has shape [3, 256]; expected [2, T]"),
+        (lambda b: b["targets"][0].__setitem__("positive_map", -torch.ones(2, 256)), "targets[0].positive_map has negative or non-finite entries"),
+        (lambda b: b["targets"][0].__setitem__("positive_map", [[1.0]]), "targets[0].positive_map is a list; expected a tensor [2, T]"),
+        (lambda b: b["targets"][1].__setitem__("extra", {"size": [32, object()]}), "targets[1].extra.size[1] is a object"),
     ],
 )
 def test_validation_names_field_and_index(mutate, message):
@@ -57,6 +61,24 @@ def test_round_trip_and_empty_targets(tmp_path):
     assert back.captions == tuple(b["captions"])
     assert back.targets[1].boxes.shape == (0, 4)
     assert back.targets[0].phrases == ("cat", "dog")
+
+
+def test_a_trainers_positive_map_and_own_keys_round_trip_and_build_the_targets(tmp_path, demo_replay):
+    from nanscope.replay.positive_map import build_text_info
+
+    b = good()
+    pm = torch.zeros(2, 256)
+    pm[0, 1], pm[1, 3:5] = 1.0, 0.5  # one binary row, one row-normalized over two tokens
+    b["targets"][0] = {"boxes": b["targets"][0]["boxes"], "positive_map": pm,
+                       "extra": {"labels": torch.tensor([0, 1]), "size": [32, 32], "name": "img0"}}
+    back = load_batch(save_batch(tmp_path / "b.pt", b))  # weights_only round trip
+    t = back.targets[0]
+    assert t.phrases is None and t.spans is None and torch.equal(t.positive_map, pm)
+    assert torch.equal(t.extra["labels"], torch.tensor([0, 1])) and t.extra["size"] == [32, 32]
+    info = build_text_info(demo_replay.tokenizer, back, max_text_len=256)[0]
+    assert torch.equal(info.positive_map, (pm > 0).float())  # binarized, nothing else added
+    tokens = demo_replay.tokenizer.convert_ids_to_tokens(demo_replay.tokenizer(b["captions"][0])["input_ids"])
+    assert [bt.phrase for bt in info.boxes] == [tokens[1], " ".join(tokens[3:5])]
 
 
 def test_non_torch_file_is_an_input_error(tmp_path):

@@ -353,8 +353,9 @@ def test_schema_batch_keeps_the_schema_and_drops_the_rest() -> None:
     assert set(out) == {"images", "captions", "targets", "image_masks"}  # the padding is marked
     assert out["images"].shape == (2, 3, 6, 5) and out["images"][0, :, 4:].sum() == 0
     assert out["captions"] == ["cat .", "dog ."]
-    assert set(out["targets"][0]) == {"boxes", "phrases"} and out["targets"][1]["tokens_positive"] == [[[0, 3]]]
-    assert any("image_ids" in n for n in notes) and any("labels" in n for n in notes)
+    assert set(out["targets"][0]) == {"boxes", "phrases", "extra"} and out["targets"][1]["tokens_positive"] == [[[0, 3]]]
+    assert torch.equal(out["targets"][0]["extra"]["labels"], torch.tensor([0]))  # the trainer's own key, kept
+    assert any("image_ids" in n for n in notes) and any("labels" in n and "extra" in n for n in notes)
     assert any("zero-padded" in n for n in notes)
 
     class Nested:  # groundingdino's NestedTensor: padded images and a mask

@@ -22,6 +22,8 @@ def empty_reason(ctx: AnalysisContext, image: int, box: int) -> str | None:
     bt = info.boxes[box]
     if not bt.found:
         return "phrase not found in the caption"
+    if not bt.tokens and not bt.spans:  # the trainer's own positive map (no phrase, no span)
+        return "the batch's own positive-map row is all zero"
     if not bt.tokens:
         return "span covers no token (whitespace or characters the tokenizer drops)"
     if not bt.kept:

@@ -9,6 +9,12 @@ Schema (a dict):
                 phrases          list of N strings (the phrase each box refers to), or
                 tokens_positive  list of N lists of [begin, end) character spans into the caption
                                  (ODVG/GLIP style); one of the two is required when N > 0
+                positive_map     optional Tensor [N, T]: the trainer's own token targets (0/1, or
+                                 row-normalized: > 0 is positive), used only when a target has
+                                 neither phrases nor tokens_positive
+                extra            optional dict: the trainer's own target keys (labels, size, ...)
+                                 kept by nanscope.watch; tensors, numbers, strings, lists and dicts
+                                 of them. Criteria see them next to nanscope's keys.
     image_masks  optional Tensor [B, H, W] bool, True on padded pixels (the mask of groundingdino's
                  NestedTensor when images of different sizes were padded into one batch)
 Validation errors name the field and index, e.g. `targets[1].boxes has shape [3, 5]; expected [N, 4]`.
@@ -34,6 +40,8 @@ class Target:
     boxes: torch.Tensor  # [N, 4] cxcywh, normalized
     phrases: tuple[str, ...] | None  # one per box
     spans: tuple[tuple[tuple[int, int], ...], ...] | None  # per box, character spans
+    positive_map: torch.Tensor | None = None  # [N, T] the trainer's own map; used without phrases and spans
+    extra: Mapping[str, Any] | None = None  # the trainer's own keys, kept as given (weights_only types)
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,10 @@ class Batch:
                 d["phrases"] = list(t.phrases)
             if t.spans is not None:
                 d["tokens_positive"] = [[list(s) for s in spans] for spans in t.spans]
+            if t.positive_map is not None:
+                d["positive_map"] = t.positive_map.detach().cpu()
+            if t.extra:
+                d["extra"] = dict(t.extra)
             targets.append(d)
         out = {"images": self.images.detach().cpu(), "captions": list(self.captions), "targets": targets}
         if self.image_masks is not None:
@@ -91,6 +103,42 @@ def _spans(value: Any, where: str, caption: str) -> tuple[tuple[int, int], ...]:
             )
         out.append((beg, end))
     return tuple(out)
+
+
+def _positive_map(value: Any, where: str, n: int) -> torch.Tensor | None:
+    """A trainer's positive map [N, T]: finite, >= 0 (binary or row-normalized); None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise BatchError(f"{where} is a {type(value).__name__}; expected a tensor [{n}, T]")
+    if value.dim() != 2 or value.shape[0] != n or value.shape[1] < 1:
+        raise BatchError(f"{where} has shape {list(value.shape)}; expected [{n}, T] (one row per box)")
+    if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.bool, torch.uint8, torch.int64,
+                                                                                   torch.int32)):
+        raise BatchError(f"{where} has dtype {value.dtype}; expected float, int or bool")
+    v = value.float()
+    if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+        raise BatchError(f"{where} has negative or non-finite entries; expected 0/1 or row-normalized weights")
+    return v
+
+
+_EXTRA_LEAVES = (torch.Tensor, str, int, float, bool, type(None))
+
+
+def _check_extra(value: Any, where: str, depth: int = 0) -> None:
+    """`extra` holds what torch.load(weights_only=True) reads: tensors, numbers, strings, lists, dicts."""
+    if depth > 8:
+        raise BatchError(f"{where} nests deeper than 8 levels; expected a flat dict of the trainer's target keys")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise BatchError(f"{where} has a key of type {type(k).__name__}; expected str keys")
+            _check_extra(v, f"{where}.{k}", depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for k, v in enumerate(value):
+            _check_extra(v, f"{where}[{k}]", depth + 1)
+    elif not isinstance(value, _EXTRA_LEAVES):
+        raise BatchError(f"{where} is a {type(value).__name__}; expected tensors, numbers, strings, lists or dicts")
 
 
 def validate_batch(raw: Any, source: str = "batch") -> Batch:
@@ -125,7 +173,8 @@ def validate_batch(raw: Any, source: str = "batch") -> Batch:
     out: list[Target] = []
     for i, t in enumerate(targets):
         if not isinstance(t, Mapping) or "boxes" not in t:
-            raise BatchError(f"targets[{i}] is not a dict with 'boxes'; expected {{boxes, phrases | tokens_positive}}")
+            raise BatchError(f"targets[{i}] is not a dict with 'boxes'; expected {{boxes, phrases | tokens_positive | "
+                             "positive_map}}")
         boxes = t["boxes"]
         if not isinstance(boxes, torch.Tensor):
             boxes = torch.as_tensor(boxes, dtype=torch.float32)
@@ -148,9 +197,14 @@ def validate_batch(raw: Any, source: str = "batch") -> Batch:
                 k = len(tp) if isinstance(tp, Sequence) else type(tp).__name__
                 raise BatchError(f"targets[{i}].tokens_positive has {k} entries for {n} boxes; expected one per box")
             spans = tuple(_spans(s, f"targets[{i}].tokens_positive[{j}]", captions[i]) for j, s in enumerate(tp))
-        if n > 0 and phrases is None and spans is None:
-            raise BatchError(f"targets[{i}] has {n} boxes but neither 'phrases' nor 'tokens_positive'")
-        out.append(Target(boxes=boxes.float(), phrases=phrases, spans=spans))
+        pmap = _positive_map(t.get("positive_map"), f"targets[{i}].positive_map", n)
+        if n > 0 and phrases is None and spans is None and pmap is None:
+            raise BatchError(f"targets[{i}] has {n} boxes but no 'phrases', 'tokens_positive' or 'positive_map'")
+        extra = t.get("extra")
+        if extra is not None:
+            _check_extra(extra, f"targets[{i}].extra")
+        out.append(Target(boxes=boxes.float(), phrases=phrases, spans=spans, positive_map=pmap,
+                          extra=dict(extra) if extra else None))
     masks = raw.get("image_masks")
     if masks is not None:
         if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:

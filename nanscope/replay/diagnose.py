@@ -17,7 +17,7 @@ from nanscope.findings import check_codes
 from nanscope.replay.module_stats import module_stats
 from nanscope.replay.session import Replay, prepare
 from nanscope.result import Result, environment
-from nanscope.user_code import call_criterion, load_criterion
+from nanscope.user_code import call_criterion, collect_user_stdout, load_criterion
 
 SANITIZED_LOGIT = -1.0e4  # finite stand-in for -inf padding in the counterfactual run (fits fp16)
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # --amp: replay the forward under autocast
@@ -40,27 +40,20 @@ def is_matching_failure(exc: CriterionError) -> bool:
 
 def padded_text_mask(mask: torch.Tensor | None, width: int) -> torch.Tensor | None:
     """[B, L] -> [B, width] bool, False past L (ContrastiveEmbed pads with -inf there)."""
-    if mask is None:
-        return None
-    out = torch.zeros(mask.shape[0], width, dtype=torch.bool, device=mask.device)
-    n = min(width, mask.shape[1])
-    out[:, :n] = mask[:, :n].bool()
-    return out
+    from nanscope.stacks.capture import padded_mask
+
+    return None if mask is None else padded_mask(mask, width)
 
 
 def sanitize_padding(outputs: dict[str, Any], valid: torch.Tensor) -> dict[str, Any]:
     """Copy of DETR outputs with logits at invalid text columns replaced by a finite value."""
-    def fix(d: dict[str, Any]) -> dict[str, Any]:
-        d = dict(d)
-        lg = d["pred_logits"]
-        d["pred_logits"] = torch.where(valid[:, None, :], lg, torch.full_like(lg, SANITIZED_LOGIT))
-        return d
+    from nanscope.stacks.capture import map_layers
 
-    out = fix(outputs)
-    out["aux_outputs"] = [fix(a) for a in outputs.get("aux_outputs", [])]
-    if "enc_outputs" in outputs:
-        out["enc_outputs"] = fix(outputs["enc_outputs"])
-    return out
+    def fix(d: dict[str, Any]) -> dict[str, Any]:
+        lg = d["pred_logits"]
+        return {**d, "pred_logits": torch.where(valid[:, None, :], lg, torch.full_like(lg, SANITIZED_LOGIT))}
+
+    return map_layers(outputs, fix)
 
 
 SUPERVISION_CODES = ("NS401", "NS402", "NS403", "NS404")  # measured by re-running the user's criterion
@@ -79,14 +72,17 @@ def nonfinite_images(outputs: dict[str, Any]) -> list[int]:
 
 
 def probe_criterion(crit: Any, name: str, outputs: dict[str, Any], targets: list[dict[str, Any]],
-                    texts: list[Any]) -> Any:
-    """What the user's criterion supervises (nanscope.replay.supervision), measured on the captured outputs."""
+                    texts: list[Any], extras: dict[str, Any] | None = None) -> Any:
+    """What the user's criterion supervises (nanscope.replay.supervision), measured on the captured outputs.
+
+    extras: the named parameters of the criterion and its matcher (`Replay.criterion_extras`)."""
     from nanscope.replay.supervision import probe_supervision
+    from nanscope.user_code import per_image_matcher
 
     matcher = getattr(crit, "matcher", None)
-    return probe_supervision(lambda o, t: call_criterion(crit, o, t, name=name), name, outputs, targets, texts,
-                             weight_dict=getattr(crit, "weight_dict", None),
-                             matcher=matcher if callable(matcher) else None,
+    return probe_supervision(lambda o, t: call_criterion(crit, o, t, name=name, extras=extras), name, outputs,
+                             targets, texts, weight_dict=getattr(crit, "weight_dict", None),
+                             matcher=per_image_matcher(matcher, extras) if callable(matcher) else None,
                              nonfinite_images=nonfinite_images(outputs))
 
 
@@ -177,13 +173,14 @@ def inspect_replay(
         crit, name = load_criterion(criterion)
         outputs = record.to_outputs()
         targets = replay.targets()
+        extras = replay.criterion_extras()
         ctx.criterion_name = name
         try:
             with torch.no_grad():
-                ctx.loss_terms = call_criterion(crit, outputs, targets, name=name)
+                ctx.loss_terms = call_criterion(crit, outputs, targets, name=name, extras=extras)
                 if ctx.text_mask is not None:
                     ctx.loss_terms_padding_sanitized = call_criterion(
-                        crit, sanitize_padding(outputs, ctx.text_mask), targets, name=name)
+                        crit, sanitize_padding(outputs, ctx.text_mask), targets, name=name, extras=extras)
         except CriterionError as exc:
             if not is_matching_failure(exc):
                 raise
@@ -193,7 +190,7 @@ def inspect_replay(
         if ctx.loss_terms is not None:
             terms = {k: float(v.detach().float().sum()) for k, v in ctx.loss_terms.items()}
             if _wants(SUPERVISION_CODES, select, ignore):
-                ctx.supervision = probe_criterion(crit, name, outputs, targets, replay.texts)
+                ctx.supervision = probe_criterion(crit, name, outputs, targets, replay.texts, extras)
     if trace:
         with progress.stage("tracing the first non-finite operation", "traced the first non-finite operation"):
             ctx.trace = run_trace(replay, criterion)  # in the model's dtype: see NS303 for autocast overflows
@@ -233,7 +230,7 @@ def run_trace(replay: Replay, criterion: str | None) -> Any:
         outputs = cap.last.to_outputs()
         if crit is None:
             return {"pred_logits_sum": outputs["pred_logits"].float().sum()}
-        return call_criterion(crit, outputs, targets)
+        return call_criterion(crit, outputs, targets, extras=replay.criterion_extras())
 
     try:
         return trace_nonfinite(replay.model, run, backward=crit is not None)
@@ -265,4 +262,7 @@ def inspect(
     ignore = check_codes(ignore) if ignore else None
     replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
                      trust_checkpoint=trust_checkpoint, stack=stack)
-    return inspect_replay(replay, criterion=criterion, select=select, ignore=ignore, trace=trace, amp=amp)
+    with collect_user_stdout() as out:  # the criterion's prints go in their own block of the report
+        result = inspect_replay(replay, criterion=criterion, select=select, ignore=ignore, trace=trace, amp=amp)
+    result.user_stdout = out.text
+    return result

@@ -2,7 +2,9 @@
 
 Follows groundingdino's `create_positive_map_from_span` (char_to_token with the beg+1, beg+2, end-2,
 end-3 fallbacks) but keeps the map binary and records, per box, the token positions that fall past
-`max_text_len` (the model truncates its input there; groundingdino silently drops them).
+`max_text_len` (the model truncates its input there; groundingdino silently drops them). A target
+with neither phrases nor spans uses the trainer's own positive map (binarized, > 0), its phrase being
+the text of its tokens.
 """
 
 from __future__ import annotations
@@ -97,6 +99,13 @@ def span_tokens(enc: Any, spans: Sequence[tuple[int, int]]) -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
+def _map_tokens(row: torch.Tensor, box: int, tokens: Sequence[str], max_text_len: int) -> BoxTokens:
+    """One box of a trainer's own positive map (row [T], > 0 is positive): its tokens, and their text as phrase."""
+    positions = tuple(int(p) for p in (row > 0).nonzero().flatten().tolist())
+    phrase = " ".join(tokens[p] for p in positions if p < len(tokens)).replace(" ##", "")
+    return BoxTokens(box, phrase, (), True, positions, max_text_len)
+
+
 def build_text_info(tokenizer: Any, batch: Batch, *, max_text_len: int = MAX_TEXT_LEN) -> list[TextInfo]:
     """Tokenize each caption (untruncated) and build its binary positive map [N, max_text_len]."""
     infos = []
@@ -108,6 +117,11 @@ def build_text_info(tokenizer: Any, batch: Batch, *, max_text_len: int = MAX_TEX
         boxes = []
         pmap = torch.zeros(n, max_text_len)
         for j in range(n):
+            if target.spans is None and target.phrases is None and target.positive_map is not None:
+                bt = _map_tokens(target.positive_map[j], j, toks, max_text_len)
+                pmap[j, list(bt.kept)] = 1.0
+                boxes.append(bt)
+                continue
             if target.spans is not None:
                 spans = target.spans[j]
                 phrase = " ".join(caption[b:e] for b, e in spans)

@@ -52,6 +52,7 @@ class Replay:
     inputs: dict[str, Any]  # paths, hashes, options, for reports
     stack: Stack | None = None  # None: the model's own stack, found when first needed
     max_text_len: int = 256
+    tokenizer: Any = None  # the stack's fast tokenizer (None: the model's own `tokenizer` attribute)
 
     def __post_init__(self) -> None:
         if self.stack is None:
@@ -63,6 +64,13 @@ class Replay:
         """Criterion targets (DETR convention): boxes [N, 4] cxcywh and binary positive_map [N, T]."""
         assert self.stack is not None
         return self.stack.targets(self.batch, self.texts, self.device)
+
+    def criterion_extras(self) -> dict[str, Any]:
+        """Values for a criterion's or matcher's extra parameters, by name (cat_list, caption, label_map, ...)."""
+        from nanscope.replay.criterion_inputs import criterion_extras
+
+        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(self.model, "tokenizer", None)
+        return criterion_extras(self.texts, tokenizer, self.device)
 
     def model_call(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """`(args, kwargs)` of the model call for this batch, on the replay's device."""
@@ -111,4 +119,4 @@ def prepare(
     inputs = {"checkpoint": str(checkpoint), "checkpoint_sha256": None,
               "batch": b.source if isinstance(batch, Batch) else str(batch), **loaded.inputs, "device": str(dev)}
     return Replay(loaded.model, loaded.cfg, b, texts, loaded.state_dict, loaded.key_fit, dev, inputs,
-                  stack=st, max_text_len=loaded.max_text_len)
+                  stack=st, max_text_len=loaded.max_text_len, tokenizer=loaded.tokenizer)

@@ -290,6 +290,8 @@ class BatchCounts:
             "matched queries": self.matched, "GT boxes": self.boxes, "images": self.images,
             "queries": self.queries, "valid positions": self.valid, "valid positions / queries per image": self.valid / q,
             "positive positions": self.positive, "num_pos + 0.1 * num_neg": self.positive + 0.1 * neg,
+            # DETR's eos_coef-weighted mean over queries: matched weigh 1, the others eos_coef = 0.1
+            "matched queries + 0.1 * unmatched queries": self.matched + 0.1 * (self.queries - self.matched),
             "1 (a plain sum)": 1.0,
         }
 

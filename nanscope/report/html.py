@@ -31,8 +31,8 @@ def _verdict(result: Result) -> str:
         "broken": "At least one error finding: the loss is or will be non-finite. Each cause is listed with its fix "
                   "and the findings it explains; fix the first one first.",
         "clean": "No error findings.",
-        "fixed": "Every verify-fix check passes.",
-        "not fixed": "At least one verify-fix check fails.",
+        "fixed": "Every required verify-fix check passes.",
+        "not fixed": "At least one required verify-fix check fails.",
     }.get(v, "")
     causes = []
     for n, g in enumerate(result.groups, 1):
@@ -44,6 +44,14 @@ def _verdict(result: Result) -> str:
     return (f'<div class="verdict {e(v.replace(" ", "-"))}" id="verdict"><span class="label">{e(v.upper())}</span> '
             f'<span class="mono">{e(verdict_line(result))}</span><br><span>{e(explain)}</span> '
             f'<span class="hint">exit code {result.exit_code}</span>{listed}</div>')
+
+
+def _user_stdout(result: Result) -> str:
+    if not result.user_stdout:
+        return ""
+    return ('<h2 id="user-stdout">Printed by your criterion code</h2>'
+            '<p class="hint">Its stdout, captured while nanscope ran it.</p>'
+            f'<pre class="mono">{e(result.user_stdout)}</pre>')
 
 
 def _where_list(f: Finding) -> str:
@@ -311,6 +319,7 @@ def render_html(result: Result) -> str:
         _terms(result),
         _steps(result),
         _other_tables(result),
+        _user_stdout(result),
         _context(result),
         f'<footer>nanscope report, schema {e(SCHEMA)}, nanscope {e(result.environment.get("nanscope", "?"))}. '
         "Self-contained: no scripts, no network.</footer>",

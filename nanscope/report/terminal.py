@@ -30,8 +30,9 @@ def verdict_line(result: Result) -> str:
     """`nanscope inspect: BROKEN - 3 error(s), 1 warning(s)` / `nanscope verify-fix: FIXED - 7/7 checks pass`."""
     if result.kind == "verify-fix":
         failed = len(result.failed_checks)
+        detail = result.summary.get("verdict_detail") if result.verdict == "fixed" else None
         return (f"nanscope verify-fix: {result.verdict.upper()} - {len(result.checks) - failed}/{len(result.checks)} "
-                f"checks pass")
+                f"checks pass" + (f" ({_one_line(detail)})" if detail else ""))
     return f"nanscope {result.kind}: {result.verdict.upper()} - {causes_text(result.groups)}"
 
 
@@ -78,6 +79,16 @@ def finding_line(f: Finding) -> str:
     return f"{f.code} {f.severity.value} count={f.count} where={f.where_text()} | {f.message}"
 
 
+def user_stdout_block(result: Result) -> list[str]:
+    """What the user's criterion printed, between two labelled lines (never mixed into the report)."""
+    text = result.user_stdout
+    if not text:
+        return []
+    lines = text.rstrip("\n").split("\n")
+    return [f"--- printed by your criterion code (stdout, {len(lines)} line(s)) ---", *lines,
+            "--- end of what your criterion code printed ---"]
+
+
 def render_plain(result: Result) -> str:
     """The plain report as text: one fact per line, no colour, no wrapping."""
     lines = [verdict_line(result)]
@@ -96,6 +107,7 @@ def render_plain(result: Result) -> str:
         art = result.artifacts
         lines.append(f"worst image: {art['image']} ({art.get('num_tokens')} tokens, layer {art.get('layer')})")
         lines.extend(_one_line(f"  {x}") for x in lost)
+    lines.extend(user_stdout_block(result))
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +176,11 @@ def render(result: Result, console: Console, *, plain: bool | None = None) -> No
                   style="bold"))
         for x in lost:
             show(Text(_one_line(f"  {x}")))
+    block = user_stdout_block(result)
+    if block:
+        show(Text(block[0], style="bold"))
+        console.out("\n".join(block[1:-1]), highlight=False)
+        show(Text(block[-1], style="bold"))
     if result.timings:  # rich mode only: off a terminal the stage lines on stderr say it, stdout stays the same
         show(Text(timings_line(result), style="dim"))
 

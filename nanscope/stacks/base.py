@@ -79,9 +79,16 @@ class Stack(abc.ABC):
         """Hooks that fill one `ForwardRecord` per forward of `model`; removed on exit, also on exceptions."""
 
     def targets(self, batch: Any, texts: list[Any], device: torch.device) -> list[dict[str, Any]]:
-        """Criterion targets (DETR convention): boxes [N, 4] cxcywh and binary positive_map [N, T]."""
-        return [{"boxes": t.boxes.to(device), "positive_map": info.positive_map.to(device)}
-                for t, info in zip(batch.targets, texts)]
+        """Criterion targets: boxes [N, 4] cxcywh, binary positive_map [N, T] and the names public trainers
+        read (token_labels, labels, class_labels, caption, phrases, tokens_positive; see
+        `nanscope.replay.criterion_inputs`)."""
+        from nanscope.replay.criterion_inputs import criterion_targets
+
+        return criterion_targets(batch, texts, device)
+
+    def call_captions(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str] | None:
+        """The captions in a call of the detector (`find_model(model)`), as its forward reads them; None if none."""
+        return None
 
     def reference_criterion(self, preset: str) -> str | None:
         """`MODULE:ATTR` of this stack's own loss for `preset`, when it ships one (None: nanscope's)."""

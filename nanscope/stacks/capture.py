@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -35,6 +35,8 @@ class ForwardRecord:
     input_ids: torch.Tensor | None = None  # [B, L]
     outputs: dict[str, Any] | None = None  # what the model returned (as a dict)
     num_queries: int = 0
+    captions: list[str] | None = None  # the captions the detector itself received (inside any wrapper)
+    tokenizer: Any = None  # the detector's tokenizer, for the `token` output (None: not known)
 
     @property
     def num_layers(self) -> int:
@@ -73,20 +75,76 @@ class ForwardRecord:
         return out
 
     def to_outputs(self) -> dict[str, Any]:
-        """DETR-convention outputs for a criterion: last layer, `aux_outputs`, `enc_outputs`, text mask."""
+        """DETR-convention outputs for a criterion (keys: README, "Criterion protocol").
+
+        `pred_logits`/`pred_boxes` (last layer), `aux_outputs`, `enc_outputs` and its Open-GroundingDino
+        name `interm_outputs`, `text_token_mask` [B, L] and `text_mask` [B, T] (padded with False),
+        `token`/`tokenized` (the tokenizer's BatchEncoding of the captions, as the model computes it)
+        when the captions and tokenizer are known, and `dn_meta` None (no denoising queries).
+        """
         boxes = self.layer_boxes()
+        logits = self.layer_logits[-1]
         out: dict[str, Any] = {
-            "pred_logits": self.layer_logits[-1],
+            "pred_logits": logits,
             "pred_boxes": boxes[-1],
             "text_token_mask": self.text_token_mask,
             "aux_outputs": [
                 {"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(self.layer_logits[:-1], boxes[:-1])
             ],
         }
+        if self.text_token_mask is not None:
+            out["text_mask"] = padded_mask(self.text_token_mask, logits.shape[-1])
         enc = self.enc_logits()
         if enc is not None and self.enc_boxes is not None:
             out["enc_outputs"] = {"pred_logits": enc, "pred_boxes": self.enc_boxes}
+            out["interm_outputs"] = {"pred_logits": enc, "pred_boxes": self.enc_boxes}
+        token = self.token()
+        if token is not None:
+            out["token"] = out["tokenized"] = token
+        out["dn_meta"] = None
         return out
+
+    def token(self) -> Any:
+        """`tokenizer(captions, padding="longest", return_tensors="pt")` as groundingdino computes it (tensors cut
+        at max_text_len, the encodings' char_to_token untruncated), on the logits' device, once; None if unknown."""
+        if self.captions is None or self.tokenizer is None or not self.layer_logits:
+            return None
+        if getattr(self, "_token", None) is None:
+            width = self.layer_logits[-1].shape[-1]
+            enc = self.tokenizer(list(self.captions), padding="longest", return_tensors="pt")
+            for key in ("input_ids", "attention_mask", "token_type_ids"):  # the model cuts them at max_text_len
+                if key in enc and enc[key].shape[1] > width:
+                    enc[key] = enc[key][:, :width]
+            self._token = enc.to(self.layer_logits[-1].device)
+        return self._token
+
+
+LAYER_DICTS = ("enc_outputs", "interm_outputs")  # output keys holding one layer's {pred_logits, pred_boxes}
+
+
+def padded_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, L] bool -> [B, width], False past L (what ContrastiveEmbed pads with -inf); L > width is cut."""
+    out = torch.zeros(mask.shape[0], width, dtype=torch.bool, device=mask.device)
+    n = min(width, mask.shape[1])
+    out[:, :n] = mask[:, :n].bool()
+    return out
+
+
+def map_layers(outputs: Mapping[str, Any], fn: Callable[[dict[str, Any]], dict[str, Any]],
+               mask: torch.Tensor | None = None) -> dict[str, Any]:
+    """Copy of `to_outputs()`-style outputs with `fn` applied to every layer's dict (the top level, each
+    `aux_outputs` entry, `enc_outputs`, `interm_outputs`); `mask` [B, L] replaces `text_token_mask`
+    and `text_mask` (padded to the new logits' width). Other keys are kept as they are."""
+    out = fn(dict(outputs))
+    out["aux_outputs"] = [fn(dict(a)) for a in outputs.get("aux_outputs") or ()]
+    for key in LAYER_DICTS:
+        if outputs.get(key) is not None:
+            out[key] = fn(dict(outputs[key]))
+    if mask is not None:
+        out["text_token_mask"] = mask
+        if "text_mask" in outputs:
+            out["text_mask"] = padded_mask(mask, out["pred_logits"].shape[-1])
+    return out
 
 
 class Capture:

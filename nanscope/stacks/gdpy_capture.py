@@ -54,6 +54,18 @@ class GdpyForwardRecord(ForwardRecord):
         return torch.gather(self.enc_logits_all, 1, idx.unsqueeze(-1).expand(-1, -1, self.enc_logits_all.shape[-1]))
 
 
+def call_captions(args: Any, kwargs: dict[str, Any]) -> list[str] | None:
+    """The captions of a groundingdino-py call: `captions=` or, as its forward does, `targets[i]["caption"]`."""
+    caps = kwargs.get("captions")
+    if caps is None:
+        targets = kwargs.get("targets", args[1] if len(args) > 1 else None)
+        if isinstance(targets, (list, tuple)) and targets and all(isinstance(t, dict) for t in targets):
+            caps = [t.get("caption") for t in targets]
+    if isinstance(caps, (list, tuple)) and caps and all(isinstance(c, str) for c in caps):
+        return list(caps)
+    return None
+
+
 @contextlib.contextmanager
 def capture_groundingdino(gd: nn.Module, *, detach: bool = True) -> Iterator[Capture]:
     """Hooks on the GroundingDINO module `gd` (already unwrapped)."""
@@ -65,9 +77,11 @@ def capture_groundingdino(gd: nn.Module, *, detach: bool = True) -> Iterator[Cap
     def rec() -> GdpyForwardRecord:
         return cap.records[-1]  # type: ignore[return-value]
 
-    def root_pre(_m: nn.Module, _args: Any) -> None:
+    def root_pre(_m: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         state["active"] = True
-        cap.records.append(GdpyForwardRecord(num_queries=int(getattr(gd, "num_queries", 0)), layer_deltas=[]))
+        cap.records.append(GdpyForwardRecord(num_queries=int(getattr(gd, "num_queries", 0)), layer_deltas=[],
+                                             captions=call_captions(args, kwargs),
+                                             tokenizer=getattr(gd, "tokenizer", None)))
 
     def root_post(_m: nn.Module, _args: Any, output: Any) -> None:
         state["active"] = False
@@ -111,7 +125,7 @@ def capture_groundingdino(gd: nn.Module, *, detach: bool = True) -> Iterator[Cap
             rec().layer_deltas.append(keep(output))  # type: ignore[union-attr]
 
     try:
-        handles.append(gd.register_forward_pre_hook(root_pre))
+        handles.append(gd.register_forward_pre_hook(root_pre, with_kwargs=True))
         handles.append(gd.register_forward_hook(root_post, always_call=True))
         handles.append(gd.bert.register_forward_pre_hook(bert_pre, with_kwargs=True))
         handles.append(gd.transformer.register_forward_pre_hook(transformer_pre, with_kwargs=True))

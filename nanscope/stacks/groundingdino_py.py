@@ -214,6 +214,11 @@ class GroundingDinoPy(Stack):
             images = NestedTensor(images, batch.image_masks.to(device))
         return (images,), {"captions": list(batch.captions)}
 
+    def call_captions(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str] | None:
+        from nanscope.stacks.gdpy_capture import call_captions
+
+        return call_captions(args, kwargs)
+
     def capture(self, model: nn.Module, *, detach: bool = True) -> ContextManager[Capture]:
         from nanscope.stacks.gdpy_capture import capture_groundingdino
 

@@ -8,8 +8,12 @@ each. `nanscope.verify.checks` turns that into nine checks; `nanscope.verify.pea
 is measured.
 
 Totals weight the terms with the criterion's `weight_dict` when it has one (DETR convention), else
-sum them. A criterion that cannot be imported, or raises on the replayed batch, raises
-`CriterionError` naming the user's frame (the CLI exits 2).
+sum the loss terms (tensors that require grad; metrics such as `class_error` are shown, not summed).
+Extra parameters of the criteria and their matchers are filled by name (`Replay.criterion_extras`).
+What the user's code prints is captured into `Result.user_stdout`. A criterion that cannot be
+imported, or raises on the replayed batch, raises `CriterionError` naming the user's frame (the CLI
+exits 2). The verdict is "fixed" when the `REQUIRED` checks pass; `summary["verdict_detail"]` says
+what else differs (checks 4-7).
 """
 
 from __future__ import annotations
@@ -29,24 +33,26 @@ from nanscope.errors import CriterionError, InputError
 from nanscope.verify.peak_memory import PeakMemory
 from nanscope.replay.session import Replay, prepare
 from nanscope.result import Result, environment
-from nanscope.user_code import Criterion, call_criterion, load_criterion, user_frame
-from nanscope.verify.checks import (MEMORY_LIMIT, CriterionRun, Outputs, Targets, check_after_finite,
-                                    check_gradients, check_matching, check_memory, check_no_op, check_reference,
-                                    check_reproduced, check_training, check_valid_only, floats, layers, term_layer,
-                                    TrainLog, valid_positions)
+from nanscope.user_code import Criterion, call_criterion, collect_user_stdout, load_criterion, user_frame
+from nanscope.verify.checks import (EQUIVALENCE, MEMORY_LIMIT, REQUIRED, CriterionRun, Outputs, Targets,
+                                    check_after_finite, check_gradients, check_memory, check_reproduced,
+                                    check_training, floats, layers, loss_keys, term_layer, TrainLog, valid_positions)
+from nanscope.verify.equivalence import check_matching, check_no_op, check_reference, check_valid_only
 
 LR = 1e-4  # AdamW learning rate of the training steps: a typical GroundingDINO fine-tuning rate
 DEFAULT_STEPS = 5  # enough for the loss to move; each step is a forward and backward of the whole model
 
 
-def weighted_total(crit: Any, terms: Mapping[str, Tensor]) -> Tensor:
-    """Weighted sum with `crit.weight_dict` (terms it lacks are left out, as DETR does), else the plain sum."""
+def weighted_total(crit: Any, terms: Mapping[str, Tensor], keys: Any = None) -> Tensor:
+    """Weighted sum with `crit.weight_dict` (terms it lacks are left out, as DETR does), else the plain sum
+    of the loss terms `keys` (default: `loss_keys(crit, terms)`)."""
     weights = getattr(crit, "weight_dict", None)
     if isinstance(weights, Mapping):
         used = [(float(weights[k]), v) for k, v in terms.items() if k in weights]
         if used:
             return sum(w * v.sum() for w, v in used)  # type: ignore[return-value]
-    return sum(v.sum() for v in terms.values())  # type: ignore[return-value]
+    keys = loss_keys(crit, terms) if keys is None else keys
+    return sum(v.sum() for k, v in terms.items() if k in keys)  # type: ignore[return-value]
 
 
 def _tap_output(store: dict[str, Tensor], key: str, grad: Tensor) -> None:
@@ -62,7 +68,8 @@ def _differentiable_tensors(outputs: Outputs) -> dict[str, Tensor]:
             if isinstance(d.get(k), Tensor) and d[k].requires_grad}
 
 
-def run_criterion(model: nn.Module, crit: Criterion, name: str, outputs: Outputs, targets: Targets) -> CriterionRun:
+def run_criterion(model: nn.Module, crit: Criterion, name: str, outputs: Outputs, targets: Targets,
+                  extras: Mapping[str, Any] | None = None) -> CriterionRun:
     """Compute `crit` on `outputs`, backpropagate its total into `model` (grads reset first; graph kept)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for _, p in params:
@@ -75,8 +82,9 @@ def run_criterion(model: nn.Module, crit: Criterion, name: str, outputs: Outputs
         handles += [t.register_hook(partial(_tap_output, grads, k)) for k, t in tensors.items()]
         handles += [p.register_post_accumulate_grad_hook(partial(_tap_param, order, n)) for n, p in params]
         with PeakMemory(outputs["pred_logits"].device) as mem:
-            terms = call_criterion(crit, outputs, targets, name=name)
-            total = weighted_total(crit, terms)
+            terms = call_criterion(crit, outputs, targets, name=name, extras=extras)
+            keys = loss_keys(crit, terms)
+            total = weighted_total(crit, terms, keys)
             loss_peak = mem.peak_so_far()
             if total.requires_grad:
                 try:
@@ -87,16 +95,19 @@ def run_criterion(model: nn.Module, crit: Criterion, name: str, outputs: Outputs
     finally:
         for h in handles:
             h.remove()
-    run = CriterionRun(terms=floats(terms), total=float(total.detach().float()), differentiable=total.requires_grad,
+    run = CriterionRun(terms=floats(terms, keys), total=float(total.detach().float()),
+                       differentiable=bool(getattr(total, "requires_grad", False)),
                        output_grads={k: (int(grads[k]) if k in grads else None) for k in tensors},
                        nonfinite_params=[n for n, ok in order if not bool(ok)], params_with_grad=len(order),
-                       params_total=len(params), loss_peak=int(loss_peak), peak=int(mem.peak_bytes))
+                       params_total=len(params), loss_peak=int(loss_peak), peak=int(mem.peak_bytes),
+                       metrics={k: v for k, v in floats(terms).items() if k not in keys}, loss_keys=keys)
     for _, p in params:
         p.grad = None
     return run
 
 
-def train_steps(replay: Replay, crit: Criterion, name: str, steps: int, lr: float = LR) -> TrainLog:
+def train_steps(replay: Replay, crit: Criterion, name: str, steps: int, lr: float = LR,
+                extras: Mapping[str, Any] | None = None) -> TrainLog:
     """AdamW steps on a copy of the replayed model (eval mode) with `crit`.
 
     Returns (total loss at each step before its update, the first step with a non-finite term or
@@ -112,10 +123,11 @@ def train_steps(replay: Replay, crit: Criterion, name: str, steps: int, lr: floa
         progress.step(step + 1, steps, f"training with {name.split(' ')[0]} (check 8)")
         with torch.enable_grad(), replay.stack.capture(model, detach=False) as cap:
             model(*args, **kwargs)
-        terms = call_criterion(crit, cap.last.to_outputs(), targets, name=name)
-        total = weighted_total(crit, terms)
+        terms = call_criterion(crit, cap.last.to_outputs(), targets, name=name, extras=extras)
+        keys = loss_keys(crit, terms)
+        total = weighted_total(crit, terms, keys)
         totals.append(float(total.detach().float()))
-        bad = [k for k, v in terms.items() if not bool(torch.isfinite(v).all())]
+        bad = [k for k in keys if not bool(torch.isfinite(terms[k]).all())]
         if bad or not math.isfinite(totals[-1]):
             return totals, step, bad or ["total"]
         opt.zero_grad(set_to_none=True)
@@ -140,7 +152,30 @@ def _terms_table(before: CriterionRun, after: CriterionRun, last: str) -> list[d
     rows = [{"term": k, "layer": term_layer(k, last), "before": before.terms.get(k), "after": after.terms.get(k)}
             for k in keys]
     rows.append({"term": "total (weighted)", "layer": "all", "before": before.total, "after": after.total})
+    mb, ma = before.metrics or {}, after.metrics or {}
+    for k in list(mb) + [k for k in ma if k not in mb]:  # shown, never checked
+        rows.append({"term": f"{k} (metric, not a loss term)", "layer": term_layer(k, last), "before": mb.get(k),
+                     "after": ma.get(k), "metric": True})
     return rows
+
+
+def verdict_detail(checks: list[Any], preset: str) -> str:
+    """'no non-finite term, differs from the hf reference by ...' when only equivalence checks fail."""
+    failed = [c for c in checks if not c.passed]
+    if not failed:
+        return ""
+    if any(c.id in REQUIRED for c in failed):
+        return "not fixed: " + "; ".join(f"check {c.id} {c.name}" for c in failed if c.id in REQUIRED)
+    parts = []
+    ref = next((c for c in failed if c.id == 4), None)
+    if ref is not None:
+        closest = ref.numbers.get("closest", preset)
+        why = ref.numbers.get("why") or "its terms"
+        parts.append(f"differs from the {closest} reference by {why}")
+    others = [str(c.id) for c in failed if c.id in EQUIVALENCE and c.id != 4]
+    if others:
+        parts.append(f"and from before (check{'s' if len(others) > 1 else ''} {', '.join(others)})")
+    return "fixed: no non-finite term, " + "; ".join(parts)
 
 
 def resolve_criteria(before: Any, after: Any, preset: str,
@@ -166,32 +201,45 @@ def verify_replay(replay: Replay, *, before: Any = None, after: Any = None, pres
     """Run the nine checks on a prepared replay (its model is only read: steps train a copy). Never prints.
 
     `before` / `after`: a `MODULE:ATTR` spec (see `nanscope.user_code`), a loaded `(criterion, name)`,
-    or None for nanscope's NaiveCriterion / SetCriterion of `preset`.
+    or None for nanscope's NaiveCriterion / SetCriterion of `preset`. What the criteria print is in
+    `result.user_stdout`.
     """
-    crit_b, crit_a = resolve_criteria(before, after, preset, steps)
+    with collect_user_stdout() as out:
+        result = _verify(replay, resolve_criteria(before, after, preset, steps), preset, steps)
+    result.user_stdout = out.text + result.user_stdout
+    return result
+
+
+def _verify(replay: Replay, criteria: tuple[tuple[Criterion, str], tuple[Criterion, str]], preset: str,
+            steps: int) -> Result:
+    crit_b, crit_a = criteria
     name_b, name_a = f"before ({crit_b[1]})", f"after ({crit_a[1]})"
     targets = replay.targets()
     num_boxes = sum(int(t["boxes"].shape[0]) for t in targets)
 
+    extras = replay.criterion_extras()
     with progress.stage("replaying the batch with gradients", f"replayed the batch ({len(replay.batch)} images)"):
         record = replay.forward(detach=False, grad=True)
     outputs = record.to_outputs()
     with progress.stage("backpropagating before", "backpropagated before"):
-        run_b = run_criterion(replay.model, crit_b[0], name_b, outputs, targets)
+        run_b = run_criterion(replay.model, crit_b[0], name_b, outputs, targets, extras)
     with progress.stage("backpropagating after", "backpropagated after"):
-        run_a = run_criterion(replay.model, crit_a[0], name_a, outputs, targets)
+        run_a = run_criterion(replay.model, crit_a[0], name_a, outputs, targets, extras)
     checks = [check_reproduced(run_b, crit_b[1]), check_after_finite(run_a, num_boxes),
               check_gradients(run_b, run_a), check_reference(run_a, outputs, targets, preset),
-              check_valid_only(crit_b[0], name_b, run_a, outputs, targets),
-              check_no_op((crit_b[0], name_b), (crit_a[0], name_a), outputs, targets),
-              check_matching((crit_b[0], name_b), (crit_a[0], name_a), outputs, targets)]
+              check_valid_only(crit_b[0], name_b, run_a, outputs, targets, before=run_b, extras=extras),
+              check_no_op((crit_b[0], name_b), (crit_a[0], name_a), outputs, targets, extras=extras,
+                          keys=(run_b.loss_keys, run_a.loss_keys)),
+              check_matching((crit_b[0], name_b), (crit_a[0], name_a), outputs, targets, extras=extras)]
     valid_tokens = [int(x) for x in valid_positions(outputs).sum(1).tolist()]
     layer_names = [name for name, _ in layers(outputs)]
     del record, outputs  # frees the replay's graph before training a copy
 
     # Step 0 is the replayed forward itself: a criterion already non-finite there is not trained.
-    after_steps = train_steps(replay, crit_a[0], name_a, steps) if run_a.finite else _nonfinite_at_zero(run_a)
-    before_steps = train_steps(replay, crit_b[0], name_b, steps) if run_b.finite else _nonfinite_at_zero(run_b)
+    after_steps = (train_steps(replay, crit_a[0], name_a, steps, extras=extras) if run_a.finite
+                   else _nonfinite_at_zero(run_a))
+    before_steps = (train_steps(replay, crit_b[0], name_b, steps, extras=extras) if run_b.finite
+                    else _nonfinite_at_zero(run_b))
     checks.append(check_training(after_steps, before_steps, steps, LR))
     method = PeakMemory(replay.device).method
     checks.append(check_memory(run_b, run_a, method))
@@ -209,7 +257,8 @@ def verify_replay(replay: Replay, *, before: Any = None, after: Any = None, pres
     }
     summary = {"preset": preset, "before": crit_b[1], "after": crit_a[1], "steps": steps, "lr": LR,
                "images": len(replay.batch), "boxes": num_boxes, "layers": layer_names,
-               "valid_tokens_per_image": valid_tokens, "before_nonfinite_step": before_steps[1]}
+               "valid_tokens_per_image": valid_tokens, "before_nonfinite_step": before_steps[1],
+               "required_checks": list(REQUIRED), "verdict_detail": verdict_detail(checks, preset)}
     inputs = {**replay.inputs, "before": crit_b[1], "after": crit_a[1], "preset": preset}
     return Result(kind="verify-fix", checks=checks, summary=summary, inputs=inputs,
                   environment=environment(str(replay.device)), tables=tables)
@@ -234,8 +283,11 @@ def verify_fix(
     `before` / `after` are `MODULE:ATTR` specs (see `nanscope.user_code`); None uses nanscope's
     NaiveCriterion / SetCriterion for `preset`.
     """
-    criteria = resolve_criteria(before, after, preset, steps)
+    with collect_user_stdout() as out:  # the user's module-level prints at import time
+        criteria = resolve_criteria(before, after, preset, steps)
     replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
                      trust_checkpoint=trust_checkpoint, stack=stack)
-    return verify_replay(replay, before=criteria[0], after=criteria[1], preset=preset, steps=steps)
+    result = verify_replay(replay, before=criteria[0], after=criteria[1], preset=preset, steps=steps)
+    result.user_stdout = out.text + result.user_stdout
+    return result
 

@@ -143,9 +143,9 @@ class DumpWriter:
         if rec is None:
             return None, ["this rank holds no record of the step"]
         if rec.batch is not None:
-            return schema_batch(rec.batch)
+            return _inner_captions(*schema_batch(rec.batch), rec.forward)
         if rec.forward is not None:  # fall back on what the model was called with
-            out, notes = _call_batch(rec.forward["args"], rec.forward["kwargs"])
+            out, notes = _inner_captions(*_call_batch(rec.forward["args"], rec.forward["kwargs"]), rec.forward)
             given = ("check() was given no batch" if rec.checked
                      else "the step raised before check(), so no batch was given")
             if "targets" in out:
@@ -158,6 +158,16 @@ class DumpWriter:
                              "the forward; its loss terms are not the training loss's")
             return out, notes
         return None, ["check() was given no batch and the model was not called since the last check"]
+
+
+def _inner_captions(out: dict[str, Any], notes: list[str],
+                    forward: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """Captions the detector received (a wrapper built them, e.g. from class_names) when the batch has none."""
+    captions = (forward or {}).get("captions")
+    if "captions" not in out and captions:
+        out["captions"] = list(captions)
+        notes.append("captions come from the GroundingDINO call inside the model (the batch had none)")
+    return out, notes
 
 
 def _call_batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -23,12 +23,20 @@ from before it as optimizer.step() comes after check(); images and captions from
 the exception propagate unchanged. An earlier bad step still unread wins over it. No dump for
 KeyboardInterrupt/SystemExit, for NonFiniteStepError (dumped already), after a failure, or when
 the model did not run since the last check (a data loader error between steps).
+
+Wrappers that call the detector with other argument names (`wrapper(images, class_names=[...])`
+building the captions and calling the inner GroundingDINO with `captions=`): a second pre-hook on
+the detector the model's stack finds inside (`stack.find_model`) records the captions where the
+detector receives them. At the first check() the watcher warns once when a dump of the step could
+not be replayed (`nanscope.watch.dump_targets.replay_gaps`: no captions, boxes without phrases,
+spans or a positive map, ...), reading only keys and shapes.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -38,11 +46,12 @@ from torch import Tensor, nn
 
 from nanscope.errors import InputError
 from nanscope.watch.amp import ScaleTracker, scale_value
+from nanscope.watch.dump_targets import replay_gaps
 from nanscope.watch.dumping import DumpWriter, criterion_spec, stack_meta
 from nanscope.watch.ranks import Agreement, RankContext, agree, rank_context
 from nanscope.watch.records import StepRecord, syncs_allowed
 from nanscope.watch.report import NonFiniteStepError, WatchReport
-from nanscope.watch.snapshot import WeightSnapshot, capture_rng
+from nanscope.watch.snapshot import WeightSnapshot, capture_rng, model_stack
 
 OnNonFinite = Literal["raise", "stop"]
 MAX_SYNC_EVERY = 1024  # a larger sync_every is capped: the unread steps' batches are kept alive until read
@@ -103,7 +112,13 @@ class Watcher(DumpWriter):
         self._amp = ScaleTracker(options.min_scale, options.max_consecutive_skips)
         self._report: WatchReport | None = None
         self._closed = False
+        self._replay_checked = False  # the one-time "this dump could not be replayed" check has run
         self._hook = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._stack = model_stack(model)
+        self._inner_hook = None
+        if self._stack is not None:  # where the detector itself receives the captions, inside any wrapper
+            self._inner_hook = self._stack.find_model(model).register_forward_pre_hook(self._inner_forward,
+                                                                                      with_kwargs=True)
 
     # ------------------------------------------------------------ the loop API
 
@@ -123,6 +138,9 @@ class Watcher(DumpWriter):
         if self._report is not None and self._report.failed:
             return self._stop()
         fwd, self._forward = self._forward, None  # taken first: a check() that raises leaves no forward to dump
+        if not self._replay_checked and self._stack is not None:  # only a detector's dump can be replayed
+            self._replay_checked = True
+            self._warn_unreplayable(batch, fwd)
         names, dev, host = self._collect(loss_dict, grad_norm)
         if fwd is not None and batch is not None:  # the batch is given: do not keep the model inputs alive too
             fwd = {k: v for k, v in fwd.items() if k not in ("args", "kwargs")}
@@ -221,6 +239,22 @@ class Watcher(DumpWriter):
         self._forward = {"rng": capture_rng(), "autocast": autocast, "training": bool(module.training),
                          "args": args, "kwargs": kwargs}
         return None
+
+    def _inner_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The detector's own call: keep its captions (strings only; no tensor is kept alive)."""
+        if self._forward is not None and "captions" not in self._forward and self._stack is not None:
+            captions = self._stack.call_captions(args, kwargs)
+            if captions is not None:
+                self._forward["captions"] = captions
+        return None
+
+    def _warn_unreplayable(self, batch: Any, fwd: dict[str, Any] | None) -> None:
+        gaps = replay_gaps(batch, fwd)
+        if gaps:
+            warnings.warn("nanscope.watch: a dump of this loop could not be replayed by `nanscope inspect DUMP`: "
+                          + "; ".join(gaps[:4]) + (f" (+{len(gaps) - 4} more)" if len(gaps) > 4 else "")
+                          + ". Pass the batch in nanscope's schema to check() (README, 'The batch file'); "
+                          "this is said once", RuntimeWarning, stacklevel=3)
 
     def _collect(self, loss_dict: Mapping[str, Tensor | float] | Tensor,
                  grad_norm: Tensor | float | bool | None) -> tuple[list[str], list[Tensor], dict[str, float]]:
@@ -390,6 +424,8 @@ class Watcher(DumpWriter):
         if self._closed:
             return
         self._hook.remove()
+        if self._inner_hook is not None:
+            self._inner_hook.remove()
         self._release_buffers()
         self._closed = True
 

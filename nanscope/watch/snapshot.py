@@ -23,9 +23,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from nanscope.watch.dump_targets import dump_target
+
 MANIFEST_FORMAT = "nanscope-watch-dump"
 MANIFEST_VERSION = 1
-_TARGET_KEYS = ("boxes", "phrases", "tokens_positive")
 
 
 def model_stack(model: nn.Module) -> Any:
@@ -141,7 +142,8 @@ def schema_batch(batch: Mapping[str, Any] | Sequence[Any]) -> tuple[dict[str, An
     """Keep what fits nanscope's batch schema, on CPU. Returns `(batch, notes)`; notes name what was dropped.
 
     Also takes a DETR-style `(samples, targets)` pair; captions missing from the batch are read from
-    the targets' "caption" (Open-GroundingDino) when there.
+    the targets' "caption" (Open-GroundingDino) when there. Targets keep the trainer's own keys under
+    `extra` and its positive map (see `nanscope.watch.dump_targets`).
     """
     notes: list[str] = []
     out: dict[str, Any] = {}
@@ -170,21 +172,7 @@ def schema_batch(batch: Mapping[str, Any] | Sequence[Any]) -> tuple[dict[str, An
             if not isinstance(t, Mapping):
                 notes.append(f"targets[{i}]: a {type(t).__name__}, not a dict; dropped")
                 continue
-            d: dict[str, Any] = {}
-            for k in _TARGET_KEYS:
-                if k not in t or t[k] is None:
-                    continue
-                v = t[k]
-                if k == "boxes":
-                    d[k] = torch.as_tensor(v).detach().cpu()
-                elif k == "phrases":
-                    d[k] = [str(p) for p in v]
-                else:
-                    d[k] = [[[int(a), int(b)] for a, b in spans] for spans in v]
-            extra = sorted(str(k) for k in t if k not in _TARGET_KEYS and k != "caption")
-            if extra:
-                notes.append(f"targets[{i}]: dropped {', '.join(extra)}")
-            kept.append(d)
+            kept.append(dump_target(t, i, notes))  # schema keys, the trainer's positive map and own keys
         out["targets"] = kept
     dropped = sorted(str(k) for k in batch if k not in ("images", "captions", "targets", "image_masks"))
     if dropped:

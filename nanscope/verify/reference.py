@@ -1,0 +1,111 @@
+"""Check 4: after against nanscope's `masked_select` reference of every preset, and why a term differs.
+
+Each preset's `SetCriterion(preset, impl="masked_select")` runs on the same outputs and targets; the
+distance to each is reported and the closest is named. A differing term is explained by its
+normalizer when after x N equals the reference x its own normalizer, to `NORMALIZER_RTOL`, for one of
+the batch counts NS404 uses (`nanscope.replay.supervision.BatchCounts`): e.g. a `loss_ce` divided by
+`matched queries + 0.1 * unmatched queries` (DETR's eos_coef-weighted mean) instead of `matched
+queries`. The counts come from the batch alone: a Hungarian matching assigns min(Q, N_i) queries in image i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from nanscope.result import Check
+
+NORMALIZER_RTOL = 1e-4  # float32 sums agree to ~1e-6: "exactly" means this close, not NS404's 1%
+CLS_TERMS = ("loss_ce",)
+BOX_TERMS = ("loss_bbox", "loss_giou")
+
+
+def reference_normalizer(preset: Any, term: str, counts: Any) -> tuple[str, float] | None:
+    """The count the reference of `preset` divides `term` by, as (candidate name, value >= 1)."""
+    base = next((b for b in CLS_TERMS + BOX_TERMS if term == b or term.startswith(b + "_")), None)
+    if base is None:
+        return None
+    if base in CLS_TERMS and preset.cls_normalizer == "matched_queries":
+        return "matched queries", max(float(counts.matched), 1.0)
+    return "GT boxes", max(float(counts.boxes), 1.0)
+
+
+def explain(term: str, got: float, ref: float, preset: Any, counts: Any) -> tuple[str, str] | None:
+    """(normalizer, its value and the reference's) when after / reference is exactly a change of
+    normalizer: after x N == reference x N_ref for a batch count N (`nanscope.replay.supervision`)."""
+    from nanscope.replay.supervision import explain_normalizer
+
+    refn = reference_normalizer(preset, term, counts)
+    if refn is None:
+        return None
+    unnormalized = ref * refn[1]  # the reference's sum before its normalizer
+    fit = explain_normalizer(got, unnormalized, counts)
+    if fit is None or fit[0] == refn[0] or abs(unnormalized / got - fit[1]) > NORMALIZER_RTOL * fit[1]:
+        return None
+    return fit[0], f"{fit[1]:g} instead of {refn[0]} = {refn[1]:g}"
+
+
+def compare_presets(after: Mapping[str, float], outputs: Mapping[str, Any],
+                    targets: Sequence[Mapping[str, Tensor]], preset: str) -> Check:
+    """Check 4 (see the module docstring). Passes when after equals the `preset` reference."""
+    from nanscope.criterion.presets import PRESETS
+    from nanscope.criterion.set_criterion import SetCriterion
+    from nanscope.replay.supervision import batch_counts
+    from nanscope.verify.checks import RTOL, canonical, compare_terms, floats
+
+    refs: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for name in PRESETS:
+            refs[name] = floats(SetCriterion(name, impl="masked_select")(outputs, targets))
+    cmps = {name: compare_terms(after, ref) for name, ref in refs.items()}
+
+    def distance(name: str) -> tuple[Any, ...]:
+        cm = cmps[name]
+        return (not cm["equal"], len(cm["mismatched"]) + len(cm["missing"]), cm["max_rel_diff"], name != preset)
+
+    closest = min(PRESETS, key=distance)
+    counts = batch_counts(outputs, targets)  # the same counts NS404 explains a loss scale with
+    got = {canonical(k): v for k, v in after.items()}
+    groups: dict[tuple[str, str], list[str]] = {}
+    for term in cmps[closest]["mismatched"]:
+        why = explain(term, got[term], refs[closest][term], PRESETS[closest], counts)
+        if why is not None:
+            groups.setdefault(why, []).append(term)
+    reasons = [f"{', '.join(terms)} divided by {expr} (= {value})" for (expr, value), terms in groups.items()]
+    unexplained = [t for t in cmps[closest]["mismatched"] if not any(t in ts for ts in groups.values())]
+
+    def one(name: str) -> str:
+        cm = cmps[name]
+        if cm["equal"]:
+            return f"{name}: equal (max rel. diff {cm['max_rel_diff']:.2g})"
+        return (f"{name}: {len(cm['mismatched'])} of {cm['compared']} terms differ"
+                + (f", {len(cm['missing'])} missing" if cm["missing"] else "")
+                + f" (max rel. diff {cm['max_rel_diff']:.2g})")
+
+    cm = cmps[preset]
+    detail = (f"vs SetCriterion(preset={preset!r}, impl='masked_select'): max rel. diff {cm['max_rel_diff']:.2g} "
+              f"over {cm['compared']} terms (tolerance {RTOL:g}); every preset: {'; '.join(one(n) for n in PRESETS)}; "
+              f"closest: {closest}")
+    if reasons:
+        detail += f"; vs {closest}: " + "; ".join(reasons)
+    if unexplained:
+        detail += ("; not explained by a normalizer: " + ", ".join(
+            f"{k} {got[k]:.6g} vs {refs[closest][k]:.6g}" for k in unexplained[:4]))
+    if cmps[closest]["equal"] and closest != preset:
+        why_short = f"it equals the {closest} reference instead (pass --preset {closest})"
+        detail += f". After equals the {closest} reference: pass --preset {closest}"
+    elif reasons:
+        why_short = "; ".join(reasons)
+    elif cm["equal"]:
+        why_short = ""
+    else:
+        bad = cmps[closest]["mismatched"] + cmps[closest]["missing"]
+        why_short = f"{len(bad)} terms ({', '.join(bad[:4])}) not explained by a normalizer"
+    numbers = {**cm, "reference": refs[preset], "presets": {n: {k: cmps[n][k] for k in
+               ("equal", "max_rel_diff", "mismatched", "missing", "compared")} for n in PRESETS},
+               "closest": closest, "normalizers": {expr: terms for (expr, _), terms in groups.items()},
+               "counts": dataclasses.asdict(counts), "why": why_short}
+    return Check(4, "after equals the masked_select reference", cm["equal"], detail, numbers)
