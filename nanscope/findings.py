@@ -96,6 +96,12 @@ CATALOGUE: dict[str, CodeInfo] = {
         _c("NS404", "one loss term drowns the others", W,
            "Normalize the classification sum as the reference trainers do (matched queries or GT boxes, at least "
            "1) or rebalance weight_dict, so no term is 100x the others on a healthy batch.", 63),
+        _c("NS405", "targets disagree with the tokenizer", W,
+           "Build positive maps from character spans with the model's own tokenizer (offsets / char_to_token), "
+           "not by splitting the token range or with another tokenizer.", 64),
+        _c("NS406", "text mask not truncated to max_text_len", E,
+           "Truncate the text mask (and the tokenizer call that makes it) to max_text_len, as the model truncates "
+           "its input: a [B, L > 256] mask against [B, Q, 256] logits crashes on long captions.", 65),
     ]
 }
 

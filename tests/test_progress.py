@@ -210,7 +210,7 @@ def test_verify_fix_reports_each_check_and_training_step(demo_files, capsys):
     assert code == 0, cap.out
     names = [LINE.match(ln).group(1) for ln in cap.err.splitlines()]
     checks = [n for n in names if n.startswith("check ")]
-    assert [int(n.split()[1]) for n in checks] == list(range(1, 10))
+    assert [int(n.split()[1]) for n in checks] == list(range(1, 11))
     # after trains for every step; before is already NaN at step 0 on the demo, so it is not trained
     trained = [n for n in names if n.startswith("training with ")]
     assert trained == [f"training with after (check 8): step {i}/{steps}" for i in range(1, steps + 1)]

@@ -94,3 +94,51 @@ def test_an_unnormalized_sum_drowns_the_box_terms_and_the_normalizer_is_named(de
     f = _codes(result)["NS404"]
     assert f.where[0]["term"] == "loss_ce" and f.where[0]["normalizer"] == "1 (a plain sum)"
     assert f.where[0]["ratio"] >= 100
+
+
+def test_a_text_mask_built_without_truncation_is_named_not_reported_as_a_crash(demo_replay):
+    tok = demo_replay.model.tokenizer
+    lengths = [len(tok(c)["input_ids"]) for c in demo_replay.batch.captions]  # untruncated, from the tokenizer
+    long = [i for i, n in enumerate(lengths) if n > demo_replay.max_text_len]
+    result = inspect_replay(demo_replay, criterion=f"{CRITERIA}:UntruncatedMask")
+    f = next(f for f in result.findings if f.code == "NS406")
+    assert [w["image"] for w in f.where] == long and f.where[0]["tokens"] == max(lengths)
+    assert str(max(lengths)) in f.message and result.exit_code == 1
+
+
+def test_a_positive_map_made_by_splitting_the_token_range_disagrees_with_the_tokenizer(demo_files, tmp_path):
+    raw = demo_batch(seed=3, long=False)
+    tok_map = []
+    for cap, t in zip(raw["captions"], raw["targets"]):
+        n = len(t["boxes"])
+        pm = torch.zeros(n, 256)
+        enc_len = len(cap.split())  # words, not tokens
+        for j in range(n):  # equal splits of the caption's word range: the bug trainers write
+            lo = 1 + j * enc_len // n
+            pm[j, lo: lo + 1] = 1.0
+        t["positive_map"] = pm
+        tok_map.append(pm)
+    batch = tmp_path / "split.pt"
+    torch.save(raw, batch)
+    replay = prepare(demo_files.checkpoint, batch, config=demo_files.config, hash_checkpoint=False)
+    tok = replay.model.tokenizer
+    expected = 0
+    for cap, t, pm in zip(raw["captions"], raw["targets"], tok_map):
+        enc = tok(cap)
+        for j, ph in enumerate(t["phrases"]):
+            b = cap.find(ph)
+            ours = sorted({enc.char_to_token(c) for c in range(b, b + len(ph)) if enc.char_to_token(c) is not None})
+            expected += ours != pm[j].nonzero().flatten().tolist()
+    result = inspect_replay(replay)
+    f = next(f for f in result.findings if f.code == "NS405")
+    assert f.count == expected > 0
+    w = f.where[0]
+    assert w["user_tokens"] == tok_map[w["image"]][w["box"]].nonzero().flatten().tolist()
+
+
+def test_verify_fix_is_not_fixed_when_the_fix_stops_training_negatives(healthy_replay):
+    from nanscope.verify.pipeline import verify_replay
+
+    result = verify_replay(healthy_replay, after=f"{CRITERIA}:MatchedOnly", preset="mmdet", steps=2)
+    check = next(c for c in result.checks if c.id == 10)
+    assert not check.passed and "NS401" in check.detail and result.verdict == "not fixed"

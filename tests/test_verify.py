@@ -55,14 +55,14 @@ def _args(short: SimpleNamespace, *extra: str) -> list[str]:
     return ["verify-fix", str(short.checkpoint), str(short.batch), "--config", str(short.config), *extra]
 
 
-def test_cli_passes_all_nine_checks_and_matches_transformers(short, capsys) -> None:
+def test_cli_passes_all_ten_checks_and_matches_transformers(short, capsys) -> None:
     out = short.folder / "hf.json"
     code = main(_args(short, "--preset", "hf", "--steps", "2", "--json", str(out)))
     stdout = capsys.readouterr().out
     assert code == 0, stdout
-    assert "FIXED - 9/9 checks pass" in stdout
+    assert "FIXED - 10/10 checks pass" in stdout
     d = json.loads(out.read_text())
-    assert [c["id"] for c in d["checks"]] == list(range(1, 10))
+    assert [c["id"] for c in d["checks"]] == list(range(1, 11))
     assert all(c["passed"] for c in d["checks"]), [c for c in d["checks"] if not c["passed"]]
     assert d["verdict"] == "fixed" and d["exit_code"] == 0
 
@@ -116,7 +116,7 @@ def test_cli_mask_multiplied_after_fails_checks_2_and_3(short, capsys) -> None:
     assert code == 1, stdout
     assert "NOT FIXED" in stdout
     checks = {c["id"]: c for c in json.loads(out.read_text())["checks"]}
-    assert len(checks) == 9
+    assert len(checks) == 10
     assert checks[1]["passed"]  # the default before (naive, mmdet) reproduces the NaN
     assert not checks[2]["passed"] and "loss_ce" in checks[2]["numbers"]["nonfinite"]
     assert not checks[3]["passed"] and checks[3]["numbers"]["after_nonfinite_output_grads"]

@@ -90,7 +90,7 @@ def test_open_gdino_style_criterion_with_a_three_argument_matcher_passes_every_c
                       "--after", f"{CRITERIA}:build_open_gdino")
     stdout = capsys.readouterr().out
     checks = {c["id"]: c for c in d["checks"]}
-    assert code == 0 and "FIXED - 9/9 checks pass" in stdout, stdout
+    assert code == 0 and "FIXED - 10/10 checks pass" in stdout, stdout
     assert checks[1]["numbers"]["nonfinite_terms"]  # the unmasked variant reproduces the NaN
     assert checks[4]["numbers"]["closest"] in ("open-groundingdino", "hf") and checks[4]["passed"]
     assert checks[7]["numbers"]["compared"] == 2 * 2 and not checks[7]["numbers"].get("skipped")  # 2 layers x 2 images

@@ -1,7 +1,11 @@
-"""NS401-NS404: a finite loss that supervises the wrong thing, from the measurements in
+"""NS401-NS406: a finite loss that supervises the wrong thing, from the measurements in
 `nanscope.replay.supervision` (gradients on the logits, counterfactual targets, the user's matcher)."""
 
 from __future__ import annotations
+
+import re
+
+import torch
 
 from nanscope.analyzers.context import AnalysisContext
 from nanscope.analyzers.registry import register
@@ -88,3 +92,79 @@ def loss_scale(ctx: AnalysisContext) -> list[Finding]:
         "NS404", Severity.WARNING, count=len(drowning), message="; ".join(parts) + " on a batch where every term is finite",
         where=tuple({"term": t, "next": n, "ratio": round(r, 1), **({"normalizer": w} if w else {})}
                     for t, n, r, w in drowning[:MAX_WHERE]))]
+
+
+def _user_map(target: object) -> torch.Tensor | None:
+    """The trainer's own positive map of a target, when the batch also has phrases or spans to compare with."""
+
+    if getattr(target, "phrases", None) is None and getattr(target, "spans", None) is None:
+        return None  # the map is the only token information: nanscope's map *is* the user's
+    pm = getattr(target, "positive_map", None)
+    extra = getattr(target, "extra", None) or {}
+    for key in ("positive_map", "token_labels"):
+        if pm is None and isinstance(extra.get(key), torch.Tensor):
+            pm = extra[key]
+    return pm if isinstance(pm, torch.Tensor) and pm.dim() == 2 else None
+
+
+def _span_text(tokens: list[int]) -> str:
+    if not tokens:
+        return "no token"
+    runs, start = [], tokens[0]
+    for a, b in zip(tokens, tokens[1:] + [None]):
+        if b != a + 1:
+            runs.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return "token" + ("s " if len(tokens) > 1 else " ") + ", ".join(runs)
+
+
+@register("NS405")
+def targets_disagree_with_tokenizer(ctx: AnalysisContext) -> list[Finding]:
+    """A trainer's own positive map against the map of the same phrases/spans under the model's tokenizer."""
+    where, count = [], 0
+    for i, (target, info) in enumerate(zip(ctx.batch.targets, ctx.texts)):
+        user = _user_map(target)
+        if user is None or user.shape[0] != len(info.boxes):
+            continue
+        width = min(int(user.shape[1]), ctx.max_text_len)
+        for box in info.boxes:
+            theirs = [int(t) for t in (user[box.box, :width] > 0).nonzero().flatten().tolist()]
+            ours = [t for t in box.kept if t < width]
+            if theirs == ours:
+                continue
+            count += 1
+            if len(where) < MAX_WHERE:
+                where.append({"image": i, "box": box.box, "phrase": box.phrase, "user_tokens": theirs,
+                              "tokenizer_tokens": ours,
+                              "tokens_text": [ctx.token_text(i, t) for t in ours]})
+    if not count:
+        return []
+    w = where[0]
+    return [Finding(
+        "NS405", Severity.WARNING, count=count,
+        message=f"{count} box(es) have a positive map that differs from the tokens the model's tokenizer gives "
+                f"their phrase: image {w['image']} box {w['box']} '{w['phrase']}' is marked on "
+                f"{_span_text(w['user_tokens'])}, the tokenizer puts it on {_span_text(w['tokenizer_tokens'])} "
+                f"({' '.join(w['tokens_text'])})",
+        where=tuple(where))]
+
+
+@register("NS406")
+def text_mask_not_truncated(ctx: AnalysisContext) -> list[Finding]:
+    """The user's criterion crashed on a shape mismatch between max_text_len and an untruncated caption length."""
+    text = str(ctx.notes.get("criterion_shape_error") or "")
+    if not text:
+        return []
+    lengths = {t.num_tokens for t in ctx.texts if t.truncated}
+    sizes = {int(x) for x in re.findall(r"\d+", text)}
+    long = sorted(lengths & sizes)
+    if not long or ctx.max_text_len not in sizes:
+        return []
+    images = [i for i, t in enumerate(ctx.texts) if t.num_tokens in long]
+    return [Finding(
+        "NS406", Severity.ERROR, count=len(images),
+        message=f"{ctx.criterion_name or 'your criterion'} crashed comparing a width of {long[-1]} with "
+                f"max_text_len={ctx.max_text_len}: {long[-1]} is the untruncated token count of the caption of image "
+                f"{images[0]}, so the text mask it uses was built without truncation ({text[:200]})",
+        where=tuple({"image": i, "tokens": ctx.texts[i].num_tokens, "max_text_len": ctx.max_text_len}
+                    for i in images[:MAX_WHERE]))]

@@ -1,4 +1,4 @@
-"""`nanscope verify-fix CHECKPOINT BATCH`: run the before and after criteria on one replayed batch, nine checks."""
+"""`nanscope verify-fix CHECKPOINT BATCH`: run the before and after criteria on one replayed batch, ten checks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def register(subparsers: Any) -> None:
     from nanscope.cli._common import output_options, quiet_option, replay_arguments
 
     p = subparsers.add_parser(
-        "verify-fix", help="prove a fixed criterion removes the NaN and nothing else (nine checks)",
+        "verify-fix", help="prove a fixed criterion removes the NaN and nothing else (ten checks)",
         description="Replay one batch, compute the before and after criteria on the same outputs, backpropagate "
                     "each, and check: before reproduces the NaN, after and its gradients are finite, after equals "
                     "the masked_select reference and before on valid positions, the fix is a no-op without "

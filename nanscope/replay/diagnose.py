@@ -38,6 +38,17 @@ def is_matching_failure(exc: CriterionError) -> bool:
     return any(s in str(exc) for s in MATCHING_FAILURES)
 
 
+def is_untruncated_width_failure(exc: CriterionError, texts: list[Any], max_text_len: int) -> bool:
+    """A shape error naming max_text_len and the untruncated token count of an over-long caption: the
+    criterion built a text mask without truncation (NS406), a symptom nanscope names, not a bug to stop on."""
+    import re
+
+    numbers = {int(x) for x in re.findall(r"\d+", str(exc))}
+    long = {t.num_tokens for t in texts if t.truncated}
+    text = str(exc).lower()
+    return ("size" in text or "shape" in text) and max_text_len in numbers and bool(long & numbers)
+
+
 def padded_text_mask(mask: torch.Tensor | None, width: int) -> torch.Tensor | None:
     """[B, L] -> [B, width] bool, False past L (ContrastiveEmbed pads with -inf there)."""
     from nanscope.stacks.capture import padded_mask
@@ -182,11 +193,15 @@ def inspect_replay(
                     ctx.loss_terms_padding_sanitized = call_criterion(
                         crit, sanitize_padding(outputs, ctx.text_mask), targets, name=name, extras=extras)
         except CriterionError as exc:
-            if not is_matching_failure(exc):
+            if is_untruncated_width_failure(exc, replay.texts, replay.max_text_len):
+                ctx.loss_terms = ctx.loss_terms_padding_sanitized = None  # NS406 names it
+                ctx.notes["criterion_shape_error"] = str(exc)
+            elif not is_matching_failure(exc):
                 raise
-            # The matcher refused non-finite costs: NS203 reports it with the causes ranked above it.
-            ctx.loss_terms = ctx.loss_terms_padding_sanitized = None
-            ctx.notes["criterion_error"] = str(exc)
+            else:
+                # The matcher refused non-finite costs: NS203 reports it with the causes ranked above it.
+                ctx.loss_terms = ctx.loss_terms_padding_sanitized = None
+                ctx.notes["criterion_error"] = str(exc)
         if ctx.loss_terms is not None:
             terms = {k: float(v.detach().float().sum()) for k, v in ctx.loss_terms.items()}
             if _wants(SUPERVISION_CODES, select, ignore):
@@ -207,7 +222,7 @@ def inspect_replay(
         "valid_tokens_per_image": ([int(x) for x in record.text_token_mask.sum(1).tolist()]
                                    if record.text_token_mask is not None else None),
         "criterion": ctx.criterion_name,
-        "criterion_error": ctx.notes.get("criterion_error"),
+        "criterion_error": ctx.notes.get("criterion_error") or ctx.notes.get("criterion_shape_error"),
         "autocast": amp,
     }
     return Result(kind="inspect", findings=findings, summary=summary, inputs=dict(replay.inputs),

@@ -1,4 +1,4 @@
-"""The nine checks of `nanscope verify-fix`, each a function returning a `Check` (PASS or FAIL with numbers).
+"""The checks of `nanscope verify-fix`, each a function returning a `Check` (PASS or FAIL with numbers).
 
 1. before is non-finite (the bug is reproduced), or a note that it was already finite (PASS);
 2. every after term is finite, and none is exactly 0 while target boxes exist;
@@ -17,7 +17,8 @@
 7. before's and after's `.matcher` (DETR convention) assign the same pairs per layer and image,
    wherever before's matching succeeds (a matcher raises on a non-finite cost);
 8. training steps on a copy of the model with after keep every term finite and lower the total;
-9. the peak memory of after's loss + backward is at most `MEMORY_LIMIT` times before's.
+9. the peak memory of after's loss + backward is at most `MEMORY_LIMIT` times before's;
+10. after supervises what it should: no NS401/NS402/NS403 (`nanscope.verify.supervision_check`).
 
 Checks 4-7 live in `nanscope.verify.equivalence` (4: `nanscope.verify.reference`). A criterion that
 raises on the batches built for checks 5-7 fails that check (with the user's frame).
@@ -41,7 +42,8 @@ from nanscope.result import Check
 RTOL = 1e-5  # relative tolerance of the equality checks 4, 5 and 6
 STAND_INS = (-1.0e4, -2.0e4)  # sigmoid underflows to exactly 0 in fp16, bf16, fp32 and fp64; both fit fp16
 MEMORY_LIMIT = 1.5  # check 9 fails when after's peak exceeds this multiple of before's
-REQUIRED = (1, 2, 3, 8, 9)  # "fixed": no non-finite term or gradient, training stays finite, memory bounded
+REQUIRED = (1, 2, 3, 8, 9, 10)  # "fixed": no non-finite term or gradient, training stays finite, memory
+# bounded, and the fix supervises what it should (a finite loss that trains the wrong thing is not a fix)
 EQUIVALENCE = (4, 5, 6, 7)  # "and it equals the reference / before": reported, not required
 
 Outputs = Mapping[str, Any]

@@ -18,12 +18,26 @@ from torch import Tensor
 
 from nanscope import progress
 from nanscope.errors import CriterionError
-from nanscope.replay.criterion_inputs import image_extras, restrict_extras, select_boxes, with_positive_map
+from nanscope.replay.criterion_inputs import (
+    image_extras,
+    restrict_extras,
+    select_boxes,
+    with_positive_map,
+)
 from nanscope.result import Check
 from nanscope.stacks.capture import map_layers
 from nanscope.user_code import Criterion, call_criterion, call_matcher, user_frame
-from nanscope.verify.checks import (STAND_INS, CriterionRun, Outputs, Targets, _equality_check, compare_terms,
-                                    floats, layers, valid_positions)
+from nanscope.verify.checks import (
+    STAND_INS,
+    CriterionRun,
+    Outputs,
+    Targets,
+    _equality_check,
+    compare_terms,
+    floats,
+    layers,
+    valid_positions,
+)
 
 
 def _map_logits(outputs: Outputs, fn: Any, mask: Tensor | None) -> dict[str, Any]:

@@ -4,7 +4,7 @@ One batch is replayed through the user's GroundingDINO with gradients on. The "b
 (default: nanscope's `NaiveCriterion` for the preset) and the "after" criterion (default:
 `SetCriterion`) run on the same outputs and each is backpropagated into the model with fresh
 gradients; then a few AdamW steps train a copy of the model (eval mode, so deterministic) with
-each. `nanscope.verify.checks` turns that into nine checks; `nanscope.verify.peak_memory` says how memory
+each. `nanscope.verify.checks` turns that into ten checks; `nanscope.verify.peak_memory` says how memory
 is measured.
 
 Totals weight the terms with the criterion's `weight_dict` when it has one (DETR convention), else
@@ -28,16 +28,44 @@ import torch
 from torch import Tensor, nn
 
 from nanscope import progress
-from nanscope.replay.batch import Batch
 from nanscope.errors import CriterionError, InputError
-from nanscope.verify.peak_memory import PeakMemory
+from nanscope.replay.batch import Batch
 from nanscope.replay.session import Replay, prepare
 from nanscope.result import Result, environment
-from nanscope.user_code import Criterion, call_criterion, collect_user_stdout, load_criterion, user_frame
-from nanscope.verify.checks import (EQUIVALENCE, MEMORY_LIMIT, REQUIRED, CriterionRun, Outputs, Targets,
-                                    check_after_finite, check_gradients, check_memory, check_reproduced,
-                                    check_training, floats, layers, loss_keys, term_layer, TrainLog, valid_positions)
-from nanscope.verify.equivalence import check_matching, check_no_op, check_reference, check_valid_only
+from nanscope.user_code import (
+    Criterion,
+    call_criterion,
+    collect_user_stdout,
+    load_criterion,
+    user_frame,
+)
+from nanscope.verify.checks import (
+    EQUIVALENCE,
+    MEMORY_LIMIT,
+    REQUIRED,
+    CriterionRun,
+    Outputs,
+    Targets,
+    TrainLog,
+    check_after_finite,
+    check_gradients,
+    check_memory,
+    check_reproduced,
+    check_training,
+    floats,
+    layers,
+    loss_keys,
+    term_layer,
+    valid_positions,
+)
+from nanscope.verify.equivalence import (
+    check_matching,
+    check_no_op,
+    check_reference,
+    check_valid_only,
+)
+from nanscope.verify.peak_memory import PeakMemory
+from nanscope.verify.supervision_check import check_supervision
 
 LR = 1e-4  # AdamW learning rate of the training steps: a typical GroundingDINO fine-tuning rate
 DEFAULT_STEPS = 5  # enough for the loss to move; each step is a forward and backward of the whole model
@@ -198,7 +226,7 @@ def resolve_criteria(before: Any, after: Any, preset: str,
 
 def verify_replay(replay: Replay, *, before: Any = None, after: Any = None, preset: str = "mmdet",
                   steps: int = DEFAULT_STEPS) -> Result:
-    """Run the nine checks on a prepared replay (its model is only read: steps train a copy). Never prints.
+    """Run the ten checks on a prepared replay (its model is only read: steps train a copy). Never prints.
 
     `before` / `after`: a `MODULE:ATTR` spec (see `nanscope.user_code`), a loaded `(criterion, name)`,
     or None for nanscope's NaiveCriterion / SetCriterion of `preset`. What the criteria print is in
@@ -231,6 +259,8 @@ def _verify(replay: Replay, criteria: tuple[tuple[Criterion, str], tuple[Criteri
               check_no_op((crit_b[0], name_b), (crit_a[0], name_a), outputs, targets, extras=extras,
                           keys=(run_b.loss_keys, run_a.loss_keys)),
               check_matching((crit_b[0], name_b), (crit_a[0], name_a), outputs, targets, extras=extras)]
+    supervision = check_supervision(crit_a[0], name_a, outputs, targets, replay.batch, replay.texts,
+                                    finite=run_a.finite, extras=extras)
     valid_tokens = [int(x) for x in valid_positions(outputs).sum(1).tolist()]
     layer_names = [name for name, _ in layers(outputs)]
     del record, outputs  # frees the replay's graph before training a copy
@@ -243,6 +273,7 @@ def _verify(replay: Replay, criteria: tuple[tuple[Criterion, str], tuple[Criteri
     checks.append(check_training(after_steps, before_steps, steps, LR))
     method = PeakMemory(replay.device).method
     checks.append(check_memory(run_b, run_a, method))
+    checks.append(supervision)
 
     last = [n for n in layer_names if n != "enc"][-1]
     n_rows = max(len(after_steps[0]), len(before_steps[0]))
@@ -253,7 +284,7 @@ def _verify(replay: Replay, criteria: tuple[tuple[Criterion, str], tuple[Criteri
         "steps": step_rows,
         "memory": {"method": method, "device": str(replay.device), "before_bytes": run_b.peak,
                    "after_bytes": run_a.peak, "before_loss_bytes": run_b.loss_peak,
-                   "after_loss_bytes": run_a.loss_peak, "ratio": checks[-1].numbers["ratio"], "limit": MEMORY_LIMIT},
+                   "after_loss_bytes": run_a.loss_peak, "ratio": checks[8].numbers["ratio"], "limit": MEMORY_LIMIT},
     }
     summary = {"preset": preset, "before": crit_b[1], "after": crit_a[1], "steps": steps, "lr": LR,
                "images": len(replay.batch), "boxes": num_boxes, "layers": layer_names,
@@ -278,7 +309,7 @@ def verify_fix(
     trust_checkpoint: bool = False,
     stack: str | None = None,
 ) -> Result:
-    """Replay `batch` through the GroundingDINO in `checkpoint` and run the nine checks. Never prints.
+    """Replay `batch` through the GroundingDINO in `checkpoint` and run the ten checks. Never prints.
 
     `before` / `after` are `MODULE:ATTR` specs (see `nanscope.user_code`); None uses nanscope's
     NaiveCriterion / SetCriterion for `preset`.
