@@ -4,7 +4,8 @@ groundingdino wraps its text encoder in `groundingdino.models.GroundingDINO.bert
 Its `__init__` copies `get_extended_attention_mask`, `invert_attention_mask` and `get_head_mask` off the
 `BertModel`; transformers 5 removed all three, so building any groundingdino-py model raises
 AttributeError there. Its `forward` also passes `past_key_values_length` to `BertEmbeddings` (renamed
-`cache_length` in 5.x) and reads encoder fields that 5.x deprecates.
+`cache_length` in 5.x) and reads `config.use_return_dict` and the encoder output's `past_key_values`, which
+5.x deprecates (for `return_dict` and `cache`; `past_key_values` goes at 5.40).
 
 `install()` replaces exactly two attributes of that one class, `BertModelWarper.__init__` and
 `BertModelWarper.forward`, with the functions below, and nothing else (no transformers code, no module
@@ -12,13 +13,16 @@ or object of the user's). The replacement keeps the same submodules (`embeddings
 so every checkpoint's `bert.*` keys load strictly as before; it builds the additive self-attention mask
 itself, exactly as 4.57's `get_extended_attention_mask` does for an encoder (groundingdino passes a
 [B, L, L] sub-sentence mask, or a [B, L] padding mask: 1 -> 0.0, 0 -> finfo(dtype).min, in the dtype of
-the first floating parameter), and calls only what 4.40-4.57 and 5.x share: `embeddings(input_ids=,
-position_ids=, token_type_ids=, inputs_embeds=)` and `encoder(hidden, attention_mask=)[0]`.
+the first floating parameter), and calls only what 4.57 and 5.24 share (read in both sources):
+`embeddings(input_ids=, position_ids=, token_type_ids=, inputs_embeds=)` and `encoder(hidden, attention_mask=)[0]`.
 
 Measured (shared 2-core dev box, torch 2.14.1 CPU, one thread): logits and boxes of every layer and every
 parameter gradient of the demo, of the full SwinT-OGC and of bare BERTs with head sizes 24/32/64 are
 bitwise equal between the original on 4.57.6, this replacement on 4.57.6 and this replacement on 5.24.0
-(also under bf16 autocast). It is installed on 4.x as well: one code path for every version, the one
+(also under bf16 autocast), with BERT's default SDPA attention (a config that forces eager attention
+differs between the versions inside transformers itself: 4.57 divides the scores by sqrt(d), 5.x multiplies
+by d**-0.5). Two torch threads instead of one change the results of every version alike (the encoder's
+top-k picks other queries), so references are compared at one thread. It is installed on 4.x as well: one code path for every version, the one
 tests and CI check on both, instead of a 4.x path nobody on 5.x runs.
 
 `install()` is idempotent and is called by nanscope before it builds a groundingdino-py model; it leaves
