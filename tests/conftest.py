@@ -10,6 +10,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+# The subset .ci/run also runs on transformers 4.57.x (`./scripts/test -m transformers4`): building the
+# model, capture, the criterion against transformers' own loss and matcher, the demo, and the BERT
+# wrapper's bitwise check against groundingdino's own wrapper, which only builds on 4.x.
+TRANSFORMERS4_SUBSET = (
+    "test_bert_compat.py",
+    "test_tiny_text.py",
+    "test_hf_progress.py",
+    "test_capture.py",
+    "test_checkpoint.py",
+    "test_full_size.py",
+    "test_criterion.py",
+    "test_matcher.py",
+    "test_verify.py",
+    "test_demo.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in TRANSFORMERS4_SUBSET:
+            item.add_marker(pytest.mark.transformers4)
+
 
 def _load_fixture_builder():
     import importlib.util

@@ -79,6 +79,19 @@ def test_bad_input_exits_2_with_message(bad_files, demo_files, capsys, name, arg
     assert {a: sha(a) for a in hashes} == hashes  # inputs untouched
 
 
+
+def test_bad_input_in_a_real_process_writes_one_line_to_stderr(bad_files, demo_files):
+    """The whole stderr of `python -m nanscope` (file descriptor 2, not sys.stderr): no progress bar, warning
+    or other text around the message. The foreign state dict fails after the text encoder was loaded, which
+    is where transformers 5 draws its "Loading weights" bar."""
+    argv = [sys.executable, "-m", "nanscope", "inspect", str(bad_files["foreign"]), str(demo_files.batch),
+            "--config", str(demo_files.config)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert "does not look like a checkpoint" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.endswith("\n") and "\r" not in proc.stderr, proc.stderr
+
 def test_pickle_loads_with_trust_flag(bad_files, demo_files, capsys):
     code = main(["inspect", str(bad_files["pickle"]), str(demo_files.batch), "--config", str(demo_files.config),
                  "--trust-checkpoint", "--select", "NS306"])

@@ -99,9 +99,14 @@ def build_model(
         torch.manual_seed(seed)
     from groundingdino.models import build_model as gd_build
 
+    from nanscope.stacks import gdpy_bert_compat
+    from nanscope.stacks._hf_progress import quiet_progress_bars
+
+    gdpy_bert_compat.install()  # groundingdino's BERT wrapper on transformers 4.x and 5.x (see that module)
     spec = cfg.get("nanscope_swin", None)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), _swin_size(dict(spec) if spec else None):
+        with contextlib.redirect_stdout(io.StringIO()), _swin_size(dict(spec) if spec else None), \
+                quiet_progress_bars():
             model = gd_build(cfg)
     except OSError as exc:  # transformers cannot find the text encoder
         raise ConfigError(
@@ -194,12 +199,14 @@ class GroundingDinoPy(Stack):
                        text_encoder: str | None = None) -> tuple[Any, int]:
         from groundingdino.util.get_tokenlizer import get_tokenlizer
 
+        from nanscope.stacks._hf_progress import quiet_progress_bars
+
         cfg = load_config(config)
         te = resolve_text_encoder(config, text_encoder) or str(cfg.text_encoder_type)
         if os.sep in te or te.startswith("."):
             te = str(Path(te).resolve())
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), quiet_progress_bars():
                 tok = get_tokenlizer(te)
         except OSError as exc:
             raise ConfigError(f"text encoder {te!r} could not be loaded ({str(exc).splitlines()[0]}); "

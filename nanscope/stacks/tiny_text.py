@@ -65,12 +65,17 @@ def write_tiny_text_encoder(folder: str | Path, *, seed: int = 0) -> Path:
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
+    from nanscope.stacks._hf_progress import quiet_progress_bars
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = build_vocab()
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
-    tok.save_pretrained(str(folder))
+    # From the folder, not BertTokenizerFast(vocab_file=...): transformers 5 ignores that argument and
+    # builds an empty vocabulary (every word becomes [UNK]); from_pretrained reads vocab.txt in 4.x and 5.x.
+    with quiet_progress_bars():
+        tok = BertTokenizerFast.from_pretrained(str(folder), do_lower_case=True)
+        tok.save_pretrained(str(folder))
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,  # tiny on purpose: the demo must build in seconds on a CPU
@@ -80,7 +85,8 @@ def write_tiny_text_encoder(folder: str | Path, *, seed: int = 0) -> Path:
         max_position_embeddings=512,  # >= 256 tokens plus room for over-long captions
     )
     torch.manual_seed(seed)
-    BertModel(config).save_pretrained(str(folder))
+    with quiet_progress_bars():  # 5.x draws "Writing model shards" on stderr
+        BertModel(config).save_pretrained(str(folder))
     meta = {"written_by": "nanscope", "vocab_size": len(vocab)}
     (folder / "nanscope_text_encoder.json").write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
     return folder
