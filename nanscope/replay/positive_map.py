@@ -106,35 +106,71 @@ def _map_tokens(row: torch.Tensor, box: int, tokens: Sequence[str], max_text_len
     return BoxTokens(box, phrase, (), True, positions, max_text_len)
 
 
+def encode(tokenizer: Any, captions: Sequence[str]) -> list[Any]:
+    """Untruncated, unpadded encodings (with [CLS]/[SEP]) of `captions`, one `tokenizers.Encoding` each.
+
+    One batched call into the fast tokenizer's Rust backend (`encode_batch`, threaded); when the backend
+    still carries padding or truncation from an earlier call (groundingdino calls it with
+    padding="longest"), the tokenizer's own call resets them first. Slow tokenizers have no
+    `char_to_token` for spans and are refused.
+    """
+    from nanscope.errors import ConfigError
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.padding is None and backend.truncation is None:
+        return backend.encode_batch(list(captions))
+    encodings = tokenizer(list(captions)).encodings if captions else []
+    if encodings is None:
+        raise ConfigError(f"tokenizer {type(tokenizer).__name__} is not a fast tokenizer; positive maps need "
+                          "char_to_token (load it with transformers.AutoTokenizer, use_fast=True)")
+    return list(encodings)
+
+
+def box_tokens(
+    enc: Any,
+    caption: str,
+    *,
+    phrases: Sequence[str] | None = None,
+    spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+    max_text_len: int = MAX_TEXT_LEN,
+) -> tuple[BoxTokens, ...]:
+    """The tokens of each box of one caption: its character `spans` (tokens_positive) when given, else its
+    phrase found with `_find_phrase` (first occurrence, as Open-GroundingDino's `caption.find`)."""
+    out = []
+    n = len(spans) if spans is not None else len(phrases or ())
+    for j in range(n):
+        if spans is not None:
+            sp = tuple((int(b), int(e)) for b, e in spans[j])
+            phrase = " ".join(caption[b:e] for b, e in sp)
+            found = True
+        else:
+            assert phrases is not None
+            phrase = phrases[j]
+            sp = _find_phrase(caption, phrase)
+            found = bool(sp)
+        out.append(BoxTokens(j, phrase, sp, found, span_tokens(enc, sp), max_text_len))
+    return tuple(out)
+
+
+def positive_map(boxes: Sequence[BoxTokens], max_text_len: int = MAX_TEXT_LEN) -> torch.Tensor:
+    """Binary positive map [N, max_text_len]: 1 at each box's tokens that the model keeps."""
+    pmap = torch.zeros(len(boxes), max_text_len)
+    for j, bt in enumerate(boxes):
+        if bt.kept:
+            pmap[j, list(bt.kept)] = 1.0
+    return pmap
+
+
 def build_text_info(tokenizer: Any, batch: Batch, *, max_text_len: int = MAX_TEXT_LEN) -> list[TextInfo]:
-    """Tokenize each caption (untruncated) and build its binary positive map [N, max_text_len]."""
+    """Tokenize the captions (untruncated, one batched call) and build each binary positive map [N, max_text_len]."""
     infos = []
-    for caption, target in zip(batch.captions, batch.targets):
-        enc = tokenizer(caption)
-        ids = tuple(int(i) for i in enc["input_ids"])
-        toks = tuple(tokenizer.convert_ids_to_tokens(list(ids)))
-        n = int(target.boxes.shape[0])
-        boxes = []
-        pmap = torch.zeros(n, max_text_len)
-        for j in range(n):
-            if target.spans is None and target.phrases is None and target.positive_map is not None:
-                bt = _map_tokens(target.positive_map[j], j, toks, max_text_len)
-                pmap[j, list(bt.kept)] = 1.0
-                boxes.append(bt)
-                continue
-            if target.spans is not None:
-                spans = target.spans[j]
-                phrase = " ".join(caption[b:e] for b, e in spans)
-                found = True
-            else:
-                assert target.phrases is not None
-                phrase = target.phrases[j]
-                spans = _find_phrase(caption, phrase)
-                found = bool(spans)
-            tokens = span_tokens(enc, spans)
-            bt = BoxTokens(j, phrase, tuple(spans), found, tokens, max_text_len)
-            if bt.kept:
-                pmap[j, list(bt.kept)] = 1.0
-            boxes.append(bt)
-        infos.append(TextInfo(caption, ids, toks, tuple(boxes), pmap, max_text_len))
+    for caption, target, enc in zip(batch.captions, batch.targets, encode(tokenizer, batch.captions)):
+        toks = tuple(enc.tokens)
+        if target.spans is None and target.phrases is None and target.positive_map is not None:  # the trainer's map
+            boxes = tuple(_map_tokens(target.positive_map[j], j, toks, max_text_len)
+                          for j in range(int(target.boxes.shape[0])))
+        else:
+            boxes = box_tokens(enc, caption, phrases=target.phrases if target.spans is None else None,
+                               spans=target.spans, max_text_len=max_text_len)
+        infos.append(TextInfo(caption, tuple(enc.ids), toks, boxes, positive_map(boxes, max_text_len), max_text_len))
     return infos

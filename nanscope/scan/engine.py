@@ -1,0 +1,286 @@
+"""The scan loop: read samples in bounded chunks, build captions, tokenize each chunk in one batched call,
+check every sample, and hand per-chunk results back in dataset order.
+
+Chunks run in this process (`workers=1`) or in `workers` spawned processes, at most two chunks per
+worker in flight, so memory stays flat however large the dataset. `shard=(i, n)` keeps the samples
+whose index is `i mod n`, the same split whatever the worker count; `nanscope report` merges shards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from nanscope.errors import DataError, InputError
+from nanscope.positive_map import box_tokens, encode
+from nanscope.scan import checks, coco, odvg
+from nanscope.scan.captions import CaptionRules, LabelCosts, Prompt, label_costs, prompt
+from nanscope.scan.sample import OD, Sample
+
+FORMATS = ("coco", "odvg", "grounding")
+CHUNK = 256  # samples per chunk: one batched tokenizer call, one unit of work for a worker
+TOKEN_BIN = 8  # caption-length histogram: bins of 8 tokens up to 1024, then one overflow bin
+TOKEN_BINS = 1024 // TOKEN_BIN + 1
+BOX_COUNT_BINS = 102  # boxes per image 0..100, then one bin for more
+SIZE_BINS = 15  # sqrt(box area) in px: < 1, [1, 2), [2, 4) ... [4096, 8192), >= 8192
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """What a scan reads: the resolved format and, for OD, the label map."""
+
+    path: str
+    format: str  # coco | odvg | grounding
+    mode: str  # od | vg
+    label_map: Mapping[str, str] | None
+    label_map_path: str | None
+    total: int | None  # samples (JSON) or lines (JSONL, for the progress bar)
+    document: Any = None  # the parsed JSON document (coco / grounding)
+    by_image: Any = None
+    orphans: int = 0
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """odvg when the first non-blank line is a JSON object with `filename`; else coco or grounding."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"dataset {str(p)!r} does not exist; expected a COCO JSON, an ODVG .jsonl or a grounding JSON")
+    for _, raw in odvg.iter_lines(p):
+        try:
+            first = json.loads(raw)
+        except ValueError:
+            break
+        if isinstance(first, dict) and "filename" in first:
+            return "odvg"
+        break
+    return "json"
+
+
+def open_dataset(path: str | os.PathLike[str], *, format: str | None = None, label_map: str | None = None) -> Dataset:
+    if format is not None and format not in FORMATS:
+        raise InputError(f"--format {format!r} is not known; expected one of {', '.join(FORMATS)}")
+    fmt = format or detect_format(path)
+    if fmt == "odvg":
+        if format is not None and not Path(path).is_file():
+            raise DataError(f"dataset {str(path)!r} does not exist")
+        lm = odvg.load_label_map(label_map) if label_map else None
+        return Dataset(str(path), "odvg", OD if lm else "vg", lm, label_map, odvg.count_lines(path))
+    doc = coco.load_document(path)
+    kind = coco.kind_of(doc) if fmt == "json" else fmt
+    if kind == "odvg":
+        raise DataError(f"{str(path)!r} is one JSON document, not ODVG JSONL (one object per line)")
+    if label_map:
+        raise InputError("--label-map is for ODVG detection files; a COCO file carries its label map in `categories`")
+    lm = coco.label_map_of(doc, str(path)) if kind == "coco" else None
+    by_image, orphans = coco.group(doc, str(path))
+    return Dataset(str(path), kind, OD if kind == "coco" else "vg", lm, None, len(doc["images"]), doc, by_image,
+                   orphans)
+
+
+def iter_chunks(ds: Dataset, shard: tuple[int, int], size: int = CHUNK) -> Iterator[list[tuple[int, int | None, Any]]]:
+    """Chunks of (index, line, payload) of this shard: raw bytes for ODVG, image + annotations for JSON."""
+    i, n = shard
+    chunk: list[tuple[int, int | None, Any]] = []
+    if ds.format == "odvg":
+        items: Iterable[tuple[int, int | None, Any]] = (
+            (index, line, raw) for index, (line, raw) in enumerate(odvg.iter_lines(ds.path)))
+    else:
+        items = ((index, None, item) for index, item in coco.iter_items(ds.document, ds.by_image))
+    for index, line, payload in items:
+        if index % n != i:
+            continue
+        chunk.append((index, line, payload))
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@dataclass
+class State:
+    """Everything a worker needs, pickled once per worker."""
+
+    tokenizer: Any
+    max_text_len: int
+    rules: CaptionRules
+    format: str
+    mode: str
+    source: str
+    label_map: Mapping[str, str] | None
+    costs: LabelCosts | None
+    images: str | None
+    keep: frozenset[str] = frozenset()
+
+
+@dataclass
+class SampleHits:
+    index: int
+    id: Any
+    file: str
+    line: int | None
+    annotations: list[Any]
+    hits: list[checks.Hit]
+
+
+@dataclass
+class Stats:
+    """Counts that add up over chunks and shards (fixed histogram bins)."""
+
+    samples: int = 0
+    boxes: int = 0
+    flagged: int = 0  # samples with at least one hit
+    tokens_sum: int = 0
+    tokens_min: int | None = None
+    tokens_max: int = 0
+    over: int = 0  # captions over max_text_len
+    token_hist: list[int] = field(default_factory=lambda: [0] * TOKEN_BINS)
+    box_count_hist: list[int] = field(default_factory=lambda: [0] * BOX_COUNT_BINS)
+    size_hist: list[int] = field(default_factory=lambda: [0] * SIZE_BINS)
+
+    def merge(self, o: "Stats") -> None:
+        for k in ("samples", "boxes", "flagged", "tokens_sum", "over"):
+            setattr(self, k, getattr(self, k) + getattr(o, k))
+        if o.tokens_min is not None:
+            self.tokens_min = o.tokens_min if self.tokens_min is None else min(self.tokens_min, o.tokens_min)
+        self.tokens_max = max(self.tokens_max, o.tokens_max)
+        for dst, src in ((self.token_hist, o.token_hist), (self.box_count_hist, o.box_count_hist),
+                         (self.size_hist, o.size_hist)):
+            for k, v in enumerate(src):
+                dst[k] += v
+
+    def add_sample(self, n_tokens: int, max_text_len: int, boxes: list[tuple[float, float, float, float]]) -> None:
+        self.samples += 1
+        self.boxes += len(boxes)
+        self.tokens_sum += n_tokens
+        self.tokens_min = n_tokens if self.tokens_min is None else min(self.tokens_min, n_tokens)
+        self.tokens_max = max(self.tokens_max, n_tokens)
+        self.over += n_tokens > max_text_len
+        self.token_hist[min(n_tokens // TOKEN_BIN, TOKEN_BINS - 1)] += 1
+        self.box_count_hist[min(len(boxes), BOX_COUNT_BINS - 1)] += 1
+        for x1, y1, x2, y2 in boxes:
+            b = _size_bin(x2 - x1, y2 - y1)
+            if b is not None:
+                self.size_hist[b] += 1
+
+
+@dataclass
+class ChunkOut:
+    stats: Stats = field(default_factory=Stats)
+    hits: list[SampleHits] = field(default_factory=list)
+    kept: list[tuple[Sample, Prompt]] = field(default_factory=list)
+
+
+def _size_bin(w: float, h: float) -> int | None:
+    import math
+
+    if not (w > 0 and h > 0 and math.isfinite(w) and math.isfinite(h)):
+        return None
+    s = math.sqrt(w * h)
+    return 0 if s < 1 else min(SIZE_BINS - 1, 1 + int(math.log2(s)))
+
+
+def parse(state: State, index: int, line: int | None, payload: Any) -> Sample:
+    if state.format == "odvg":
+        return odvg.parse_line(payload, index, line or 0, state.source, od=state.mode == OD)
+    return coco.parse_item(payload, index, state.source, state.format)
+
+
+def prepare(state: State, smp: Sample) -> Prompt:
+    return prompt(smp, state.rules, state.label_map, state.costs, state.max_text_len,
+                  grounding_json=state.format == "grounding")
+
+
+def sample_tokens(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[Any]:
+    """Each box's BoxTokens (None for boxes the trainer drops), with nanscope's positive-map code."""
+    keep = [j for j in range(len(smp.boxes)) if j not in pr.dropped]
+    if pr.spans is not None:
+        bts = box_tokens(enc, pr.caption, spans=[pr.spans[j] for j in keep], max_text_len=state.max_text_len)
+    else:
+        assert pr.phrases is not None
+        bts = box_tokens(enc, pr.caption, phrases=[pr.phrases[j] for j in keep], max_text_len=state.max_text_len)
+    out: list[Any] = [None] * len(smp.boxes)
+    for j, bt in zip(keep, bts):
+        out[j] = bt
+    return out
+
+
+def process_chunk(state: State, items: list[tuple[int, int | None, Any]]) -> ChunkOut:
+    """Parse, caption, tokenize (one batched call) and check one chunk."""
+    samples = [parse(state, index, line, payload) for index, line, payload in items]
+    prompts = [prepare(state, s) for s in samples]
+    encs = encode(state.tokenizer, [p.caption for p in prompts])
+    out = ChunkOut()
+    T = state.max_text_len
+    for smp, pr, enc in zip(samples, prompts, encs):
+        n_tok = len(enc.ids)
+        out.stats.add_sample(n_tok, T, smp.boxes)
+        bts = sample_tokens(state, smp, pr, enc)
+        hits = checks.box_hits(smp) + checks.text_hits(smp, pr, bts, n_tok, T)
+        if state.images is not None:
+            hits += checks.image_hits(smp, state.images)[0]
+        if hits:
+            out.stats.flagged += 1
+            out.hits.append(SampleHits(smp.index, smp.id, smp.file, smp.line, list(smp.annotations), hits))
+        if state.keep and str(smp.id) in state.keep:
+            out.kept.append((smp, pr))
+    return out
+
+
+_STATE: State | None = None  # a worker's state, set once by _init
+
+
+def _init(state: State) -> None:
+    global _STATE
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
+    _STATE = state
+
+
+def _work(items: list[tuple[int, int | None, Any]]) -> ChunkOut:
+    assert _STATE is not None
+    return process_chunk(_STATE, items)
+
+
+Progress = Callable[[int, "int | None"], None]
+
+
+def run_chunks(state: State, chunks: Iterable[list[tuple[int, int | None, Any]]], *, workers: int = 1,
+               progress: Progress | None = None, total: int | None = None
+               ) -> Iterator[tuple[list[tuple[int, int | None, Any]], ChunkOut]]:
+    """(chunk, its result) in dataset order; `progress(samples done, total)` after each chunk."""
+    done = 0
+
+    def finished(items: list[Any], res: ChunkOut) -> tuple[list[Any], ChunkOut]:
+        nonlocal done
+        done += res.stats.samples
+        if progress:
+            progress(done, total)
+        return items, res
+
+    if workers <= 1:
+        for items in chunks:
+            yield finished(items, process_chunk(state, items))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init,
+                             initargs=(state,)) as pool:
+        pending: deque[tuple[list[Any], Any]] = deque()
+        try:
+            for items in chunks:
+                pending.append((items, pool.submit(_work, items)))
+                while len(pending) >= 2 * workers or (pending and pending[0][1].done()):
+                    items0, fut = pending.popleft()
+                    yield finished(items0, fut.result())
+            while pending:
+                items0, fut = pending.popleft()
+                yield finished(items0, fut.result())
+        finally:
+            for _, fut in pending:
+                fut.cancel()

@@ -1,0 +1,125 @@
+"""`scan(DATA, ...)`: every sample of a dataset checked for the data bugs that break a GroundingDINO loss.
+
+Library code: it never prints. Progress goes to an optional `progress(done, total)` callback; each
+chunk (raw items and their results, in dataset order) to an optional `on_chunk` callback, which is
+how `--write-clean` streams its copy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from nanscope.result import Result, environment
+from nanscope.scan.aggregate import Aggregate
+from nanscope.scan.captions import CaptionRules, label_costs
+from nanscope.scan.engine import ChunkOut, Dataset, Progress, State, iter_chunks, open_dataset, run_chunks
+from nanscope.scan.sample import OD, Sample
+
+
+@dataclass
+class ScanRun:
+    """The result, and the samples asked for with `keep` (their Sample and Prompt, for --batch-out)."""
+
+    result: Result
+    dataset: Dataset
+    state: State
+    kept: list[tuple[Sample, Any]] = field(default_factory=list)
+
+
+def load_tokenizer(*, config: str | os.PathLike[str] | None = None, text_encoder: str | None = None,
+                   stack: str | None = None) -> tuple[Any, int]:
+    """`(fast tokenizer, max_text_len)` of a stack, without building its model."""
+    from nanscope.models.groundingdino import load_config
+    from nanscope.replay import resolve_text_encoder
+
+    from nanscope.errors import ConfigError
+
+    cfg = load_config(config)
+    te = resolve_text_encoder(config, text_encoder) or str(getattr(cfg, "text_encoder_type", "bert-base-uncased"))
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(te, use_fast=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"text encoder {te!r} could not be loaded ({str(exc).splitlines()[0][:160]}); pass "
+                          "--text-encoder with a local folder holding the tokenizer") from None
+    return tok, int(getattr(cfg, "max_text_len", 256))
+
+
+def parse_shard(value: str | tuple[int, int] | None) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    from nanscope.errors import InputError
+
+    if value is None:
+        return (0, 1)
+    if isinstance(value, tuple):
+        i, n = value
+    else:
+        try:
+            a, b = str(value).split("/")
+            i, n = int(a), int(b)
+        except ValueError:
+            raise InputError(f"--shard {value!r} is not I/N; expected e.g. 0/4 (shard 0 of 4)") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise InputError(f"--shard {i}/{n} is out of range; expected 0 <= I < N")
+    return (i, n)
+
+
+def scan(
+    data: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    label_map: str | None = None,
+    config: str | os.PathLike[str] | None = None,
+    text_encoder: str | None = None,
+    tokenizer: Any = None,
+    max_text_len: int | None = None,
+    rules: CaptionRules | None = None,
+    images: str | os.PathLike[str] | None = None,
+    workers: int = 1,
+    shard: str | tuple[int, int] | None = None,
+    keep: Iterable[Any] = (),
+    progress: Progress | None = None,
+    on_chunk: Callable[[list[Any], ChunkOut], None] | None = None,
+) -> ScanRun:
+    """Scan `data` (COCO JSON, ODVG JSONL or grounding JSON; `format` forces one).
+
+    `tokenizer`/`max_text_len` default to the stack's, read from `config`/`text_encoder`. `keep`: sample ids
+    whose prepared samples come back in `ScanRun.kept`.
+    """
+    from nanscope.errors import InputError
+
+    if workers < 1:
+        raise InputError(f"--workers {workers} must be at least 1")
+    shard_t = parse_shard(shard)
+    rules = rules or CaptionRules()
+    if images is not None and not os.path.isdir(images):
+        raise InputError(f"--images {str(images)!r} is not a folder; expected the folder the image file names are relative to")
+    if tokenizer is None:
+        tokenizer, mtl = load_tokenizer(config=config, text_encoder=text_encoder)
+        max_text_len = max_text_len or mtl
+    max_text_len = int(max_text_len or 256)
+    ds = open_dataset(data, format=format, label_map=label_map)
+    costs = label_costs(tokenizer, ds.label_map, rules.trainer) if ds.mode == OD and ds.label_map else None
+    state = State(tokenizer, max_text_len, rules, ds.format, ds.mode, ds.path, ds.label_map, costs,
+                  str(images) if images is not None else None, frozenset(str(k) for k in keep))
+    agg = Aggregate()
+    kept: list[tuple[Sample, Any]] = []
+    i, n = shard_t
+    total = None if ds.total is None else (ds.total - i + n - 1) // n
+    for items, out in run_chunks(state, iter_chunks(ds, shard_t), workers=workers, progress=progress, total=total):
+        agg.add(out)
+        kept.extend(out.kept)
+        if on_chunk is not None:
+            on_chunk(items, out)
+    summary = {"format": ds.format, "mode": ds.mode, "max_text_len": max_text_len, "rules": rules.to_dict(),
+               "orphan_annotations": ds.orphans}
+    if ds.label_map is not None:
+        summary["labels"] = len(ds.label_map)
+    inputs = {"data": ds.path, "format": ds.format, "label_map": ds.label_map_path, "config": str(config) if config else None,
+              "text_encoder": str(text_encoder) if text_encoder else getattr(tokenizer, "name_or_path", None),
+              "images": str(images) if images is not None else None, "shard": f"{i}/{n}"}
+    result = agg.result(summary=summary, inputs=inputs, environment=environment("cpu"))
+    return ScanRun(result, ds, state, kept)
