@@ -95,11 +95,14 @@ class Aggregate:
         return out
 
     def tables(self) -> dict[str, Any]:
+        from nanscope.findings import sort_findings
+
         rows = []
-        for f in self.findings():
+        for f in sort_findings(self.findings()):
             worst = [str(w["where"][0]["sample"]) for w in f.data["worst"][:3] if w["where"]]
             rows.append({"code": f.code, "severity": f.severity.value, "title": f.title,
-                         "samples": f.data["samples_affected"], "percent": f.data["percent"], "count": f.count,
+                         "samples": f.data["samples_affected"], "percent": float(f"{f.data['percent']:.3g}"),
+                         "count": f.count,
                          "worst": ", ".join(worst)})
         return {
             "codes": rows,

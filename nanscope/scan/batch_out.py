@@ -38,7 +38,7 @@ def build_batch(kept: Sequence[tuple[Any, Any]], ids: Sequence[str], images: str
     from groundingdino.util.misc import nested_tensor_from_tensor_list
     from PIL import Image, UnidentifiedImageError
 
-    from nanscope.batch import IMAGENET_MEAN, IMAGENET_STD
+    from nanscope.replay.batch import IMAGENET_MEAN, IMAGENET_STD
 
     by_id = {str(smp.id): (smp, pr) for smp, pr in kept}
     missing = [i for i in ids if i not in by_id]
@@ -88,7 +88,7 @@ def write_batch(path: str | os.PathLike[str], kept: Sequence[tuple[Any, Any]], i
     """Validate with nanscope's batch schema and save (written to a temporary name, then renamed)."""
     import torch
 
-    from nanscope.batch import validate_batch
+    from nanscope.replay.batch import validate_batch
     from nanscope.errors import OutputError
 
     raw = build_batch(kept, ids, images, image_size=image_size)

@@ -109,7 +109,7 @@ class LabelCosts:
 
 def label_costs(tokenizer: Any, label_map: Mapping[str, str], trainer: str) -> LabelCosts:
     """One batched tokenizer call over the label map's names."""
-    from nanscope.positive_map import encode
+    from nanscope.replay.positive_map import encode
 
     keys = list(label_map)
     if trainer == "mmdet":

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from nanscope.positive_map import BoxTokens
+from nanscope.replay.positive_map import BoxTokens
 from nanscope.scan.captions import Prompt
 from nanscope.scan.sample import OD, Sample
 

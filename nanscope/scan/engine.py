@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from nanscope.errors import DataError, InputError
-from nanscope.positive_map import box_tokens, encode
+from nanscope.replay.positive_map import box_tokens, encode
 from nanscope.scan import checks, coco, odvg
 from nanscope.scan.captions import CaptionRules, LabelCosts, Prompt, label_costs, prompt
 from nanscope.scan.sample import OD, Sample

@@ -31,8 +31,8 @@ class ScanRun:
 def load_tokenizer(*, config: str | os.PathLike[str] | None = None, text_encoder: str | None = None,
                    stack: str | None = None) -> tuple[Any, int]:
     """`(fast tokenizer, max_text_len)` of a stack, without building its model."""
-    from nanscope.models.groundingdino import load_config
-    from nanscope.replay import resolve_text_encoder
+    from nanscope.stacks.groundingdino_py import load_config
+    from nanscope.replay.session import resolve_text_encoder
 
     from nanscope.errors import ConfigError
 
@@ -67,7 +67,17 @@ def parse_shard(value: str | tuple[int, int] | None) -> tuple[int, int]:
     return (i, n)
 
 
-def scan(
+@dataclass
+class Prepared:
+    """A dataset opened and a tokenizer loaded: what every chunk of a scan needs."""
+
+    dataset: Dataset
+    state: State
+    config: str | None
+    text_encoder: str | None
+
+
+def prepare_scan(
     data: str | os.PathLike[str],
     *,
     format: str | None = None,
@@ -78,33 +88,44 @@ def scan(
     max_text_len: int | None = None,
     rules: CaptionRules | None = None,
     images: str | os.PathLike[str] | None = None,
-    workers: int = 1,
-    shard: str | tuple[int, int] | None = None,
     keep: Iterable[Any] = (),
-    progress: Progress | None = None,
-    on_chunk: Callable[[list[Any], ChunkOut], None] | None = None,
-) -> ScanRun:
-    """Scan `data` (COCO JSON, ODVG JSONL or grounding JSON; `format` forces one).
-
-    `tokenizer`/`max_text_len` default to the stack's, read from `config`/`text_encoder`. `keep`: sample ids
-    whose prepared samples come back in `ScanRun.kept`.
-    """
+) -> Prepared:
     from nanscope.errors import InputError
 
-    if workers < 1:
-        raise InputError(f"--workers {workers} must be at least 1")
-    shard_t = parse_shard(shard)
     rules = rules or CaptionRules()
     if images is not None and not os.path.isdir(images):
         raise InputError(f"--images {str(images)!r} is not a folder; expected the folder the image file names are relative to")
     if tokenizer is None:
         tokenizer, mtl = load_tokenizer(config=config, text_encoder=text_encoder)
         max_text_len = max_text_len or mtl
-    max_text_len = int(max_text_len or 256)
     ds = open_dataset(data, format=format, label_map=label_map)
     costs = label_costs(tokenizer, ds.label_map, rules.trainer) if ds.mode == OD and ds.label_map else None
-    state = State(tokenizer, max_text_len, rules, ds.format, ds.mode, ds.path, ds.label_map, costs,
+    state = State(tokenizer, int(max_text_len or 256), rules, ds.format, ds.mode, ds.path, ds.label_map, costs,
                   str(images) if images is not None else None, frozenset(str(k) for k in keep))
+    te = str(text_encoder) if text_encoder else getattr(tokenizer, "name_or_path", None)
+    return Prepared(ds, state, str(config) if config else None, te)
+
+
+def scan(
+    data: str | os.PathLike[str],
+    *,
+    prepared: Prepared | None = None,
+    workers: int = 1,
+    shard: str | tuple[int, int] | None = None,
+    progress: Progress | None = None,
+    on_chunk: Callable[[list[Any], ChunkOut], None] | None = None,
+    **options: Any,
+) -> ScanRun:
+    """Scan `data` (COCO JSON, ODVG JSONL or grounding JSON). `options` are `prepare_scan`'s: format,
+    label_map, config, text_encoder (or tokenizer + max_text_len), rules, images, keep (sample ids whose
+    prepared samples come back in `ScanRun.kept`). Never prints; `progress(done, total)` after each chunk."""
+    from nanscope.errors import InputError
+
+    if workers < 1:
+        raise InputError(f"--workers {workers} must be at least 1")
+    shard_t = parse_shard(shard)
+    prep = prepared or prepare_scan(data, **options)
+    ds, state = prep.dataset, prep.state
     agg = Aggregate()
     kept: list[tuple[Sample, Any]] = []
     i, n = shard_t
@@ -114,12 +135,11 @@ def scan(
         kept.extend(out.kept)
         if on_chunk is not None:
             on_chunk(items, out)
-    summary = {"format": ds.format, "mode": ds.mode, "max_text_len": max_text_len, "rules": rules.to_dict(),
-               "orphan_annotations": ds.orphans}
+    summary = {"format": ds.format, "mode": ds.mode, "max_text_len": state.max_text_len,
+               "rules": state.rules.to_dict(), "orphan_annotations": ds.orphans}
     if ds.label_map is not None:
         summary["labels"] = len(ds.label_map)
-    inputs = {"data": ds.path, "format": ds.format, "label_map": ds.label_map_path, "config": str(config) if config else None,
-              "text_encoder": str(text_encoder) if text_encoder else getattr(tokenizer, "name_or_path", None),
-              "images": str(images) if images is not None else None, "shard": f"{i}/{n}"}
+    inputs = {"data": ds.path, "format": ds.format, "label_map": ds.label_map_path, "config": prep.config,
+              "text_encoder": prep.text_encoder, "images": state.images, "shard": f"{i}/{n}"}
     result = agg.result(summary=summary, inputs=inputs, environment=environment("cpu"))
     return ScanRun(result, ds, state, kept)
