@@ -86,10 +86,12 @@ def _context(caption: str, b: int, e: int, pad: int = 12) -> str:
 
 
 def text_hits(sample: Sample, prompt: Prompt, tokens: Sequence[BoxTokens | None], num_tokens: int,
-              max_text_len: int) -> list[Hit]:
+              max_text_len: int, *, words_cut: bool | None = None) -> list[Hit]:
     """NS102, NS103, NS104, NS106 and NS207 from the caption the trainer builds and each box's tokens.
 
-    tokens[j] is None for a box the prompt drops (`prompt.dropped`)."""
+    tokens[j] is None for a box the prompt drops (`prompt.dropped`). `words_cut`: whether the tokens past
+    max_text_len hold more than separators and [SEP] (None: whenever the caption is longer); a caption
+    that loses only its final ' .' and [SEP] (MMDetection's token budget makes such captions) is not NS104."""
     out: list[Hit] = []
     cap = prompt.caption
     for j, why in sorted(prompt.dropped.items()):
@@ -118,7 +120,7 @@ def text_hits(sample: Sample, prompt: Prompt, tokens: Sequence[BoxTokens | None]
                 w["tokens"] = list(bt.tokens)
             out.append(Hit("NS103", j, 1, w))
         out.extend(_placement(sample, prompt, j, bt))
-    if num_tokens > max_text_len:
+    if num_tokens > max_text_len and (words_cut is None or words_cut):
         cut = [tokens[j].phrase for j in range(len(tokens)) if tokens[j] is not None and tokens[j].cut]
         out.append(Hit("NS104", None, 1, {"kind": "this draw", "tokens": num_tokens, "max_text_len": max_text_len,
                                           "phrases_cut": sorted(set(cut))}, score=num_tokens))
@@ -183,5 +185,5 @@ def image_hits(sample: Sample, images: str | os.PathLike[str]) -> tuple[list[Hit
     if sample.width is None or sample.height is None or (w, h) == (sample.width, sample.height):
         return [], (w, h)
     kind = "width and height swapped (EXIF rotation?)" if (w, h) == (sample.height, sample.width) else "size mismatch"
-    return [Hit("NS209", None, 1, {"kind": kind, "file_size": [w, h],
-                                   "annotation_size": [_r(sample.width), _r(sample.height)]})], (w, h)
+    return [Hit("NS209", None, 1, {"kind": kind, "file_size": f"{w}x{h}",
+                                   "annotation_size": f"{sample.width:g}x{sample.height:g}"})], (w, h)

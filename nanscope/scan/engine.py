@@ -116,6 +116,7 @@ class State:
     costs: LabelCosts | None
     images: str | None
     keep: frozenset[str] = frozenset()
+    separators: frozenset[str] = frozenset()  # special tokens and '.': losing only these to truncation is harmless
 
 
 @dataclass
@@ -138,7 +139,7 @@ class Stats:
     tokens_sum: int = 0
     tokens_min: int | None = None
     tokens_max: int = 0
-    over: int = 0  # captions over max_text_len
+    over: int = 0  # captions that lose more than separators and [SEP] to max_text_len
     token_hist: list[int] = field(default_factory=lambda: [0] * TOKEN_BINS)
     box_count_hist: list[int] = field(default_factory=lambda: [0] * BOX_COUNT_BINS)
     size_hist: list[int] = field(default_factory=lambda: [0] * SIZE_BINS)
@@ -154,13 +155,13 @@ class Stats:
             for k, v in enumerate(src):
                 dst[k] += v
 
-    def add_sample(self, n_tokens: int, max_text_len: int, boxes: list[tuple[float, float, float, float]]) -> None:
+    def add_sample(self, n_tokens: int, over: bool, boxes: list[tuple[float, float, float, float]]) -> None:
         self.samples += 1
         self.boxes += len(boxes)
         self.tokens_sum += n_tokens
         self.tokens_min = n_tokens if self.tokens_min is None else min(self.tokens_min, n_tokens)
         self.tokens_max = max(self.tokens_max, n_tokens)
-        self.over += n_tokens > max_text_len
+        self.over += over
         self.token_hist[min(n_tokens // TOKEN_BIN, TOKEN_BINS - 1)] += 1
         self.box_count_hist[min(len(boxes), BOX_COUNT_BINS - 1)] += 1
         for x1, y1, x2, y2 in boxes:
@@ -219,9 +220,10 @@ def process_chunk(state: State, items: list[tuple[int, int | None, Any]]) -> Chu
     T = state.max_text_len
     for smp, pr, enc in zip(samples, prompts, encs):
         n_tok = len(enc.ids)
-        out.stats.add_sample(n_tok, T, smp.boxes)
+        words_cut = n_tok > T and any(t not in state.separators for t in enc.tokens[T:])
+        out.stats.add_sample(n_tok, words_cut, smp.boxes)
         bts = sample_tokens(state, smp, pr, enc)
-        hits = checks.box_hits(smp) + checks.text_hits(smp, pr, bts, n_tok, T)
+        hits = checks.box_hits(smp) + checks.text_hits(smp, pr, bts, n_tok, T, words_cut=words_cut)
         if state.images is not None:
             hits += checks.image_hits(smp, state.images)[0]
         if hits:

@@ -101,7 +101,8 @@ def prepare_scan(
     ds = open_dataset(data, format=format, label_map=label_map)
     costs = label_costs(tokenizer, ds.label_map, rules.trainer) if ds.mode == OD and ds.label_map else None
     state = State(tokenizer, int(max_text_len or 256), rules, ds.format, ds.mode, ds.path, ds.label_map, costs,
-                  str(images) if images is not None else None, frozenset(str(k) for k in keep))
+                  str(images) if images is not None else None, frozenset(str(k) for k in keep),
+                  frozenset(getattr(tokenizer, "all_special_tokens", [])) | {".", "?"})
     te = str(text_encoder) if text_encoder else getattr(tokenizer, "name_or_path", None)
     return Prepared(ds, state, str(config) if config else None, te)
 
