@@ -24,6 +24,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--label-map", metavar="FILE", help="ODVG detection: the label map JSON {\"0\": \"person\", ...}")
     p.add_argument("--config", help="groundingdino config: max_text_len and the text encoder (default: SwinT-OGC)")
     p.add_argument("--text-encoder", help="Hugging Face name or local folder of the tokenizer (default: the config's)")
+    p.add_argument("--stack", metavar="NAME", help="the model family whose tokenizer and max_text_len to use "
+                                                   "(default: groundingdino-py)")
     g = p.add_argument_group("caption rules (as the trainer builds captions; see README)")
     g.add_argument("--trainer", choices=["open-groundingdino", "mmdet"], default="open-groundingdino",
                    help="whose caption rules to reproduce (default: open-groundingdino)")
@@ -108,14 +110,15 @@ def run(args: argparse.Namespace, console: Any) -> int:
             from nanscope.scan.run import prepare_scan
 
             prep = prepare_scan(args.data, format=args.format, label_map=args.label_map, config=args.config,
-                                text_encoder=args.text_encoder, rules=rules, images=args.images, keep=ids or ())
+                                text_encoder=args.text_encoder, rules=rules, images=args.images, keep=ids or (),
+                                stack=args.stack)
             writer = CleanWriter(prep.dataset, prep.state, args.write_clean)
             run_ = scan(args.data, prepared=prep, workers=args.workers, shard=args.shard, progress=bar,
                         on_chunk=writer.on_chunk)
         else:
             run_ = scan(args.data, format=args.format, label_map=args.label_map, config=args.config,
                         text_encoder=args.text_encoder, rules=rules, images=args.images, workers=args.workers,
-                        shard=args.shard, keep=ids or (), progress=bar)
+                        shard=args.shard, keep=ids or (), progress=bar, stack=args.stack)
     except BaseException:
         if writer is not None:
             writer.abort()

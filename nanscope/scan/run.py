@@ -28,24 +28,15 @@ class ScanRun:
     kept: list[tuple[Sample, Any]] = field(default_factory=list)
 
 
+DEFAULT_STACK = "groundingdino-py"
+
+
 def load_tokenizer(*, config: str | os.PathLike[str] | None = None, text_encoder: str | None = None,
                    stack: str | None = None) -> tuple[Any, int]:
-    """`(fast tokenizer, max_text_len)` of a stack, without building its model."""
-    from nanscope.stacks.groundingdino_py import load_config
-    from nanscope.replay.session import resolve_text_encoder
+    """`(fast tokenizer, max_text_len)` from the stack's seam (`Stack.load_tokenizer`), without building a model."""
+    from nanscope.stacks import get_stack
 
-    from nanscope.errors import ConfigError
-
-    cfg = load_config(config)
-    te = resolve_text_encoder(config, text_encoder) or str(getattr(cfg, "text_encoder_type", "bert-base-uncased"))
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(te, use_fast=True)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"text encoder {te!r} could not be loaded ({str(exc).splitlines()[0][:160]}); pass "
-                          "--text-encoder with a local folder holding the tokenizer") from None
-    return tok, int(getattr(cfg, "max_text_len", 256))
+    return get_stack(stack or DEFAULT_STACK).load_tokenizer(config=config, text_encoder=text_encoder)
 
 
 def parse_shard(value: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -75,6 +66,7 @@ class Prepared:
     state: State
     config: str | None
     text_encoder: str | None
+    stack: str | None = None
 
 
 def prepare_scan(
@@ -89,14 +81,17 @@ def prepare_scan(
     rules: CaptionRules | None = None,
     images: str | os.PathLike[str] | None = None,
     keep: Iterable[Any] = (),
+    stack: str | None = None,
 ) -> Prepared:
     from nanscope.errors import InputError
 
     rules = rules or CaptionRules()
     if images is not None and not os.path.isdir(images):
         raise InputError(f"--images {str(images)!r} is not a folder; expected the folder the image file names are relative to")
+    tokenizer_given = tokenizer
     if tokenizer is None:
-        tokenizer, mtl = load_tokenizer(config=config, text_encoder=text_encoder)
+        stack = stack or DEFAULT_STACK
+        tokenizer, mtl = load_tokenizer(config=config, text_encoder=text_encoder, stack=stack)
         max_text_len = max_text_len or mtl
     ds = open_dataset(data, format=format, label_map=label_map)
     costs = label_costs(tokenizer, ds.label_map, rules.trainer) if ds.mode == OD and ds.label_map else None
@@ -104,7 +99,7 @@ def prepare_scan(
                   str(images) if images is not None else None, frozenset(str(k) for k in keep),
                   frozenset(getattr(tokenizer, "all_special_tokens", [])) | {".", "?"})
     te = str(text_encoder) if text_encoder else getattr(tokenizer, "name_or_path", None)
-    return Prepared(ds, state, str(config) if config else None, te)
+    return Prepared(ds, state, str(config) if config else None, te, stack if tokenizer_given is None else None)
 
 
 def scan(
@@ -141,6 +136,6 @@ def scan(
     if ds.label_map is not None:
         summary["labels"] = len(ds.label_map)
     inputs = {"data": ds.path, "format": ds.format, "label_map": ds.label_map_path, "config": prep.config,
-              "text_encoder": prep.text_encoder, "images": state.images, "shard": f"{i}/{n}"}
+              "text_encoder": prep.text_encoder, "stack": prep.stack, "images": state.images, "shard": f"{i}/{n}"}
     result = agg.result(summary=summary, inputs=inputs, environment=environment("cpu"))
     return ScanRun(result, ds, state, kept)
