@@ -68,8 +68,8 @@ def plan_sample(state: State, smp: Sample, sh: SampleHits) -> Plan:
     for h in sh.hits:
         if h.code in DROP_SAMPLE:
             plan.drop_sample = plan.drop_sample or h.code
-        elif h.code in DROP_BOX and h.box is not None:
-            plan.drop_boxes.setdefault(h.box, h.code)
+        elif h.code in DROP_BOX and h.box is not None and not str(h.where.get("why", "")).startswith("truncated"):
+            plan.drop_boxes.setdefault(h.box, h.code)  # truncated boxes are kept: the split or the cut handles them
     if plan.drop_sample or not codes & set(TOO_LONG):
         return plan
     specials = state.costs.specials if state.costs else 2
