@@ -80,21 +80,13 @@ def clean_name(name: str) -> str:
 
 
 def _join(names: Sequence[str], style: str) -> tuple[str, list[tuple[int, int]]]:
-    """Caption and each name's (begin, end) in it."""
-    parts, spans, pos = [], [], 0
-    for k, n in enumerate(names):
-        if style == "mmdet":
-            spans.append((pos, pos + len(n)))
-            parts.append(n + ". ")
-            pos += len(n) + 2
-        else:
-            if k:
-                parts.append(SEPARATOR)
-                pos += len(SEPARATOR)
-            spans.append((pos, pos + len(n)))
-            parts.append(n)
-            pos += len(n)
-    return "".join(parts) + ("" if style == "mmdet" else " ."), spans
+    """Caption and each name's (begin, end) in it: `' . '.join(names) + ' .'`, or MMDetection's `name. name. `."""
+    sep, caption = (". ", "".join(n + ". " for n in names)) if style == "mmdet" else (SEPARATOR, SEPARATOR.join(names) + " .")
+    spans, pos, step = [], 0, len(sep)
+    for n in names:
+        spans.append((pos, pos + len(n)))
+        pos += len(n) + step
+    return caption, spans
 
 
 @dataclass(frozen=True)
@@ -104,6 +96,7 @@ class LabelCosts:
 
     cost: Mapping[str, int]
     by_cost: tuple[str, ...]
+    keys: tuple[str, ...]  # the label map's keys in its order
     specials: int  # tokens the tokenizer adds around a caption ([CLS], [SEP])
 
 
@@ -125,7 +118,7 @@ def label_costs(tokenizer: Any, label_map: Mapping[str, str], trainer: str) -> L
     cost = {k: len(e.ids) for k, e in zip(keys, encs)}
     position = {k: i for i, k in enumerate(keys)}
     order = tuple(sorted(keys, key=lambda k: (-cost[k], position[k])))
-    return LabelCosts(cost, order, specials)
+    return LabelCosts(cost, order, tuple(keys), specials)
 
 
 def _rng(rules: CaptionRules, index: int) -> random.Random:
@@ -142,11 +135,13 @@ def od_prompt(sample: Sample, rules: CaptionRules, label_map: Mapping[str, str],
     if rules.trainer == "mmdet":
         return _mmdet_od(sample, rules, label_map, costs, max_text_len, rng, positives, dropped, order)
     pos_set = set(positives)
-    pool = [k for k in label_map if k not in pos_set]
-    k = len(pool) if rules.max_labels is None else max(0, min(len(pool), rules.max_labels - len(positives)))
+    n_pool = len(label_map) - len(positives)
+    k = n_pool if rules.max_labels is None else max(0, min(n_pool, rules.max_labels - len(positives)))
     if rules.negatives is not None:
         k = min(k, rules.negatives)
-    labels = positives + rng.sample(pool, k)
+    # k random negatives: a sample of label-map positions, skipping the positives (no list of the pool per sample)
+    drawn = [costs.keys[i] for i in rng.sample(range(len(costs.keys)), min(len(costs.keys), k + len(positives)))]
+    labels = positives + [lb for lb in drawn if lb not in pos_set][:k]
     if order is None:
         rng.shuffle(labels)
     else:

@@ -19,7 +19,6 @@ from nanscope.scan.captions import Prompt
 from nanscope.scan.sample import OD, Sample
 
 MIN_BOX_PX = 1.0  # MMDetection's loaders drop boxes narrower or lower than 1 pixel
-DUP_DECIMALS = 2  # duplicates: the same label and the same coordinates to 0.01 px (COCO converters round to 2)
 
 
 @dataclass
@@ -36,32 +35,36 @@ def _r(x: float) -> float | str:
 
 
 def box_hits(sample: Sample) -> list[Hit]:
-    """NS201 (non-finite, width or height <= 0), NS206 (outside the image, under 1 px), NS205 (duplicates),
-    NS204 (no boxes). Boxes are pixel x1, y1, x2, y2."""
+    """NS201 (non-finite, width or height <= 0), NS206 (outside the image, under 1 px), NS205 (duplicates: the same
+    label or phrase and the same coordinates), NS204 (no boxes). Boxes are pixel x1, y1, x2, y2."""
     if not sample.boxes:
         return [Hit("NS204", None, 1, {"why": "no boxes"})]
     out: list[Hit] = []
     seen: dict[tuple[Any, ...], int] = {}
     W, H = sample.width, sample.height
-    for j, (x1, y1, x2, y2) in enumerate(sample.boxes):
-        value = [_r(v) for v in (x1, y1, x2, y2)]
-        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-            out.append(Hit("NS201", j, 1, {"kind": "non-finite", "value": value}))
+    names = sample.labels if sample.mode == OD else sample.phrases
+    for j, box in enumerate(sample.boxes):
+        x1, y1, x2, y2 = box
+        if not (x2 > x1 and y2 > y1):  # also False for NaN
+            value = [_r(v) for v in box]
+            if not all(math.isfinite(v) for v in box):
+                out.append(Hit("NS201", j, 1, {"kind": "non-finite", "value": value}))
+            else:
+                out.append(Hit("NS201", j, 1, {"kind": "width or height <= 0", "value": value,
+                                               "why": f"x2 - x1 = {x2 - x1:.4g}, y2 - y1 = {y2 - y1:.4g}"}))
             continue
-        if x2 <= x1 or y2 <= y1:
-            out.append(Hit("NS201", j, 1, {"kind": "width or height <= 0", "value": value,
-                                           "why": f"x2 - x1 = {x2 - x1:.4g}, y2 - y1 = {y2 - y1:.4g}"}))
+        if not all(math.isfinite(v) for v in box):
+            out.append(Hit("NS201", j, 1, {"kind": "non-finite", "value": [_r(v) for v in box]}))
             continue
         if W is not None and H is not None and (min(x2, W) - max(x1, 0.0) <= 0 or min(y2, H) - max(y1, 0.0) <= 0):
-            out.append(Hit("NS206", j, 1, {"kind": "outside the image", "value": value,
+            out.append(Hit("NS206", j, 1, {"kind": "outside the image", "value": [_r(v) for v in box],
                                            "why": f"no overlap with the {W:g}x{H:g} image"}))
         elif x2 - x1 < MIN_BOX_PX or y2 - y1 < MIN_BOX_PX:
-            out.append(Hit("NS206", j, 1, {"kind": "under 1 px", "value": value,
+            out.append(Hit("NS206", j, 1, {"kind": "under 1 px", "value": [_r(v) for v in box],
                                            "why": f"{x2 - x1:.3g} x {y2 - y1:.3g} px"}))
-        key = ((sample.labels[j] if sample.mode == OD else sample.phrases[j]),
-               *(round(v, DUP_DECIMALS) for v in (x1, y1, x2, y2)))
+        key = (names[j], box)
         if key in seen:
-            out.append(Hit("NS205", j, 1, {"kind": "same label and box", "value": value,
+            out.append(Hit("NS205", j, 1, {"kind": "same label and box", "value": [_r(v) for v in box],
                                            "duplicate_of": sample.annotations[seen[key]]}))
         else:
             seen[key] = j
@@ -94,6 +97,7 @@ def text_hits(sample: Sample, prompt: Prompt, tokens: Sequence[BoxTokens | None]
     that loses only its final ' .' and [SEP] (MMDetection's token budget makes such captions) is not NS104."""
     out: list[Hit] = []
     cap = prompt.caption
+    inside: dict[str, str | None] = {}  # phrase -> a longer name of this caption holding it (computed once)
     for j, why in sorted(prompt.dropped.items()):
         if why.startswith("label missing"):
             out.append(Hit("NS207", j, 1, {"label": sample.labels[j], "why": why}))
@@ -119,7 +123,7 @@ def text_hits(sample: Sample, prompt: Prompt, tokens: Sequence[BoxTokens | None]
             if bt.tokens:
                 w["tokens"] = list(bt.tokens)
             out.append(Hit("NS103", j, 1, w))
-        out.extend(_placement(sample, prompt, j, bt))
+        out.extend(_placement(sample, prompt, j, bt, inside))
     if num_tokens > max_text_len and (words_cut is None or words_cut):
         cut = [tokens[j].phrase for j in range(len(tokens)) if tokens[j] is not None and tokens[j].cut]
         out.append(Hit("NS104", None, 1, {"kind": "this draw", "tokens": num_tokens, "max_text_len": max_text_len,
@@ -137,7 +141,7 @@ def text_hits(sample: Sample, prompt: Prompt, tokens: Sequence[BoxTokens | None]
     return out
 
 
-def _placement(sample: Sample, prompt: Prompt, j: int, bt: BoxTokens) -> list[Hit]:
+def _placement(sample: Sample, prompt: Prompt, j: int, bt: BoxTokens, inside: dict[str, str | None]) -> list[Hit]:
     """NS106: the trainer's text for box j is not where the box's phrase really is."""
     cap = prompt.caption
     if prompt.phrases is not None:  # caption.find: compare with where the phrase was put / its span says
@@ -150,7 +154,9 @@ def _placement(sample: Sample, prompt: Prompt, j: int, bt: BoxTokens) -> list[Hi
             return [Hit("NS106", j, 1, {"phrase": bt.phrase, "kind": kind, "found_at": f"{b}-{e}",
                                         "intended": f"{intended[0]}-{intended[1]}", "found_in": _context(cap, b, e)})]
         if prompt.reordered:  # the trainer reorders the names every epoch: is the phrase inside another one?
-            other = next((n for n in prompt.names if n != bt.phrase and bt.phrase in n), None)
+            if bt.phrase not in inside:
+                inside[bt.phrase] = next((n for n in prompt.names if n != bt.phrase and bt.phrase in n), None)
+            other = inside[bt.phrase]
             if other is not None:
                 k = other.find(bt.phrase)
                 kind = "inside another word" if _cuts_word(other, k, k + len(bt.phrase)) else "another occurrence"

@@ -211,11 +211,20 @@ def sample_tokens(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[Any]:
     return out
 
 
+def read_chunk(state: State, items: list[tuple[int, int | None, Any]]) -> tuple[list[Sample], list[Prompt]]:
+    """Parse and caption one chunk (Python); the tokenizer runs next, in one batched call."""
+    samples = [parse(state, index, line, payload) for index, line, payload in items]
+    return samples, [prepare(state, s) for s in samples]
+
+
 def process_chunk(state: State, items: list[tuple[int, int | None, Any]]) -> ChunkOut:
     """Parse, caption, tokenize (one batched call) and check one chunk."""
-    samples = [parse(state, index, line, payload) for index, line, payload in items]
-    prompts = [prepare(state, s) for s in samples]
-    encs = encode(state.tokenizer, [p.caption for p in prompts])
+    samples, prompts = read_chunk(state, items)
+    return check_chunk(state, samples, prompts, encode(state.tokenizer, [p.caption for p in prompts]))
+
+
+def check_chunk(state: State, samples: list[Sample], prompts: list[Prompt], encs: list[Any]) -> ChunkOut:
+    """Positive-map tokens and every check of one tokenized chunk."""
     out = ChunkOut()
     T = state.max_text_len
     for smp, pr, enc in zip(samples, prompts, encs):
@@ -232,6 +241,41 @@ def process_chunk(state: State, items: list[tuple[int, int | None, Any]]) -> Chu
         if state.keep and str(smp.id) in state.keep:
             out.kept.append((smp, pr))
     return out
+
+
+def _pipelined(state: State, chunks: Iterable[list[tuple[int, int | None, Any]]]
+               ) -> Iterator[tuple[list[Any], ChunkOut]]:
+    """In one process: the tokenizer encodes chunk k+1 on a helper thread (its batched call releases the GIL)
+    while this thread checks chunk k and reads chunk k+2."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanscope-scan-encode") as ex:
+        pending = None
+        for items in chunks:
+            samples, prompts = read_chunk(state, items)
+            fut = ex.submit(encode, state.tokenizer, [p.caption for p in prompts])
+            if pending is not None:
+                items0, s0, p0, f0 = pending
+                yield items0, check_chunk(state, s0, p0, f0.result())
+            pending = (items, samples, prompts, fut)
+        if pending is not None:
+            items0, s0, p0, f0 = pending
+            yield items0, check_chunk(state, s0, p0, f0.result())
+
+
+def _for_workers(state: State) -> State:
+    """The state a worker gets: the Rust tokenizer alone (no transformers, no torch to import in the worker)."""
+    import dataclasses
+
+    backend = getattr(state.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return state
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_padding()
+    copy.no_truncation()
+    return dataclasses.replace(state, tokenizer=copy)
 
 
 _STATE: State | None = None  # a worker's state, set once by _init
@@ -265,14 +309,13 @@ def run_chunks(state: State, chunks: Iterable[list[tuple[int, int | None, Any]]]
         return items, res
 
     if workers <= 1:
-        for items in chunks:
-            yield finished(items, process_chunk(state, items))
+        yield from (finished(items, out) for items, out in _pipelined(state, chunks))
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init,
-                             initargs=(state,)) as pool:
+                             initargs=(_for_workers(state),)) as pool:
         pending: deque[tuple[list[Any], Any]] = deque()
         try:
             for items in chunks:

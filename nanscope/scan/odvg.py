@@ -93,6 +93,15 @@ def parse_line(raw: bytes, index: int, line: int, source: str, *, od: bool) -> S
         det = S.get(d, "detection", source, line, "detection", dict)
         insts = S.get(det, "instances", source, line, "detection.instances", list)
         for k, inst in enumerate(insts):
+            if type(inst) is dict:  # the common case, checked cheaply; anything else takes the path that names the field
+                b, lb = inst.get("bbox"), inst.get("label")
+                if (type(b) is list and len(b) == 4 and all(type(v) is float or type(v) is int for v in b)
+                        and (type(lb) is int or type(lb) is str)):
+                    x1, y1, x2, y2 = b
+                    smp.boxes.append((float(x1), float(y1), float(x2), float(y2)))
+                    smp.labels.append(str(lb))
+                    smp.annotations.append(k)
+                    continue
             fld = f"detection.instances[{k}]"
             if not isinstance(inst, dict):
                 raise DataError(f"{S.where_of(source, line, fld)} is {inst!r}; expected an object {{bbox, label}}")

@@ -55,7 +55,10 @@ def bbox(value: Any, source: str, line: int | None, fld: str, *, xywh: bool) -> 
         n = len(value) if isinstance(value, (list, tuple)) else type(value).__name__
         shape = "[x, y, width, height]" if xywh else "[x1, y1, x2, y2]"
         raise DataError(f"{where_of(source, line, fld)} is {value!r} ({n} values); expected 4 numbers {shape}")
-    a, b, c, d = (number(v, source, line, f"{fld}[{k}]") for k, v in enumerate(value))
+    if all(type(v) is float or type(v) is int for v in value):  # the common case, checked cheaply
+        a, b, c, d = (float(v) for v in value)
+    else:
+        a, b, c, d = (number(v, source, line, f"{fld}[{k}]") for k, v in enumerate(value))
     return (a, b, a + c, b + d) if xywh else (a, b, c, d)
 
 
