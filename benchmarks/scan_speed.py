@@ -26,7 +26,6 @@ import json
 import os
 import random
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,7 +127,6 @@ def time_tokenizer(captions: list[str], te: Path) -> Clock:
 
 def time_per_sample(data: Path, lm: Path, te: Path, n: int) -> tuple[Clock, int]:
     """One item at a time, as Open-GroundingDino's ODVGDataset.__getitem__ + create_positive_map do."""
-    import torch
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(te))

@@ -12,7 +12,8 @@ Two trainers' rules, chosen with `CaptionRules.preset(trainer)` and overridable 
 COCO-style grounding JSON (MDETR, GLIP, MMDetection) always uses the file's caption and spans.
 
 A trainer draws negatives and orders at random on every epoch. The scan's draw is reproducible and
-independent of workers and shards: sample `index` draws from `random.Random(f"{seed}:{index}")`. For
+independent of workers and shards: Open-GroundingDino's OD draw comes from counter-based hashes of
+(seed, sample index, label) (`draw_negatives`), the other draws from `random.Random(f"{seed}:{index}")`. For
 Open-GroundingDino's OD captions the scan also computes the bound over all draws (`worst_tokens`: the
 positives plus the longest negatives that fit `max_labels`), so a caption that fits in this draw but
 can overflow in another is reported too.
@@ -125,27 +126,73 @@ def _rng(rules: CaptionRules, index: int) -> random.Random:
     return random.Random(f"{rules.seed}:{index}")
 
 
+_MASK = (1 << 64) - 1
+
+
+def _splitmix(x: Any) -> Any:
+    """SplitMix64 on a numpy uint64 array (wrapping arithmetic): a counter-based hash, so a sample's draw does
+    not depend on which chunk, worker or shard handles it."""
+    import numpy as np
+
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def draw_negatives(samples: Sequence[Sample], rules: CaptionRules, label_map: Mapping[str, str],
+                   costs: LabelCosts) -> list[list[str]]:
+    """Open-GroundingDino's OD draw for a chunk, vectorized: each sample's positives plus
+    `min(#neg, max_labels - #pos)` negatives, in random order. Sample i, label position j get the priorities
+    `splitmix64(seed, i, j)`: the negatives are the lowest-priority non-positive labels, the order follows a
+    second priority. Uniform subsets and orders, reproducible, and the same whatever the chunking."""
+    import numpy as np
+
+    keys = costs.keys
+    n = len(keys)
+    pos_of = {k: i for i, k in enumerate(keys)}
+    index = np.array([s.index for s in samples], dtype=np.uint64)[:, None]
+    base = (index * np.uint64(n) + np.arange(n, dtype=np.uint64)[None, :]) * np.uint64(2)
+    seed = np.uint64((rules.seed * 0x2545F4914F6CDD1D) & _MASK)
+    pick = _splitmix(base ^ seed)  # [B, n]
+    order = _splitmix((base + np.uint64(1)) ^ seed)
+    positives = [list(dict.fromkeys(lb for lb in s.labels if lb in label_map)) for s in samples]
+    ks = []
+    for r, pos in enumerate(positives):
+        pick[r, [pos_of[lb] for lb in pos]] = np.uint64(_MASK)  # never drawn as negatives
+        k = n - len(pos) if rules.max_labels is None else max(0, min(n - len(pos), rules.max_labels - len(pos)))
+        ks.append(k if rules.negatives is None else min(k, rules.negatives))
+    kmax = max(ks, default=0)
+    if 0 < kmax < n:  # the kmax lowest priorities of each row, in order (no full sort of the rows)
+        part = np.argpartition(pick, kmax - 1, axis=1)[:, :kmax]
+        ranked = np.take_along_axis(part, np.argsort(np.take_along_axis(pick, part, 1), axis=1, kind="stable"), 1)
+    else:
+        ranked = np.argsort(pick, axis=1, kind="stable")[:, :kmax]
+    out = []
+    for r, (pos, row) in enumerate(zip(positives, ranked.tolist())):
+        chosen = np.array([pos_of[lb] for lb in pos] + row[:ks[r]], dtype=np.int64)
+        if rules.order == "shuffle":
+            chosen = chosen[np.argsort(order[r, chosen], kind="stable")]
+        else:
+            chosen.sort()
+        out.append([keys[j] for j in chosen.tolist()])
+    return out
+
+
 def od_prompt(sample: Sample, rules: CaptionRules, label_map: Mapping[str, str], costs: LabelCosts,
-              max_text_len: int) -> Prompt:
-    """A detection sample's caption from its labels, positives and negatives as `rules.trainer` draws them."""
-    rng = _rng(rules, sample.index)
+              max_text_len: int, *, labels: list[str] | None = None) -> Prompt:
+    """A detection sample's caption from its labels, positives and negatives as `rules.trainer` draws them.
+    `labels`: this sample's row of `draw_negatives` (drawn here when not given)."""
     dropped = {j: "label missing from the label map" for j, lb in enumerate(sample.labels) if lb not in label_map}
     positives = list(dict.fromkeys(lb for lb in sample.labels if lb in label_map))
-    order = {k: i for i, k in enumerate(label_map)} if rules.order == "label-map" else None
     if rules.trainer == "mmdet":
-        return _mmdet_od(sample, rules, label_map, costs, max_text_len, rng, positives, dropped, order)
+        order = {k: i for i, k in enumerate(label_map)} if rules.order == "label-map" else None
+        return _mmdet_od(sample, rules, label_map, costs, max_text_len, _rng(rules, sample.index), positives, dropped,
+                         order)
+    if labels is None:
+        labels = draw_negatives([sample], rules, label_map, costs)[0]
     pos_set = set(positives)
-    n_pool = len(label_map) - len(positives)
-    k = n_pool if rules.max_labels is None else max(0, min(n_pool, rules.max_labels - len(positives)))
-    if rules.negatives is not None:
-        k = min(k, rules.negatives)
-    # k random negatives: a sample of label-map positions, skipping the positives (no list of the pool per sample)
-    drawn = [costs.keys[i] for i in rng.sample(range(len(costs.keys)), min(len(costs.keys), k + len(positives)))]
-    labels = positives + [lb for lb in drawn if lb not in pos_set][:k]
-    if order is None:
-        rng.shuffle(labels)
-    else:
-        labels.sort(key=order.__getitem__)
+    k = len(labels) - len(positives)
     names = [label_map[lb] for lb in labels]
     caption, where = _join(names, "gdino")
     pos_of = {lb: where[i] for i, lb in enumerate(labels)}
@@ -226,9 +273,13 @@ def vg_prompt(sample: Sample, rules: CaptionRules, *, force_file: bool = False) 
     return Prompt(caption, list(sample.phrases), None, intended, {}, None, list(sample.phrases))
 
 
-def prompt(sample: Sample, rules: CaptionRules, label_map: Mapping[str, str] | None, costs: LabelCosts | None,
-           max_text_len: int, *, grounding_json: bool = False) -> Prompt:
-    if sample.mode == OD:
+def prompts(samples: Sequence[Sample], rules: CaptionRules, label_map: Mapping[str, str] | None,
+            costs: LabelCosts | None, max_text_len: int, *, grounding_json: bool = False) -> list[Prompt]:
+    """The prompts of a chunk (Open-GroundingDino's OD draws vectorized over it)."""
+    if samples and samples[0].mode == OD:
         assert label_map is not None and costs is not None
-        return od_prompt(sample, rules, label_map, costs, max_text_len)
-    return vg_prompt(sample, rules, force_file=grounding_json)
+        if rules.trainer == "mmdet":
+            return [od_prompt(s, rules, label_map, costs, max_text_len) for s in samples]
+        rows = draw_negatives(samples, rules, label_map, costs)
+        return [od_prompt(s, rules, label_map, costs, max_text_len, labels=r) for s, r in zip(samples, rows)]
+    return [vg_prompt(s, rules, force_file=grounding_json) for s in samples]

@@ -96,34 +96,22 @@ def text_hits(sample: Sample, prompt: Prompt, tokens: Sequence[BoxTokens | None]
     max_text_len hold more than separators and [SEP] (None: whenever the caption is longer); a caption
     that loses only its final ' .' and [SEP] (MMDetection's token budget makes such captions) is not NS104."""
     out: list[Hit] = []
-    cap = prompt.caption
     inside: dict[str, str | None] = {}  # phrase -> a longer name of this caption holding it (computed once)
     for j, why in sorted(prompt.dropped.items()):
         if why.startswith("label missing"):
             out.append(Hit("NS207", j, 1, {"label": sample.labels[j], "why": why}))
+    done: dict[tuple[Any, ...], list[Hit]] = {}  # boxes that share phrase, spans and intended place share hits
     for j, bt in enumerate(tokens):
         if bt is None:
             continue
-        phrase = bt.phrase
-        if bt.cut:
-            out.append(Hit("NS102", j, len(bt.cut), {"phrase": phrase, "tokens": list(bt.cut), "why": "truncated"},
-                           score=len(bt.cut)))
-        bad_span = next(((b, e) for b, e in bt.spans if not 0 <= b < e <= len(cap)), None)
-        why = None
-        if not bt.found:
-            why = "phrase not found in the caption"
-        elif bad_span is not None:
-            why = f"span [{bad_span[0]}, {bad_span[1]}] is outside the caption of {len(cap)} characters"
-        elif not bt.tokens:
-            why = "span covers no token (whitespace or characters the tokenizer drops)"
-        elif not bt.kept:
-            why = f"truncated: all {len(bt.tokens)} token(s) fall past max_text_len={max_text_len}"
-        if why:
-            w: dict[str, Any] = {"phrase": phrase, "why": why}
-            if bt.tokens:
-                w["tokens"] = list(bt.tokens)
-            out.append(Hit("NS103", j, 1, w))
-        out.extend(_placement(sample, prompt, j, bt, inside))
+        key = (bt.phrase, bt.spans, prompt.intended[j] if j < len(prompt.intended) else None,
+               sample.phrases[j] if prompt.phrases is None and j < len(sample.phrases) else None)
+        if key in done:
+            out.extend(Hit(h.code, j, h.count, h.where, h.score) for h in done[key])
+            continue
+        first = len(out)
+        _box_text_hits(out, sample, prompt, j, bt, max_text_len, inside)
+        done[key] = out[first:]
     if num_tokens > max_text_len and (words_cut is None or words_cut):
         cut = [tokens[j].phrase for j in range(len(tokens)) if tokens[j] is not None and tokens[j].cut]
         out.append(Hit("NS104", None, 1, {"kind": "this draw", "tokens": num_tokens, "max_text_len": max_text_len,
@@ -139,6 +127,32 @@ def text_hits(sample: Sample, prompt: Prompt, tokens: Sequence[BoxTokens | None]
                                           "max_text_len": max_text_len,
                                           "why": prompt.dropped[overflow[0]]}, score=max_text_len + len(overflow)))
     return out
+
+
+def _box_text_hits(out: list[Hit], sample: Sample, prompt: Prompt, j: int, bt: BoxTokens, max_text_len: int,
+                   inside: dict[str, str | None]) -> None:
+    """NS102, NS103 and NS106 of box j."""
+    cap = prompt.caption
+    phrase = bt.phrase
+    if bt.cut:
+        out.append(Hit("NS102", j, len(bt.cut), {"phrase": phrase, "tokens": list(bt.cut), "why": "truncated"},
+                       score=len(bt.cut)))
+    bad_span = next(((b, e) for b, e in bt.spans if not 0 <= b < e <= len(cap)), None)
+    why = None
+    if not bt.found:
+        why = "phrase not found in the caption"
+    elif bad_span is not None:
+        why = f"span [{bad_span[0]}, {bad_span[1]}] is outside the caption of {len(cap)} characters"
+    elif not bt.tokens:
+        why = "span covers no token (whitespace or characters the tokenizer drops)"
+    elif not bt.kept:
+        why = f"truncated: all {len(bt.tokens)} token(s) fall past max_text_len={max_text_len}"
+    if why:
+        w: dict[str, Any] = {"phrase": phrase, "why": why}
+        if bt.tokens:
+            w["tokens"] = list(bt.tokens)
+        out.append(Hit("NS103", j, 1, w))
+    out.extend(_placement(sample, prompt, j, bt, inside))
 
 
 def _placement(sample: Sample, prompt: Prompt, j: int, bt: BoxTokens, inside: dict[str, str | None]) -> list[Hit]:

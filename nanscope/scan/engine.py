@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from nanscope.errors import DataError, InputError
 from nanscope.replay.positive_map import box_tokens, encode
 from nanscope.scan import checks, coco, odvg
-from nanscope.scan.captions import CaptionRules, LabelCosts, Prompt, label_costs, prompt
+from nanscope.scan.captions import CaptionRules, LabelCosts, Prompt, prompts as make_prompts
 from nanscope.scan.sample import OD, Sample
 
 FORMATS = ("coco", "odvg", "grounding")
@@ -193,8 +193,13 @@ def parse(state: State, index: int, line: int | None, payload: Any) -> Sample:
 
 
 def prepare(state: State, smp: Sample) -> Prompt:
-    return prompt(smp, state.rules, state.label_map, state.costs, state.max_text_len,
-                  grounding_json=state.format == "grounding")
+    """One sample's prompt (the same as in a chunk: draws depend on the sample's index only)."""
+    return prepare_all(state, [smp])[0]
+
+
+def prepare_all(state: State, samples: list[Sample]) -> list[Prompt]:
+    return make_prompts(samples, state.rules, state.label_map, state.costs, state.max_text_len,
+                        grounding_json=state.format == "grounding")
 
 
 def sample_tokens(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[Any]:
@@ -214,7 +219,7 @@ def sample_tokens(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[Any]:
 def read_chunk(state: State, items: list[tuple[int, int | None, Any]]) -> tuple[list[Sample], list[Prompt]]:
     """Parse and caption one chunk (Python); the tokenizer runs next, in one batched call."""
     samples = [parse(state, index, line, payload) for index, line, payload in items]
-    return samples, [prepare(state, s) for s in samples]
+    return samples, prepare_all(state, samples)
 
 
 def process_chunk(state: State, items: list[tuple[int, int | None, Any]]) -> ChunkOut:
