@@ -6,7 +6,6 @@ captions, from the tokenizer's own offsets (not from nanscope's positive-map cod
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -16,25 +15,29 @@ import pytest
 from nanscope.scan import CaptionRules, scan
 from nanscope.scan.engine import ChunkOut
 
-FIX = Path(__file__).resolve().parents[1] / "fixtures" / "scan"
+from _scan_fixtures import DATA_FILES, FIX, load_maker
+
 FILES = {"od": ("od.jsonl", "label_map.json"), "coco": ("coco.json", None), "vg": ("vg.jsonl", None),
          "grounding": ("grounding.json", None)}
 TEXT = ("NS102", "NS103", "NS104")
+IMAGES: Path | None = None  # set by the `maker` fixture: the images the script writes (not committed)
 
 
-def _load_maker() -> Any:
-    spec = importlib.util.spec_from_file_location("make_scan_fixtures", FIX / "make_fixtures.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def maker(tmp_path_factory):
-    mod = _load_maker()
-    mod.build(tmp_path_factory.mktemp("fixtures"))  # fills PLANTED / OVERFLOW; the files go to a scratch folder
+    global IMAGES
+    mod = load_maker()
+    out = tmp_path_factory.mktemp("fixtures")
+    mod.build(out)  # fills PLANTED / OVERFLOW and writes every file, images included
+    IMAGES = out / "images"
     return mod
+
+
+def test_the_committed_fixtures_are_what_the_script_makes(maker):
+    built = IMAGES.parent
+    for name in DATA_FILES:
+        assert (FIX / name).read_bytes() == (built / name).read_bytes(), name
+    assert (FIX / "text_encoder" / "vocab.txt").read_bytes() == (built / "text_encoder" / "vocab.txt").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,7 @@ def run_scan(name: str, tokenizer: Any, rules: CaptionRules, *, images: bool = T
                 hits.add((h.code, sh.id, sh.annotations[h.box] if h.box is not None else None))
 
     run = scan(FIX / data, label_map=str(FIX / lm) if lm else None, tokenizer=tokenizer, max_text_len=256,
-               rules=rules, images=FIX / "images" if images else None, on_chunk=collect, **kw)
+               rules=rules, images=IMAGES if images else None, on_chunk=collect, **kw)
     return run, hits
 
 
@@ -200,7 +203,7 @@ def test_positive_maps_equal_the_ones_inspect_builds(tokenizer):
                                ("od", ["0", "8"], "open-groundingdino")):
         run, _ = run_scan(name, tokenizer, CaptionRules.preset(trainer), keep=ids)
         kept = sorted(run.kept, key=lambda t: t[0].index)
-        batch = validate_batch(build_batch(kept, [str(s.id) for s, _ in kept], FIX / "images", image_size=64))
+        batch = validate_batch(build_batch(kept, [str(s.id) for s, _ in kept], IMAGES, image_size=64))
         infos = build_text_info(tokenizer, batch)
         encs = encode(tokenizer, [p.caption for _, p in kept])
         for (smp, pr), enc, info in zip(kept, encs, infos):

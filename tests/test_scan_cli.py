@@ -13,8 +13,17 @@ import pytest
 
 from nanscope.cli import main
 
-FIX = Path(__file__).resolve().parents[1] / "fixtures" / "scan"
+from _scan_fixtures import FIX, load_maker
+
 TE = str(FIX / "text_encoder")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+    """The fixture images (the script writes them; binary files are not committed)."""
+    out = tmp_path_factory.mktemp("scan_fixtures")
+    load_maker().build(out)
+    return str(out / "images")
 
 
 def sha(p: Path) -> str:
@@ -98,12 +107,12 @@ def _rescan(path: Path, *extra: str) -> dict:
 
 @pytest.mark.parametrize("name,extra", [("od.jsonl", ["--label-map", str(FIX / "label_map.json")]), ("coco.json", []),
                                         ("vg.jsonl", []), ("grounding.json", []), ("vg.jsonl", ["--trainer", "mmdet"])])
-def test_write_clean_rescans_clean_and_differs_only_where_reported(tmp_path, name, extra):
+def test_write_clean_rescans_clean_and_differs_only_where_reported(tmp_path, images, name, extra):
     src = FIX / name
     before = sha(src)
     out = tmp_path / ("clean" + src.suffix)
     res = tmp_path / "r.json"
-    opts = [*extra, "--images", str(FIX / "images")]
+    opts = [*extra, "--images", images]
     scan_cli(str(src), "--json", str(res), "--write-clean", str(out), *opts)
     assert sha(src) == before and out.is_file()
     report = json.loads(res.read_text())
@@ -130,8 +139,8 @@ def test_write_clean_rescans_clean_and_differs_only_where_reported(tmp_path, nam
         assert all(x in b["annotations"] for x in same)
 
 
-def test_shards_merged_equal_a_single_run(tmp_path):
-    args = [str(FIX / "od.jsonl"), "--label-map", str(FIX / "label_map.json"), "--images", str(FIX / "images")]
+def test_shards_merged_equal_a_single_run(tmp_path, images):
+    args = [str(FIX / "od.jsonl"), "--label-map", str(FIX / "label_map.json"), "--images", images]
     single = tmp_path / "all.json"
     scan_cli(*args, "--json", str(single))
     shards = []
@@ -148,13 +157,13 @@ def test_shards_merged_equal_a_single_run(tmp_path):
     assert main(["report", str(shards[0]), str(shards[0])]) == 2  # one shard twice is refused
 
 
-def test_batch_out_then_inspect_reproduces_the_finding(tmp_path, demo_files):
+def test_batch_out_then_inspect_reproduces_the_finding(tmp_path, demo_files, images):
     """The 90-category sample (id 8) loses 5 boxes past max_text_len: inspect of the written batch on the demo
     model names the same boxes (NS103) and the same truncated tokens (NS102)."""
     lm = str(FIX / "label_map.json")
     res, batch = tmp_path / "scan.json", tmp_path / "batch.pt"
     assert scan_cli(str(FIX / "od.jsonl"), "--label-map", lm, "--json", str(res), "--batch-out", str(batch),
-                    "--ids", "8,0", "--images", str(FIX / "images"), "--image-size", "224") == 1
+                    "--ids", "8,0", "--images", images, "--image-size", "224") == 1
     scan = json.loads(res.read_text())
     ns103 = next(f for f in scan["findings"] if f["code"] == "NS103")
     scan_phrases = sorted(w["phrase"] for w in ns103["where"] if w["sample"] == 8)
@@ -179,11 +188,11 @@ def test_batch_out_then_inspect_reproduces_the_finding(tmp_path, demo_files):
     assert raw["images"].shape[0] == 2 and len(raw["targets"][0]["phrases"]) == 90
 
 
-def test_batch_out_needs_ids_and_images(tmp_path, capsys):
+def test_batch_out_needs_ids_and_images(tmp_path, capsys, images):
     assert scan_cli(str(FIX / "vg.jsonl"), "--batch-out", str(tmp_path / "b.pt")) == 2
     assert "--batch-out needs --ids" in capsys.readouterr().err
     assert scan_cli(str(FIX / "vg.jsonl"), "--batch-out", str(tmp_path / "b.pt"), "--ids", "77",
-                    "--images", str(FIX / "images")) == 2
+                    "--images", images) == 2
     assert "--ids 77 not found" in capsys.readouterr().err
 
 
