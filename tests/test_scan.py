@@ -203,7 +203,10 @@ def test_positive_maps_equal_the_ones_inspect_builds(tokenizer):
                                ("od", ["0", "8"], "open-groundingdino")):
         run, _ = run_scan(name, tokenizer, CaptionRules.preset(trainer), keep=ids)
         kept = sorted(run.kept, key=lambda t: t[0].index)
-        batch = validate_batch(build_batch(kept, [str(s.id) for s, _ in kept], IMAGES, image_size=64))
+        ids_in_order = [str(s.id) for s, _ in kept]
+        batch = validate_batch(build_batch(kept, ids_in_order, IMAGES, image_size=64))
+        backwards = build_batch(kept, ids_in_order[::-1], IMAGES, image_size=64)
+        assert backwards["captions"] == list(batch.captions)[::-1]  # the batch follows --ids
         infos = build_text_info(tokenizer, batch)
         encs = encode(tokenizer, [p.caption for _, p in kept])
         for (smp, pr), enc, info in zip(kept, encs, infos):
