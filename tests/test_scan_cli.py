@@ -60,6 +60,9 @@ def test_exit_codes_and_json_schema(tmp_path, capsys):
     clean = tmp_path / "clean.jsonl"
     clean.write_text((FIX / "vg.jsonl").read_text().splitlines()[0] + "\n")
     assert scan_cli(str(clean)) == 0
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert scan_cli(str(empty)) == 0  # an empty ODVG file: no samples, nothing wrong
 
 
 def _bad(tmp_path: Path, name: str, text: str) -> Path:
@@ -68,7 +71,8 @@ def _bad(tmp_path: Path, name: str, text: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize("case", ["malformed", "bbox3", "no-label-map", "label-map-missing", "coco-bbox", "format"])
+@pytest.mark.parametrize("case", ["malformed", "bbox3", "no-label-map", "label-map-missing", "coco-bbox", "format",
+                                  "clean-shard"])
 def test_bad_inputs_exit_2_naming_file_line_and_field(tmp_path, capsys, case):
     good = (FIX / "od.jsonl").read_text().splitlines()
     lm = str(FIX / "label_map.json")
@@ -90,6 +94,9 @@ def test_bad_inputs_exit_2_naming_file_line_and_field(tmp_path, capsys, case):
         doc["annotations"][3]["bbox"] = [1, 2, 3]
         p = _bad(tmp_path, "c.json", json.dumps(doc))
         args, want = [str(p)], [r"c\.json' field annotations\[3\]\.bbox is \[1, 2, 3\] \(3 values\); expected 4 numbers \[x, y, width, height\]"]
+    elif case == "clean-shard":
+        args, want = [str(FIX / "vg.jsonl"), "--write-clean", str(tmp_path / "c.jsonl"), "--shard", "0/2"], [
+            r"--write-clean writes a copy of the whole dataset; run it without --shard"]
     else:
         args, want = [str(FIX / "coco.json"), "--format", "odvg"], [r"coco\.json' line 1 is not valid JSON|holds a JSON"]
     assert scan_cli(*args) == 2

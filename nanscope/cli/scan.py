@@ -91,6 +91,8 @@ def run(args: argparse.Namespace, console: Any) -> int:
         check_output_path(out, inputs)
     if args.batch_out and not (args.ids and args.images):
         raise InputError("--batch-out needs --ids (the samples to write) and --images (the folder of their images)")
+    if args.write_clean and args.shard:
+        raise InputError("--write-clean writes a copy of the whole dataset; run it without --shard")
     if args.ids and not args.batch_out:
         raise InputError("--ids selects samples for --batch-out; pass --batch-out PATH too")
     ids = None

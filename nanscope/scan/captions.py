@@ -9,7 +9,9 @@ Two trainers' rules, chosen with `CaptionRules.preset(trainer)` and overridable 
 | VG caption | rebuilt: `' . '.join(set(phrases)) + ' .'` | the file's caption |
 | box tokens | `caption.find(phrase)` (first occurrence) | the character spans (`tokens_positive`) |
 
-COCO-style grounding JSON (MDETR, GLIP, MMDetection) always uses the file's caption and spans.
+COCO-style grounding JSON (MDETR, GLIP, MMDetection) always uses the file's caption and spans. (MMDetection
+lower-cases a VG caption and appends '. ' when it does not end with '.'; neither moves a span, so the scan
+keeps the caption as the file has it.)
 
 A trainer draws negatives and orders at random on every epoch. The scan's draw is reproducible and
 independent of workers and shards: Open-GroundingDino's OD draw comes from counter-based hashes of

@@ -58,7 +58,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         if isinstance(first, dict) and "filename" in first:
             return "odvg"
         break
-    return "json"
+    return "odvg" if p.suffix.lower() in (".jsonl", ".odvg") else "json"
 
 
 def open_dataset(path: str | os.PathLike[str], *, format: str | None = None, label_map: str | None = None) -> Dataset:
