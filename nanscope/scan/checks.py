@@ -88,32 +88,28 @@ def _context(caption: str, b: int, e: int, pad: int = 12) -> str:
     return ("..." if b > pad else "") + caption[max(0, b - pad):e + pad] + ("..." if e + pad < len(caption) else "")
 
 
-def text_hits(sample: Sample, prompt: Prompt, tokens: Sequence[BoxTokens | None], num_tokens: int,
+def text_hits(sample: Sample, prompt: Prompt, groups: Sequence[tuple[BoxTokens, Sequence[int]]], num_tokens: int,
               max_text_len: int, *, words_cut: bool | None = None) -> list[Hit]:
-    """NS102, NS103, NS104, NS106 and NS207 from the caption the trainer builds and each box's tokens.
+    """NS102, NS103, NS104, NS106 and NS207 from the caption the trainer builds and the boxes' tokens.
 
-    tokens[j] is None for a box the prompt drops (`prompt.dropped`). `words_cut`: whether the tokens past
-    max_text_len hold more than separators and [SEP] (None: whenever the caption is longer); a caption
-    that loses only its final ' .' and [SEP] (MMDetection's token budget makes such captions) is not NS104."""
+    groups: (BoxTokens, the boxes it stands for): boxes with the same phrase (or spans) and the same intended
+    place share their tokens and their hits (`engine.box_groups`); boxes the prompt drops are in none.
+    `words_cut`: whether the tokens past max_text_len hold more than separators and [SEP] (None: whenever
+    the caption is longer); a caption that loses only its final ' .' and [SEP] (MMDetection's token budget
+    makes such captions) is not NS104."""
     out: list[Hit] = []
     inside: dict[str, str | None] = {}  # phrase -> a longer name of this caption holding it (computed once)
     for j, why in sorted(prompt.dropped.items()):
         if why.startswith("label missing"):
             out.append(Hit("NS207", j, 1, {"label": sample.labels[j], "why": why}))
-    done: dict[tuple[Any, ...], list[Hit]] = {}  # boxes that share phrase, spans and intended place share hits
-    for j, bt in enumerate(tokens):
-        if bt is None:
-            continue
-        key = (bt.phrase, bt.spans, prompt.intended[j] if j < len(prompt.intended) else None,
-               sample.phrases[j] if prompt.phrases is None and j < len(sample.phrases) else None)
-        if key in done:
-            out.extend(Hit(h.code, j, h.count, h.where, h.score) for h in done[key])
-            continue
+    for bt, boxes in groups:
         first = len(out)
-        _box_text_hits(out, sample, prompt, j, bt, max_text_len, inside)
-        done[key] = out[first:]
+        _box_text_hits(out, sample, prompt, boxes[0], bt, max_text_len, inside)
+        found = out[first:]
+        for j in boxes[1:]:
+            out.extend(Hit(h.code, j, h.count, h.where, h.score) for h in found)
     if num_tokens > max_text_len and (words_cut is None or words_cut):
-        cut = [tokens[j].phrase for j in range(len(tokens)) if tokens[j] is not None and tokens[j].cut]
+        cut = [bt.phrase for bt, _ in groups if bt.cut]
         out.append(Hit("NS104", None, 1, {"kind": "this draw", "tokens": num_tokens, "max_text_len": max_text_len,
                                           "phrases_cut": sorted(set(cut))}, score=num_tokens))
     elif prompt.worst_tokens is not None and prompt.worst_tokens > max_text_len:

@@ -202,17 +202,32 @@ def prepare_all(state: State, samples: list[Sample]) -> list[Prompt]:
                         grounding_json=state.format == "grounding")
 
 
+def box_groups(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[tuple[Any, list[int]]]:
+    """(BoxTokens, boxes) per distinct phrase (or spans) and intended place, with nanscope's positive-map code:
+    the tokens are computed once per distinct text, not once per box. Boxes the trainer drops are left out."""
+    groups: dict[Any, list[int]] = {}
+    span_mode = pr.spans is not None
+    for j in range(len(smp.boxes)):
+        if j in pr.dropped:
+            continue
+        text = pr.spans[j] if span_mode else pr.phrases[j]  # type: ignore[index]
+        key = (text, pr.intended[j], smp.phrases[j] if span_mode and j < len(smp.phrases) else None)
+        groups.setdefault(key, []).append(j)
+    T = state.max_text_len
+    out = []
+    for (text, _, _), boxes in groups.items():
+        bt = (box_tokens(enc, pr.caption, spans=[text], max_text_len=T) if span_mode
+              else box_tokens(enc, pr.caption, phrases=[text], max_text_len=T))[0]
+        out.append((bt._replace(box=boxes[0]), boxes))
+    return out
+
+
 def sample_tokens(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[Any]:
-    """Each box's BoxTokens (None for boxes the trainer drops), with nanscope's positive-map code."""
-    keep = [j for j in range(len(smp.boxes)) if j not in pr.dropped]
-    if pr.spans is not None:
-        bts = box_tokens(enc, pr.caption, spans=[pr.spans[j] for j in keep], max_text_len=state.max_text_len)
-    else:
-        assert pr.phrases is not None
-        bts = box_tokens(enc, pr.caption, phrases=[pr.phrases[j] for j in keep], max_text_len=state.max_text_len)
+    """Each box's BoxTokens (None for boxes the trainer drops): what `inspect` builds for the same sample."""
     out: list[Any] = [None] * len(smp.boxes)
-    for j, bt in zip(keep, bts):
-        out[j] = bt
+    for bt, boxes in box_groups(state, smp, pr, enc):
+        for j in boxes:
+            out[j] = bt._replace(box=j)
     return out
 
 
@@ -236,8 +251,8 @@ def check_chunk(state: State, samples: list[Sample], prompts: list[Prompt], encs
         n_tok = len(enc.ids)
         words_cut = n_tok > T and any(t not in state.separators for t in enc.tokens[T:])
         out.stats.add_sample(n_tok, words_cut, smp.boxes)
-        bts = sample_tokens(state, smp, pr, enc)
-        hits = checks.box_hits(smp) + checks.text_hits(smp, pr, bts, n_tok, T, words_cut=words_cut)
+        groups = box_groups(state, smp, pr, enc)
+        hits = checks.box_hits(smp) + checks.text_hits(smp, pr, groups, n_tok, T, words_cut=words_cut)
         if state.images is not None:
             hits += checks.image_hits(smp, state.images)[0]
         if hits:
