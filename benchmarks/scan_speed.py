@@ -223,7 +223,7 @@ def main() -> None:
         print(f"  per-sample path (dataset __getitem__)    {k / ps.wall:10.0f} {1e3 * ps.cpu / k * 1e3:10.1f}   "
               f"scan is {top / (k / ps.wall):.1f}x faster (wall), {(ps.cpu / k) / (tok.cpu / n):.1f}x the tokenizer's CPU")
         print(f"  1M samples at the best scan rate: {1e6 / top / 60:.1f} min")
-        for size in [int(x) for x in args.memory.split(",")]:
+        for size in [int(x) for x in args.memory.split(",") if x.strip()]:
             f = d / f"mem{size}.jsonl"
             write_dataset(f, size, names, seed=1)
             n_done, mib, secs = peak_rss(f, lm, te)
