@@ -108,7 +108,8 @@ def time_scan(data: Path, lm: Path, te: Path, workers: int) -> Clock:
 def captions_of(data: Path, lm: Path, te: Path) -> list[str]:
     """The scan's own captions (its seeded draw), built once and not timed."""
     from nanscope.scan.run import prepare_scan
-    from nanscope.scan.engine import iter_chunks, parse, prepare
+    from nanscope.scan.dataset import iter_chunks
+    from nanscope.scan.engine import parse, prepare
 
     prep = prepare_scan(data, label_map=str(lm), text_encoder=str(te))
     return [prepare(prep.state, parse(prep.state, i, ln, raw)).caption

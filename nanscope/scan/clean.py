@@ -23,7 +23,8 @@ from typing import Any
 from nanscope.errors import OutputError
 from nanscope.scan import odvg
 from nanscope.scan.captions import SEPARATOR
-from nanscope.scan.engine import ChunkOut, Dataset, SampleHits, State, parse
+from nanscope.scan.dataset import Dataset
+from nanscope.scan.engine import ChunkOut, SampleHits, State, parse
 from nanscope.scan.sample import OD, Sample
 
 DROP_BOX = ("NS201", "NS205", "NS206", "NS207", "NS106", "NS103")

@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable
 from nanscope.result import Result, environment
 from nanscope.scan.aggregate import Aggregate
 from nanscope.scan.captions import CaptionRules, label_costs
-from nanscope.scan.engine import ChunkOut, Dataset, Progress, State, iter_chunks, open_dataset, run_chunks
+from nanscope.scan.dataset import Dataset, iter_chunks, open_dataset
+from nanscope.scan.engine import ChunkOut, Progress, State, run_chunks
 from nanscope.scan.sample import OD, Sample
 
 
