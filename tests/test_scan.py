@@ -232,7 +232,23 @@ def test_batched_encoding_equals_one_call_per_caption_even_after_padding(tokeniz
 
 
 def test_progress_reports_samples_done(tokenizer):
+    """Through the callback and through nanscope.progress's listener (what the CLI's bar reads)."""
+    from nanscope import progress
+
+    class Heard(progress.Listener):
+        def __init__(self):
+            self.counts, self.stages = [], []
+
+        def advanced(self, done, total, unit):
+            self.counts.append((done, total, unit))
+
+        def ended(self, doing, done, seconds, depth, ok):
+            self.stages.append(done)
+
     seen = []
-    scan(FIX / "vg.jsonl", tokenizer=tokenizer, max_text_len=256, progress=lambda d, t: seen.append((d, t)))
+    with progress.listening(Heard()) as heard:
+        scan(FIX / "vg.jsonl", tokenizer=tokenizer, max_text_len=256, progress=lambda d, t: seen.append((d, t)))
     assert seen and seen[-1][0] == 11 and all(t == 11 for _, t in seen)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert heard.counts == [(d, t, "samples") for d, t in seen]
+    assert heard.stages[-1] == "scanned 11 samples"

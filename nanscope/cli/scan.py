@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
-from nanscope.cli._common import check_output_path, output_options
+from nanscope.cli._common import check_output_path, output_options, quiet_option
 
 
 def register(subparsers: Any) -> None:
@@ -50,33 +49,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ids", metavar="IDS", help="sample ids for --batch-out, e.g. 17,42")
     p.add_argument("--image-size", type=int, default=800, metavar="PX",
                    help="--batch-out: resize the shorter side to PX as groundingdino's transforms do (default 800)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    quiet_option(p)
     output_options(p)
     p.set_defaults(command_module=__name__)
-
-
-class _Bar:
-    """A rich progress bar on stderr (a terminal only): samples, samples/s, ETA."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        self.progress = Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(),
-                                 TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
-                                 transient=True)
-        self.task = self.progress.add_task("scan", total=None, rate="-")
-        self.progress.start()
-
-    def __call__(self, done: int, total: int | None) -> None:
-        t = self.progress.tasks[0]
-        rate = f"{done / t.elapsed:,.0f}" if t.elapsed else "-"
-        self.progress.update(self.task, completed=done, total=total, rate=rate)
-
-    def close(self) -> None:
-        self.progress.stop()
 
 
 def run(args: argparse.Namespace, console: Any) -> int:
@@ -104,7 +79,6 @@ def run(args: argparse.Namespace, console: Any) -> int:
                                 seed=args.seed, vg_caption=args.vg_caption, match=args.match)
     if args.workers == 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "true"  # one process: the tokenizer's own threads do the work
-    bar = _Bar() if not args.quiet and sys.stderr.isatty() and not os.environ.get("NO_COLOR") else None
     writer = None
     try:
         if args.write_clean:
@@ -115,19 +89,15 @@ def run(args: argparse.Namespace, console: Any) -> int:
                                 text_encoder=args.text_encoder, rules=rules, images=args.images, keep=ids or (),
                                 stack=args.stack)
             writer = CleanWriter(prep.dataset, prep.state, args.write_clean)
-            run_ = scan(args.data, prepared=prep, workers=args.workers, shard=args.shard, progress=bar,
-                        on_chunk=writer.on_chunk)
+            run_ = scan(args.data, prepared=prep, workers=args.workers, shard=args.shard, on_chunk=writer.on_chunk)
         else:
             run_ = scan(args.data, format=args.format, label_map=args.label_map, config=args.config,
                         text_encoder=args.text_encoder, rules=rules, images=args.images, workers=args.workers,
-                        shard=args.shard, keep=ids or (), progress=bar, stack=args.stack)
+                        shard=args.shard, keep=ids or (), stack=args.stack)
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
-    finally:
-        if bar is not None:
-            bar.close()
     result = run_.result
     render(result, console)
     write_outputs(result, args, console)

@@ -1,8 +1,9 @@
 """`scan(DATA, ...)`: every sample of a dataset checked for the data bugs that break a GroundingDINO loss.
 
-Library code: it never prints. Progress goes to an optional `progress(done, total)` callback; each
-chunk (raw items and their results, in dataset order) to an optional `on_chunk` callback, which is
-how `--write-clean` streams its copy.
+Library code: it never prints. Progress goes to an optional `progress(done, total)` callback and to
+`nanscope.progress` (stages and the sample count: the CLI's bar with samples/s and ETA); each chunk
+(raw items and their results, in dataset order) to an optional `on_chunk` callback, which is how
+`--write-clean` streams its copy.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from nanscope import progress
 from nanscope.result import Result, environment
 from nanscope.scan.aggregate import Aggregate
 from nanscope.scan.captions import CaptionRules, label_costs
 from nanscope.scan.dataset import Dataset, iter_chunks, open_dataset
-from nanscope.scan.engine import ChunkOut, Progress, State, run_chunks
+from nanscope.scan.engine import ChunkOut, State, run_chunks
 from nanscope.scan.sample import OD, Sample
 
 
@@ -92,9 +94,12 @@ def prepare_scan(
     tokenizer_given = tokenizer
     if tokenizer is None:
         stack = stack or DEFAULT_STACK
-        tokenizer, mtl = load_tokenizer(config=config, text_encoder=text_encoder, stack=stack)
+        with progress.stage("loading the tokenizer", "loaded the tokenizer"):
+            tokenizer, mtl = load_tokenizer(config=config, text_encoder=text_encoder, stack=stack)
         max_text_len = max_text_len or mtl
-    ds = open_dataset(data, format=format, label_map=label_map)
+    with progress.stage(f"reading {os.path.basename(str(data))}") as st:
+        ds = open_dataset(data, format=format, label_map=label_map)
+        st.done = f"opened {os.path.basename(str(data))} ({ds.format}, {ds.mode})"
     costs = label_costs(tokenizer, ds.label_map, rules.trainer) if ds.mode == OD and ds.label_map else None
     state = State(tokenizer, int(max_text_len or 256), rules, ds.format, ds.mode, ds.path, ds.label_map, costs,
                   str(images) if images is not None else None, frozenset(str(k) for k in keep),
@@ -109,29 +114,38 @@ def scan(
     prepared: Prepared | None = None,
     workers: int = 1,
     shard: str | tuple[int, int] | None = None,
-    progress: Progress | None = None,
     on_chunk: Callable[[list[Any], ChunkOut], None] | None = None,
     **options: Any,
 ) -> ScanRun:
     """Scan `data` (COCO JSON, ODVG JSONL or grounding JSON). `options` are `prepare_scan`'s: format,
     label_map, config, text_encoder (or tokenizer + max_text_len), rules, images, keep (sample ids whose
-    prepared samples come back in `ScanRun.kept`). Never prints; `progress(done, total)` after each chunk."""
+    prepared samples come back in `ScanRun.kept`), progress (a `progress(done, total)` callback after each
+    chunk). Never prints; the stages and the count also go to `nanscope.progress`'s listener, when one is
+    installed (the CLI's bar)."""
     from nanscope.errors import InputError
 
     if workers < 1:
         raise InputError(f"--workers {workers} must be at least 1")
     shard_t = parse_shard(shard)
+    on_progress = options.pop("progress", None)
     prep = prepared or prepare_scan(data, **options)
     ds, state = prep.dataset, prep.state
     agg = Aggregate()
     kept: list[tuple[Sample, Any]] = []
     i, n = shard_t
     total = None if ds.total is None else (ds.total - i + n - 1) // n
-    for items, out in run_chunks(state, iter_chunks(ds, shard_t), workers=workers, progress=progress, total=total):
-        agg.add(out)
-        kept.extend(out.kept)
-        if on_chunk is not None:
-            on_chunk(items, out)
+    def report(done: int, total: int | None) -> None:
+        progress.advance(done, total, "samples")  # the CLI's bar (samples/s, ETA); nothing without a listener
+        if on_progress is not None:
+            on_progress(done, total)
+
+    with progress.stage(f"scanning {os.path.basename(ds.path)}") as st:
+        for items, out in run_chunks(state, iter_chunks(ds, shard_t), workers=workers, progress=report, total=total):
+            agg.add(out)
+            kept.extend(out.kept)
+            if on_chunk is not None:
+                on_chunk(items, out)
+        st.done = f"scanned {agg.stats.samples} samples"
     summary = {"format": ds.format, "mode": ds.mode, "max_text_len": state.max_text_len,
                "rules": state.rules.to_dict(), "orphan_annotations": ds.orphans}
     if ds.label_map is not None:
