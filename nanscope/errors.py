@@ -23,6 +23,10 @@ class BatchError(InputError):
     """A batch file does not follow the documented schema."""
 
 
+class DataError(InputError):
+    """A dataset file (COCO / ODVG / grounding annotations, a label map) does not follow its format."""
+
+
 class ConfigError(InputError):
     """A model config or text encoder cannot be used."""
 

@@ -57,6 +57,9 @@ CATALOGUE: dict[str, CodeInfo] = {
            "Split the categories over several prompts so each caption fits in max_text_len tokens.", 12),
         _c("NS105", "non-binary positive map used as class targets", W,
            "Binarize the positive map (`positive_map > 0`) before using it as focal-loss targets.", 13),
+        _c("NS106", "phrase located at the wrong place in the caption", E,
+           "The box trains on the tokens of another word: give the trainer character spans (tokens_positive) "
+           "instead of caption.find(phrase), or rename the phrase so it is not part of another phrase.", 15),
         _c("NS201", "invalid target box", E,
            "Target boxes must be finite, normalized cxcywh in [0, 1] with width and height > 0 "
            "(convert xyxy / pixel boxes with torchvision.ops.box_convert and divide by the image size).", 14),
@@ -67,6 +70,20 @@ CATALOGUE: dict[str, CodeInfo] = {
            "empty positive rows, and fix non-finite boxes.", 50),
         _c("NS204", "image with no boxes", I,
            "Fine when loss normalizers are clamped to at least 1 (nanscope's criterion does this).", 95),
+        _c("NS205", "duplicate boxes", W,
+           "Remove the repeated annotation: two targets with the same label and box compete for one query "
+           "in the Hungarian matching.", 96),
+        _c("NS206", "box outside the image or under 1 px", W,
+           "MMDetection's loaders drop such boxes; other trainers train on them. Drop them (nanscope scan "
+           "--write-clean) or fix the coordinates (ODVG: absolute x1, y1, x2, y2 pixels; COCO: x, y, w, h).", 16),
+        _c("NS207", "category id missing from the label map", E,
+           "Add the id to the label map, or fix the annotation's label / category_id; Open-GroundingDino raises "
+           "KeyError on it and the box has no phrase.", 8),
+        _c("NS208", "image file missing or unreadable", E,
+           "Fix the file name or the --images folder; the trainer's loader raises on the first such sample.", 4),
+        _c("NS209", "image size differs from the annotation", E,
+           "Boxes are normalized by the real image size: re-export width/height, or the boxes were drawn on "
+           "another version of the image (resized or EXIF-rotated).", 9),
         _c("NS301", "first non-finite value in the forward", E,
            "Fix the operation named here: its inputs held no NaN (no inf, for an inf origin) and its output does.", 5),
         _c("NS302", "first non-finite value in the backward", E,
@@ -104,6 +121,11 @@ CATALOGUE: dict[str, CodeInfo] = {
            "its input: a [B, L > 256] mask against [B, Q, 256] logits crashes on long captions.", 65),
     ]
 }
+
+
+# Data bugs only `nanscope scan` sees: they need the dataset's files (label map, image sizes, the
+# annotation ids), which a replayed batch does not carry.
+SCAN_ONLY = frozenset({"NS106", "NS205", "NS206", "NS207", "NS208", "NS209"})
 
 
 def code_info(code: str) -> CodeInfo:
@@ -189,7 +211,7 @@ class Finding:
         )
 
 
-_WHERE_ORDER = ("rank", "step", "image", "layer", "term", "box", "phrase", "query", "token", "tokens",
+_WHERE_ORDER = ("rank", "step", "sample", "annotation", "image", "layer", "term", "box", "phrase", "query", "token", "tokens",
                 "token_text", "module", "op", "param", "channel", "file", "line")
 
 

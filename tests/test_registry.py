@@ -16,7 +16,7 @@ from nanscope.analyzers import AnalysisContext, get, register, registered, run_a
 from nanscope.replay.batch import validate_batch
 from nanscope.replay.diagnose import build_context, run_trace
 from nanscope.errors import UnknownCodeError
-from nanscope.findings import CATALOGUE, Finding, Severity, check_codes
+from nanscope.findings import CATALOGUE, SCAN_ONLY, Finding, Severity, check_codes
 from nanscope.stacks.demo import demo_batch
 from nanscope.replay.module_stats import module_stats
 from nanscope.replay.positive_map import build_text_info
@@ -155,7 +155,7 @@ def test_each_fixture_raises_its_planted_code(contexts, fixture):
 
 
 def test_every_catalogue_code_has_an_analyzer():
-    assert set(registered()) == set(CATALOGUE) - WATCH_ONLY
+    assert set(registered()) == set(CATALOGUE) - WATCH_ONLY - SCAN_ONLY
 
 
 def test_registering_a_code_twice_raises_and_keeps_the_first():

@@ -22,7 +22,7 @@ EXIT_OK, EXIT_FINDINGS, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 COMMAND_MODULES: list[str] = [
     "nanscope.cli.demo", "nanscope.cli.inspect", "nanscope.cli.verify_fix", "nanscope.cli.report",
-    "nanscope.cli.codes",
+    "nanscope.cli.codes", "nanscope.cli.scan",
 ]
 
 __all__ = ["main", "build_parser", "check_output_path", "dump_paths", "output_options", "replay_arguments",

@@ -4,6 +4,18 @@
 (`prepare` -> `Replay`, through the model's stack), `diagnose` (`inspect`), `module_stats` (NS303).
 """
 
-from nanscope.replay.session import Replay, prepare
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["Replay", "prepare"]
+
+
+def __getattr__(name: str) -> Any:
+    """`Replay` and `prepare` load torch and the stacks: imported on first use, so that the light modules of
+    this package (`positive_map`, used by `nanscope scan` workers) import without them."""
+    if name in __all__:
+        from nanscope.replay import session
+
+        return getattr(session, name)
+    raise AttributeError(f"module 'nanscope.replay' has no attribute {name!r}")

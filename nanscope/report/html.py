@@ -16,10 +16,12 @@ from nanscope.causes import explains_text
 from nanscope.findings import Finding, format_where
 from nanscope.report.html_parts import (CSP, CSS, MAX_WHERE, cell, e, figure, fmt, is_nonfinite, kv_table, long_text,
                                         records_table, table)
+from nanscope.report.html_scan import scan_section
 from nanscope.result import SCHEMA, Result
 
 def _title(result: Result) -> str:
-    return {"inspect": "nanscope inspect", "verify-fix": "nanscope verify-fix", "watch": "nanscope watch"}.get(
+    return {"inspect": "nanscope inspect", "verify-fix": "nanscope verify-fix", "watch": "nanscope watch",
+            "scan": "nanscope scan"}.get(
         result.kind, f"nanscope {result.kind}")
 
 
@@ -262,7 +264,7 @@ def _generic_table(value: Any) -> str:
 
 
 def _other_tables(result: Result) -> str:
-    known = {"terms", "steps"}
+    known = {"terms", "steps"} | ({"codes", "histograms"} if result.kind == "scan" else set())
     extra = {k: v for k, v in result.tables.items() if k not in known and v not in (None, [], {})}
     if not extra:
         return ""
@@ -291,7 +293,7 @@ def _context(result: Result) -> str:
     out = []
     summary = {k: v for k, v in result.summary.items() if k not in ("ranks", "problems")}
     if summary:
-        out.append('<h2 id="summary">Batch</h2>' + kv_table(summary))
+        out.append(f'<h2 id="summary">{"Scan" if result.kind == "scan" else "Batch"}</h2>' + kv_table(summary))
     if result.inputs:
         out.append('<h2 id="inputs">Inputs</h2>' + kv_table(result.inputs))
     if result.environment:
@@ -311,6 +313,7 @@ def render_html(result: Result) -> str:
         f"<h1>{e(title)}</h1>",
         _verdict(result),
         _checks(result),
+        scan_section(result),
         _findings(result),
         _trace(result),
         _ranks(result),

@@ -37,6 +37,10 @@ def merge_results(results: Sequence[tuple[str, Result]]) -> Result:
     kinds = sorted({r.kind for _, r in results})
     if len(kinds) > 1:
         raise InputError(f"cannot merge results of different kinds ({', '.join(kinds)}); pass results of one kind")
+    if kinds == ["scan"]:  # shards of one dataset scan: one result, as if scanned in one run
+        from nanscope.scan.aggregate import merge_scan_results
+
+        return merge_scan_results(results)
     ranked = [(_rank_of(r, i), src, r) for i, (src, r) in enumerate(results)]
     seen: dict[int, str] = {}
     for rank, src, _ in ranked:

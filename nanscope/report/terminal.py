@@ -18,6 +18,7 @@ from rich.text import Text
 
 from nanscope.causes import Group
 from nanscope.findings import Finding
+from nanscope.report.terminal_scan import scan_plain_lines, scan_rich
 from nanscope.result import Result
 
 WIDTH = 80  # rich mode never draws wider than this, even in a wider terminal
@@ -91,7 +92,7 @@ def user_stdout_block(result: Result) -> list[str]:
 
 def render_plain(result: Result) -> str:
     """The plain report as text: one fact per line, no colour, no wrapping."""
-    lines = [verdict_line(result)]
+    lines = [verdict_line(result)] + scan_plain_lines(result)
     for n, g in enumerate(result.groups, 1):
         lines.append(_one_line(f"cause {n}: {finding_line(g.cause)}"))
         lines.append(_one_line(f"cause {n} fix: {g.cause.hint}"))
@@ -129,6 +130,8 @@ def render(result: Result, console: Console, *, plain: bool | None = None) -> No
         console.print(x, width=width, highlight=False, markup=False)
 
     show(Text(verdict_line(result), style=VERDICT_STYLE.get(result.verdict, "bold")))
+    for x in scan_rich(result):
+        show(x)
     groups = result.groups
     if groups:
         t = Table(show_lines=False, expand=False, pad_edge=False, width=None)

@@ -1,0 +1,205 @@
+"""Per-sample data checks: boxes, text (from the positive-map tokens), label map and image files.
+
+Each check returns `Hit`s: one code, the box it concerns (None: the whole sample), how many items it
+counts (boxes, or tokens for NS102) and the location details. Severities are the catalogue's.
+The text checks read `nanscope.positive_map.BoxTokens`, the same objects `inspect` builds, so a box the
+scan calls truncated is the box inspect calls truncated when the sample is replayed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from nanscope.replay.positive_map import BoxTokens
+from nanscope.scan.captions import Prompt
+from nanscope.scan.sample import OD, Sample
+
+MIN_BOX_PX = 1.0  # MMDetection's loaders drop boxes narrower or lower than 1 pixel
+
+
+@dataclass
+class Hit:
+    code: str
+    box: int | None
+    count: int
+    where: dict[str, Any] = field(default_factory=dict)
+    score: float = 1.0  # "worst examples" rank samples by the sum of their hits' scores
+
+
+def _r(x: float) -> float | str:
+    return round(x, 2) if math.isfinite(x) else str(x)
+
+
+def box_hits(sample: Sample) -> list[Hit]:
+    """NS201 (non-finite, width or height <= 0), NS206 (outside the image, under 1 px), NS205 (duplicates: the same
+    label or phrase and the same coordinates), NS204 (no boxes). Boxes are pixel x1, y1, x2, y2."""
+    if not sample.boxes:
+        return [Hit("NS204", None, 1, {"why": "no boxes"})]
+    out: list[Hit] = []
+    seen: dict[tuple[Any, ...], int] = {}
+    W, H = sample.width, sample.height
+    names = sample.labels if sample.mode == OD else sample.phrases
+    for j, box in enumerate(sample.boxes):
+        x1, y1, x2, y2 = box
+        if not (x2 > x1 and y2 > y1):  # also False for NaN
+            value = [_r(v) for v in box]
+            if not all(math.isfinite(v) for v in box):
+                out.append(Hit("NS201", j, 1, {"kind": "non-finite", "value": value}))
+            else:
+                out.append(Hit("NS201", j, 1, {"kind": "width or height <= 0", "value": value,
+                                               "why": f"x2 - x1 = {x2 - x1:.4g}, y2 - y1 = {y2 - y1:.4g}"}))
+            continue
+        if not all(math.isfinite(v) for v in box):
+            out.append(Hit("NS201", j, 1, {"kind": "non-finite", "value": [_r(v) for v in box]}))
+            continue
+        if W is not None and H is not None and (min(x2, W) - max(x1, 0.0) <= 0 or min(y2, H) - max(y1, 0.0) <= 0):
+            out.append(Hit("NS206", j, 1, {"kind": "outside the image", "value": [_r(v) for v in box],
+                                           "why": f"no overlap with the {W:g}x{H:g} image"}))
+        elif x2 - x1 < MIN_BOX_PX or y2 - y1 < MIN_BOX_PX:
+            out.append(Hit("NS206", j, 1, {"kind": "under 1 px", "value": [_r(v) for v in box],
+                                           "why": f"{x2 - x1:.3g} x {y2 - y1:.3g} px"}))
+        key = (names[j], box)
+        if key in seen:
+            out.append(Hit("NS205", j, 1, {"kind": "same label and box", "value": [_r(v) for v in box],
+                                           "duplicate_of": sample.annotations[seen[key]]}))
+        else:
+            seen[key] = j
+    return out
+
+
+def _word_char(caption: str, i: int) -> bool:
+    return 0 <= i < len(caption) and caption[i].isalnum()
+
+
+def _cuts_word(caption: str, b: int, e: int) -> bool:
+    """The span starts or ends inside a word."""
+    return (_word_char(caption, b - 1) and _word_char(caption, b)) or (_word_char(caption, e - 1) and _word_char(caption, e))
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.lower().split())
+
+
+def _context(caption: str, b: int, e: int, pad: int = 12) -> str:
+    return ("..." if b > pad else "") + caption[max(0, b - pad):e + pad] + ("..." if e + pad < len(caption) else "")
+
+
+def text_hits(sample: Sample, prompt: Prompt, groups: Sequence[tuple[BoxTokens, Sequence[int]]], num_tokens: int,
+              max_text_len: int, *, words_cut: bool | None = None) -> list[Hit]:
+    """NS102, NS103, NS104, NS106 and NS207 from the caption the trainer builds and the boxes' tokens.
+
+    groups: (BoxTokens, the boxes it stands for): boxes with the same phrase (or spans) and the same intended
+    place share their tokens and their hits (`engine.box_groups`); boxes the prompt drops are in none.
+    `words_cut`: whether the tokens past max_text_len hold more than separators and [SEP] (None: whenever
+    the caption is longer); a caption that loses only its final ' .' and [SEP] (MMDetection's token budget
+    makes such captions) is not NS104."""
+    out: list[Hit] = []
+    inside: dict[str, str | None] = {}  # phrase -> a longer name of this caption holding it (computed once)
+    for j, why in sorted(prompt.dropped.items()):
+        if why.startswith("label missing"):
+            out.append(Hit("NS207", j, 1, {"label": sample.labels[j], "why": why}))
+    for bt, boxes in groups:
+        first = len(out)
+        _box_text_hits(out, sample, prompt, boxes[0], bt, max_text_len, inside)
+        found = out[first:]
+        for j in boxes[1:]:
+            out.extend(Hit(h.code, j, h.count, h.where, h.score) for h in found)
+    if num_tokens > max_text_len and (words_cut is None or words_cut):
+        cut = [bt.phrase for bt, _ in groups if bt.cut]
+        out.append(Hit("NS104", None, 1, {"kind": "this draw", "tokens": num_tokens, "max_text_len": max_text_len,
+                                          "phrases_cut": sorted(set(cut))}, score=num_tokens))
+    elif prompt.worst_tokens is not None and prompt.worst_tokens > max_text_len:
+        out.append(Hit("NS104", None, 1, {"kind": "possible", "tokens": num_tokens, "worst_tokens": prompt.worst_tokens,
+                                          "max_text_len": max_text_len,
+                                          "why": "fits in this draw; the longest draw of negatives does not"},
+                       score=prompt.worst_tokens))
+    overflow = [j for j, why in prompt.dropped.items() if why.startswith("positive caption overflow")]
+    if overflow:
+        out.append(Hit("NS104", None, 1, {"kind": "positives dropped", "boxes_dropped": len(overflow),
+                                          "max_text_len": max_text_len,
+                                          "why": prompt.dropped[overflow[0]]}, score=max_text_len + len(overflow)))
+    return out
+
+
+def _box_text_hits(out: list[Hit], sample: Sample, prompt: Prompt, j: int, bt: BoxTokens, max_text_len: int,
+                   inside: dict[str, str | None]) -> None:
+    """NS102, NS103 and NS106 of box j."""
+    cap = prompt.caption
+    phrase = bt.phrase
+    if bt.cut:
+        out.append(Hit("NS102", j, len(bt.cut), {"phrase": phrase, "tokens": list(bt.cut), "why": "truncated"},
+                       score=len(bt.cut)))
+    bad_span = next(((b, e) for b, e in bt.spans if not 0 <= b < e <= len(cap)), None)
+    why = None
+    if not bt.found:
+        why = "phrase not found in the caption"
+    elif bad_span is not None:
+        why = f"span [{bad_span[0]}, {bad_span[1]}] is outside the caption of {len(cap)} characters"
+    elif not bt.tokens:
+        why = "span covers no token (whitespace or characters the tokenizer drops)"
+    elif not bt.kept:
+        why = f"truncated: all {len(bt.tokens)} token(s) fall past max_text_len={max_text_len}"
+    if why:
+        w: dict[str, Any] = {"phrase": phrase, "why": why}
+        if bt.tokens:
+            w["tokens"] = list(bt.tokens)
+        out.append(Hit("NS103", j, 1, w))
+    out.extend(_placement(sample, prompt, j, bt, inside))
+
+
+def _placement(sample: Sample, prompt: Prompt, j: int, bt: BoxTokens, inside: dict[str, str | None]) -> list[Hit]:
+    """NS106: the trainer's text for box j is not where the box's phrase really is."""
+    cap = prompt.caption
+    if prompt.phrases is not None:  # caption.find: compare with where the phrase was put / its span says
+        intended = prompt.intended[j] if j < len(prompt.intended) else None
+        if intended is None or not bt.spans:
+            return []
+        if bt.spans[0] != intended:
+            b, e = bt.spans[0]
+            kind = "inside another word" if _cuts_word(cap, b, e) else "another occurrence"
+            return [Hit("NS106", j, 1, {"phrase": bt.phrase, "kind": kind, "found_at": f"{b}-{e}",
+                                        "intended": f"{intended[0]}-{intended[1]}", "found_in": _context(cap, b, e)})]
+        if prompt.reordered:  # the trainer reorders the names every epoch: is the phrase inside another one?
+            if bt.phrase not in inside:
+                inside[bt.phrase] = next((n for n in prompt.names if n != bt.phrase and bt.phrase in n), None)
+            other = inside[bt.phrase]
+            if other is not None:
+                k = other.find(bt.phrase)
+                kind = "inside another word" if _cuts_word(other, k, k + len(bt.phrase)) else "another occurrence"
+                return [Hit("NS106", j, 1, {"phrase": bt.phrase, "kind": f"{kind}, in other orders", "inside": other,
+                                            "why": f"caption.find finds it inside {other!r} when that comes first"})]
+        return []
+    text = " ".join(cap[b:e] for b, e in bt.spans)
+    phrase = sample.phrases[j] if j < len(sample.phrases) else ""
+    if phrase and _norm(text) != _norm(phrase) and all(0 <= b < e <= len(cap) for b, e in bt.spans):
+        return [Hit("NS106", j, 1, {"phrase": phrase, "kind": "span text differs from the phrase", "span_text": text,
+                                    "spans": [list(s) for s in bt.spans]})]
+    cut = [(b, e) for b, e in bt.spans if 0 <= b < e <= len(cap) and _cuts_word(cap, b, e)]
+    if cut:
+        b, e = cut[0]
+        return [Hit("NS106", j, 1, {"phrase": phrase or text, "kind": "span cuts a word", "span_text": cap[b:e],
+                                    "found_in": _context(cap, b, e), "spans": [list(s) for s in bt.spans]})]
+    return []
+
+
+def image_hits(sample: Sample, images: str | os.PathLike[str]) -> tuple[list[Hit], tuple[int, int] | None]:
+    """NS208 (missing / unreadable file) and NS209 (size differs from the annotation); returns the real size."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(images) / sample.file
+    if not path.is_file():
+        return [Hit("NS208", None, 1, {"kind": "missing", "path": str(path)})], None
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        return [Hit("NS208", None, 1, {"kind": "unreadable", "path": str(path), "why": str(exc)[:120]})], None
+    if sample.width is None or sample.height is None or (w, h) == (sample.width, sample.height):
+        return [], (w, h)
+    kind = "width and height swapped (EXIF rotation?)" if (w, h) == (sample.height, sample.width) else "size mismatch"
+    return [Hit("NS209", None, 1, {"kind": kind, "file_size": f"{w}x{h}",
+                                   "annotation_size": f"{sample.width:g}x{sample.height:g}"})], (w, h)

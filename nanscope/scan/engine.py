@@ -1,0 +1,273 @@
+"""The scan loop: the chunks of `nanscope.scan.dataset`, captioned, tokenized in one batched call each,
+every sample checked, and the per-chunk results handed back in dataset order.
+
+Chunks run in this process (`workers=1`, the tokenizer encoding the next chunk on a helper thread) or in
+`workers` spawned processes, at most two chunks per worker in flight, so memory stays flat however large
+the dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from nanscope.replay.positive_map import box_tokens, encode
+from nanscope.scan import checks, coco, odvg
+from nanscope.scan.captions import CaptionRules, LabelCosts, Prompt, prompts as make_prompts
+from nanscope.scan.sample import OD, Sample
+
+TOKEN_BIN = 8  # caption-length histogram: bins of 8 tokens up to 1024, then one overflow bin
+TOKEN_BINS = 1024 // TOKEN_BIN + 1
+BOX_COUNT_BINS = 102  # boxes per image 0..100, then one bin for more
+SIZE_BINS = 15  # sqrt(box area) in px: < 1, [1, 2), [2, 4) ... [4096, 8192), >= 8192
+
+
+@dataclass
+class State:
+    """Everything a worker needs, pickled once per worker."""
+
+    tokenizer: Any
+    max_text_len: int
+    rules: CaptionRules
+    format: str
+    mode: str
+    source: str
+    label_map: Mapping[str, str] | None
+    costs: LabelCosts | None
+    images: str | None
+    keep: frozenset[str] = frozenset()
+    separators: frozenset[str] = frozenset()  # special tokens and '.': losing only these to truncation is harmless
+
+
+@dataclass
+class SampleHits:
+    index: int
+    id: Any
+    file: str
+    line: int | None
+    annotations: list[Any]
+    hits: list[checks.Hit]
+
+
+@dataclass
+class Stats:
+    """Counts that add up over chunks and shards (fixed histogram bins)."""
+
+    samples: int = 0
+    boxes: int = 0
+    flagged: int = 0  # samples with at least one hit
+    tokens_sum: int = 0
+    tokens_min: int | None = None
+    tokens_max: int = 0
+    over: int = 0  # captions that lose more than separators and [SEP] to max_text_len
+    token_hist: list[int] = field(default_factory=lambda: [0] * TOKEN_BINS)
+    box_count_hist: list[int] = field(default_factory=lambda: [0] * BOX_COUNT_BINS)
+    size_hist: list[int] = field(default_factory=lambda: [0] * SIZE_BINS)
+
+    def merge(self, o: "Stats") -> None:
+        for k in ("samples", "boxes", "flagged", "tokens_sum", "over"):
+            setattr(self, k, getattr(self, k) + getattr(o, k))
+        if o.tokens_min is not None:
+            self.tokens_min = o.tokens_min if self.tokens_min is None else min(self.tokens_min, o.tokens_min)
+        self.tokens_max = max(self.tokens_max, o.tokens_max)
+        for dst, src in ((self.token_hist, o.token_hist), (self.box_count_hist, o.box_count_hist),
+                         (self.size_hist, o.size_hist)):
+            for k, v in enumerate(src):
+                dst[k] += v
+
+    def add_sample(self, n_tokens: int, over: bool, boxes: list[tuple[float, float, float, float]]) -> None:
+        self.samples += 1
+        self.boxes += len(boxes)
+        self.tokens_sum += n_tokens
+        self.tokens_min = n_tokens if self.tokens_min is None else min(self.tokens_min, n_tokens)
+        self.tokens_max = max(self.tokens_max, n_tokens)
+        self.over += over
+        self.token_hist[min(n_tokens // TOKEN_BIN, TOKEN_BINS - 1)] += 1
+        self.box_count_hist[min(len(boxes), BOX_COUNT_BINS - 1)] += 1
+        for x1, y1, x2, y2 in boxes:
+            b = _size_bin(x2 - x1, y2 - y1)
+            if b is not None:
+                self.size_hist[b] += 1
+
+
+@dataclass
+class ChunkOut:
+    stats: Stats = field(default_factory=Stats)
+    hits: list[SampleHits] = field(default_factory=list)
+    kept: list[tuple[Sample, Prompt]] = field(default_factory=list)
+
+
+def _size_bin(w: float, h: float) -> int | None:
+    import math
+
+    if not (w > 0 and h > 0 and math.isfinite(w) and math.isfinite(h)):
+        return None
+    s = math.sqrt(w * h)
+    return 0 if s < 1 else min(SIZE_BINS - 1, 1 + int(math.log2(s)))
+
+
+def parse(state: State, index: int, line: int | None, payload: Any) -> Sample:
+    if state.format == "odvg":
+        return odvg.parse_line(payload, index, line or 0, state.source, od=state.mode == OD)
+    return coco.parse_item(payload, index, state.source, state.format)
+
+
+def prepare(state: State, smp: Sample) -> Prompt:
+    """One sample's prompt (the same as in a chunk: draws depend on the sample's index only)."""
+    return prepare_all(state, [smp])[0]
+
+
+def prepare_all(state: State, samples: list[Sample]) -> list[Prompt]:
+    return make_prompts(samples, state.rules, state.label_map, state.costs, state.max_text_len,
+                        grounding_json=state.format == "grounding")
+
+
+def box_groups(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[tuple[Any, list[int]]]:
+    """(BoxTokens, boxes) per distinct phrase (or spans) and intended place, with nanscope's positive-map code:
+    the tokens are computed once per distinct text, not once per box. Boxes the trainer drops are left out."""
+    groups: dict[Any, list[int]] = {}
+    span_mode = pr.spans is not None
+    for j in range(len(smp.boxes)):
+        if j in pr.dropped:
+            continue
+        text = pr.spans[j] if span_mode else pr.phrases[j]  # type: ignore[index]
+        key = (text, pr.intended[j], smp.phrases[j] if span_mode and j < len(smp.phrases) else None)
+        groups.setdefault(key, []).append(j)
+    T = state.max_text_len
+    out = []
+    for (text, _, _), boxes in groups.items():
+        bt = (box_tokens(enc, pr.caption, spans=[text], max_text_len=T) if span_mode
+              else box_tokens(enc, pr.caption, phrases=[text], max_text_len=T))[0]
+        out.append((bt._replace(box=boxes[0]), boxes))
+    return out
+
+
+def sample_tokens(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[Any]:
+    """Each box's BoxTokens (None for boxes the trainer drops): what `inspect` builds for the same sample."""
+    out: list[Any] = [None] * len(smp.boxes)
+    for bt, boxes in box_groups(state, smp, pr, enc):
+        for j in boxes:
+            out[j] = bt._replace(box=j)
+    return out
+
+
+def read_chunk(state: State, items: list[tuple[int, int | None, Any]]) -> tuple[list[Sample], list[Prompt]]:
+    """Parse and caption one chunk (Python); the tokenizer runs next, in one batched call."""
+    samples = [parse(state, index, line, payload) for index, line, payload in items]
+    return samples, prepare_all(state, samples)
+
+
+def process_chunk(state: State, items: list[tuple[int, int | None, Any]]) -> ChunkOut:
+    """Parse, caption, tokenize (one batched call) and check one chunk."""
+    samples, prompts = read_chunk(state, items)
+    return check_chunk(state, samples, prompts, encode(state.tokenizer, [p.caption for p in prompts]))
+
+
+def check_chunk(state: State, samples: list[Sample], prompts: list[Prompt], encs: list[Any]) -> ChunkOut:
+    """Positive-map tokens and every check of one tokenized chunk."""
+    out = ChunkOut()
+    T = state.max_text_len
+    for smp, pr, enc in zip(samples, prompts, encs):
+        n_tok = len(enc.ids)
+        words_cut = n_tok > T and any(t not in state.separators for t in enc.tokens[T:])
+        out.stats.add_sample(n_tok, words_cut, smp.boxes)
+        groups = box_groups(state, smp, pr, enc)
+        hits = checks.box_hits(smp) + checks.text_hits(smp, pr, groups, n_tok, T, words_cut=words_cut)
+        if state.images is not None:
+            hits += checks.image_hits(smp, state.images)[0]
+        if hits:
+            out.stats.flagged += 1
+            out.hits.append(SampleHits(smp.index, smp.id, smp.file, smp.line, list(smp.annotations), hits))
+        if state.keep and str(smp.id) in state.keep:
+            out.kept.append((smp, pr))
+    return out
+
+
+def _pipelined(state: State, chunks: Iterable[list[tuple[int, int | None, Any]]]
+               ) -> Iterator[tuple[list[Any], ChunkOut]]:
+    """In one process: the tokenizer encodes chunk k+1 on a helper thread (its batched call releases the GIL)
+    while this thread checks chunk k and reads chunk k+2."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanscope-scan-encode") as ex:
+        pending = None
+        for items in chunks:
+            samples, prompts = read_chunk(state, items)
+            fut = ex.submit(encode, state.tokenizer, [p.caption for p in prompts])
+            if pending is not None:
+                items0, s0, p0, f0 = pending
+                yield items0, check_chunk(state, s0, p0, f0.result())
+            pending = (items, samples, prompts, fut)
+        if pending is not None:
+            items0, s0, p0, f0 = pending
+            yield items0, check_chunk(state, s0, p0, f0.result())
+
+
+def _for_workers(state: State) -> State:
+    """The state a worker gets: the Rust tokenizer alone (no transformers, no torch to import in the worker)."""
+    import dataclasses
+
+    backend = getattr(state.tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return state
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_padding()
+    copy.no_truncation()
+    return dataclasses.replace(state, tokenizer=copy)
+
+
+_STATE: State | None = None  # a worker's state, set once by _init
+
+
+def _init(state: State) -> None:
+    global _STATE
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
+    _STATE = state
+
+
+def _work(items: list[tuple[int, int | None, Any]]) -> ChunkOut:
+    assert _STATE is not None
+    return process_chunk(_STATE, items)
+
+
+Progress = Callable[[int, "int | None"], None]
+
+
+def run_chunks(state: State, chunks: Iterable[list[tuple[int, int | None, Any]]], *, workers: int = 1,
+               progress: Progress | None = None, total: int | None = None
+               ) -> Iterator[tuple[list[tuple[int, int | None, Any]], ChunkOut]]:
+    """(chunk, its result) in dataset order; `progress(samples done, total)` after each chunk."""
+    done = 0
+
+    def finished(items: list[Any], res: ChunkOut) -> tuple[list[Any], ChunkOut]:
+        nonlocal done
+        done += res.stats.samples
+        if progress:
+            progress(done, total)
+        return items, res
+
+    if workers <= 1:
+        yield from (finished(items, out) for items, out in _pipelined(state, chunks))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init,
+                             initargs=(_for_workers(state),)) as pool:
+        pending: deque[tuple[list[Any], Any]] = deque()
+        try:
+            for items in chunks:
+                pending.append((items, pool.submit(_work, items)))
+                while len(pending) >= 2 * workers or (pending and pending[0][1].done()):
+                    items0, fut = pending.popleft()
+                    yield finished(items0, fut.result())
+            while pending:
+                items0, fut = pending.popleft()
+                yield finished(items0, fut.result())
+        finally:
+            for _, fut in pending:
+                fut.cancel()
