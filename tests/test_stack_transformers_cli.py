@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def test_watched_loop_dumps_and_the_dump_replays_to_the_same_diagnosis(folder, t
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     dumps = tmp_path / "dumps"
-    with pytest.raises(ValueError, match="x0, y0, x1, y1"), pytest.warns(RuntimeWarning, match="dumped"):
+    with pytest.raises(ValueError, match="x0, y0, x1, y1"), pytest.warns(RuntimeWarning) as warned:
         with nanscope.watch(model, dump_dir=dumps) as watcher:
             for step in range(3):
                 batch = hf_batch(tok, seed=step, nan_pixel=step == 2)
@@ -66,6 +67,8 @@ def test_watched_loop_dumps_and_the_dump_replays_to_the_same_diagnosis(folder, t
                 out.loss.backward()
                 opt.step()
                 opt.zero_grad()
+    messages = [str(w.message) for w in warned]
+    assert any("dumped" in m for m in messages) and not any("could not be replayed" in m for m in messages), messages
     (dump,) = sorted(dumps.glob("step*-rank0"))
     manifest = json.loads((dump / "manifest.json").read_text())
     assert manifest["step"] == 2 and manifest["stack"]["stack"] == "transformers"
@@ -114,7 +117,9 @@ def test_bad_inputs_exit_2_with_one_paragraph(folder, tmp_path, capsys, kind, me
     assert main(["inspect", str(target), str(batch)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and "Loading weights" not in err
-    assert len(err.strip().splitlines()) == 1
+    *progress_lines, error = err.splitlines()  # stages that ended before the error said so, then one paragraph
+    assert error.startswith("nanscope: error: ") and message in error
+    assert all(re.fullmatch(r"nanscope: .+ in \d+\.\d s", ln) for ln in progress_lines), progress_lines
 
 
 def test_demo_on_the_transformers_stack(tmp_path, capsys):
