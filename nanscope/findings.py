@@ -60,6 +60,20 @@ CATALOGUE: dict[str, CodeInfo] = {
         _c("NS106", "phrase located at the wrong place in the caption", E,
            "The box trains on the tokens of another word: give the trainer character spans (tokens_positive) "
            "instead of caption.find(phrase), or rename the phrase so it is not part of another phrase.", 15),
+        _c("NS110", "caption too long for transformers' GroundingDino (its forward raises)", E,
+           "Split the categories over several prompts so each caption fits in max_text_len tokens, or tokenize "
+           "with truncation=True, max_length=max_text_len (boxes whose phrases fall past it lose their targets).", 8),
+        _c("NS111", "class labels index another image's phrases (transformers' class offset)", E,
+           "Give every image of a batch the same caption (e.g. all categories in one prompt), or run transformers' "
+           "loss image by image: its _get_target_classes_one_hot offsets image i's class labels by "
+           "len(label_maps[i]) instead of the number of phrases of the images before it.", 15),
+        _c("NS112", "class label outside the caption's phrases", E,
+           "class_labels index the '.'-separated phrases of the image's own caption (0 .. n_phrases-1): rebuild "
+           "them from the caption you pass; transformers' loss raises IndexError past the end and silently "
+           "takes a row from the end for a negative label.", 12),
+        _c("NS113", "transformers' encoder loss terms see no image / carry no gradient", I,
+           "Expected transformers behaviour, nothing to fix: do not read loss_ce_enc as a measure of the image "
+           "features, and do not expect loss_bbox_enc / loss_giou_enc to train anything.", 96),
         _c("NS201", "invalid target box", E,
            "Target boxes must be finite, normalized cxcywh in [0, 1] with width and height > 0 "
            "(convert xyxy / pixel boxes with torchvision.ops.box_convert and divide by the image size).", 14),

@@ -122,6 +122,8 @@ def test_mmdet_class_cost_matches_mmdetection_formula() -> None:
         torch.testing.assert_close(costs[i]["class"], expected, rtol=1e-5, atol=1e-5)
 
 
+
+
 def transformers_matcher():
     from transformers.loss.loss_grounding_dino import GroundingDinoHungarianMatcher
 

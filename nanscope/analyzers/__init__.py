@@ -1,7 +1,8 @@
 """Analyzers: one module per family of causes, registered by stable code (see registry.py)."""
 
-from nanscope.analyzers import (boxes, checkpoint_fit, loss, numerics, origin, supervision, targets,  # noqa: F401
-                                text)  # (register the built-ins)
+from nanscope.analyzers import (  # noqa: F401  (register the built-ins)
+    boxes, checkpoint_fit, loss, numerics, origin, supervision, targets, text, transformers,
+)
 from nanscope.analyzers.context import AnalysisContext
 from nanscope.analyzers.registry import Analyzer, get, register, registered, run_analyzers
 

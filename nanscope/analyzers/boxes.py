@@ -86,7 +86,14 @@ def invalid_target_boxes(ctx: AnalysisContext) -> list[Finding]:
     msg = (f"{len(where)} of {ctx.batch.num_boxes} target boxes are not valid normalized cxcywh boxes "
            f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}): L1 and GIoU losses and matching costs "
            "on them are NaN or meaningless.")
+    msg = _with_note(ctx, "NS201", msg, {"kinds": kinds})
     return [Finding("NS201", Severity.ERROR, len(where), msg, tuple(where[:MAX_WHERE]), data={"kinds": kinds})]
+
+
+def _with_note(ctx: AnalysisContext, code: str, message: str, data: dict[str, Any]) -> str:
+    """`message` plus what the replay's stack says its own code does with the problem."""
+    note = ctx.stack.finding_note(code, data) if ctx.stack is not None else None
+    return f"{message} {note}" if note else message
 
 
 def _forward_order(layers: list[str]) -> list[str]:
@@ -197,6 +204,7 @@ def nonfinite_matching_cost(ctx: AnalysisContext) -> list[Finding]:
         parts.append(f"Your criterion raised: {error}")
     severity = Severity.ERROR if merged or error else Severity.WARNING
     count = max(1, cells + len(empty))
+    parts = [_with_note(ctx, "NS203", " ".join(parts), {"cells": cells, "empty_rows": len(empty)})]
     return [Finding("NS203", severity, count, " ".join(parts), tuple(where[:MAX_WHERE]),
                     data={"empty_rows": [list(x) for x in empty]})]
 

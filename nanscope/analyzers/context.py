@@ -25,8 +25,9 @@ class AnalysisContext:
     logits: dict[str, torch.Tensor] | None = None  # layer name ('dec0'.., 'enc') -> [B, Q, T]
     boxes: dict[str, torch.Tensor] | None = None  # layer name -> [B, Q, 4] cxcywh
     text_mask: torch.Tensor | None = None  # [B, T] bool, padded with False to max_text_len
-    # The model and checkpoint.
+    # The model and checkpoint, and the stack (nanscope.stacks.base.Stack) that built them.
     model: Any = None
+    stack: Any = None
     state_dict: Mapping[str, torch.Tensor] | None = None
     key_fit: Any = None  # nanscope.stacks.checkpoint.KeyFit
     # The user's criterion, when given (--criterion): its terms on the captured outputs, and the same

@@ -72,8 +72,9 @@ def padded_logits(ctx: AnalysisContext) -> list[Finding]:
     severity = Severity.WARNING
     broken = _nonfinite_terms(ctx.loss_terms)
     fixed: set[str] = set()  # the criterion's terms that the padded positions make non-finite
-    if ctx.loss_terms is None and ctx.notes.get("criterion_error"):
-        message += " Your criterion failed before producing loss terms (see NS203), so whether it drops them is unknown."
+    if ctx.loss_terms is None and (ctx.notes.get("criterion_error") or ctx.notes.get("criterion_label_error")):
+        message += (" Your criterion failed before producing loss terms (see the findings above), so whether it "
+                    "drops them is unknown.")
     elif ctx.loss_terms is None:
         message += " Run with --criterion MODULE:ATTR to check whether your loss drops them."
     elif broken:
@@ -116,6 +117,8 @@ def positive_on_padding(ctx: AnalysisContext) -> list[Finding]:
 
 @register("NS104")
 def caption_too_long(ctx: AnalysisContext) -> list[Finding]:
+    if ctx.stack is not None and not getattr(ctx.stack, "truncates_captions", True):
+        return []  # this stack does not truncate: its forward raises, and NS110 says so
     out_where = []
     for i, info in enumerate(ctx.texts):
         if not info.truncated:

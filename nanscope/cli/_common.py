@@ -11,17 +11,20 @@ from typing import Any, Sequence
 
 def replay_arguments(p: argparse.ArgumentParser) -> None:
     """CHECKPOINT [BATCH] and the model options, shared by every command that replays a batch."""
-    p.add_argument("checkpoint", help="checkpoint file, or a nanscope.watch dump folder")
+    p.add_argument("checkpoint", help="checkpoint file, a transformers save_pretrained folder, or a nanscope.watch "
+                                      "dump folder")
     p.add_argument("batch", nargs="?", help="batch file (torch.save of the schema in README); omit for a dump")
     model_options(p)
 
 
 def model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="groundingdino config (.py as shipped, or .json); default: SwinT-OGC")
-    p.add_argument("--text-encoder", help="Hugging Face name or local folder of the BERT; default: from the config")
+    p.add_argument("--config", help="groundingdino config (.py as shipped, or .json; default: SwinT-OGC), or a "
+                                    "transformers config.json for a state-dict file")
+    p.add_argument("--text-encoder", help="Hugging Face name or local folder of the BERT / tokenizer; default: from "
+                                          "the config (transformers: the folder's tokenizer)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--stack", metavar="NAME",
-                   help="the model family (groundingdino-py, ...); default: detected from the checkpoint")
+                   help="the model family (groundingdino-py, transformers or hf); default: detected from the checkpoint")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow checkpoints that need pickled Python objects (can run code: only for files you trust)")
 
@@ -81,6 +84,9 @@ def dump_paths(args: argparse.Namespace) -> None:
     d = Path(args.checkpoint)
     if not d.is_dir():
         return
+    is_dump = (d / "manifest.json").is_file() or (d / "checkpoint.pth").is_file() or any(d.glob("step*-rank*/manifest.json"))
+    if not is_dump and (d / "config.json").is_file():
+        return  # a transformers save_pretrained folder: the model itself, read by its stack
     if args.batch:
         raise InputError(f"{str(d)!r} is a folder (a dump); pass it alone, without a batch file")
     if not (d / "checkpoint.pth").is_file() and any(d.glob("step*-rank*/manifest.json")):

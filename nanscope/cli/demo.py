@@ -18,6 +18,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-html", action="store_true", help="skip the HTML report")
     p.add_argument("--no-verify", action="store_true", help="skip verify-fix")
     quiet_option(p)
+    p.add_argument("--stack", default="groundingdino-py", choices=["groundingdino-py", "transformers", "hf"],
+                   help="the model family of the demo model (default: groundingdino-py; hf: transformers' "
+                        "GroundingDinoForObjectDetection saved with save_pretrained)")
     p.set_defaults(command_module=__name__)
 
 
@@ -42,10 +45,17 @@ def run(args: argparse.Namespace, console: Any) -> int:
         raise OutputError(f"demo folder {str(out)!r} cannot be created: {exc.strerror or exc}") from None
     check_output_path(html, [])
     console.print(f"writing the demo model, checkpoint and batch to {out}/ ...")
-    files = write_demo(out)
-    replay = prepare(files.checkpoint, files.batch, config=files.config)  # built once, shared by both steps
-    console.print(f"$ nanscope inspect {files.checkpoint} {files.batch} --config {files.config} "
-                  f"--criterion {DEMO_CRITERION}")
+    if args.stack == "groundingdino-py":
+        files = write_demo(out)
+        replay = prepare(files.checkpoint, files.batch, config=files.config)  # built once, shared by both steps
+        model_args = f"{files.checkpoint} {files.batch} --config {files.config}"
+    else:
+        from nanscope.stacks.hf_demo import write_hf_demo
+
+        hf_files = write_hf_demo(out)
+        replay = prepare(hf_files.model, hf_files.batch)
+        model_args = f"{hf_files.model} {hf_files.batch}"
+    console.print(f"$ nanscope inspect {model_args} --criterion {DEMO_CRITERION}")
     result = inspect_replay(replay, criterion=DEMO_CRITERION)
     render(result, console)
     if html:
@@ -55,8 +65,7 @@ def run(args: argparse.Namespace, console: Any) -> int:
         return EXIT_OK
     from nanscope.verify.pipeline import verify_replay
 
-    console.print(f"$ nanscope verify-fix {files.checkpoint} {files.batch} --config {files.config} "
-                  f"--steps {DEMO_VERIFY_STEPS}")
+    console.print(f"$ nanscope verify-fix {model_args} --steps {DEMO_VERIFY_STEPS}")
     verified = verify_replay(replay, steps=DEMO_VERIFY_STEPS)
     render(verified, console)
     if html:

@@ -12,7 +12,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("inspect", help="replay one batch through a GroundingDINO checkpoint and diagnose it")
     replay_arguments(p)
     p.add_argument("--criterion", metavar="MODULE:ATTR",
-                   help="your criterion, run on the captured outputs (class, factory or function)")
+                   help="your criterion, run on the captured outputs (class, factory or function); "
+                        "'transformers' on the transformers stack runs its own loss")
     p.add_argument("--trace", action="store_true",
                    help="trace the first non-finite operation, forward and backward (slower)")
     p.add_argument("--amp", choices=["fp16", "bf16"], help="replay the forward under autocast, as AMP training does")

@@ -19,11 +19,14 @@ def register(subparsers: Any) -> None:
                     "padding, matching is unchanged, a few training steps stay finite, memory is within 1.5x.")
     replay_arguments(p)
     p.add_argument("--before", metavar="MODULE:ATTR",
-                   help="the criterion that NaNs (class, factory or function); default: nanscope's naive criterion")
+                   help="the criterion that NaNs (class, factory or function), or 'transformers' on that stack; "
+                        "default: nanscope's naive criterion")
     p.add_argument("--after", metavar="MODULE:ATTR",
-                   help="the fixed criterion; default: nanscope.criterion.SetCriterion for --preset")
-    p.add_argument("--preset", default="mmdet", choices=PRESET_NAMES,
-                   help="loss weights, normalizers and matching of the reference trainer (default: mmdet)")
+                   help="the fixed criterion, or 'transformers' on that stack; default: nanscope.criterion.SetCriterion "
+                        "for --preset")
+    p.add_argument("--preset", default=None, choices=PRESET_NAMES,
+                   help="loss weights, normalizers and matching of the reference trainer (default: the stack's: "
+                        "mmdet for groundingdino-py, hf for transformers)")
     p.add_argument("--steps", type=int, default=5, metavar="N",
                    help="AdamW steps (lr 1e-4) on a copy of the model with the after criterion (default: 5, min 2)")
     output_options(p)

@@ -15,9 +15,13 @@ Schema (a dict):
                 extra            optional dict: the trainer's own target keys (labels, size, ...)
                                  kept by nanscope.watch; tensors, numbers, strings, lists and dicts
                                  of them. Criteria see them next to nanscope's keys.
+                class_labels     optional list of N ints: the index of each box's '.'-separated phrase
+                                 (what transformers' GroundingDino loss takes as labels)
     image_masks  optional Tensor [B, H, W] bool, True on padded pixels (the mask of groundingdino's
                  NestedTensor when images of different sizes were padded into one batch)
 Validation errors name the field and index, e.g. `targets[1].boxes has shape [3, 5]; expected [N, 4]`.
+`read_batch` also accepts the Hugging Face form (pixel_values, input_ids, attention_mask, labels):
+see `nanscope.replay.hf_batch`.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Target:
     spans: tuple[tuple[tuple[int, int], ...], ...] | None  # per box, character spans
     positive_map: torch.Tensor | None = None  # [N, T] the trainer's own map; used without phrases and spans
     extra: Mapping[str, Any] | None = None  # the trainer's own keys, kept as given (weights_only types)
+    class_labels: tuple[int, ...] | None = None  # per box, index of its '.'-separated phrase (transformers' labels)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,8 @@ class Batch:
                 d["positive_map"] = t.positive_map.detach().cpu()
             if t.extra:
                 d["extra"] = dict(t.extra)
+            if t.class_labels is not None:
+                d["class_labels"] = list(t.class_labels)
             targets.append(d)
         out = {"images": self.images.detach().cpu(), "captions": list(self.captions), "targets": targets}
         if self.image_masks is not None:
@@ -141,13 +148,23 @@ def _check_extra(value: Any, where: str, depth: int = 0) -> None:
         raise BatchError(f"{where} is a {type(value).__name__}; expected tensors, numbers, strings, lists or dicts")
 
 
+def _class_labels(value: Any, where: str, n: int) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    labels = torch.as_tensor(value)
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.numel() != n:
+        raise BatchError(f"{where} is {value!r}; expected {n} integers (the phrase index of each box)")
+    return tuple(int(x) for x in labels.reshape(-1).tolist())
+
+
 def validate_batch(raw: Any, source: str = "batch") -> Batch:
     """Check a raw batch dict against the schema and return a `Batch`; raise `BatchError` naming the field."""
     if not isinstance(raw, Mapping):
         raise BatchError(f"{source} holds a {type(raw).__name__}; expected a dict with images, captions, targets")
     missing = [k for k in ("images", "captions", "targets") if k not in raw]
     if missing:
-        raise BatchError(f"{source} has no {', '.join(missing)}; expected keys images, captions, targets")
+        raise BatchError(f"{source} has no {', '.join(missing)}; expected keys images, captions, targets "
+                         "(or the Hugging Face form: pixel_values, input_ids, attention_mask, labels)")
     images = raw["images"]
     if not isinstance(images, torch.Tensor):
         raise BatchError(f"images is a {type(images).__name__}; expected a tensor [B, 3, H, W]")
@@ -204,7 +221,8 @@ def validate_batch(raw: Any, source: str = "batch") -> Batch:
         if extra is not None:
             _check_extra(extra, f"targets[{i}].extra")
         out.append(Target(boxes=boxes.float(), phrases=phrases, spans=spans, positive_map=pmap,
-                          extra=dict(extra) if extra else None))
+                          extra=dict(extra) if extra else None,
+                          class_labels=_class_labels(t.get("class_labels"), f"targets[{i}].class_labels", n)))
     masks = raw.get("image_masks")
     if masks is not None:
         if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
@@ -218,6 +236,21 @@ def validate_batch(raw: Any, source: str = "batch") -> Batch:
 
 def load_batch(path: str | os.PathLike[str]) -> Batch:
     """Load and validate a batch file written with `torch.save` (read with weights_only=True)."""
+    return validate_batch(_read(path), source=str(path))
+
+
+def read_batch(path: str | os.PathLike[str]) -> Any:
+    """A batch file in nanscope's schema (-> `Batch`) or in the Hugging Face form (-> `hf_batch.HfBatch`,
+    which the stack turns into a `Batch` once its tokenizer is loaded)."""
+    raw = _read(path)
+    from nanscope.replay.hf_batch import is_hf_batch, validate_hf_batch
+
+    if is_hf_batch(raw):
+        return validate_hf_batch(raw, source=str(path))
+    return validate_batch(raw, source=str(path))
+
+
+def _read(path: str | os.PathLike[str]) -> Any:
     p = Path(path)
     if not p.is_file():
         raise BatchError(f"batch file {str(p)!r} does not exist")
@@ -229,7 +262,7 @@ def load_batch(path: str | os.PathLike[str]) -> Batch:
             f"batch file {str(p)!r} could not be read as a torch file of plain tensors, strings and lists "
             f"({first[:200]}); expected a dict saved with torch.save"
         ) from None
-    return validate_batch(raw, source=str(p))
+    return raw
 
 
 def save_batch(path: str | os.PathLike[str], batch: Batch | Mapping[str, Any]) -> Path:

@@ -17,12 +17,14 @@ from nanscope.findings import check_codes
 from nanscope.replay.module_stats import module_stats
 from nanscope.replay.session import Replay, prepare
 from nanscope.result import Result, environment
-from nanscope.user_code import call_criterion, collect_user_stdout, load_criterion
+from nanscope.user_code import call_criterion, collect_user_stdout
 
 SANITIZED_LOGIT = -1.0e4  # finite stand-in for -inf padding in the counterfactual run (fits fp16)
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # --amp: replay the forward under autocast
 # Criterion errors that are symptoms nanscope diagnoses (NS203), not bugs in the user's code.
 MATCHING_FAILURES = ("MatchingError", "invalid numeric entries", "cost matrix is infeasible")
+# Criterion errors from class labels that index past a label map (transformers' loss): NS111/NS112 name them.
+LABEL_FAILURES = ("TransformersLabelError",)
 
 
 def amp_dtype(amp: str | None) -> torch.dtype | None:
@@ -47,6 +49,10 @@ def is_untruncated_width_failure(exc: CriterionError, texts: list[Any], max_text
     long = {t.num_tokens for t in texts if t.truncated}
     text = str(exc).lower()
     return ("size" in text or "shape" in text) and max_text_len in numbers and bool(long & numbers)
+
+
+def is_label_failure(exc: CriterionError) -> bool:
+    return any(s in str(exc) for s in LABEL_FAILURES)
 
 
 def padded_text_mask(mask: torch.Tensor | None, width: int) -> torch.Tensor | None:
@@ -112,7 +118,7 @@ def worst_image(ctx: AnalysisContext, layer: str) -> int:
 def build_context(replay: Replay, record: ForwardRecord) -> AnalysisContext:
     T = replay.max_text_len
     return AnalysisContext(
-        batch=replay.batch, texts=replay.texts, max_text_len=T, record=record,
+        batch=replay.batch, texts=replay.texts, max_text_len=T, record=record, stack=replay.stack,
         logits=record.logits_by_layer(), boxes=record.boxes_by_layer(),
         text_mask=padded_text_mask(record.text_token_mask, T),
         model=replay.model, state_dict=replay.state_dict, key_fit=replay.key_fit,
@@ -181,7 +187,7 @@ def inspect_replay(
     ctx.module_stats = stats.result() if stats is not None else None
     terms: dict[str, float] = {}
     if criterion:
-        crit, name = load_criterion(criterion)
+        crit, name = replay.criterion(criterion)
         outputs = record.to_outputs()
         targets = replay.targets()
         extras = replay.criterion_extras()
@@ -196,12 +202,13 @@ def inspect_replay(
             if is_untruncated_width_failure(exc, replay.texts, replay.max_text_len):
                 ctx.loss_terms = ctx.loss_terms_padding_sanitized = None  # NS406 names it
                 ctx.notes["criterion_shape_error"] = str(exc)
-            elif not is_matching_failure(exc):
+            elif not (is_matching_failure(exc) or is_label_failure(exc)):
                 raise
             else:
-                # The matcher refused non-finite costs: NS203 reports it with the causes ranked above it.
+                # The matcher refused non-finite costs (NS203), or class labels index past the label maps
+                # (NS111/NS112): those findings report it, with the causes ranked above it.
                 ctx.loss_terms = ctx.loss_terms_padding_sanitized = None
-                ctx.notes["criterion_error"] = str(exc)
+                ctx.notes["criterion_label_error" if is_label_failure(exc) else "criterion_error"] = str(exc)
         if ctx.loss_terms is not None:
             terms = {k: float(v.detach().float().sum()) for k, v in ctx.loss_terms.items()}
             if _wants(SUPERVISION_CODES, select, ignore):
@@ -222,7 +229,8 @@ def inspect_replay(
         "valid_tokens_per_image": ([int(x) for x in record.text_token_mask.sum(1).tolist()]
                                    if record.text_token_mask is not None else None),
         "criterion": ctx.criterion_name,
-        "criterion_error": ctx.notes.get("criterion_error") or ctx.notes.get("criterion_shape_error"),
+        "criterion_error": (ctx.notes.get("criterion_error") or ctx.notes.get("criterion_label_error")
+                            or ctx.notes.get("criterion_shape_error")),
         "autocast": amp,
     }
     return Result(kind="inspect", findings=findings, summary=summary, inputs=dict(replay.inputs),
@@ -234,7 +242,7 @@ def run_trace(replay: Replay, criterion: str | None) -> Any:
     """The op-level origin trace of forward + loss + backward (NS301/NS302)."""
     from nanscope.trace.tracer import trace_nonfinite
 
-    crit = load_criterion(criterion)[0] if criterion else None
+    crit = replay.criterion(criterion)[0] if criterion else None
     targets = replay.targets()
     args, kwargs = replay.model_call()
     assert replay.stack is not None
@@ -250,7 +258,7 @@ def run_trace(replay: Replay, criterion: str | None) -> Any:
     try:
         return trace_nonfinite(replay.model, run, backward=crit is not None)
     except CriterionError as exc:
-        if crit is None or not is_matching_failure(exc):
+        if crit is None or not (is_matching_failure(exc) or is_label_failure(exc)):
             raise
         # The loss cannot be built (non-finite matching costs): the forward origin is what matters.
         return run_trace(replay, None)

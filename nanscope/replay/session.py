@@ -15,7 +15,7 @@ from torch import nn
 
 from nanscope import progress
 from nanscope.errors import DeviceError
-from nanscope.replay.batch import Batch, load_batch
+from nanscope.replay.batch import Batch, read_batch
 from nanscope.replay.positive_map import TextInfo, build_text_info
 from nanscope.stacks import stack_for_checkpoint
 from nanscope.stacks.base import Stack
@@ -86,6 +86,24 @@ class Replay:
         args, kwargs = self.model_call()
         return (model if model is not None else self.model)(*args, **kwargs)
 
+    def criterion(self, spec: Any) -> tuple[Any, str]:
+        """`(criterion, name)` for a spec: a short name the stack ships ('transformers'), `MODULE:ATTR`,
+        or an already loaded `(criterion, name)` pair."""
+        from nanscope.user_code import load_criterion
+
+        if not isinstance(spec, str):
+            return spec
+        assert self.stack is not None
+        named = self.stack.criterion(spec, self.model)
+        if named is not None:
+            return named
+        if ":" not in spec.replace(":\\", ""):
+            from nanscope.errors import CriterionError
+
+            raise CriterionError(f"criterion {spec!r} is not MODULE:ATTR, and the {self.stack.name} stack ships no "
+                                 "criterion of that name (the transformers stack ships 'transformers')")
+        return load_criterion(spec)
+
     def forward(self, *, detach: bool = True, grad: bool = False) -> ForwardRecord:
         """One captured forward (eval mode, no gradients unless `grad`)."""
         assert self.stack is not None
@@ -111,12 +129,17 @@ def prepare(
     """
     dev = resolve_device(device)
     with progress.stage("reading the batch", "read the batch"):
-        b = batch if isinstance(batch, Batch) else load_batch(batch)
+        b = read_batch(batch) if isinstance(batch, (str, os.PathLike)) else batch  # a Batch, or the HF form
     st = stack_for_checkpoint(checkpoint, stack=stack)
     loaded = st.load(checkpoint, config=config, text_encoder=text_encoder, trust=trust_checkpoint, device=dev,
                      hash_checkpoint=hash_checkpoint)
+    if not isinstance(b, Batch):  # the Hugging Face form needs the tokenizer to become a Batch
+        from nanscope.replay.hf_batch import to_batch
+
+        b = to_batch(b, loaded.tokenizer)
     texts = build_text_info(loaded.tokenizer, b, max_text_len=loaded.max_text_len)
     inputs = {"checkpoint": str(checkpoint), "checkpoint_sha256": None,
-              "batch": b.source if isinstance(batch, Batch) else str(batch), **loaded.inputs, "device": str(dev)}
+              "batch": str(batch) if isinstance(batch, (str, os.PathLike)) else b.source, **loaded.inputs,
+              "device": str(dev)}
     return Replay(loaded.model, loaded.cfg, b, texts, loaded.state_dict, loaded.key_fit, dev, inputs,
                   stack=st, max_text_len=loaded.max_text_len, tokenizer=loaded.tokenizer)

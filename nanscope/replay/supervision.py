@@ -106,11 +106,12 @@ def loss_term_names(terms: Mapping[str, Tensor], weight_dict: Mapping[str, float
 
 
 def zero_positives(targets: Targets) -> list[dict[str, Any]]:
-    """Targets with every positive map (and its common aliases) set to 0; boxes and labels unchanged."""
+    """Targets with every positive map (and its common aliases, and the transformers stack's `phrase_map`
+    whose rows its `class_labels` index) set to 0; boxes and labels unchanged."""
     out = []
     for t in targets:
         d = dict(t)
-        for k in ("positive_map", "token_labels", "positive_maps"):
+        for k in ("positive_map", "token_labels", "positive_maps", "phrase_map"):
             if isinstance(d.get(k), Tensor):
                 d[k] = torch.zeros_like(d[k])
         out.append(d)

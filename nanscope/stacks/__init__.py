@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 # name -> "module:Class"; modules are imported only when a stack is needed
 STACK_CLASSES: dict[str, str] = {
     "groundingdino-py": "nanscope.stacks.groundingdino_py:GroundingDinoPy",
+    "transformers": "nanscope.stacks.transformers_hf:TransformersHF",
 }
+STACK_ALIASES = {"hf": "transformers", "gdpy": "groundingdino-py"}  # short names accepted wherever a stack is named
 _INSTANCES: dict[str, "Stack"] = {}
 
 
@@ -30,7 +32,8 @@ def stack_names() -> list[str]:
 
 
 def get_stack(name: str) -> "Stack":
-    """The stack called `name`; an unknown name lists the valid ones."""
+    """The stack called `name` (or one of its aliases); an unknown name lists the valid ones."""
+    name = STACK_ALIASES.get(name, name)
     if name not in STACK_CLASSES:
         raise ConfigError(f"stack {name!r} is not known; expected one of {', '.join(STACK_CLASSES)}")
     if name not in _INSTANCES:

@@ -15,7 +15,7 @@ import abc
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, ContextManager
+from typing import Any, Callable, ClassVar, ContextManager
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,28 @@ from nanscope.stacks.capture import Capture
 from nanscope.stacks.checkpoint import KeyFit
 
 PathLike = str | os.PathLike[str]
+
+
+WRAPPER_ATTRS = ("_orig_mod", "module", "base_model", "model")  # torch.compile, DDP, PEFT, PEFT's inner model
+
+
+def find_wrapped(model: nn.Module, is_target: Callable[[Any], bool]) -> nn.Module | None:
+    """The first module `is_target` accepts: `model` itself, down its wrapper attributes (DDP `module`, PEFT
+    `base_model.model`, torch.compile `_orig_mod`), else any submodule; None when there is none."""
+    seen: set[int] = set()
+    m: Any = model
+    while id(m) not in seen:
+        seen.add(id(m))
+        if is_target(m):
+            return m
+        for attr in WRAPPER_ATTRS:
+            inner = getattr(m, attr, None)
+            if isinstance(inner, nn.Module):
+                m = inner
+                break
+        else:
+            break
+    return next((sub for sub in model.modules() if is_target(sub)), None)
 
 
 @dataclass
@@ -44,6 +66,8 @@ class Stack(abc.ABC):
     """One model family. Instances are stateless; the registry holds one of each."""
 
     name: ClassVar[str]  # stable, used in dumps and --stack: "groundingdino-py", "transformers"
+    default_preset: ClassVar[str] = "mmdet"  # verify-fix's --preset when none is given
+    truncates_captions: ClassVar[bool] = True  # False: a caption over max_text_len makes the forward raise
 
     # ---------------------------------------------------------------- models
     @abc.abstractmethod
@@ -92,6 +116,16 @@ class Stack(abc.ABC):
 
     def reference_criterion(self, preset: str) -> str | None:
         """`MODULE:ATTR` of this stack's own loss for `preset`, when it ships one (None: nanscope's)."""
+        return None
+
+    def criterion(self, name: str, model: nn.Module) -> tuple[Any, str] | None:
+        """`(criterion, display name)` for a short name this stack ships (e.g. 'transformers'), built for
+        `model`; None when `name` is not one (then it is read as MODULE:ATTR)."""
+        return None
+
+    def finding_note(self, code: str, data: dict[str, Any]) -> str | None:
+        """A sentence an analyzer appends to finding `code` about what this stack's own code does with the
+        problem (e.g. whether its matcher raises on non-finite costs); `data` holds the finding's numbers."""
         return None
 
     # ---------------------------------------------------------------- watch dumps

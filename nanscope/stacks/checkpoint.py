@@ -119,16 +119,21 @@ def key_fit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> KeyFit:
                   tuple(benign))
 
 
-def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> KeyFit:
-    """Copy every fitting tensor into `model`; refuse a file that is clearly another model's."""
+GDPY_EXPECTED = "groundingdino weights such as 'transformer.encoder.layers.0...' - check --config and the file"
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint",
+              expected: str = GDPY_EXPECTED) -> KeyFit:
+    """Copy every fitting tensor into `model`; refuse a file that is clearly another model's.
+
+    expected: what the message says a fitting file holds (the stack's key names)."""
     fit = key_fit(model, state)
     if fit.fraction < MIN_FIT:
         some = ", ".join(list(state)[:3])
         raise CheckpointError(
             f"{source} does not look like a checkpoint of this GroundingDINO config: only {len(fit.matched)} of "
             f"{len(fit.matched) + len(fit.missing) + len(fit.mismatched)} model weights are in it "
-            f"(its keys start with {some}); expected groundingdino weights such as "
-            "'transformer.encoder.layers.0...' - check --config and the file"
+            f"(its keys start with {some}); expected {expected}"
         )
     fitting = {k: state[k] for k in fit.matched}
     model.load_state_dict(fitting, strict=False)

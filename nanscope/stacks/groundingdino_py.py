@@ -19,7 +19,7 @@ from torch import nn
 
 from nanscope import progress
 from nanscope.errors import ConfigError
-from nanscope.stacks.base import LoadedModel, Stack
+from nanscope.stacks.base import LoadedModel, Stack, find_wrapped
 from nanscope.stacks.capture import Capture
 
 DEFAULT_CONFIG = "SwinT_OGC"  # groundingdino's GroundingDINO_SwinT_OGC.py, shipped inside the package
@@ -121,23 +121,10 @@ def find_groundingdino(model: nn.Module) -> nn.Module:
     """Return the GroundingDINO inside DDP (`module`), PEFT (`base_model.model`) or torch.compile (`_orig_mod`)."""
     from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO
 
-    seen: set[int] = set()
-    m: Any = model
-    while id(m) not in seen:
-        seen.add(id(m))
-        if isinstance(m, GroundingDINO):
-            return m
-        for attr in ("_orig_mod", "module", "base_model", "model"):
-            inner = getattr(m, attr, None)
-            if isinstance(inner, nn.Module):
-                m = inner
-                break
-        else:
-            break
-    for sub in model.modules():
-        if isinstance(sub, GroundingDINO):
-            return sub
-    raise ConfigError(f"no GroundingDINO module found inside {type(model).__name__}")
+    found = find_wrapped(model, lambda m: isinstance(m, GroundingDINO))
+    if found is None:
+        raise ConfigError(f"no GroundingDINO module found inside {type(model).__name__}")
+    return found
 
 
 def resolve_text_encoder(config: str | os.PathLike[str] | None, text_encoder: str | None) -> str | None:

@@ -77,10 +77,14 @@ def unpadded_batch(outputs: Outputs,
 
 
 @progress.staged("check 4 (after equals the masked_select reference)")
-def check_reference(after: CriterionRun, outputs: Outputs, targets: Targets, preset: str) -> Check:
+def check_reference(after: CriterionRun, outputs: Outputs, targets: Targets, preset: str, *,
+                    stack_reference: str | None = None, after_criterion: tuple[Criterion, str] | None = None,
+                    extras: Mapping[str, Any] | None = None) -> Check:
+    """`stack_reference`: the stack's own loss for `preset` (MODULE:ATTR), then check 4's reference."""
     from nanscope.verify.reference import compare_presets
 
-    return compare_presets(after.terms, outputs, targets, preset)
+    return compare_presets(after.terms, outputs, targets, preset, stack_reference=stack_reference,
+                           after_criterion=after_criterion, extras=extras)
 
 
 @progress.staged("check 5 (after equals before on valid positions)")

@@ -206,40 +206,55 @@ def verdict_detail(checks: list[Any], preset: str) -> str:
     return "fixed: no non-finite term, " + "; ".join(parts)
 
 
-def resolve_criteria(before: Any, after: Any, preset: str,
-                     steps: int) -> tuple[tuple[Criterion, str], tuple[Criterion, str]]:
-    """Validate the options and load both criteria (before any model is built, so mistakes fail fast)."""
+def resolve_criteria(before: Any, after: Any, preset: str | None,
+                     steps: int) -> tuple[Any, Any]:
+    """Validate the options and load both criteria (before any model is built, so mistakes fail fast).
+
+    A bare name without ':' (a criterion a stack ships, e.g. 'transformers') and a None (nanscope's
+    default for the preset) are kept as they are: `verify_replay` resolves them with the replay.
+    """
     from nanscope.criterion.presets import get_preset
 
-    get_preset(preset)  # an unknown preset is an InputError listing the valid ones
+    if preset is not None:
+        get_preset(preset)  # an unknown preset is an InputError listing the valid ones
     if steps < 2:
         raise InputError(f"--steps {steps} given; at least 2 are needed to compare the first and last loss")
-    default_b, default_a = default_criteria(preset)
 
-    def one(spec: Any, default: tuple[Criterion, str]) -> tuple[Criterion, str]:
-        if spec is None:
-            return default
-        return load_criterion(spec) if isinstance(spec, str) else spec
+    def one(spec: Any) -> Any:
+        if isinstance(spec, str) and ":" in spec.replace(":\\", ""):
+            return load_criterion(spec)
+        return spec
 
-    return one(before, default_b), one(after, default_a)
+    return one(before), one(after)
 
 
-def verify_replay(replay: Replay, *, before: Any = None, after: Any = None, preset: str = "mmdet",
+def _resolve(replay: Replay, spec: Any, default: tuple[Criterion, str]) -> tuple[Criterion, str]:
+    return default if spec is None else replay.criterion(spec)
+
+
+def verify_replay(replay: Replay, *, before: Any = None, after: Any = None, preset: str | None = None,
                   steps: int = DEFAULT_STEPS) -> Result:
     """Run the ten checks on a prepared replay (its model is only read: steps train a copy). Never prints.
 
-    `before` / `after`: a `MODULE:ATTR` spec (see `nanscope.user_code`), a loaded `(criterion, name)`,
-    or None for nanscope's NaiveCriterion / SetCriterion of `preset`. What the criteria print is in
-    `result.user_stdout`.
+    `before` / `after`: a `MODULE:ATTR` spec (see `nanscope.user_code`), a short name the replay's stack
+    ships ('transformers'), a loaded `(criterion, name)`, or None for nanscope's NaiveCriterion /
+    SetCriterion of `preset`. `preset` None: the stack's default (groundingdino-py 'mmdet', transformers
+    'hf'). What the criteria print is in `result.user_stdout`.
     """
+    assert replay.stack is not None
+    preset = preset or replay.stack.default_preset
     with collect_user_stdout() as out:
-        result = _verify(replay, resolve_criteria(before, after, preset, steps), preset, steps)
+        spec_b, spec_a = resolve_criteria(before, after, preset, steps)
+        default_b, default_a = default_criteria(preset)
+        criteria = (_resolve(replay, spec_b, default_b), _resolve(replay, spec_a, default_a))
+        result = _verify(replay, criteria, preset, steps)
     result.user_stdout = out.text + result.user_stdout
     return result
 
 
 def _verify(replay: Replay, criteria: tuple[tuple[Criterion, str], tuple[Criterion, str]], preset: str,
             steps: int) -> Result:
+    assert replay.stack is not None
     crit_b, crit_a = criteria
     name_b, name_a = f"before ({crit_b[1]})", f"after ({crit_a[1]})"
     targets = replay.targets()
@@ -254,7 +269,9 @@ def _verify(replay: Replay, criteria: tuple[tuple[Criterion, str], tuple[Criteri
     with progress.stage("backpropagating after", "backpropagated after"):
         run_a = run_criterion(replay.model, crit_a[0], name_a, outputs, targets, extras)
     checks = [check_reproduced(run_b, crit_b[1]), check_after_finite(run_a, num_boxes),
-              check_gradients(run_b, run_a), check_reference(run_a, outputs, targets, preset),
+              check_gradients(run_b, run_a),
+              check_reference(run_a, outputs, targets, preset, stack_reference=replay.stack.reference_criterion(preset),
+                              after_criterion=crit_a, extras=extras),
               check_valid_only(crit_b[0], name_b, run_a, outputs, targets, before=run_b, extras=extras),
               check_no_op((crit_b[0], name_b), (crit_a[0], name_a), outputs, targets, extras=extras,
                           keys=(run_b.loss_keys, run_a.loss_keys)),
@@ -301,7 +318,7 @@ def verify_fix(
     *,
     before: str | None = None,
     after: str | None = None,
-    preset: str = "mmdet",
+    preset: str | None = None,
     steps: int = DEFAULT_STEPS,
     config: str | os.PathLike[str] | None = None,
     text_encoder: str | None = None,
@@ -311,8 +328,9 @@ def verify_fix(
 ) -> Result:
     """Replay `batch` through the GroundingDINO in `checkpoint` and run the ten checks. Never prints.
 
-    `before` / `after` are `MODULE:ATTR` specs (see `nanscope.user_code`); None uses nanscope's
-    NaiveCriterion / SetCriterion for `preset`.
+    `before` / `after` are `MODULE:ATTR` specs (see `nanscope.user_code`) or a short name the stack
+    ships ('transformers'); None uses nanscope's NaiveCriterion / SetCriterion for `preset` (None: the
+    stack's default preset).
     """
     with collect_user_stdout() as out:  # the user's module-level prints at import time
         criteria = resolve_criteria(before, after, preset, steps)

@@ -1,5 +1,7 @@
 """Check 4: after against nanscope's `masked_select` reference of every preset, and why a term differs.
 
+For the preset a stack ships its own loss for (transformers' for `hf`), that loss is the reference.
+
 Each preset's `SetCriterion(preset, impl="masked_select")` runs on the same outputs and targets; the
 distance to each is reported and the closest is named. A differing term is explained by its
 normalizer when after x N equals the reference x its own normalizer, to `NORMALIZER_RTOL`, for one of
@@ -48,11 +50,42 @@ def explain(term: str, got: float, ref: float, preset: Any, counts: Any) -> tupl
     return fit[0], f"{fit[1]:g} instead of {refn[0]} = {refn[1]:g}"
 
 
+def stack_reference_terms(after: Mapping[str, float], outputs: Mapping[str, Any],
+                          targets: Sequence[Mapping[str, Tensor]], spec: str, after_criterion: Any = None,
+                          extras: Mapping[str, Any] | None = None) -> tuple[dict[str, float], dict[str, float], str]:
+    """(after's terms, the stack's own loss's terms, a note) for check 4 on a stack that ships its loss.
+
+    Such a loss need not guard empty positive-map rows (transformers' matcher divides 0 by 0): then
+    both it and `after_criterion` run on the targets without those boxes, and the note names them.
+    """
+    from nanscope.replay.criterion_inputs import select_boxes
+    from nanscope.user_code import call_criterion, load_criterion
+    from nanscope.verify.checks import floats
+
+    ref = load_criterion(spec)[0]
+    keep = [t["positive_map"].sum(-1) > 0 for t in targets]
+    dropped = [(i, j) for i, k in enumerate(keep) for j in (~k).nonzero().flatten().tolist()]
+    note = ""
+    if dropped and after_criterion is not None:
+        targets = [select_boxes(t, k) for t, k in zip(targets, keep)]
+        with torch.no_grad():
+            after = floats(call_criterion(after_criterion[0], outputs, targets, name=after_criterion[1],
+                                          extras=extras))
+        shown = ", ".join(f"image {i} box {j}" for i, j in dropped[:4])
+        note = (f" (both without the {len(dropped)} box(es) whose positive-map row is empty - {shown} -, on which "
+                "the reference's matcher divides 0 by 0)")
+    with torch.no_grad():
+        return dict(after), floats(call_criterion(ref, outputs, targets, name="the reference")), note
+
+
 def compare_presets(after: Mapping[str, float], outputs: Mapping[str, Any],
-                    targets: Sequence[Mapping[str, Tensor]], preset: str) -> Check:
-    """Check 4 (see the module docstring). Passes when after equals the `preset` reference."""
+                    targets: Sequence[Mapping[str, Tensor]], preset: str, *, stack_reference: str | None = None,
+                    after_criterion: Any = None, extras: Mapping[str, Any] | None = None) -> Check:
+    """Check 4 (see the module docstring). Passes when after equals the `preset` reference; that reference
+    is the stack's own loss (`stack_reference`, MODULE:ATTR) when the stack ships one for `preset`."""
     from nanscope.criterion.presets import PRESETS
     from nanscope.criterion.set_criterion import SetCriterion
+    from nanscope.errors import CriterionError
     from nanscope.replay.supervision import batch_counts
     from nanscope.verify.checks import RTOL, canonical, compare_terms, floats
 
@@ -61,6 +94,16 @@ def compare_presets(after: Mapping[str, float], outputs: Mapping[str, Any],
         for name in PRESETS:
             refs[name] = floats(SetCriterion(name, impl="masked_select")(outputs, targets))
     cmps = {name: compare_terms(after, ref) for name, ref in refs.items()}
+    what = f"vs SetCriterion(preset={preset!r}, impl='masked_select')"
+    if stack_reference is not None:
+        try:
+            own_after, refs[preset], note = stack_reference_terms(after, outputs, targets, stack_reference,
+                                                                  after_criterion, extras)
+        except CriterionError as exc:
+            return Check(4, "after equals the masked_select reference", False,
+                         f"vs the stack's own loss {stack_reference}: the reference raised: {exc}", {})
+        cmps[preset] = compare_terms(own_after, refs[preset])
+        what = f"vs the stack's own loss {stack_reference}{note}"
 
     def distance(name: str) -> tuple[Any, ...]:
         cm = cmps[name]
@@ -86,7 +129,7 @@ def compare_presets(after: Mapping[str, float], outputs: Mapping[str, Any],
                 + f" (max rel. diff {cm['max_rel_diff']:.2g})")
 
     cm = cmps[preset]
-    detail = (f"vs SetCriterion(preset={preset!r}, impl='masked_select'): max rel. diff {cm['max_rel_diff']:.2g} "
+    detail = (f"{what}: max rel. diff {cm['max_rel_diff']:.2g} "
               f"over {cm['compared']} terms (tolerance {RTOL:g}); every preset: {'; '.join(one(n) for n in PRESETS)}; "
               f"closest: {closest}")
     if reasons:

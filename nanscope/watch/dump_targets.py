@@ -110,6 +110,9 @@ def replay_gaps(batch: Any, forward: Mapping[str, Any] | None) -> list[str]:
     """What a dump of this step would lack for `nanscope inspect DUMP`; [] when it would replay."""
     fwd = forward or {}
     args, kwargs = fwd.get("args") or (), fwd.get("kwargs") or {}
+    hf = batch if batch is not None else (kwargs if "pixel_values" in kwargs else None)
+    if _is_hf(hf):  # transformers' form: the dump keeps it as it is (`nanscope.replay.hf_batch`)
+        return _hf_gaps(hf, given=batch is not None)
     if batch is None:
         images = args[0] if args else kwargs.get("samples", kwargs.get("images"))
         targets = kwargs.get("targets", args[1] if len(args) > 1 and not isinstance(args[1], str) else None)
@@ -130,3 +133,24 @@ def replay_gaps(batch: Any, forward: Mapping[str, Any] | None) -> list[str]:
     if not captions:
         gaps.append("no captions: not in the batch ('captions' or targets' 'caption') nor in the GroundingDINO call")
     return gaps + _target_gaps(targets)
+
+
+def _is_hf(batch: Any) -> bool:
+    from nanscope.replay.hf_batch import is_hf_batch
+
+    return is_hf_batch(batch)
+
+
+def _hf_gaps(batch: Mapping[str, Any], *, given: bool) -> list[str]:
+    """A batch (or model call) in transformers' form: what its structure lacks. No labels in a model call is
+    fine (the dump then holds the images without boxes); in a batch given to check() it is a gap."""
+    from nanscope.errors import BatchError
+    from nanscope.replay.hf_batch import validate_hf_batch
+
+    if not given and batch.get("labels") is None:
+        return []
+    try:
+        validate_hf_batch(batch, source="the batch")
+    except BatchError as exc:
+        return [str(exc)]
+    return []

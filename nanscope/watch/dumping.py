@@ -150,6 +150,8 @@ class DumpWriter:
                      else "the step raised before check(), so no batch was given")
             if "targets" in out:
                 return out, notes + [f"{given}: images, captions and targets come from the model call"]
+            if "labels" in out:  # transformers' form
+                return out, notes + [f"{given}: pixel_values, input_ids and labels come from the model call"]
             notes.append(f"{given}: images and captions come from the model call, targets are missing")
             images, captions = out.get("images"), out.get("captions")
             if isinstance(images, Tensor) and images.dim() == 4 and len(captions or ()) == images.shape[0]:
@@ -171,7 +173,10 @@ def _inner_captions(out: dict[str, Any], notes: list[str],
 
 
 def _call_batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """A model call `model(images, captions=...)` or groundingdino's `model(samples, targets)` as a schema batch."""
+    """A model call `model(images, captions=...)`, groundingdino's `model(samples, targets)` or transformers'
+    `model(pixel_values=..., input_ids=..., labels=...)` as a batch to dump."""
+    if "pixel_values" in kwargs and "input_ids" in kwargs:
+        return _hf_call_batch(kwargs)
     images = args[0] if args else kwargs.get("samples", kwargs.get("images"))
     raw: dict[str, Any] = {"images": images, "captions": kwargs.get("captions"), "targets": kwargs.get("targets")}
     second = args[1] if len(args) > 1 else None
@@ -181,3 +186,18 @@ def _call_batch(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[dict[
         elif all(isinstance(c, str) for c in second):
             raw["captions"] = raw["captions"] or second
     return schema_batch({k: v for k, v in raw.items() if v is not None})
+
+
+def _hf_call_batch(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """transformers' keyword call; without `labels` each image gets no boxes, so the forward can be replayed."""
+    from nanscope.replay.hf_batch import hf_batch_dict
+
+    out, notes = hf_batch_dict(kwargs)
+    notes = [n for n in notes if not n.startswith("dropped batch keys")]
+    if not out.get("labels"):
+        b = int(out["pixel_values"].shape[0])
+        out["labels"] = [{"class_labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
+                         for _ in range(b)]
+        notes.append("the model was called without labels: batch.pt holds each image without boxes so that "
+                     "`nanscope inspect DUMP` can replay the forward; its loss terms are not the training loss's")
+    return out, notes

@@ -145,6 +145,10 @@ def schema_batch(batch: Mapping[str, Any] | Sequence[Any]) -> tuple[dict[str, An
     the targets' "caption" (Open-GroundingDino) when there. Targets keep the trainer's own keys under
     `extra` and its positive map (see `nanscope.watch.dump_targets`).
     """
+    from nanscope.replay.hf_batch import hf_batch_dict, is_hf_batch
+
+    if is_hf_batch(batch):  # transformers' form (pixel_values, input_ids, ..., labels): kept as it is
+        return hf_batch_dict(batch)  # type: ignore[arg-type]
     notes: list[str] = []
     out: dict[str, Any] = {}
     if not isinstance(batch, Mapping):
@@ -184,11 +188,16 @@ def save_schema_batch(path: Path, batch: Mapping[str, Any]) -> list[str]:
     """Write `batch` (already schema-shaped) with nanscope.replay.batch when it validates, else as is. Returns notes."""
     try:
         from nanscope.replay.batch import save_batch
+        from nanscope.replay.hf_batch import is_hf_batch, validate_hf_batch
     except ImportError:
         torch.save(dict(batch), path)
         return []
     try:
-        save_batch(path, batch)
+        if is_hf_batch(batch):
+            validate_hf_batch(batch, source="the batch")
+            torch.save(dict(batch), path)
+        else:
+            save_batch(path, batch)
         return []
     except Exception as exc:  # the schema check failed: keep the data, say why
         torch.save(dict(batch), path)

@@ -1,0 +1,245 @@
+"""The transformers stack: `GroundingDinoForObjectDetection` and `MMGroundingDinoForObjectDetection`.
+
+Reads a `save_pretrained` folder (config.json + model.safetensors; its tokenizer when saved there,
+else `--text-encoder`), a state-dict file with `--config` (a config.json or folder), or a
+nanscope.watch dump (the config travels in the manifest as JSON values). Replays a batch the way a
+transformers training loop calls the model (`pixel_values`, `input_ids`, `attention_mask`,
+`token_type_ids`, `pixel_mask`) and captures what the loss sees (`nanscope.stacks.hf_capture`).
+
+A caption longer than `max_text_len` tokens makes transformers' detection head raise a shape error;
+the replay cuts its ids to `max_text_len` (as the model's text backbone does) so the rest of the batch
+can still be diagnosed, and NS110 reports the crash. Criteria: `--criterion transformers` is
+transformers' own loss built from the model's config; for `--preset hf` verify-fix compares with it.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+from typing import Any, ClassVar, ContextManager
+
+import torch
+from torch import nn
+
+from nanscope.errors import CheckpointError, ConfigError
+from nanscope.stacks.base import LoadedModel, Stack, find_wrapped
+from nanscope.stacks.capture import Capture
+
+DETECTOR_CLASSES = ("GroundingDinoForObjectDetection", "MMGroundingDinoForObjectDetection")
+CRITERION_NAME = "transformers"  # --criterion / --before / --after transformers
+REFERENCE = "nanscope.criterion.transformers_loss:TransformersReference"
+_TOKENIZERS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()  # model -> its tokenizer
+
+
+def is_detector(module: Any) -> bool:
+    """A transformers (MM-)GroundingDino detection model, by class (no import of transformers needed)."""
+    return any(c.__name__ in DETECTOR_CLASSES and c.__module__.startswith("transformers.")
+               for c in type(module).__mro__)
+
+
+def find_detector(model: nn.Module) -> nn.Module:
+    """The detector inside DDP (`module`), PEFT (`base_model.model`) or torch.compile (`_orig_mod`)."""
+    found = find_wrapped(model, is_detector)
+    if found is None:
+        raise ConfigError(f"no transformers GroundingDinoForObjectDetection inside {type(model).__name__}")
+    return found
+
+
+def _manifest_meta(checkpoint: Path) -> dict[str, Any]:
+    """The stack meta of the watch dump holding `checkpoint` ({} when it is no dump)."""
+    path = checkpoint.parent / "manifest.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8")).get("stack")
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def tokenizer_of(model: nn.Module) -> Any:
+    det = find_detector(model)
+    tok = _TOKENIZERS.get(det)
+    if tok is None:
+        raise ConfigError("no tokenizer is known for this transformers model; load it with nanscope (prepare / "
+                          "the stack's load) or register one with nanscope.stacks.transformers_hf.set_tokenizer")
+    return tok
+
+
+def set_tokenizer(model: nn.Module, tokenizer: Any) -> None:
+    """The tokenizer `model_call` encodes captions with (kept in a weak map, the model is not modified)."""
+    _TOKENIZERS[find_detector(model)] = tokenizer
+
+
+class TransformersHF(Stack):
+    """Hugging Face transformers' GroundingDino and MM-GroundingDino."""
+
+    name: ClassVar[str] = "transformers"
+    default_preset: ClassVar[str] = "hf"
+    truncates_captions: ClassVar[bool] = False  # GroundingDinoForObjectDetection raises on > max_text_len tokens
+
+    def owns(self, model: nn.Module) -> bool:
+        try:
+            find_detector(model)
+        except ConfigError:
+            return False
+        return True
+
+    def find_model(self, model: nn.Module) -> nn.Module:
+        return find_detector(model)
+
+    def claims(self, checkpoint: Path) -> bool:
+        p = Path(checkpoint)
+        if p.is_dir():
+            return (p / "config.json").is_file()
+        if p.suffix == ".safetensors" and (p.parent / "config.json").is_file():
+            try:
+                return json.loads((p.parent / "config.json").read_text(encoding="utf-8")).get("model_type") in \
+                    ("grounding-dino", "mm-grounding-dino")
+            except (OSError, ValueError, AttributeError):
+                return False
+        return p.is_file() and _manifest_meta(p).get("stack") == self.name
+
+    def _config_data(self, checkpoint: Path, config: Any) -> dict[str, Any]:
+        from nanscope.stacks.hf_loading import check_model_type, config_dict
+
+        if config is not None:
+            return config_dict(config)
+        if (checkpoint.parent / "config.json").is_file() and checkpoint.suffix == ".safetensors":
+            return config_dict(checkpoint.parent)  # a save_pretrained folder's weights file, named directly
+        meta = _manifest_meta(checkpoint)
+        if isinstance(meta.get("hf_config"), dict):
+            check_model_type(meta["hf_config"], f"{checkpoint.parent / 'manifest.json'} stack.hf_config")
+            return dict(meta["hf_config"])
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} is a state-dict file: pass --config with the model's "
+                          "config.json (or its save_pretrained folder)")
+
+    def load(self, checkpoint: Any, *, config: Any = None, text_encoder: str | None = None, trust: bool = False,
+             device: torch.device = torch.device("cpu"), hash_checkpoint: bool = True) -> LoadedModel:
+        import transformers
+
+        from nanscope.stacks.checkpoint import file_sha256
+        from nanscope.stacks.hf_loading import load_folder, load_state_file
+
+        path = Path(checkpoint)
+        if path.is_dir():
+            model, cfg, fit, weights = load_folder(path, config=config)
+            loaded = set(fit.matched)
+            state = {k: v for k, v in model.state_dict().items() if k in loaded}
+        elif path.is_file():
+            model, cfg, fit, raw = load_state_file(path, self._config_data(path, config), trust=trust)
+            state, weights = {k: raw[k] for k in fit.matched}, path
+        else:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not exist; expected a save_pretrained folder")
+        tok, te = self._tokenizer(path, config, text_encoder)
+        model.to(device).eval()
+        set_tokenizer(model, tok)
+        inputs = {"checkpoint": str(path), "checkpoint_sha256": file_sha256(weights) if hash_checkpoint and
+                  weights.suffix != ".json" else None, "config": str(config) if config is not None else
+                  ("config.json in the folder" if path.is_dir() else "the dump manifest"),
+                  "text_encoder": te, "stack": self.name, "model_class": type(model).__name__,
+                  "transformers": transformers.__version__}
+        return LoadedModel(self, model, cfg, tok, int(cfg.max_text_len), state, fit, inputs)
+
+    def _tokenizer(self, checkpoint: Path, config: Any, text_encoder: str | None) -> tuple[Any, str]:
+        from nanscope.stacks.hf_loading import has_tokenizer, load_tokenizer
+
+        if text_encoder is not None:
+            return load_tokenizer(text_encoder), str(text_encoder)
+        for folder in (checkpoint, Path(config) if config is not None else None):
+            if folder is not None and has_tokenizer(folder):
+                return load_tokenizer(folder), str(folder)
+        raise ConfigError(f"{str(checkpoint)!r} holds no tokenizer (tokenizer.json or vocab.txt); pass --text-encoder "
+                          "with the folder or name the processor was loaded from (e.g. IDEA-Research/grounding-dino-tiny)")
+
+    def load_tokenizer(self, *, config: Any = None, text_encoder: str | None = None) -> tuple[Any, int]:
+        from nanscope.stacks.hf_loading import config_dict, load_tokenizer
+
+        if config is None and text_encoder is None:
+            raise ConfigError("the transformers stack needs --config (a save_pretrained folder) or --text-encoder")
+        max_len = int(config_dict(config).get("max_text_len", 256)) if config is not None else 256
+        return load_tokenizer(text_encoder if text_encoder is not None else config), max_len
+
+    def model_call(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        det = find_detector(model)
+        enc = tokenizer_of(det)(list(batch.captions), padding="longest", return_tensors="pt")
+        limit = int(det.config.max_text_len)  # longer captions crash the head: cut as the text backbone does
+        kwargs: dict[str, Any] = {"pixel_values": batch.images.to(device)}
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            if key in enc:
+                kwargs[key] = enc[key][:, :limit].to(device)
+        if batch.image_masks is not None:
+            kwargs["pixel_mask"] = (~batch.image_masks).long().to(device)
+        return (), kwargs
+
+    def capture(self, model: nn.Module, *, detach: bool = True) -> ContextManager[Capture]:
+        from nanscope.stacks.hf_capture import capture_hf
+
+        return capture_hf(self.find_model(model), detach=detach)
+
+    def targets(self, batch: Any, texts: list[Any], device: torch.device) -> list[dict[str, Any]]:
+        """The base targets, with transformers' meaning of `class_labels` (the index of the box's '.'-separated
+        phrase, as its loss reads them; `labels` keeps nanscope's category index) and the caption's
+        `phrase_map` [n_phrases, T] (transformers' `build_label_maps`), whose rows they index."""
+        from nanscope.stacks.hf_labels import class_labels, label_map
+
+        out = super().targets(batch, texts, device)
+        for t, target, info in zip(out, batch.targets, texts):
+            lm = label_map(info)
+            t["phrase_map"] = lm.to(device)
+            t["class_labels"] = class_labels(target, info, lm).to(device)
+        return out
+
+    def reference_criterion(self, preset: str) -> str | None:
+        return REFERENCE if preset == "hf" else None
+
+    def criterion(self, name: str, model: nn.Module) -> tuple[Any, str] | None:
+        if name != CRITERION_NAME:
+            return None
+        from nanscope.criterion.transformers_loss import TransformersLoss
+
+        det = find_detector(model)
+        return TransformersLoss(det.config), f"transformers {type(det).__name__} loss (its own config)"
+
+    def finding_note(self, code: str, data: dict[str, Any]) -> str | None:
+        import transformers
+
+        v = f"transformers {transformers.__version__}"
+        if code == "NS203":
+            from nanscope.criterion.transformers_loss import nonfinite_cost_behaviour
+
+            if nonfinite_cost_behaviour() == "raise":
+                return f"{v}'s GroundingDinoHungarianMatcher raises scipy's ValueError on such costs."
+            return (f"{v}'s GroundingDinoHungarianMatcher does not raise: it replaces NaN/inf costs by the largest "
+                    "float, so such a box is matched to whichever query is left over - silently, with a "
+                    "meaningless target.")
+        if code == "NS201":
+            kinds = data.get("kinds", {})
+            notes = []
+            if any(k in kinds for k in ("absolute pixels", "outside [0, 1]", "xyxy")):
+                notes.append("takes pixel, out-of-range and xyxy boxes without an error (the loss stays finite, "
+                             "just wrong)")
+            if any(k in kinds for k in ("non-finite", "width or height <= 0")):
+                notes.append("raises ValueError in generalized_box_iou ('boxes2 must be in [x0, y0, x1, y1] "
+                             "(corner) format') on NaN boxes and negative sizes instead of returning a NaN loss")
+            return f"{v}'s loss " + "; it ".join(notes) + "." if notes else None
+        return None
+
+    def dump_meta(self, model: nn.Module) -> dict[str, Any]:
+        """The model's config as JSON values, its class, and where its tokenizer is: the folder or Hub name
+        it was loaded from (`config._name_or_path`), else the tokenizer nanscope loaded for it."""
+        from nanscope.stacks.hf_loading import has_tokenizer
+
+        det = find_detector(model)
+        source = str(getattr(det.config, "_name_or_path", "") or "")
+        if source and Path(source).is_dir():
+            te = str(Path(source).resolve()) if has_tokenizer(Path(source)) else None
+        else:
+            te = source or None  # a Hub name: its processor's tokenizer, from the local cache
+        tok = _TOKENIZERS.get(det)
+        if te is None and tok is not None and Path(str(getattr(tok, "name_or_path", ""))).is_dir():
+            te = str(Path(tok.name_or_path).resolve())
+        return {"stack": self.name, "model_class": type(det).__name__, "text_encoder": te,
+                "max_text_len": int(det.config.max_text_len), "num_queries": int(det.config.num_queries),
+                "hf_config": json.loads(det.config.to_json_string(use_diff=False))}
