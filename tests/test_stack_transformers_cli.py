@@ -44,7 +44,7 @@ def test_verify_fix_passes_on_the_transformers_stack(folder, tmp_path, capsys, e
     code = main(["verify-fix", str(folder), str(batch), "--steps", "2", "--json", str(tmp_path / "v.json"), *extra])
     text = capsys.readouterr().out
     assert code == 0, text
-    assert len(checks(text)) == 9 and all(" PASS " in line for line in checks(text))
+    assert len(checks(text)) == 10 and all(" PASS " in line for line in checks(text))
     result = json.loads((tmp_path / "v.json").read_text())
     assert result["summary"]["preset"] == "hf"  # the stack's default preset
     assert "TransformersReference" in next(c["detail"] for c in result["checks"] if c["id"] == 4)
@@ -127,7 +127,8 @@ def test_demo_on_the_transformers_stack(tmp_path, capsys):
     text = capsys.readouterr().out
     verdicts = [line for line in text.splitlines() if line.startswith("nanscope ")]
     assert verdicts[0].startswith("nanscope inspect: BROKEN")
-    assert verdicts[1] == "nanscope verify-fix: FIXED - 9/9 checks pass"
-    findings = [line.split()[0] for line in text.splitlines() if line[:2] == "NS" and " hint:" not in line]
+    assert verdicts[1] == "nanscope verify-fix: FIXED - 10/10 checks pass"
+    # each finding is a "cause N: NSxxx ..." line, or indented under its cause as a consequence
+    findings = [m.group(1) for m in (re.match(r"\s*(?:cause \d+: )?(NS\d{3}) ", ln) for ln in text.splitlines()) if m]
     assert findings[0] == "NS110" and {"NS102", "NS101", "NS001", "NS111"} <= set(findings)
     assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()

@@ -37,9 +37,11 @@ def positives_ignored(ctx: AnalysisContext) -> list[Finding]:
     probe = ctx.supervision
     if probe.positives_in_batch == 0:
         return []
-    # Both measurements must agree: no logit is pushed up (a saturated positive also has a zero gradient,
-    # so this alone is not enough) and zeroing every positive map leaves the term unchanged.
-    blind = [g for g in probe.gradients if g.pushed_up == 0 and g.unchanged_without_positives]
+    # Both measurements must agree: no logit is pushed up, neither at the real logits nor with every finite
+    # logit at 0 (a saturated positive has no gradient at the real ones), and zeroing every positive map
+    # leaves the term unchanged (a criterion may rebuild its positives from the captions, so neither alone).
+    blind = [g for g in probe.gradients
+             if g.pushed_up == 0 and not g.pushed_up_neutral and g.unchanged_without_positives]
     if not blind:
         return []
     parts = []

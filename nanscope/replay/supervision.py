@@ -45,6 +45,9 @@ class TermGradient:
     cells_reached: int  # logits with a non-zero gradient
     value: float
     unchanged_without_positives: bool | None = None  # None: not measured
+    # the same count with every finite logit set to 0 (p = 0.5): a saturated positive (p ~ 1 on a random or
+    # overflowing model) has no gradient at the real logits, but a term that learns positives pushes it up here
+    pushed_up_neutral: int | None = None  # None: not measured
 
     @property
     def share(self) -> float:
@@ -76,13 +79,17 @@ class SupervisionProbe:
     notes: list[str] = field(default_factory=list)
 
 
-def _leaf_layers(outputs: Outputs) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """A copy of DETR outputs whose logits are fresh leaves requiring grad; returns (outputs, {layer: leaf})."""
+def _leaf_layers(outputs: Outputs, *, neutral: bool = False) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A copy of DETR outputs whose logits are fresh leaves requiring grad; returns (outputs, {layer: leaf}).
+    `neutral`: every finite logit is 0 (the -inf of masked and padded positions kept)."""
     leaves: dict[str, Tensor] = {}
 
     def leaf(name: str, d: Mapping[str, Any]) -> dict[str, Any]:
         d = dict(d)
-        lg = d["pred_logits"].detach().clone().requires_grad_(True)
+        lg = d["pred_logits"].detach().clone()
+        if neutral:
+            lg = torch.where(torch.isfinite(lg), torch.zeros_like(lg), lg)
+        lg.requires_grad_(True)
         leaves[name] = lg
         d["pred_logits"] = lg
         if isinstance(d.get("pred_boxes"), Tensor):
@@ -156,6 +163,8 @@ def gradient_coverage(run: RunCriterion, outputs: Outputs, targets: Targets, *,
             rows_per_image=tuple(int(x) for x in rows.sum(1).tolist()), pushed_up=int((g < 0).sum()),
             cells_reached=int((g != 0).sum()), value=float(t.detach().float().sum())))
         cls_terms.append(k)
+    if cls_terms:
+        results = _pushed_up_at_neutral_logits(run, outputs, targets, results)
     if counterfactual and cls_terms:
         with torch.no_grad():
             try:
@@ -169,6 +178,26 @@ def gradient_coverage(run: RunCriterion, outputs: Outputs, targets: Targets, *,
                 same = math.isfinite(zv) and abs(zv - tg.value) <= UNCHANGED_RTOL * max(abs(tg.value), 1e-12)
                 results[i] = TermGradient(**{**tg.__dict__, "unchanged_without_positives": same})
     return results, weighted
+
+
+def _pushed_up_at_neutral_logits(run: RunCriterion, outputs: Outputs, targets: Targets,
+                                 results: list[TermGradient]) -> list[TermGradient]:
+    """`pushed_up_neutral` of each measured term: its gradient on its layer's logits, all finite ones set to 0."""
+    neutral_outputs, leaves = _leaf_layers(outputs, neutral=True)
+    try:
+        with torch.enable_grad():
+            terms = dict(run(neutral_outputs, targets))
+    except Exception:  # the criterion cannot run on neutral logits: keep the measurement at the real ones
+        return results
+    out = []
+    for tg in results:
+        t, leaf = terms.get(tg.term), leaves.get(tg.layer)
+        up = None
+        if isinstance(t, Tensor) and t.requires_grad and leaf is not None:
+            (g,) = torch.autograd.grad(t.sum(), [leaf], retain_graph=True, allow_unused=True)
+            up = 0 if g is None else int((torch.nan_to_num(g, nan=0.0) < 0).sum())
+        out.append(TermGradient(**{**tg.__dict__, "pushed_up_neutral": up}))
+    return out
 
 
 def hidden_matches(matcher: MatcherCall, outputs: Outputs, targets: Targets, *, empty_rows: Sequence[tuple[int, int]],

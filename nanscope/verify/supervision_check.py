@@ -15,7 +15,7 @@ from nanscope.result import Check
 SUPERVISION_ERRORS = ("NS401", "NS402", "NS403")  # a fix that introduces one of these is not fixed
 
 
-@progress.staged("check 10: what after supervises", "checked what after supervises")
+@progress.staged("check 10 (after supervises what it should)")
 def check_supervision(crit: Any, name: str, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Any]],
                       batch: Any, texts: Sequence[Any], *, finite: bool,
                       extras: Mapping[str, Any] | None = None) -> Check:
