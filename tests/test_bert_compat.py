@@ -73,7 +73,9 @@ def test_bitwise_equal_to_groundingdinos_own_wrapper_in_process(demo_files, step
 
 def test_bitwise_equal_to_stored_reference_from_4_57(demo_files, step) -> None:
     stored = json.loads((ROOT / "fixtures/bert_compat/reference.json").read_text())
-    assert ref.checkpoint_sha256(demo_files.checkpoint) == stored["demo_weights_sha256"]  # same demo weights
+    assert ref.checkpoint_sha256(demo_files.checkpoint) == stored["demo_weights_sha256"], (
+        "the demo's weights changed since the reference was made: rebuild it on transformers 4.x with "
+        "python fixtures/bert_compat/make_reference.py")
     if ref.machine() != stored["machine"]:
         pytest.skip(f"the reference was made on {stored['machine']['torch']} / {stored['machine']['cpu_capability']} "
                     f"with other CPU flags; this is {ref.machine()['torch']} / {ref.machine()['cpu_capability']}, "
