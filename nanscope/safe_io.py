@@ -24,7 +24,7 @@ from pathlib import Path
 from nanscope.errors import OutputError
 
 PathLike = str | os.PathLike[str]
-MAX_FOLDER_FILES = 20_000  # an input folder with more files (`/`, a home folder) is compared by path instead
+MAX_FOLDER_FILES = 20_000  # a folder with more files (`/`, a dataset's images): existing files in it by path instead
 TMP_PREFIX = ".nanscope-tmp-"  # temporary files, removed on every exit nanscope can catch
 
 
@@ -86,9 +86,9 @@ def guard_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterab
                               "nanscope never overwrites its inputs: choose another output path")
         resolved = str(p.resolve())
         for folder in big:
-            if resolved.startswith(str(folder).rstrip("/") + "/"):
-                raise OutputError(f"{name} {str(p)!r} is inside the input folder {str(folder)!r}; "
-                                  "nanscope never writes into its inputs: choose another output path")
+            if ident is not None and resolved.startswith(str(folder).rstrip("/") + "/"):
+                raise OutputError(f"{name} {str(p)!r} is a file inside the input folder {str(folder)!r}; "
+                                  "nanscope never overwrites its inputs: choose another output path")
         if resolved in seen:
             raise OutputError(f"{name} {str(p)!r} is also the path of {seen[resolved]}; give each output its own path")
         seen[resolved] = name
