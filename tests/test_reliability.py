@@ -114,7 +114,7 @@ def test_demo_refuses_a_folder_with_foreign_files(tmp_path, capsys):
 
 def test_demo_reuses_its_own_folder_but_not_once_a_file_changed(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--no-verify", "--no-html", "--quiet"]) == 1  # the demo is broken
+    assert main(["demo", "--out", str(out), "--no-verify", "--no-html", "--quiet"]) == 0
     from nanscope.cli.demo import check_demo_folder
 
     check_demo_folder(out)  # everything in it was written by the demo: a rerun may replace it
@@ -194,6 +194,25 @@ def test_report_refuses_a_torn_pair(demo_files, tmp_path_factory, tmp_path, caps
     assert "does not exist" in capsys.readouterr().err
     shutil.copy(f"{src}.artifacts.pt", side)  # the right sidecar: accepted
     assert main(["report", str(r), "--quiet"]) == 1
+
+
+def test_two_runs_writing_one_path_leave_one_runs_pair(demo_files, tmp_path_factory, tmp_path, capsys):
+    from nanscope.report.json_io import read_result, write_result
+
+    a = demo_json(demo_files, tmp_path_factory)
+    other = read_result(a)
+    other.artifacts["image"] = 0  # a second run: another verdict's figures
+    other.summary["run"] = "b"
+    b = tmp_path / "b.json"
+    write_result(other, b)
+    out = tmp_path / "out.json"
+    procs = [_report([str(src), "--json", str(out)], env={"NANSCOPE_TEST_PAUSE_WRITE": "0.5"}) for src in (a, b)]
+    for p in procs:
+        p.communicate(timeout=120)
+        assert p.returncode == 1
+    assert main(["report", str(out), "--quiet"]) == 1  # the pair on disk matches itself
+    back = read_result(out)
+    assert (back.summary.get("run"), back.artifacts["image"]) in {(None, 2), ("b", 0)}
 
 
 # ---------------------------------------------------------------- bad input: exit 2, the file and field named
