@@ -286,3 +286,18 @@ def test_bad_input_exits_2_naming_the_field(work, capsys, name):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("nanscope: error: ") and len(lines[0]) < 600, err
     assert message in lines[0], err
+
+
+def test_half_precision_checkpoint_is_noted_as_upcast(work, capsys):
+    state = torch.load(work / "checkpoint.pth", weights_only=True)
+    half = {"model": {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}}
+    torch.save(half, work / "fp16.pth")
+    code = main(["inspect", str(work / "fp16.pth"), str(work / "batch.pt"), "--config", str(work / "config.json"),
+                 "--quiet", "--json", str(work / "r.json")])
+    out = capsys.readouterr().out
+    assert code in (0, 1)
+    assert "note: the checkpoint's weights are float16; nanscope replayed them upcast to float32" in out
+    assert json.loads((work / "r.json").read_text())["inputs"]["checkpoint_dtypes"] == ["float16"]
+    capsys.readouterr()
+    assert main(["report", str(work / "r.json"), "--quiet"]) in (0, 1)  # the note survives the JSON
+    assert "replayed them upcast" in capsys.readouterr().out
