@@ -82,8 +82,8 @@ def guard_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterab
         p = Path(raw)
         ident = _identity(p)
         if ident is not None and ident in ids:
-            raise OutputError(f"{name} {str(p)!r} is the input file {ids[ident]!r} (same device and inode); "
-                              "nanscope never overwrites its inputs: choose another output path")
+            raise OutputError(f"{name} {str(p)!r} is one of the input files ({ids[ident]!r}, same device and "
+                              "inode); nanscope never overwrites its inputs: choose another output path")
         resolved = str(p.resolve())
         for folder in big:
             if ident is not None and resolved.startswith(str(folder).rstrip("/") + "/"):

@@ -67,6 +67,7 @@ OVERWRITES = {
                                                   str(d / "crit.py")),
     "json inside text encoder": lambda d: inspect_argv(d, "--text-encoder", str(d / "text_encoder"), "--json",
                                                        str(d / "text_encoder" / "config.json")),
+    "json inside the config's text encoder": lambda d: inspect_argv(d, "--json", str(d / "text_encoder" / "model.safetensors")),
     "json onto dump manifest": lambda d: ["inspect", str(d / "dump"), "--json", str(d / "dump" / "manifest.json")],
     "sidecar onto batch": lambda d: _sidecar_onto_batch(d),
     "hard link to batch": lambda d: _linked(d, os.link, "batch.pt", "--json"),

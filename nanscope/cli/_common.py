@@ -116,10 +116,31 @@ def input_paths(args: argparse.Namespace) -> list[str]:
     from nanscope.report.json_io import sidecar_path
 
     paths = [str(getattr(args, n)) for n in INPUT_OPTIONS if getattr(args, n, None)]
+    te = _config_text_encoder(getattr(args, "config", None))
+    if te:
+        paths.append(te)
     paths += [f for f in (criterion_file(getattr(args, n, None)) for n in CODE_OPTIONS) if f]
     for r in getattr(args, "results", None) or []:
         paths += [r, str(sidecar_path(r))]
     return paths
+
+
+def _config_text_encoder(config: str | None) -> str | None:
+    """The local text encoder folder a .json groundingdino config names (relative to the config), if any."""
+    import json
+
+    if not config or not config.endswith(".json") or not Path(config).is_file():
+        return None
+    try:
+        te = json.loads(Path(config).read_text(encoding="utf-8")).get("text_encoder_type")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(te, str) or not te:
+        return None
+    for cand in (Path(config).parent / te, Path(te)):
+        if cand.is_dir():
+            return str(cand)
+    return None
 
 
 def check_paths(args: argparse.Namespace) -> None:

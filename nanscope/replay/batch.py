@@ -316,8 +316,14 @@ def _read(path: str | os.PathLike[str]) -> Any:
 
 
 def save_batch(path: str | os.PathLike[str], batch: Batch | Mapping[str, Any]) -> Path:
-    """Write a batch in the schema (validated first)."""
+    """Write a batch in the schema (validated first), through a temporary file and a rename."""
+    import io
+
+    from nanscope.safe_io import write_atomic
+
     b = batch if isinstance(batch, Batch) else validate_batch(batch)
     p = Path(path)
-    torch.save(b.to_dict(), p)
+    buf = io.BytesIO()
+    torch.save(b.to_dict(), buf)
+    write_atomic(p, buf.getvalue())  # the path holds the old file or the whole new one
     return p
