@@ -11,7 +11,7 @@ from nanscope.errors import BatchError
 
 def good():
     return {
-        "images": torch.zeros(2, 3, 32, 32),
+        "images": torch.zeros(2, 3, 64, 64),
         "captions": ["cat . dog .", "a zebra ."],
         "targets": [
             {"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]]), "phrases": ["cat", "dog"]},
@@ -92,8 +92,8 @@ def test_image_masks_are_validated_and_reach_the_model(demo_replay):
     import dataclasses
 
     b = good()
-    b["image_masks"] = torch.zeros(2, 32, 31, dtype=torch.bool)
-    with pytest.raises(BatchError, match=r"image_masks has shape \[2, 32, 31\]; expected \[2, 32, 32\]"):
+    b["image_masks"] = torch.zeros(2, 64, 63, dtype=torch.bool)
+    with pytest.raises(BatchError, match=r"image_masks has shape \[2, 64, 63\]; expected \[2, 64, 64\]"):
         validate_batch(b)
     # A padded right half changes what the model computes: the mask is passed as groundingdino's NestedTensor.
     batch = demo_replay.batch

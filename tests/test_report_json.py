@@ -13,7 +13,7 @@ from _report_demo import demo_json, inspect_args
 from nanscope.cli import main
 from nanscope.errors import InputError
 from nanscope.findings import Finding, Severity
-from nanscope.report.json_io import read_result, result_schema, sidecar_path, validate_result_dict, write_result
+from nanscope.report.json_io import read_result, result_files, result_schema, sidecar_path, validate_result_dict, write_result
 from nanscope.result import SCHEMA, Check, Result
 
 
@@ -50,7 +50,8 @@ def test_sidecar_loads_with_weights_only_and_round_trips(demo):
     assert art["logits"].shape == (summary["queries"], summary["max_text_len"])
     assert art["text_mask"].dtype == torch.bool and art["image"] == 2
     back = read_result(demo)
-    assert back.to_json() == demo.read_text()
+    text, blob = result_files(back)
+    assert text == demo.read_text() and blob == sidecar_path(demo).read_bytes()
     assert torch.equal(back.artifacts["logits"], art["logits"])
 
 

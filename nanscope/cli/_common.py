@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 def replay_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,22 +48,134 @@ def codes(value: str | None) -> list[str] | None:
 
 
 def check_output_path(path: str | None, inputs: Sequence[str | None]) -> None:
-    """Fail early (exit 2) when an output cannot be written or would overwrite an input."""
-    from nanscope.errors import OutputError
+    """Fail early (exit 2) when an output cannot be written or would overwrite an input (by identity)."""
+    from nanscope.safe_io import guard_outputs
 
     if not path:
         return
+    guard_outputs([("output", path)], inputs)
+    _writable(path)
+
+
+def _writable(path: str) -> None:
+    from nanscope.errors import OutputError
+
     p = Path(path)
-    for i in inputs:
-        if i and Path(i).exists() and p.exists() and p.resolve() == Path(i).resolve():
-            raise OutputError(f"output {path!r} is one of the input files; nanscope never overwrites its inputs")
     parent = p.parent if str(p.parent) else Path(".")
     if p.is_dir():
         raise OutputError(f"output {path!r} is a folder; expected a file path")
+    if p.exists() and not p.is_file():
+        raise OutputError(f"output {path!r} is not a regular file (a device, a pipe or a socket); expected a file path")
     if not parent.is_dir():
         raise OutputError(f"output {path!r} cannot be written: folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise OutputError(f"output {path!r} cannot be written: permission denied")
+
+
+INPUT_OPTIONS = ("checkpoint", "batch", "config", "text_encoder", "dump", "data", "label_map", "images")
+TEXT_ENCODER_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "vocab.txt")
+CODE_OPTIONS = ("criterion", "before", "after")  # MODULE:ATTR; the module's file is an input too
+
+
+def criterion_file(spec: str | None) -> str | None:
+    """The .py file a `MODULE:ATTR` spec names, found without importing anything (None when not found)."""
+    if not spec:
+        return None
+    module = spec.split(":", 1)[0] if ":" in spec else spec
+    if module.endswith(".py") or "/" in module or "\\" in module:
+        return module
+    parts = module.split(".")
+    for root in [os.getcwd(), *sys.path]:
+        base = Path(root or ".", *parts)
+        for cand in (base.with_suffix(".py"), base / "__init__.py"):
+            if cand.is_file():
+                return str(cand)
+    return None
+
+
+def output_paths(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """Every file a command may write, as (option, path): --json with its sidecar, --html, --junit,
+    scan's --write-clean (with OUT.changes.json) and --batch-out."""
+    from nanscope.report.json_io import sidecar_path
+
+    out: list[tuple[str, str | None]] = []
+    for name in ("json", "html", "junit", "write_clean", "batch_out"):
+        path = getattr(args, name, None)
+        if not path:
+            continue
+        out.append((f"--{name.replace('_', '-')}", path))
+        if name == "json":
+            out.append(("the --json sidecar", str(sidecar_path(path))))
+        if name == "write_clean":
+            out.append(("the --write-clean change list", f"{path}.changes.json"))
+    return out
+
+
+def input_paths(args: argparse.Namespace) -> list[str]:
+    """Every input file or folder named on the command line (report's RESULTs with their sidecars)."""
+    from nanscope.report.json_io import sidecar_path
+
+    paths = [str(getattr(args, n)) for n in INPUT_OPTIONS if getattr(args, n, None)]
+    te = _config_text_encoder(getattr(args, "config", None))
+    if te:
+        paths.append(te)
+    paths += [f for f in (criterion_file(getattr(args, n, None)) for n in CODE_OPTIONS) if f]
+    for r in getattr(args, "results", None) or []:
+        paths += [r, str(sidecar_path(r))]
+    return paths
+
+
+def _config_text_encoder(config: str | None) -> str | None:
+    """The local text encoder folder a .json groundingdino config names (relative to the config), if any."""
+    import json
+
+    if not config or not config.endswith(".json") or not Path(config).is_file():
+        return None
+    try:
+        te = json.loads(Path(config).read_text(encoding="utf-8")).get("text_encoder_type")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(te, str) or not te:
+        return None
+    for cand in (Path(config).parent / te, Path(te)):
+        if cand.is_dir():
+            return str(cand)
+    return None
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Exit 2 before any work when an input is not a file or folder (a device such as /dev/null, a
+    pipe), --text-encoder names a folder that holds no model, or an output (sidecars included) is an
+    input file, a file inside an input folder (compared by device and inode, so hard links and other
+    spellings count), another output, or cannot be written."""
+    from nanscope.safe_io import guard_outputs
+
+    _check_inputs(args)
+    outputs = output_paths(args)
+    guard_outputs(outputs, input_paths(args))
+    for _, path in outputs:
+        if path:
+            _writable(path)
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    from nanscope.errors import InputError
+
+    named = [(n, getattr(args, n, None)) for n in INPUT_OPTIONS] + [("RESULT", r) for r in getattr(args, "results", [])]
+    for name, raw in named:
+        if not raw:
+            continue
+        p = Path(raw)
+        if p.exists() and not (p.is_file() or p.is_dir()):
+            raise InputError(f"{name.replace('_', '-')} {str(p)!r} is not a regular file or folder (a device, pipe "
+                             "or socket); expected the file itself")
+    te = getattr(args, "text_encoder", None)
+    if te and Path(te).exists():
+        p = Path(te)
+        if not p.is_dir() or not any((p / f).is_file() for f in TEXT_ENCODER_FILES):
+            what = "a file" if not p.is_dir() else f"a folder without any of {', '.join(TEXT_ENCODER_FILES)}"
+            raise InputError(f"--text-encoder {te!r} is {what}; expected a Hugging Face BERT / tokenizer folder "
+                             "(as save_pretrained writes it) or a model name")
 
 
 def console() -> Any:
@@ -77,8 +190,6 @@ AUTOCAST_TO_AMP = {"float16": "fp16", "bfloat16": "bf16"}  # manifest autocast d
 def dump_paths(args: argparse.Namespace) -> None:
     """`inspect DUMP` (a nanscope.watch dump, or the dump_dir holding several) -> its checkpoint, batch,
     config, text encoder and autocast dtype. In a dump_dir, the origin rank's first bad step is replayed."""
-    import json
-
     from nanscope.errors import InputError
 
     d = Path(args.checkpoint)
@@ -89,6 +200,7 @@ def dump_paths(args: argparse.Namespace) -> None:
         return  # a transformers save_pretrained folder: the model itself, read by its stack
     if args.batch:
         raise InputError(f"{str(d)!r} is a folder (a dump); pass it alone, without a batch file")
+    args.dump = str(d)  # the dump folder (or dump_dir) stays an input: outputs may not replace its files
     if not (d / "checkpoint.pth").is_file() and any(d.glob("step*-rank*/manifest.json")):
         from nanscope.watch.ranks import merge_rank_dumps
 
@@ -103,7 +215,10 @@ def dump_paths(args: argparse.Namespace) -> None:
     args.checkpoint, args.batch = str(ck), str(bt)
     manifest = d / "manifest.json"
     if manifest.is_file():
-        meta = json.loads(manifest.read_text(encoding="utf-8"))
+        from nanscope.watch.ranks import validate_manifest
+        from nanscope.watch.snapshot import read_manifest
+
+        meta = validate_manifest(read_manifest(d), repr(str(manifest)))
         if args.config is None and meta.get("config"):
             args.config = meta["config"]
         if args.text_encoder is None and meta.get("text_encoder"):

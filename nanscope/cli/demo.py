@@ -24,19 +24,15 @@ def register(subparsers: Any) -> None:
     p.set_defaults(command_module=__name__)
 
 
+MARKER = ".nanscope-demo.json"  # what the demo wrote into --out: {relative path: sha256}
 DEMO_CRITERION = "nanscope.criterion:NaiveCriterion"  # the unmasked loss that reproduces the NaN
 DEMO_VERIFY_STEPS = 3  # enough to see the loss go down; the default 5 would double the demo's run time
 
 
 def run(args: argparse.Namespace, console: Any) -> int:
-    from nanscope.replay.diagnose import inspect_replay
-    from nanscope.stacks.demo import write_demo
-    from nanscope.replay.session import prepare
-    from nanscope.report.outputs import write_outputs
-    from nanscope.report.terminal import render
-
     out = Path(args.out)
     html = None if args.no_html else (args.html or str(out / "report.html"))
+    check_demo_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -44,6 +40,65 @@ def run(args: argparse.Namespace, console: Any) -> int:
 
         raise OutputError(f"demo folder {str(out)!r} cannot be created: {exc.strerror or exc}") from None
     check_output_path(html, [])
+    try:
+        return _demo(args, console, out, html)
+    finally:
+        _write_marker(out)  # also after an error: what the demo wrote so far may be overwritten next time
+
+
+def _files(out: Path) -> dict[str, str]:
+    """{path relative to `out`: sha256} of every file under `out`, the marker left out."""
+    import hashlib
+
+    found = {}
+    for f in sorted(out.rglob("*")):
+        if (f.is_file() or f.is_symlink()) and f.name != MARKER:
+            found[f.relative_to(out).as_posix()] = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else "link"
+    return found
+
+
+def check_demo_folder(out: Path) -> None:
+    """Refuse (exit 2) an --out folder holding files the demo did not write, or files changed since it
+    wrote them: the demo writes config.json and checkpoint.pth, names a user's folder may already hold."""
+    import json
+
+    from nanscope.errors import OutputError
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"demo --out {str(out)!r} is a file; expected a new or empty folder")
+    present = _files(out)
+    if not present:
+        return
+    try:
+        written = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        written = {}
+    foreign = sorted(k for k, v in present.items() if not isinstance(written, dict) or written.get(k) != v)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"demo folder {str(out)!r} holds {len(foreign)} file(s) nanscope's demo did not write "
+                          f"(or that changed since): {shown}; the demo would overwrite them. Pass --out with a new or "
+                          "empty folder")
+
+
+def _write_marker(out: Path) -> None:
+    import json
+
+    from nanscope.safe_io import write_atomic
+
+    if out.is_dir():
+        write_atomic(out / MARKER, json.dumps(_files(out), indent=1, sort_keys=True) + "\n")
+
+
+def _demo(args: argparse.Namespace, console: Any, out: Path, html: str | None) -> int:
+    from nanscope.replay.diagnose import inspect_replay
+    from nanscope.replay.session import prepare
+    from nanscope.report.outputs import write_outputs
+    from nanscope.report.terminal import render
+    from nanscope.stacks.demo import write_demo
+
     console.print(f"writing the demo model, checkpoint and batch to {out}/ ...")
     if args.stack == "groundingdino-py":
         files = write_demo(out)

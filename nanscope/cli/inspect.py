@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from nanscope.cli._common import check_output_path, codes, dump_paths, output_options, quiet_option, replay_arguments
+from nanscope.cli._common import check_paths, codes, dump_paths, output_options, quiet_option, replay_arguments
 
 
 def register(subparsers: Any) -> None:
@@ -33,8 +33,7 @@ def run(args: argparse.Namespace, console: Any) -> int:
     dump_paths(args)
     if not args.batch:
         raise InputError("inspect needs CHECKPOINT BATCH (or a dump folder)")
-    for out in (args.json, args.html, args.junit):
-        check_output_path(out, [args.checkpoint, args.batch])
+    check_paths(args)
     result = inspect(args.checkpoint, args.batch, config=args.config, text_encoder=args.text_encoder,
                      device=args.device, criterion=args.criterion, trust_checkpoint=args.trust_checkpoint,
                      select=codes(args.select), ignore=codes(args.ignore), trace=args.trace, amp=args.amp,

@@ -32,13 +32,12 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, console: Any) -> int:
-    from nanscope.cli._common import check_output_path
+    from nanscope.cli._common import check_paths
     from nanscope.report.merge import load_report
     from nanscope.report.outputs import write_outputs
     from nanscope.report.terminal import render
 
-    for out in (args.json, args.html, args.junit):
-        check_output_path(out, list(args.results))
+    check_paths(args)
     result = load_report(args.results)
     render(result, console)
     write_outputs(result, args, console)

@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Any
 
-from nanscope.cli._common import check_output_path, output_options, quiet_option
+from nanscope.cli._common import check_paths, output_options, quiet_option
 
 
 def register(subparsers: Any) -> None:
@@ -61,9 +61,7 @@ def run(args: argparse.Namespace, console: Any) -> int:
     from nanscope.scan.captions import CaptionRules
     from nanscope.scan.run import scan
 
-    inputs = [args.data, args.label_map, args.config]
-    for out in (args.json, args.html, args.junit, args.write_clean, args.batch_out):
-        check_output_path(out, inputs)
+    check_paths(args)
     if args.batch_out and not (args.ids and args.images):
         raise InputError("--batch-out needs --ids (the samples to write) and --images (the folder of their images)")
     if args.write_clean and args.shard:

@@ -35,7 +35,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, console: Any) -> int:
-    from nanscope.cli._common import check_output_path, dump_paths
+    from nanscope.cli._common import check_paths, dump_paths
     from nanscope.errors import InputError
     from nanscope.report.outputs import write_outputs
     from nanscope.report.terminal import render
@@ -46,8 +46,7 @@ def run(args: argparse.Namespace, console: Any) -> int:
         raise InputError("verify-fix needs CHECKPOINT BATCH (or a dump folder)")
     if args.steps < 2:
         raise InputError(f"--steps {args.steps} given; at least 2 are needed to compare the first and last loss")
-    for out in (args.json, args.html, args.junit):
-        check_output_path(out, [args.checkpoint, args.batch])
+    check_paths(args)
     result = verify_fix(args.checkpoint, args.batch, before=args.before, after=args.after, preset=args.preset,
                         steps=args.steps, config=args.config, text_encoder=args.text_encoder, device=args.device,
                         trust_checkpoint=args.trust_checkpoint, stack=args.stack)

@@ -37,6 +37,11 @@ from nanscope.errors import BatchError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_IMAGE_SIDE = 64  # the backbone's four stride-2 stages and the deformable levels need at least this
+# Peak memory grows with the pixels: the demo model replayed 4000x4000 at ~620 bytes per pixel (9.9 GB).
+# Above this side nanscope refuses before allocating; groundingdino's own transforms cap the long side at 1333.
+MAX_IMAGE_SIDE = int(os.environ.get("NANSCOPE_MAX_IMAGE_SIDE", "2048"))
+BYTES_PER_PIXEL = 620  # measured peak of the demo model's replay per input pixel; larger backbones use more
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,9 @@ def _spans(value: Any, where: str, caption: str) -> tuple[tuple[int, int], ...]:
         if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(isinstance(x, int) for x in span)):
             raise BatchError(f"{where}[{k}] is {span!r}; expected [begin, end] with two integers")
         beg, end = int(span[0]), int(span[1])
+        if beg >= end:
+            what = "empty (begin == end)" if beg == end else "reversed (begin > end)"
+            raise BatchError(f"{where}[{k}] is [{beg}, {end}], {what}; expected [begin, end) with begin < end")
         if not (0 <= beg < end <= len(caption)):
             raise BatchError(
                 f"{where}[{k}] is [{beg}, {end}], outside its caption of {len(caption)} characters; "
@@ -157,6 +165,34 @@ def _class_labels(value: Any, where: str, n: int) -> tuple[int, ...] | None:
     return tuple(int(x) for x in labels.reshape(-1).tolist())
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_replayable(raw: Any, source: str) -> None:
+    """Refuse a batch file no model can replay, before anything large is allocated: no images, images
+    below MIN_IMAGE_SIDE, or above MAX_IMAGE_SIDE (with the estimated peak memory). `raw`: the loaded
+    dict, nanscope's form (images) or the Hugging Face one (pixel_values); other shapes are left to
+    the schema check."""
+    images = raw.get("images", raw.get("pixel_values")) if isinstance(raw, Mapping) else None
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        return
+    b, _, h, w = (int(x) for x in images.shape)
+    if b == 0:
+        raise BatchError(f"{source}: images has shape {list(images.shape)}, no images; expected [B, 3, H, W] "
+                         "with B >= 1")
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise BatchError(f"{source}: images are {h}x{w} pixels; the model needs at least "
+                         f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} (replay the images at the size the trainer used)")
+    if max(h, w) > MAX_IMAGE_SIDE:
+        est = b * h * w * BYTES_PER_PIXEL / 2**30
+        raise BatchError(f"{source}: images are {h}x{w} pixels (B={b}), above the limit of {MAX_IMAGE_SIDE} pixels "
+                         f"a side; the replay would need about {est:.1f} GiB or more (~{BYTES_PER_PIXEL} bytes per "
+                         "pixel for the demo model, more for larger backbones). Resize as the trainer's transforms "
+                         "do (long side 1333), or raise NANSCOPE_MAX_IMAGE_SIDE")
+
+
 def validate_batch(raw: Any, source: str = "batch") -> Batch:
     """Check a raw batch dict against the schema and return a `Batch`; raise `BatchError` naming the field."""
     if not isinstance(raw, Mapping):
@@ -173,6 +209,8 @@ def validate_batch(raw: Any, source: str = "batch") -> Batch:
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise BatchError(f"images has dtype {images.dtype}; expected float (normalized) or uint8")
     b = int(images.shape[0])
+    if b == 0:
+        raise BatchError(f"{source}: images has shape {list(images.shape)}, no images; expected B >= 1")
     captions = raw["captions"]
     if isinstance(captions, str) or not isinstance(captions, Sequence):
         raise BatchError(f"captions is a {type(captions).__name__}; expected a list of {b} strings")
@@ -194,7 +232,13 @@ def validate_batch(raw: Any, source: str = "batch") -> Batch:
                              "positive_map}}")
         boxes = t["boxes"]
         if not isinstance(boxes, torch.Tensor):
-            boxes = torch.as_tensor(boxes, dtype=torch.float32)
+            try:
+                boxes = torch.as_tensor(boxes, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                raise BatchError(f"targets[{i}].boxes is {_short(boxes)}; expected a tensor or list of [cx, cy, w, h] "
+                                 "numbers, shape [N, 4]") from None
+        if boxes.is_complex() or not (boxes.is_floating_point() or boxes.dtype in (torch.int64, torch.int32)):
+            raise BatchError(f"targets[{i}].boxes has dtype {boxes.dtype}; expected float [N, 4] (normalized cxcywh)")
         if boxes.numel() == 0:
             boxes = boxes.reshape(0, 4)
         if boxes.dim() != 2 or boxes.shape[1] != 4:
@@ -236,13 +280,16 @@ def validate_batch(raw: Any, source: str = "batch") -> Batch:
 
 def load_batch(path: str | os.PathLike[str]) -> Batch:
     """Load and validate a batch file written with `torch.save` (read with weights_only=True)."""
-    return validate_batch(_read(path), source=str(path))
+    raw = _read(path)
+    check_replayable(raw, str(path))
+    return validate_batch(raw, source=str(path))
 
 
 def read_batch(path: str | os.PathLike[str]) -> Any:
     """A batch file in nanscope's schema (-> `Batch`) or in the Hugging Face form (-> `hf_batch.HfBatch`,
     which the stack turns into a `Batch` once its tokenizer is loaded)."""
     raw = _read(path)
+    check_replayable(raw, str(path))
     from nanscope.replay.hf_batch import is_hf_batch, validate_hf_batch
 
     if is_hf_batch(raw):
@@ -252,6 +299,9 @@ def read_batch(path: str | os.PathLike[str]) -> Any:
 
 def _read(path: str | os.PathLike[str]) -> Any:
     p = Path(path)
+    if p.exists() and not p.is_file():
+        kind = "a folder" if p.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise BatchError(f"batch file {str(p)!r} is {kind}; expected a file saved with torch.save")
     if not p.is_file():
         raise BatchError(f"batch file {str(p)!r} does not exist")
     try:
@@ -266,8 +316,14 @@ def _read(path: str | os.PathLike[str]) -> Any:
 
 
 def save_batch(path: str | os.PathLike[str], batch: Batch | Mapping[str, Any]) -> Path:
-    """Write a batch in the schema (validated first)."""
+    """Write a batch in the schema (validated first), through a temporary file and a rename."""
+    import io
+
+    from nanscope.safe_io import write_atomic
+
     b = batch if isinstance(batch, Batch) else validate_batch(batch)
     p = Path(path)
-    torch.save(b.to_dict(), p)
+    buf = io.BytesIO()
+    torch.save(b.to_dict(), buf)
+    write_atomic(p, buf.getvalue())  # the path holds the old file or the whole new one
     return p

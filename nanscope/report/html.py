@@ -48,6 +48,12 @@ def _verdict(result: Result) -> str:
             f'<span class="hint">exit code {result.exit_code}</span>{listed}</div>')
 
 
+def _notes(result: Result) -> str:
+    from nanscope.report.terminal import notes_lines
+
+    return "".join(f'<p class="hint" id="notes">{e(n)}</p>' for n in notes_lines(result))
+
+
 def _user_stdout(result: Result) -> str:
     if not result.user_stdout:
         return ""
@@ -322,6 +328,7 @@ def render_html(result: Result) -> str:
         _terms(result),
         _steps(result),
         _other_tables(result),
+        _notes(result),
         _user_stdout(result),
         _context(result),
         f'<footer>nanscope report, schema {e(SCHEMA)}, nanscope {e(result.environment.get("nanscope", "?"))}. '

@@ -8,16 +8,18 @@ str-keyed dicts, byte-identical for the same artifacts. `read_result` loads both
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from nanscope import progress
-from nanscope.errors import InputError, OutputError
+from nanscope.errors import InputError
 from nanscope.result import SCHEMA, Result
 
 SIDECAR_SUFFIX = ".artifacts.pt"
@@ -55,29 +57,35 @@ def _weights_only_safe(x: Any, key: str) -> Any:
     raise TypeError(f"artifact {key!r} is a {type(x).__name__}; expected tensors, numbers, strings, lists or dicts")
 
 
+def result_files(result: Result) -> tuple[str, bytes | None]:
+    """The JSON text and the sidecar bytes (None without artifacts) of `result`, as `write_result` writes
+    them. The JSON's `sidecar` field records the sidecar's SHA-256 and size (null: no sidecar)."""
+    import torch
+
+    blob = None
+    if result.artifacts:
+        payload = {"format": SIDECAR_FORMAT, "artifacts": _weights_only_safe(dict(result.artifacts), "artifacts")}
+        buf = io.BytesIO()  # torch.save names the zip records after a file's name: bytes stay path-free
+        torch.save(payload, buf)
+        blob = buf.getvalue()
+    d = result.to_dict()
+    d["sidecar"] = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)} if blob else None
+    return json.dumps(d, indent=2, sort_keys=True) + "\n", blob
+
+
 @progress.staged("writing the JSON result", "wrote the JSON result")
 def write_result(result: Result, path: str | os.PathLike[str]) -> Path | None:
-    """Write `path` (the JSON) and, when the result has artifacts, the sidecar; return the sidecar path.
-
-    A stale sidecar from an earlier run is removed when this result has no artifacts.
+    """Write `path` (the JSON) and, when the result has artifacts, the sidecar, as one unit (temporary
+    files, then both renames under a lock on the folder); return the sidecar path. `read_result` checks
+    the recorded hash. A stale sidecar from an earlier run is removed when this result has none.
     """
-    import torch
+    from nanscope.safe_io import write_pair
 
     p = Path(path)
     side = sidecar_path(p)
-    try:
-        p.write_text(result.to_json(), encoding="utf-8")
-        if result.artifacts:
-            payload = {"format": SIDECAR_FORMAT, "artifacts": _weights_only_safe(dict(result.artifacts), "artifacts")}
-            buf = io.BytesIO()  # torch.save names the zip records after a file's name: bytes stay path-free
-            torch.save(payload, buf)
-            side.write_bytes(buf.getvalue())
-            return side
-        if side.exists():
-            side.unlink()
-    except OSError as exc:
-        raise OutputError(f"output {str(exc.filename or p)!r} cannot be written: {exc.strerror or exc}") from None
-    return None
+    text, blob = result_files(result)
+    write_pair(p, text.encode("utf-8"), side, blob)
+    return side if blob else None
 
 
 def validate_result_dict(d: Any, *, source: str = "result") -> None:
@@ -104,22 +112,79 @@ def validate_result_dict(d: Any, *, source: str = "result") -> None:
         raise InputError(f"{source!r} field {field}: {e.message}{more}")
 
 
+MAX_JSON_DEPTH = 64  # a result nests about 6 levels; deeper input is refused before it reaches a recursion
+
+
+def _json_depth(text: str) -> int:
+    """The deepest bracket nesting of JSON `text`, outside strings (a cheap scan, no recursion)."""
+    depth = deepest = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def read_result(path: str | os.PathLike[str], *, artifacts: bool = True) -> Result:
-    """Load a result JSON (validated) and, when present, its sidecar artifacts."""
+    """Load a result JSON (validated) and, when present, its sidecar artifacts (hash checked)."""
     p = Path(path)
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{str(p)!r} does not exist; expected a result JSON written with --json") from None
+    except IsADirectoryError:
+        raise InputError(f"{str(p)!r} is a folder; expected a result JSON written with --json") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{str(p)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    depth = _json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise InputError(f"{str(p)!r} nests {depth} levels deep; a nanscope result nests at most {MAX_JSON_DEPTH} "
+                         "(not a result JSON written with --json)")
+    try:
+        d = json.loads(text)
     except ValueError as exc:
         raise InputError(f"{str(p)!r} is not valid JSON: {exc}") from None
+    record = d.pop("sidecar", "legacy") if isinstance(d, dict) else "legacy"
     validate_result_dict(d, source=str(p))
     result = Result.from_dict(d)
     if artifacts:
-        result.artifacts = read_artifacts(sidecar_path(p))
+        side = sidecar_path(p)
+        if record == "legacy":  # written before the JSON recorded its sidecar
+            result.artifacts = read_artifacts(side)
+        elif record is not None:
+            _check_sidecar(p, side, record)
+            result.artifacts = read_artifacts(side)
     return result
+
+
+def _check_sidecar(json_path: Path, side: Path, record: Any) -> None:
+    """The sidecar must be the one written with this JSON (its SHA-256), not a torn or foreign pair."""
+    want = record.get("sha256") if isinstance(record, dict) else None
+    if not isinstance(want, str):
+        raise InputError(f"{str(json_path)!r} field sidecar is {record!r}; expected {{sha256, bytes}} or null")
+    try:
+        got = hashlib.sha256(side.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise InputError(f"{str(json_path)!r} records a sidecar {str(side)!r} that does not exist; copy the "
+                         "JSON with its .artifacts.pt or rerun with --json") from None
+    except OSError as exc:
+        raise InputError(f"sidecar {str(side)!r} cannot be read: {exc.strerror or exc}") from None
+    if got != want:
+        raise InputError(f"sidecar {str(side)!r} does not match {str(json_path)!r} (SHA-256 {got[:12]}..., the "
+                         f"JSON records {want[:12]}...): the pair was torn by an interrupted or concurrent run, "
+                         "or the files come from two runs; rerun with --json")
 
 
 def read_artifacts(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from nanscope.errors import InputError
 from nanscope.findings import Finding, Severity
@@ -144,6 +145,16 @@ def load_report(paths: Sequence[PathLike]) -> Result:
     if not paths:
         raise InputError("no input given; expected RESULT.json files or watch dump folders")
     ps = [Path(p) for p in paths]
+    seen: dict[tuple[int, int], Path] = {}
+    for p in ps:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            raise InputError(f"{str(p)!r} and {str(seen[(st.st_dev, st.st_ino)])!r} are the same file; give each "
+                             "rank's result once")
+        seen[(st.st_dev, st.st_ino)] = p
     dumps = [p for p in ps if _is_manifest(p)]
     if dumps and len(dumps) != len(ps):
         others = ", ".join(repr(str(p)) for p in ps if p not in dumps)

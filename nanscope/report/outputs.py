@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
-
-from nanscope.errors import OutputError
 
 
 def write_text(path: str, text: str) -> None:
-    try:
-        Path(path).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise OutputError(f"output {path!r} cannot be written: {exc.strerror or exc}") from None
+    """Through a temporary file and a rename: the path holds the old file or the whole new one."""
+    from nanscope.safe_io import write_atomic
+
+    write_atomic(path, text)
 
 
 def write_outputs(result: Any, args: argparse.Namespace, console: Any) -> None:

@@ -80,6 +80,20 @@ def finding_line(f: Finding) -> str:
     return f"{f.code} {f.severity.value} count={f.count} where={f.where_text()} | {f.message}"
 
 
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def notes_lines(result: Result) -> list[str]:
+    """Facts about the run a reader could otherwise miss: half-precision weights replayed upcast."""
+    dtypes = result.inputs.get("checkpoint_dtypes") or []
+    half = [d for d in dtypes if d in HALF_DTYPES]
+    if not half:
+        return []
+    return [f"note: the checkpoint's weights are {', '.join(half)}; nanscope replayed them upcast to float32 (the "
+            "model's dtype), so an overflow only half-precision weights produce may not reproduce: replay with "
+            f"--amp {'bf16' if half == ['bfloat16'] else 'fp16'} to run the forward in half precision"]
+
+
 def user_stdout_block(result: Result) -> list[str]:
     """What the user's criterion printed, between two labelled lines (never mixed into the report)."""
     text = result.user_stdout
@@ -108,6 +122,7 @@ def render_plain(result: Result) -> str:
         art = result.artifacts
         lines.append(f"worst image: {art['image']} ({art.get('num_tokens')} tokens, layer {art.get('layer')})")
         lines.extend(_one_line(f"  {x}") for x in lost)
+    lines.extend(notes_lines(result))
     lines.extend(user_stdout_block(result))
     return "\n".join(lines) + "\n"
 
@@ -179,6 +194,8 @@ def render(result: Result, console: Console, *, plain: bool | None = None) -> No
                   style="bold"))
         for x in lost:
             show(Text(_one_line(f"  {x}")))
+    for note in notes_lines(result):
+        show(Text(note, style="yellow"))
     block = user_stdout_block(result)
     if block:
         show(Text(block[0], style="bold"))

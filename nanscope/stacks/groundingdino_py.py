@@ -178,6 +178,8 @@ class GroundingDinoPy(Stack):
             "config": str(config) if config is not None else "groundingdino SwinT-OGC (default)",
             "text_encoder": str(cfg.text_encoder_type),
             "stack": self.name,
+            "checkpoint_dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in state.values()
+                                         if isinstance(v, torch.Tensor) and v.is_floating_point()}),
         }
         return LoadedModel(self, model, cfg, model.tokenizer, int(getattr(cfg, "max_text_len", 256)), state, fit,
                            inputs)

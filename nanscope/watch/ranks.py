@@ -90,6 +90,64 @@ def agree(ctx: RankContext, step: int | None, kind: str | None) -> Agreement:
 
 # ---------------------------------------------------------------- merging dumps
 
+MAX_WORLD_SIZE = 65_536  # a manifest claiming more ranks is refused: the merge holds one row per rank
+
+
+def _int_field(m: dict[str, Any], key: str, where: str, *, minimum: int = 0, optional: bool = False) -> None:
+    v = m.get(key)
+    if v is None and optional:
+        return
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise InputError(f"{where} field {key!r} is {v!r}; expected an integer >= {minimum}")
+
+
+def validate_manifest(m: Any, where: str) -> dict[str, Any]:
+    """Check the fields nanscope reads from a watch dump's manifest.json; raise InputError naming the
+    file and the field. `where`: the manifest's path, for messages."""
+    if not isinstance(m, dict):
+        raise InputError(f"{where} holds a JSON {type(m).__name__}; expected an object (a nanscope.watch manifest)")
+    _int_field(m, "step", where)
+    _int_field(m, "rank", where)
+    _int_field(m, "world_size", where, minimum=1, optional=True)
+    _int_field(m, "local_first_bad_step", where, optional=True)
+    world = m.get("world_size") or 1
+    if world > MAX_WORLD_SIZE:
+        raise InputError(f"{where} field 'world_size' is {world}; nanscope merges at most {MAX_WORLD_SIZE} ranks")
+    if m["rank"] >= max(world, 1) and "world_size" in m:
+        raise InputError(f"{where} field 'rank' is {m['rank']}, not below its world_size {world}; expected "
+                         "0 <= rank < world_size")
+    if m["rank"] >= MAX_WORLD_SIZE:
+        raise InputError(f"{where} field 'rank' is {m['rank']}; nanscope merges at most {MAX_WORLD_SIZE} ranks")
+    kind = m.get("local_kind")
+    if kind is not None and kind not in KINDS:
+        raise InputError(f"{where} field 'local_kind' is {kind!r}; expected one of {', '.join(KINDS)} or null")
+    for key, typ, name in (("amp", dict, "an object"), ("files", dict, "an object"), ("loss_terms", dict, "an object"),
+                           ("stack", dict, "an object"), ("nonfinite_terms", list, "a list"),
+                           ("origin_ranks", list, "a list"), ("config", str, "a string"),
+                           ("text_encoder", str, "a string"), ("reason", str, "a string")):
+        if m.get(key) is not None and not isinstance(m[key], typ):
+            raise InputError(f"{where} field {key!r} is a JSON {type(m[key]).__name__}; expected {name}")
+    origin = m.get("origin_ranks") or []
+    if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < max(world, m["rank"] + 1) for r in origin):
+        raise InputError(f"{where} field 'origin_ranks' is {str(origin)[:80]}; expected ranks below world_size {world}")
+    amp = m.get("amp") or {}
+    if amp.get("autocast") is not None and not isinstance(amp["autocast"], dict):
+        raise InputError(f"{where} field 'amp.autocast' is a JSON {type(amp['autocast']).__name__}; expected an object")
+    _int_field(amp, "overflow_skips", f"{where} field 'amp':", optional=True)
+    return m
+
+
+def _ranges(ranks: Sequence[int], limit: int = 8) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (the first `limit` runs, then a count)."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    text = ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs[:limit])
+    return text + (f" and {len(runs) - limit} more run(s)" if len(runs) > limit else "")
+
 
 def _manifest_paths(paths: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
@@ -121,7 +179,7 @@ def merge_rank_dumps(paths: Sequence[str | Path] | str | Path) -> dict[str, Any]
 
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    manifests = [read_manifest(p.parent) for p in _manifest_paths(paths)]
+    manifests = [validate_manifest(read_manifest(p.parent), repr(str(p))) for p in _manifest_paths(paths)]
     if not manifests:
         raise InputError("no watch dumps given; expected at least one dump folder")
     step = min(int(m["step"]) for m in manifests)
@@ -155,7 +213,7 @@ def merge_rank_dumps(paths: Sequence[str | Path] | str | Path) -> dict[str, Any]
         problems.append(f"manifests name origin ranks {declared}, the local steps give {list(origin)}")
     missing = [r for r in range(world) if r not in by_rank]
     if missing:
-        problems.append(f"no dump from rank(s) {missing} of {world}")
+        problems.append(f"no dump from rank(s) {_ranges(missing)} of {world}")
     replay = next((by_rank[r]["dump"] for r in origin if r in by_rank and by_rank[r]["has_checkpoint"]), None)
     reason = next((by_rank[r]["reason"] for r in origin if r in by_rank), event[0].get("reason"))
     return {
