@@ -80,7 +80,7 @@ class DumpWriter:
                "at_check": portable_rng(rec.rng_at_check) if rec is not None else None}
         folder = self.dump_dir / f"step{step:08d}-rank{self.ctx.rank}"
         meta = manifest(bad, model_class=type(unwrap(self.model)).__name__, stack=self.stack_meta, config=self.config,
-                        text_encoder=self.text_encoder, criterion=self.criterion_spec,
+                        config_values=self.config_values, text_encoder=self.text_encoder, criterion=self.criterion_spec,
                         scaler=scaler_state(self.scaler), device=self._device or torch.device("cpu"),
                         steps_checked=self._checks, notes=notes + batch_notes)
         write_dump(folder, state_dict=weights, batch=batch, rng=rng, manifest=meta)

@@ -126,7 +126,7 @@ def scaler_state(scaler: Any) -> dict[str, Any] | None:
 
 
 def manifest(bad: BadStep, *, model_class: str, stack: dict[str, Any], config: str | None, text_encoder: str | None,
-             criterion: str | None, scaler: dict[str, Any] | None, device: torch.device, steps_checked: int,
+             criterion: str | None, config_values: dict[str, Any] | None, scaler: dict[str, Any] | None, device: torch.device, steps_checked: int,
              notes: list[str]) -> dict[str, Any]:
     """DUMP/manifest.json: enough for `nanscope inspect DUMP` to rebuild, replay and explain the step."""
     ag, vals = bad.agreement, bad.values
@@ -141,7 +141,8 @@ def manifest(bad: BadStep, *, model_class: str, stack: dict[str, Any], config: s
         "loss_terms": {n: floats(v) for n, v in bad.terms.items()},
         "nonfinite_terms": list(bad.nonfinite_terms),
         "grad_norm": floats(vals["grad_norm"]) if "grad_norm" in vals else None,
-        "config": config, "text_encoder": text_encoder, "criterion": criterion,
+        "config": config, "text_encoder": text_encoder,
+        "config_values": config_values,  # the config as JSON values: a replay builds from these, never runs `config` "criterion": criterion,
         "scaler": scaler,
         "amp": {"overflow_skips": bad.overflow_skips, "overflow_steps": list(bad.overflow_steps),
                 "scale_at_step": floats(vals["scale"]) if "scale" in vals else None,
