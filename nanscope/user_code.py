@@ -12,7 +12,8 @@ The criterion is called `criterion(outputs, targets, **extras)`: further paramet
 `tokenizer`, ...), so Open-GroundingDino's `forward(outputs, targets, cat_list, caption)` runs as it
 is; `call_matcher` does the same for a matcher. Each call gets a fresh copy of the output dicts
 (criteria write `one_hot` into them). The user's stdout is captured while `collect_user_stdout` is
-active. Errors name the user's own frame (file:line), not nanscope's.
+active. Errors name the user's own frame (file:line), not nanscope's. A `sys.exit()` in user code
+is an error in that code (`CriterionError`, exit 2), never nanscope's exit code.
 """
 
 from __future__ import annotations
@@ -73,6 +74,20 @@ def user_io() -> contextlib.AbstractContextManager[Any]:
     return contextlib.redirect_stdout(buf) if buf is not None else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def user_call(what: str) -> Iterator[None]:
+    """Run user code (`what` names it): its stdout goes to the active collector, and a `SystemExit` it raises
+    (`sys.exit(0)` in a criterion) becomes a `CriterionError`: user code never chooses nanscope's exit code.
+    KeyboardInterrupt passes through unchanged (Ctrl-C: the CLI exits 130)."""
+    try:
+        with user_io():
+            yield
+    except SystemExit as exc:
+        raise CriterionError(f"your {what} exited: it raised SystemExit({exc.code!r}) (sys.exit) at "
+                             f"{user_frame(exc)}; user code cannot choose nanscope's exit code, so this is an "
+                             "error in that code") from None
+
+
 def user_frame(exc: BaseException) -> str:
     """'file.py:12 in fn: line text' for the innermost frame outside torch and nanscope."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -113,7 +128,7 @@ def load_criterion(spec: str) -> tuple[Criterion, str]:
     -> (callable criterion, display name)."""
     module, attr, kwargs = parse_spec(spec)
     try:
-        with user_io():
+        with user_call(f"criterion module {module!r}"):
             mod = _import(module)
     except CriterionError:
         raise
@@ -127,7 +142,7 @@ def load_criterion(spec: str) -> tuple[Criterion, str]:
             raise CriterionError(f"criterion module {module!r} has no attribute {attr!r}; it has {', '.join(names)}")
         obj = getattr(obj, part)
     try:
-        with user_io():
+        with user_call(f"criterion {spec!r} (while being created)"):
             crit = _create(obj, spec, attr, kwargs)
     except CriterionError:
         raise
@@ -252,7 +267,7 @@ def _invoke(fn: Any, outputs: Mapping[str, Any], targets: Any, extras: Mapping[s
     outputs = fresh_outputs(outputs)
     targets = [dict(t) if isinstance(t, Mapping) else t for t in targets]
     try:
-        with user_io():
+        with user_call(f"{what} {name!r}" if name != what else what):
             return fn(outputs, targets, *args, **kwargs)
     except KeyError as exc:
         raise CriterionError(f"{name} raised KeyError {exc} (at {user_frame(exc)}): "

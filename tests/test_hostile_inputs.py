@@ -4,6 +4,8 @@ lost, user code does not choose the exit code, and the library raises only Nansc
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import pytest
 import torch
 
 from nanscope.cli import main
+from nanscope.errors import OutputError
 from nanscope.stacks.demo import demo_batch
+from nanscope.watch.report import NonFiniteStepError
 from nanscope.watch.snapshot import MANIFEST_FORMAT, MANIFEST_VERSION
 
 # ------------------------------------------------------------ 1. a dump's config never runs
@@ -81,3 +85,107 @@ def test_dump_replays_from_its_recorded_values_and_a_users_py_config_runs(tmp_pa
     assert main(["inspect", str(old), "--config", str(evil), "--quiet"]) in (0, 1)
     capsys.readouterr()
     assert marker.read_text() == "ran"  # the user named it: it ran
+
+
+# ------------------------------------------------------------ 4. the NaN step survives a dump that cannot be written
+
+
+def _bad_run(model: torch.nn.Module, dumps: Path, *, before_bad_step=None) -> NonFiniteStepError:
+    """Steps 0-1 healthy, step 2 NaN in loss_bbox; `before_bad_step()` runs just before the bad check."""
+    import nanscope
+
+    x = torch.ones(2, model.in_features)
+    with pytest.raises(NonFiniteStepError) as info, nanscope.watch(model, dumps) as w:
+        for step in range(4):
+            out = model(x)
+            terms = {"loss_ce": out.mean(), "loss_bbox": out.abs().mean() * (math.nan if step == 2 else 1.0)}
+            if step == 2 and before_bad_step is not None:
+                before_bad_step()
+            w.check(step, terms)
+    return info.value
+
+
+def test_nonfinite_step_error_survives_a_dump_folder_under_a_file(tmp_path):
+    dumps = tmp_path / "nan-dumps"
+    err = _bad_run(torch.nn.Linear(8, 8), dumps, before_bad_step=lambda: dumps.write_text("a file now"))
+    assert err.report.step == 2 and err.report.nonfinite_terms == ("loss_bbox",)
+    assert err.report.dump is None and "could not be written" in str(err) and str(dumps) in err.report.dump_error
+    assert dumps.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["nan-dumps"]  # no partial folder
+
+
+_FSIZE_SCRIPT = """
+import json, math, resource, sys
+from pathlib import Path
+import torch, nanscope
+from nanscope.watch.report import NonFiniteStepError
+dumps = Path(sys.argv[1])
+model = torch.nn.Linear(512, 512)  # a 1 MB checkpoint, over the 64 KB limit below
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+try:
+    with nanscope.watch(model, dumps) as w:
+        for step in range(3):
+            loss = model(torch.ones(1, 512)).mean()
+            w.check(step, {"loss_giou": loss * (math.nan if step == 1 else 1.0), "loss_ce": loss})
+except NonFiniteStepError as exc:
+    print(json.dumps({"step": exc.report.step, "terms": list(exc.report.nonfinite_terms),
+                      "dump_error": exc.report.dump_error, "message": str(exc)}))
+"""
+
+
+def test_nonfinite_step_error_survives_a_file_size_limit(tmp_path):
+    import subprocess
+    import sys
+
+    dumps = tmp_path / "nan-dumps"
+    proc = subprocess.run([sys.executable, "-c", _FSIZE_SCRIPT, str(dumps)], capture_output=True, text=True,
+                          check=False, timeout=300, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["step"] == 1 and got["terms"] == ["loss_giou"]
+    assert got["dump_error"] and "could not be written" in got["message"]
+    assert list(dumps.iterdir()) == []  # the half-written dump was removed, not left behind
+
+
+def test_watch_refuses_a_dump_folder_it_cannot_write(tmp_path):
+    import nanscope
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        nanscope.watch(torch.nn.Linear(2, 2), blocker / "nan-dumps")
+    if os.geteuid() != 0:  # root writes anywhere: a read-only folder only stops other users
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(OutputError, match="cannot be written"):
+            nanscope.watch(torch.nn.Linear(2, 2), ro)
+
+
+# ------------------------------------------------------------ 6. user code does not choose nanscope's exit code
+
+_EXITING = """
+import sys
+
+
+def exits(outputs, targets):
+    sys.exit(0)  # "nothing to do here"
+"""
+
+
+@pytest.fixture(scope="module")
+def small_batch(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("batch") / "batch.pt"
+    torch.save(demo_batch(0, long=False), path)
+    return path
+
+
+def test_a_criterion_calling_sys_exit_is_an_error_not_exit_0(tmp_path, demo_files, small_batch, capsys):
+    crit = tmp_path / "exiting.py"
+    crit.write_text(_EXITING)
+    out = tmp_path / "r.json"
+    code = main(["inspect", str(demo_files.checkpoint), str(small_batch), "--config", str(demo_files.config),
+                 "--criterion", f"{crit}:exits", "--json", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "your criterion" in err and "exited" in err and "SystemExit(0)" in err
+    assert f"{crit}:6" in err  # the user's own line
+    assert not out.exists()  # an error before any result: no JSON, as for every exit 2

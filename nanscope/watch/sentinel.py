@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from nanscope.errors import InputError
 from nanscope.watch.amp import ScaleTracker, scale_value
 from nanscope.watch.dump_targets import replay_gaps
-from nanscope.watch.dumping import DumpWriter, criterion_spec, stack_meta
+from nanscope.watch.dumping import DumpWriter, check_dump_dir, criterion_spec, stack_meta
 from nanscope.watch.ranks import Agreement, RankContext, agree, rank_context
 from nanscope.watch.records import StepRecord, syncs_allowed
 from nanscope.watch.report import NonFiniteStepError, WatchReport
@@ -88,6 +88,7 @@ class Watcher(DumpWriter):
             raise InputError(f"sync_every={options.sync_every}; expected a positive number of steps or None")
         self.model = model
         self.dump_dir = Path(dump_dir)
+        check_dump_dir(self.dump_dir)
         self.options = options
         self.scaler = scaler
         self.criterion_spec = criterion_spec(criterion)
