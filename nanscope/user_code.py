@@ -64,8 +64,24 @@ def collect_user_stdout() -> Iterator[UserStdout]:
         yield out
     finally:
         _STDOUT.reset(token)
-        text = out.buffer.getvalue()
-        out.text = text if len(text) <= MAX_STDOUT else text[:MAX_STDOUT] + f"\n... ({len(text) - MAX_STDOUT} more characters)\n"
+        out.text = _clipped(out.buffer.getvalue())
+
+
+@contextlib.contextmanager
+def collect_model_stdout() -> Iterator[UserStdout]:
+    """Capture what the model's own code prints while nanscope runs it (groundingdino's `output layer_id 0
+    is nan`, `num_nan ...`): the library never writes to stdout; reports show it in a block of its own.
+    User code inside a `collect_user_stdout` still goes to that collector."""
+    out = UserStdout()
+    try:
+        with contextlib.redirect_stdout(out.buffer):
+            yield out
+    finally:
+        out.text = _clipped(out.buffer.getvalue())
+
+
+def _clipped(text: str) -> str:
+    return text if len(text) <= MAX_STDOUT else text[:MAX_STDOUT] + f"\n... ({len(text) - MAX_STDOUT} more characters)\n"
 
 
 def user_io() -> contextlib.AbstractContextManager[Any]:
@@ -290,6 +306,10 @@ def call_criterion(crit: Criterion, outputs: Mapping[str, Any], targets: list[Ma
     if not isinstance(terms, Mapping):
         raise CriterionError(f"{name} returned a {type(terms).__name__}; expected a dict of loss tensors")
     out = {str(k): v for k, v in terms.items() if isinstance(v, torch.Tensor)}
+    meta = [k for k, v in out.items() if v.device.type == "meta"]
+    if meta:
+        raise CriterionError(f"{name} returned {', '.join(meta)} on the meta device (a tensor with no values); "
+                             "expected loss tensors computed from the outputs")
     if not out:
         raise CriterionError(f"{name} returned no tensor loss terms (keys: {', '.join(map(str, terms))})")
     return out

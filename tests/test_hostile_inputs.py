@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from nanscope.cli import main
-from nanscope.errors import OutputError
+from nanscope.errors import (
+    BatchError,
+    ConfigError,
+    CriterionError,
+    NanscopeError,
+    OutputError,
+)
 from nanscope.stacks.demo import demo_batch
 from nanscope.watch.report import NonFiniteStepError
 from nanscope.watch.snapshot import MANIFEST_FORMAT, MANIFEST_VERSION
@@ -189,3 +195,74 @@ def test_a_criterion_calling_sys_exit_is_an_error_not_exit_0(tmp_path, demo_file
     assert "your criterion" in err and "exited" in err and "SystemExit(0)" in err
     assert f"{crit}:6" in err  # the user's own line
     assert not out.exists()  # an error before any result: no JSON, as for every exit 2
+
+
+# ------------------------------------------------------------ 8. the library keeps its contract
+
+
+def _saved(tmp_path: Path, name: str, mutate) -> str:
+    raw = demo_batch(0, long=False)
+    mutate(raw)
+    path = tmp_path / f"{name}.pt"
+    torch.save(raw, path)
+    return str(path)
+
+
+def _empty(raw: dict) -> None:
+    raw.update(images=raw["images"][:0], captions=[], targets=[])
+
+
+BAD_INPUTS = [
+    ("below the minimum size", lambda r: r.update(images=torch.randn(2, 3, 64, 64)), None, BatchError,
+     "at least 208x208"),
+    ("no images", _empty, None, BatchError, "no images"),
+    ("a string in a box", lambda r: r["targets"][0].__setitem__("boxes", [[0.5, 0.5, 0.1, "0.1"]]), None,
+     BatchError, r"targets\[0\]\.boxes is not numeric"),
+    ("meta-device loss", lambda r: None, "meta", CriterionError, "meta device"),
+]
+
+
+@pytest.mark.parametrize("name, mutate, crit, error, match", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_library_raises_nanscope_errors_for_bad_inputs(name, mutate, crit, error, match, tmp_path, demo_files):
+    import nanscope
+
+    criterion = None
+    if crit == "meta":
+        path = tmp_path / "meta_loss.py"
+        path.write_text("import torch\n\ndef meta(outputs, targets):\n"
+                        "    return {'loss_ce': torch.zeros((), device='meta')}\n")
+        criterion = f"{path}:meta"
+    with pytest.raises(error, match=match) as info:
+        nanscope.inspect(str(demo_files.checkpoint), _saved(tmp_path, "b", mutate), config=str(demo_files.config),
+                         text_encoder=str(demo_files.text_encoder), criterion=criterion)
+    assert isinstance(info.value, NanscopeError)
+
+
+def test_what_groundingdino_prints_is_kept_out_of_stdout_and_shown_in_the_report(tmp_path, demo_files, capfd):
+    import nanscope
+    from nanscope.report.terminal import render_plain
+
+    batch = _saved(tmp_path, "nan", lambda r: r["images"].__setitem__((0, 1, 5, 5), float("nan")))
+    result = nanscope.inspect(str(demo_files.checkpoint), batch, config=str(demo_files.config),
+                              text_encoder=str(demo_files.text_encoder))
+    assert capfd.readouterr().out == ""  # nothing reached stdout, not even at the file-descriptor level
+    layers = int(json.loads(Path(demo_files.config).read_text())["dec_layers"])
+    printed = result.model_stdout.splitlines()
+    assert [p for p in printed if p.startswith("output layer_id")] == [f"output layer_id {i} is nan"
+                                                                      for i in range(layers)]
+    assert any(p.startswith("num_nan ") for p in printed)
+    assert result.to_dict()["model_stdout"] == result.model_stdout
+    text = render_plain(result).splitlines()
+    start = text.index(next(x for x in text if x.startswith("--- printed by the model")))
+    assert text[start + 1] == "output layer_id 0 is nan" and "output layer_id 0 is nan" not in text[:start]
+
+
+def test_only_trust_config_lets_an_old_dump_name_a_py_config(tmp_path):
+    from nanscope.stacks.safe_config import ConfigValues, dump_config
+
+    meta = {"config": str(tmp_path / "train.py")}
+    with pytest.raises(ConfigError, match="never run"):
+        dump_config(meta, "d", trust_py=False)
+    assert dump_config(meta, "d", trust_py=True) == meta["config"]
+    recorded = dump_config({**meta, "config_values": {"modelname": "groundingdino"}}, "d", trust_py=True)
+    assert isinstance(recorded, ConfigValues) and dict(recorded.values) == {"modelname": "groundingdino"}

@@ -173,6 +173,8 @@ def validate_batch(raw: Any, source: str = "batch") -> Batch:
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise BatchError(f"images has dtype {images.dtype}; expected float (normalized) or uint8")
     b = int(images.shape[0])
+    if b == 0:
+        raise BatchError(f"images has shape {list(images.shape)}: no images; expected at least one [3, H, W] image")
     captions = raw["captions"]
     if isinstance(captions, str) or not isinstance(captions, Sequence):
         raise BatchError(f"captions is a {type(captions).__name__}; expected a list of {b} strings")
@@ -194,7 +196,11 @@ def validate_batch(raw: Any, source: str = "batch") -> Batch:
                              "positive_map}}")
         boxes = t["boxes"]
         if not isinstance(boxes, torch.Tensor):
-            boxes = torch.as_tensor(boxes, dtype=torch.float32)
+            try:
+                boxes = torch.as_tensor(boxes, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError) as exc:  # a string or ragged rows in the box list
+                raise BatchError(f"targets[{i}].boxes is not numeric ({exc}); expected a tensor or a list of "
+                                 "[cx, cy, w, h] numbers") from None
         if boxes.numel() == 0:
             boxes = boxes.reshape(0, 4)
         if boxes.dim() != 2 or boxes.shape[1] != 4:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nanscope import progress
-from nanscope.errors import ConfigError
+from nanscope.errors import BatchError, ConfigError
 from nanscope.stacks.base import LoadedModel, Stack, find_wrapped
 from nanscope.stacks.capture import Capture
 from nanscope.stacks.safe_config import BASE_KEY, ConfigValues, read_values
@@ -123,6 +123,21 @@ def build_model(
     return model, cfg
 
 
+def swin_positions(h: int, w: int, out_indices: tuple[int, ...], levels: int) -> int:
+    """Encoder positions of an HxW image: Swin's stages at strides 4, 8, 16, 32 (each rounds up), the
+    returned ones, plus extra stride-2 levels up to `levels` (groundingdino's input projections)."""
+    a, b, total, used = -(-h // 4), -(-w // 4), 0, 0
+    for stage in range(max(out_indices) + 1):
+        if stage:
+            a, b = -(-a // 2), -(-b // 2)
+        if stage in out_indices:
+            total, used = total + a * b, used + 1
+    for _ in range(levels - used):
+        a, b = -(-a // 2), -(-b // 2)
+        total += a * b
+    return total
+
+
 def find_groundingdino(model: nn.Module) -> nn.Module:
     """Return the GroundingDINO inside DDP (`module`), PEFT (`base_model.model`) or torch.compile (`_orig_mod`)."""
     from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO
@@ -213,6 +228,23 @@ class GroundingDinoPy(Stack):
 
             images = NestedTensor(images, batch.image_masks.to(device))
         return (images,), {"captions": list(batch.captions)}
+
+    def check_batch(self, model: nn.Module, batch: Any) -> None:
+        """Two-stage GroundingDINO picks its queries by top-k over the encoder's positions: images that give
+        fewer positions than queries fail inside groundingdino (`selected index k out of range`)."""
+        gd = self.find_model(model)
+        backbone = gd.backbone[0] if len(gd.backbone) else None
+        queries, levels = int(getattr(gd, "num_queries", 0)), int(getattr(gd, "num_feature_levels", 0))
+        if not hasattr(backbone, "out_indices") or getattr(gd.transformer, "two_stage_type", "") != "standard":
+            return  # a ResNet backbone or one-stage queries: no top-k to run out of
+        h, w = (int(x) for x in batch.images.shape[-2:])
+        have = swin_positions(h, w, tuple(backbone.out_indices), levels)
+        if have < queries:
+            side = next(s for s in range(8, 4096, 8) if swin_positions(s, s, tuple(backbone.out_indices), levels)
+                        >= queries)
+            raise BatchError(f"images are {h}x{w} pixels: this model's {levels} feature levels give {have} positions "
+                             f"for its {queries} queries (two-stage top-k); it needs images of at least "
+                             f"{side}x{side} pixels (resize or pad them as the training pipeline does)")
 
     def call_captions(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str] | None:
         from nanscope.stacks.gdpy_capture import call_captions
