@@ -159,6 +159,9 @@ def test_watch_refuses_a_dump_folder_it_cannot_write(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputError, match="is a file, not a folder"):
         nanscope.watch(torch.nn.Linear(2, 2), blocker / "nan-dumps")
+    if Path("/proc/self").is_dir():  # Linux: a kernel file system that refuses new files, even from root
+        with pytest.raises(OutputError, match="cannot be written"):
+            nanscope.watch(torch.nn.Linear(2, 2), "/proc/nanscope-dumps")
     if os.geteuid() != 0:  # root writes anywhere: a read-only folder only stops other users
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
@@ -266,3 +269,18 @@ def test_only_trust_config_lets_an_old_dump_name_a_py_config(tmp_path):
     assert dump_config(meta, "d", trust_py=True) == meta["config"]
     recorded = dump_config({**meta, "config_values": {"modelname": "groundingdino"}}, "d", trust_py=True)
     assert isinstance(recorded, ConfigValues) and dict(recorded.values) == {"modelname": "groundingdino"}
+
+
+def test_a_py_configs_recorded_values_are_what_groundingdino_reads():
+    from groundingdino.util.slconfig import SLConfig
+
+    from nanscope.stacks.groundingdino_py import default_config_path, load_config
+    from nanscope.stacks.safe_config import ConfigValues
+    from nanscope.watch.sentinel import recorded_config
+
+    path = default_config_path()  # groundingdino's own GroundingDINO_SwinT_OGC.py
+    values = recorded_config(path)
+    own = SLConfig.fromfile(str(path))._cfg_dict.to_dict()
+    assert values == json.loads(json.dumps(own))  # the same values, as JSON (tuples become lists)
+    cfg = load_config(ConfigValues(values))
+    assert cfg.num_queries == own["num_queries"] and cfg.backbone == own["backbone"]

@@ -117,18 +117,18 @@ def _merge(child: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def jsonable(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Values that survive JSON (tuples become lists); names of those dropped (modules, functions, ...)."""
+    """Values that survive JSON (tuples become lists); names of those dropped (modules, functions, ...).
+    A dropped top-level name is left out; a dropped entry inside a list or dict becomes None."""
     dropped: list[str] = []
+    data = (type(None), bool, int, float, str, list, tuple, Mapping)
 
     def conv(v: Any, name: str) -> Any:
-        if v is None or isinstance(v, (bool, int, str)):
-            return v
-        if isinstance(v, float):
-            return v
         if isinstance(v, (list, tuple)):
             return [conv(x, f"{name}[{i}]") for i, x in enumerate(v)]
         if isinstance(v, Mapping):
             return {str(k): conv(x, f"{name}.{k}") for k, x in v.items()}
+        if isinstance(v, data):
+            return v
         dropped.append(name)
         return None
 
@@ -136,10 +136,10 @@ def jsonable(values: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     for k, v in values.items():
         if str(k).startswith("__"):
             continue
-        before = len(dropped)
-        value = conv(v, str(k))
-        if len(dropped) == before or not (before == len(dropped) - 1 and dropped[-1] == str(k)):
-            out[str(k)] = value
+        if not isinstance(v, data):
+            dropped.append(str(k))
+            continue
+        out[str(k)] = conv(v, str(k))
     return out, dropped
 
 

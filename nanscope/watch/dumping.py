@@ -6,7 +6,6 @@ reads the watcher's records and state and never synchronizes before that point.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import tempfile
@@ -32,7 +31,8 @@ from nanscope.watch.snapshot import (
 
 
 def check_dump_dir(dump_dir: Path) -> None:
-    """Fail when the watcher is created, not at the bad step: `dump_dir` must be (or become) a writable folder."""
+    """Fail when the watcher is created, not at the bad step: `dump_dir` must be (or become) a writable folder.
+    Nothing is left behind: the folder itself is only created by the first dump."""
     from nanscope.errors import OutputError
 
     existing = dump_dir
@@ -40,15 +40,12 @@ def check_dump_dir(dump_dir: Path) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"dump_dir {str(dump_dir)!r} cannot be created: {str(existing)!r} is a file, not a folder")
-    try:
-        if existing == dump_dir:
-            with tempfile.TemporaryFile(dir=dump_dir, prefix=".nanscope-probe-"):
-                pass
-        elif not os.access(existing, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "permission denied")
+    try:  # a file created and removed at once where the dump folder will go (or in its nearest existing parent)
+        with tempfile.TemporaryFile(dir=existing, prefix=".nanscope-probe-"):
+            pass
     except OSError as exc:
-        raise OutputError(f"dump_dir {str(dump_dir)!r} cannot be written ({exc.strerror or exc}); "
-                          "pass a dump_dir= the training process can write") from None
+        raise OutputError(f"dump_dir {str(dump_dir)!r} cannot be written: creating a file in {str(existing)!r} "
+                          f"failed ({exc.strerror or exc}); pass a dump_dir= the training process can write") from None
 
 
 def write_dump_atomically(folder: Path, **parts: Any) -> Path:
