@@ -52,6 +52,7 @@ class Result:
     # installs one): the terminal and HTML reports show it; the JSON never does, so it stays byte-identical.
     timings: list[progress.Timing] = field(default_factory=progress.finished)
     user_stdout: str = ""  # what the user's criterion printed (shown in its own block, never interleaved)
+    model_stdout: str = ""  # what the model's own code printed during the replay (groundingdino's NaN prints)
 
     def __post_init__(self) -> None:
         self.findings = [f for g in group(self.findings) for f in g.findings]  # by cause (nanscope.causes)
@@ -112,6 +113,7 @@ class Result:
             "loss_terms": self.loss_terms,
             "tables": self.tables,
             **({"user_stdout": self.user_stdout} if self.user_stdout else {}),
+            **({"model_stdout": self.model_stdout} if self.model_stdout else {}),
         })
 
     def to_json(self) -> str:
@@ -129,6 +131,7 @@ class Result:
             loss_terms=dict(d.get("loss_terms", {})),
             tables=dict(d.get("tables", {})),
             user_stdout=str(d.get("user_stdout", "")),
+            model_stdout=str(d.get("model_stdout", "")),
         )
 
 

@@ -12,7 +12,8 @@ The criterion is called `criterion(outputs, targets, **extras)`: further paramet
 `tokenizer`, ...), so Open-GroundingDino's `forward(outputs, targets, cat_list, caption)` runs as it
 is; `call_matcher` does the same for a matcher. Each call gets a fresh copy of the output dicts
 (criteria write `one_hot` into them). The user's stdout is captured while `collect_user_stdout` is
-active. Errors name the user's own frame (file:line), not nanscope's.
+active. Errors name the user's own frame (file:line), not nanscope's. A `sys.exit()` in user code
+is an error in that code (`CriterionError`, exit 2), never nanscope's exit code.
 """
 
 from __future__ import annotations
@@ -63,14 +64,44 @@ def collect_user_stdout() -> Iterator[UserStdout]:
         yield out
     finally:
         _STDOUT.reset(token)
-        text = out.buffer.getvalue()
-        out.text = text if len(text) <= MAX_STDOUT else text[:MAX_STDOUT] + f"\n... ({len(text) - MAX_STDOUT} more characters)\n"
+        out.text = _clipped(out.buffer.getvalue())
+
+
+@contextlib.contextmanager
+def collect_model_stdout() -> Iterator[UserStdout]:
+    """Capture what the model's own code prints while nanscope runs it (groundingdino's `output layer_id 0
+    is nan`, `num_nan ...`): the library never writes to stdout; reports show it in a block of its own.
+    User code inside a `collect_user_stdout` still goes to that collector."""
+    out = UserStdout()
+    try:
+        with contextlib.redirect_stdout(out.buffer):
+            yield out
+    finally:
+        out.text = _clipped(out.buffer.getvalue())
+
+
+def _clipped(text: str) -> str:
+    return text if len(text) <= MAX_STDOUT else text[:MAX_STDOUT] + f"\n... ({len(text) - MAX_STDOUT} more characters)\n"
 
 
 def user_io() -> contextlib.AbstractContextManager[Any]:
     """Redirect stdout into the active collector (a no-op without one)."""
     buf = _STDOUT.get()
     return contextlib.redirect_stdout(buf) if buf is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def user_call(what: str) -> Iterator[None]:
+    """Run user code (`what` names it): its stdout goes to the active collector, and a `SystemExit` it raises
+    (`sys.exit(0)` in a criterion) becomes a `CriterionError`: user code never chooses nanscope's exit code.
+    KeyboardInterrupt passes through unchanged (Ctrl-C: the CLI exits 130)."""
+    try:
+        with user_io():
+            yield
+    except SystemExit as exc:
+        raise CriterionError(f"your {what} exited: it raised SystemExit({exc.code!r}) (sys.exit) at "
+                             f"{user_frame(exc)}; user code cannot choose nanscope's exit code, so this is an "
+                             "error in that code") from None
 
 
 def user_frame(exc: BaseException) -> str:
@@ -113,7 +144,7 @@ def load_criterion(spec: str) -> tuple[Criterion, str]:
     -> (callable criterion, display name)."""
     module, attr, kwargs = parse_spec(spec)
     try:
-        with user_io():
+        with user_call(f"criterion module {module!r}"):
             mod = _import(module)
     except CriterionError:
         raise
@@ -127,7 +158,7 @@ def load_criterion(spec: str) -> tuple[Criterion, str]:
             raise CriterionError(f"criterion module {module!r} has no attribute {attr!r}; it has {', '.join(names)}")
         obj = getattr(obj, part)
     try:
-        with user_io():
+        with user_call(f"criterion {spec!r} (while being created)"):
             crit = _create(obj, spec, attr, kwargs)
     except CriterionError:
         raise
@@ -252,7 +283,7 @@ def _invoke(fn: Any, outputs: Mapping[str, Any], targets: Any, extras: Mapping[s
     outputs = fresh_outputs(outputs)
     targets = [dict(t) if isinstance(t, Mapping) else t for t in targets]
     try:
-        with user_io():
+        with user_call(f"{what} {name!r}" if name != what else what):
             return fn(outputs, targets, *args, **kwargs)
     except KeyError as exc:
         raise CriterionError(f"{name} raised KeyError {exc} (at {user_frame(exc)}): "
@@ -275,6 +306,10 @@ def call_criterion(crit: Criterion, outputs: Mapping[str, Any], targets: list[Ma
     if not isinstance(terms, Mapping):
         raise CriterionError(f"{name} returned a {type(terms).__name__}; expected a dict of loss tensors")
     out = {str(k): v for k, v in terms.items() if isinstance(v, torch.Tensor)}
+    meta = [k for k, v in out.items() if v.device.type == "meta"]
+    if meta:
+        raise CriterionError(f"{name} returned {', '.join(meta)} on the meta device (a tensor with no values); "
+                             "expected loss tensors computed from the outputs")
     if not out:
         raise CriterionError(f"{name} returned no tensor loss terms (keys: {', '.join(map(str, terms))})")
     return out

@@ -16,6 +16,9 @@ def replay_arguments(p: argparse.ArgumentParser) -> None:
                                       "dump folder")
     p.add_argument("batch", nargs="?", help="batch file (torch.save of the schema in README); omit for a dump")
     model_options(p)
+    p.add_argument("--trust-config", action="store_true",
+                   help="run the .py config an older watch dump names (it runs Python code: only for files you "
+                        "trust); a dump's recorded config values and your own --config need no flag")
 
 
 def model_options(p: argparse.ArgumentParser) -> None:
@@ -219,8 +222,10 @@ def dump_paths(args: argparse.Namespace) -> None:
         from nanscope.watch.snapshot import read_manifest
 
         meta = validate_manifest(read_manifest(d), repr(str(manifest)))
-        if args.config is None and meta.get("config"):
-            args.config = meta["config"]
+        if args.config is None:  # the dump's recorded values; a file the dump names is never run
+            from nanscope.stacks.safe_config import dump_config
+
+            args.config = dump_config(meta, str(d), trust_py=getattr(args, "trust_config", False))
         if args.text_encoder is None and meta.get("text_encoder"):
             args.text_encoder = meta["text_encoder"]
         stack = meta.get("stack") if isinstance(meta.get("stack"), dict) else {}

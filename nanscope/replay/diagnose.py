@@ -17,7 +17,7 @@ from nanscope.findings import check_codes
 from nanscope.replay.module_stats import module_stats
 from nanscope.replay.session import Replay, prepare
 from nanscope.result import Result, environment
-from nanscope.user_code import call_criterion, collect_user_stdout
+from nanscope.user_code import call_criterion, collect_model_stdout, collect_user_stdout
 
 SANITIZED_LOGIT = -1.0e4  # finite stand-in for -inf padding in the counterfactual run (fits fp16)
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # --amp: replay the forward under autocast
@@ -283,9 +283,11 @@ def inspect(
     amp_dtype(amp)  # bad input fails before the model is built
     select = check_codes(select) if select else None
     ignore = check_codes(ignore) if ignore else None
-    replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
-                     trust_checkpoint=trust_checkpoint, stack=stack)
-    with collect_user_stdout() as out:  # the criterion's prints go in their own block of the report
-        result = inspect_replay(replay, criterion=criterion, select=select, ignore=ignore, trace=trace, amp=amp)
+    with collect_model_stdout() as model_out:  # groundingdino prints `output layer_id 0 is nan`: keep it
+        replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
+                         trust_checkpoint=trust_checkpoint, stack=stack)
+        with collect_user_stdout() as out:  # the criterion's prints go in their own block of the report
+            result = inspect_replay(replay, criterion=criterion, select=select, ignore=ignore, trace=trace, amp=amp)
     result.user_stdout = out.text
+    result.model_stdout = model_out.text
     return result

@@ -137,6 +137,7 @@ def prepare(
         from nanscope.replay.hf_batch import to_batch
 
         b = to_batch(b, loaded.tokenizer)
+    st.check_batch(loaded.model, b)  # sizes the model cannot run fail here, not inside its forward
     texts = build_text_info(loaded.tokenizer, b, max_text_len=loaded.max_text_len)
     inputs = {"checkpoint": str(checkpoint), "checkpoint_sha256": None,
               "batch": str(batch) if isinstance(batch, (str, os.PathLike)) else b.source, **loaded.inputs,

@@ -55,11 +55,16 @@ def _notes(result: Result) -> str:
 
 
 def _user_stdout(result: Result) -> str:
-    if not result.user_stdout:
-        return ""
-    return ('<h2 id="user-stdout">Printed by your criterion code</h2>'
-            '<p class="hint">Its stdout, captured while nanscope ran it.</p>'
-            f'<pre class="mono">{e(result.user_stdout)}</pre>')
+    out = ""
+    if result.model_stdout:
+        out += ('<h2 id="model-stdout">Printed by the model</h2>'
+                '<p class="hint">What the model\'s own code printed during the replay.</p>'
+                f'<pre class="mono">{e(result.model_stdout)}</pre>')
+    if result.user_stdout:
+        out += ('<h2 id="user-stdout">Printed by your criterion code</h2>'
+                '<p class="hint">Its stdout, captured while nanscope ran it.</p>'
+                f'<pre class="mono">{e(result.user_stdout)}</pre>')
+    return out
 
 
 def _where_list(f: Finding) -> str:

@@ -96,12 +96,19 @@ def notes_lines(result: Result) -> list[str]:
 
 def user_stdout_block(result: Result) -> list[str]:
     """What the user's criterion printed, between two labelled lines (never mixed into the report)."""
-    text = result.user_stdout
+    return _printed_block(result.user_stdout, "your criterion code")
+
+
+def model_stdout_block(result: Result) -> list[str]:
+    """What the model's own code printed during the replay (groundingdino's NaN prints), labelled the same way."""
+    return _printed_block(result.model_stdout, "the model")
+
+
+def _printed_block(text: str, who: str) -> list[str]:
     if not text:
         return []
     lines = text.rstrip("\n").split("\n")
-    return [f"--- printed by your criterion code (stdout, {len(lines)} line(s)) ---", *lines,
-            "--- end of what your criterion code printed ---"]
+    return [f"--- printed by {who} (stdout, {len(lines)} line(s)) ---", *lines, f"--- end of what {who} printed ---"]
 
 
 def render_plain(result: Result) -> str:
@@ -123,6 +130,7 @@ def render_plain(result: Result) -> str:
         lines.append(f"worst image: {art['image']} ({art.get('num_tokens')} tokens, layer {art.get('layer')})")
         lines.extend(_one_line(f"  {x}") for x in lost)
     lines.extend(notes_lines(result))
+    lines.extend(model_stdout_block(result))
     lines.extend(user_stdout_block(result))
     return "\n".join(lines) + "\n"
 
@@ -196,11 +204,11 @@ def render(result: Result, console: Console, *, plain: bool | None = None) -> No
             show(Text(_one_line(f"  {x}")))
     for note in notes_lines(result):
         show(Text(note, style="yellow"))
-    block = user_stdout_block(result)
-    if block:
-        show(Text(block[0], style="bold"))
-        console.out("\n".join(block[1:-1]), highlight=False)
-        show(Text(block[-1], style="bold"))
+    for block in (model_stdout_block(result), user_stdout_block(result)):
+        if block:
+            show(Text(block[0], style="bold"))
+            console.out("\n".join(block[1:-1]), highlight=False)
+            show(Text(block[-1], style="bold"))
     if result.timings:  # rich mode only: off a terminal the stage lines on stderr say it, stdout stays the same
         show(Text(timings_line(result), style="dim"))
 

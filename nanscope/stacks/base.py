@@ -102,6 +102,11 @@ class Stack(abc.ABC):
     def capture(self, model: nn.Module, *, detach: bool = True) -> ContextManager[Capture]:
         """Hooks that fill one `ForwardRecord` per forward of `model`; removed on exit, also on exceptions."""
 
+    def check_batch(self, model: nn.Module, batch: Any) -> None:
+        """Raise `BatchError` for a validated batch this model cannot run (e.g. images below its minimum size),
+        before the forward fails inside the model's code."""
+        return None
+
     def targets(self, batch: Any, texts: list[Any], device: torch.device) -> list[dict[str, Any]]:
         """Criterion targets: boxes [N, 4] cxcywh, binary positive_map [N, T] and the names public trainers
         read (token_labels, labels, class_labels, caption, phrases, tokens_positive; see

@@ -1,6 +1,7 @@
 """The groundingdino-py stack: build the real model from a config, find it inside wrappers, load and replay it.
 
-Configs are groundingdino's own (a `.py` as shipped, or `.json`/`.yaml` read by its `SLConfig`).
+Configs are groundingdino's own (a `.py` as shipped, or `.json`/`.yaml`), read without running them
+unless trusted (`nanscope.stacks.safe_config`), or the values a watch dump recorded (`ConfigValues`).
 A config may carry `nanscope_swin = {embed_dim, depths, num_heads, window_size}`: the Swin backbone is
 then built at that size (groundingdino only knows the five published sizes by name), which is how the
 demo gets a ~4M-parameter model from the real modules.
@@ -18,12 +19,14 @@ import torch
 from torch import nn
 
 from nanscope import progress
-from nanscope.errors import ConfigError
+from nanscope.errors import BatchError, ConfigError
 from nanscope.stacks.base import LoadedModel, Stack, find_wrapped
 from nanscope.stacks.capture import Capture
+from nanscope.stacks.safe_config import BASE_KEY, ConfigValues, read_values
 
 DEFAULT_CONFIG = "SwinT_OGC"  # groundingdino's GroundingDINO_SwinT_OGC.py, shipped inside the package
 DEFAULT_TEXT_ENCODER = "bert-base-uncased"
+ConfigSource = str | os.PathLike[str] | ConfigValues | None  # a file, a dump's values, or None (SwinT-OGC)
 
 
 def default_config_path() -> Path:
@@ -35,24 +38,27 @@ def default_config_path() -> Path:
     return Path(spec.origin).parent / "config" / "GroundingDINO_SwinT_OGC.py"
 
 
-def load_config(config: str | os.PathLike[str] | None) -> Any:
-    """Read a groundingdino config with its own SLConfig; `None` means SwinT-OGC."""
-    path = Path(config) if config is not None else default_config_path()
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; expected a groundingdino config (.py or .json)")
-    if path.suffix.lower() not in (".py", ".json", ".yml", ".yaml"):
-        raise ConfigError(f"config file {str(path)!r} has suffix {path.suffix!r}; expected .py, .json or .yaml")
+def load_config(config: ConfigSource, *, trust_py: bool = True) -> Any:
+    """A groundingdino config as its `SLConfig`; `None` means SwinT-OGC, `ConfigValues` are a dump's values.
+
+    JSON and YAML are read with safe loaders (`nanscope.stacks.safe_config`); a `.py` config (or a
+    `.py` `_base_`) runs only when `trust_py`, the default for a file the caller names.
+    """
     from groundingdino.util.slconfig import SLConfig
 
+    if isinstance(config, ConfigValues):
+        values, name = dict(config.values), str(config)
+        if BASE_KEY in values:
+            raise ConfigError(f"{name} name `_base_` files; recorded config values must be complete")
+    else:
+        path = Path(config) if config is not None else default_config_path()
+        values, name = read_values(path, trust_py=trust_py or config is None), f"config file {str(path)!r}"
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            cfg = SLConfig.fromfile(str(path))
-    except Exception as exc:  # groundingdino raises many kinds here
-        raise ConfigError(f"config file {str(path)!r} could not be read: {exc}") from None
+        cfg = SLConfig(values, filename=None)
+    except (KeyError, TypeError) as exc:  # reserved names (filename, text, ...)
+        raise ConfigError(f"{name} could not be used: {exc}") from None
     if getattr(cfg, "modelname", None) != "groundingdino":
-        raise ConfigError(
-            f"config file {str(path)!r} has modelname={getattr(cfg, 'modelname', None)!r}; expected 'groundingdino'"
-        )
+        raise ConfigError(f"{name} has modelname={getattr(cfg, 'modelname', None)!r}; expected 'groundingdino'")
     return cfg
 
 
@@ -78,7 +84,7 @@ def _swin_size(spec: dict[str, Any] | None) -> Iterator[None]:
 
 
 def build_model(
-    config: str | os.PathLike[str] | None = None,
+    config: ConfigSource = None,
     *,
     text_encoder: str | os.PathLike[str] | None = None,
     seed: int | None = None,
@@ -117,6 +123,21 @@ def build_model(
     return model, cfg
 
 
+def swin_positions(h: int, w: int, out_indices: tuple[int, ...], levels: int) -> int:
+    """Encoder positions of an HxW image: Swin's stages at strides 4, 8, 16, 32 (each rounds up), the
+    returned ones, plus extra stride-2 levels up to `levels` (groundingdino's input projections)."""
+    a, b, total, used = -(-h // 4), -(-w // 4), 0, 0
+    for stage in range(max(out_indices) + 1):
+        if stage:
+            a, b = -(-a // 2), -(-b // 2)
+        if stage in out_indices:
+            total, used = total + a * b, used + 1
+    for _ in range(levels - used):
+        a, b = -(-a // 2), -(-b // 2)
+        total += a * b
+    return total
+
+
 def find_groundingdino(model: nn.Module) -> nn.Module:
     """Return the GroundingDINO inside DDP (`module`), PEFT (`base_model.model`) or torch.compile (`_orig_mod`)."""
     from groundingdino.models.GroundingDINO.groundingdino import GroundingDINO
@@ -127,12 +148,12 @@ def find_groundingdino(model: nn.Module) -> nn.Module:
     return found
 
 
-def resolve_text_encoder(config: str | os.PathLike[str] | None, text_encoder: str | None) -> str | None:
+def resolve_text_encoder(config: ConfigSource, text_encoder: str | None) -> str | None:
     """An explicit --text-encoder wins; a relative folder named in the config is found next to the config."""
     if text_encoder is not None:
         return text_encoder
-    if config is None:
-        return None
+    if config is None or isinstance(config, ConfigValues):
+        return None  # a dump's values: its manifest names the text encoder folder itself
     cfg = load_config(config)
     te = str(getattr(cfg, "text_encoder_type", ""))
     candidate = Path(config).parent / te
@@ -159,7 +180,7 @@ class GroundingDinoPy(Stack):
     def claims(self, checkpoint: Path) -> bool:
         return Path(checkpoint).is_file()  # a torch file; the fallback stack for single files
 
-    def load(self, checkpoint: str | os.PathLike[str], *, config: str | os.PathLike[str] | None = None,
+    def load(self, checkpoint: str | os.PathLike[str], *, config: ConfigSource = None,
              text_encoder: str | None = None, trust: bool = False, device: torch.device = torch.device("cpu"),
              hash_checkpoint: bool = True) -> LoadedModel:
         from nanscope.stacks.checkpoint import file_sha256, load_into, read_state_dict
@@ -184,7 +205,7 @@ class GroundingDinoPy(Stack):
         return LoadedModel(self, model, cfg, model.tokenizer, int(getattr(cfg, "max_text_len", 256)), state, fit,
                            inputs)
 
-    def load_tokenizer(self, *, config: str | os.PathLike[str] | None = None,
+    def load_tokenizer(self, *, config: ConfigSource = None,
                        text_encoder: str | None = None) -> tuple[Any, int]:
         from groundingdino.util.get_tokenlizer import get_tokenlizer
 
@@ -209,6 +230,23 @@ class GroundingDinoPy(Stack):
 
             images = NestedTensor(images, batch.image_masks.to(device))
         return (images,), {"captions": list(batch.captions)}
+
+    def check_batch(self, model: nn.Module, batch: Any) -> None:
+        """Two-stage GroundingDINO picks its queries by top-k over the encoder's positions: images that give
+        fewer positions than queries fail inside groundingdino (`selected index k out of range`)."""
+        gd = self.find_model(model)
+        backbone = gd.backbone[0] if len(gd.backbone) else None
+        queries, levels = int(getattr(gd, "num_queries", 0)), int(getattr(gd, "num_feature_levels", 0))
+        if not hasattr(backbone, "out_indices") or getattr(gd.transformer, "two_stage_type", "") != "standard":
+            return  # a ResNet backbone or one-stage queries: no top-k to run out of
+        h, w = (int(x) for x in batch.images.shape[-2:])
+        have = swin_positions(h, w, tuple(backbone.out_indices), levels)
+        if have < queries:
+            side = next(s for s in range(8, 4096, 8) if swin_positions(s, s, tuple(backbone.out_indices), levels)
+                        >= queries)
+            raise BatchError(f"images are {h}x{w} pixels: this model's {levels} feature levels give {have} positions "
+                             f"for its {queries} queries (two-stage top-k); it needs images of at least "
+                             f"{side}x{side} pixels (resize or pad them as the training pipeline does)")
 
     def call_captions(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str] | None:
         from nanscope.stacks.gdpy_capture import call_captions

@@ -35,6 +35,7 @@ from nanscope.result import Result, environment
 from nanscope.user_code import (
     Criterion,
     call_criterion,
+    collect_model_stdout,
     collect_user_stdout,
     load_criterion,
     user_frame,
@@ -334,9 +335,11 @@ def verify_fix(
     """
     with collect_user_stdout() as out:  # the user's module-level prints at import time
         criteria = resolve_criteria(before, after, preset, steps)
-    replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
-                     trust_checkpoint=trust_checkpoint, stack=stack)
-    result = verify_replay(replay, before=criteria[0], after=criteria[1], preset=preset, steps=steps)
+    with collect_model_stdout() as model_out:  # groundingdino's own NaN prints: kept for the report
+        replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
+                         trust_checkpoint=trust_checkpoint, stack=stack)
+        result = verify_replay(replay, before=criteria[0], after=criteria[1], preset=preset, steps=steps)
     result.user_stdout = out.text + result.user_stdout
+    result.model_stdout = model_out.text
     return result
 

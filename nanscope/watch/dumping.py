@@ -6,7 +6,11 @@ reads the watcher's records and state and never synchronizes before that point.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -24,6 +28,46 @@ from nanscope.watch.snapshot import (
     unwrap,
     write_dump,
 )
+
+
+def check_dump_dir(dump_dir: Path) -> None:
+    """Fail when the watcher is created, not at the bad step: `dump_dir` must be (or become) a writable folder.
+    Nothing is left behind: the folder itself is only created by the first dump."""
+    from nanscope.errors import OutputError
+
+    existing = dump_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"dump_dir {str(dump_dir)!r} cannot be created: {str(existing)!r} is a file, not a folder")
+    try:  # a file created and removed at once where the dump folder will go (or in its nearest existing parent)
+        with tempfile.TemporaryFile(dir=existing, prefix=".nanscope-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"dump_dir {str(dump_dir)!r} cannot be written: creating a file in {str(existing)!r} "
+                          f"failed ({exc.strerror or exc}); pass a dump_dir= the training process can write") from None
+
+
+def write_dump_atomically(folder: Path, **parts: Any) -> Path:
+    """`write_dump` into a hidden temporary folder next to `folder`, renamed to `folder` once complete
+    (an older dump there is replaced); on any failure the temporary folder is removed and the error raised."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
+    old: Path | None = None
+    try:
+        write_dump(tmp, **parts)
+        if folder.exists():
+            old = tmp.with_suffix(".replaced")
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not folder.exists():
+            os.replace(old, folder)  # put the older dump back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 def criterion_spec(criterion: Any) -> str | None:
@@ -80,10 +124,15 @@ class DumpWriter:
                "at_check": portable_rng(rec.rng_at_check) if rec is not None else None}
         folder = self.dump_dir / f"step{step:08d}-rank{self.ctx.rank}"
         meta = manifest(bad, model_class=type(unwrap(self.model)).__name__, stack=self.stack_meta, config=self.config,
-                        text_encoder=self.text_encoder, criterion=self.criterion_spec,
+                        config_values=self.config_values, text_encoder=self.text_encoder, criterion=self.criterion_spec,
                         scaler=scaler_state(self.scaler), device=self._device or torch.device("cpu"),
                         steps_checked=self._checks, notes=notes + batch_notes)
-        write_dump(folder, state_dict=weights, batch=batch, rng=rng, manifest=meta)
+        try:
+            write_dump_atomically(folder, state_dict=weights, batch=batch, rng=rng, manifest=meta)
+        except Exception as exc:  # noqa: BLE001 (disk full, read-only, size limit, ...: never lose the step)
+            self._report = bad.report(self._checks, None, dump_error=f"{folder}: {type(exc).__name__}: "
+                                                                     f"{str(exc)[:300]}")
+            return
         self._report = bad.report(self._checks, folder)
 
     def _dumps_for(self, exc: BaseException | None) -> bool:
@@ -118,6 +167,10 @@ class DumpWriter:
         finally:
             self._release_buffers()
         rep = self.report
+        if rep.dump is None:
+            warnings.warn(f"nanscope.watch: the block raised {raised['type']}; step {rep.step} ({rep.reason}) "
+                          f"could not be dumped: {rep.dump_error}", RuntimeWarning, stacklevel=3)
+            return
         warnings.warn(f"nanscope.watch: the block raised {raised['type']}; step {rep.step} ({rep.reason}) was "
                       f"dumped to {rep.dump}; replay it with `nanscope inspect {rep.dump}`", RuntimeWarning,
                       stacklevel=3)

@@ -40,6 +40,7 @@ class WatchReport:
     dump: Path | None = None
     findings: tuple[Finding, ...] = ()
     exception: str | None = None  # reason "exception": "Type: message" of what the watched block raised
+    dump_error: str | None = None  # the dump could not be written: "folder: Type: message" (then `dump` is None)
 
     @property
     def origin(self) -> bool:
@@ -55,6 +56,7 @@ class WatchReport:
             "overflow_skips": self.overflow_skips, "overflow_steps": list(self.overflow_steps),
             "last_scale": self.last_scale, "dump": None if self.dump is None else str(self.dump),
             "findings": [f.to_dict() for f in self.findings], "exception": self.exception,
+            "dump_error": self.dump_error,
         }
 
 
@@ -65,6 +67,8 @@ class NonFiniteStepError(NanscopeError):
         self.report = report
         what = report.findings[0].message if report.findings else f"step {report.step} went bad"
         where = f"; dump: {report.dump}; replay: nanscope inspect {report.dump}" if report.dump else ""
+        if report.dump_error:
+            where = f"; the dump could not be written ({report.dump_error})"
         super().__init__(f"{what}{where}")
 
 
@@ -100,7 +104,8 @@ class BadStep:
     def nonfinite_terms(self) -> tuple[str, ...]:
         return tuple(n for n, v in self.terms.items() if not math.isfinite(v))
 
-    def report(self, steps_checked: int, folder: Path) -> WatchReport:
+    def report(self, steps_checked: int, folder: Path | None, dump_error: str | None = None) -> WatchReport:
+        """The run's report; `folder` None with `dump_error` when the dump could not be written."""
         return WatchReport(
             steps_checked=steps_checked, rank=self.rank, world_size=self.world_size, failed=True, step=self.step,
             reason=self.agreement.kind, origin_ranks=self.agreement.origin_ranks,
@@ -108,6 +113,7 @@ class BadStep:
             overflow_steps=self.overflow_steps, last_scale=self.last_scale, dump=folder,
             findings=(finding(self, folder),),
             exception=f"{self.exception['type']}: {self.exception['message']}" if self.exception else None,
+            dump_error=dump_error,
         )
 
 
@@ -126,7 +132,7 @@ def scaler_state(scaler: Any) -> dict[str, Any] | None:
 
 
 def manifest(bad: BadStep, *, model_class: str, stack: dict[str, Any], config: str | None, text_encoder: str | None,
-             criterion: str | None, scaler: dict[str, Any] | None, device: torch.device, steps_checked: int,
+             criterion: str | None, config_values: dict[str, Any] | None, scaler: dict[str, Any] | None, device: torch.device, steps_checked: int,
              notes: list[str]) -> dict[str, Any]:
     """DUMP/manifest.json: enough for `nanscope inspect DUMP` to rebuild, replay and explain the step."""
     ag, vals = bad.agreement, bad.values
@@ -142,6 +148,7 @@ def manifest(bad: BadStep, *, model_class: str, stack: dict[str, Any], config: s
         "nonfinite_terms": list(bad.nonfinite_terms),
         "grad_norm": floats(vals["grad_norm"]) if "grad_norm" in vals else None,
         "config": config, "text_encoder": text_encoder, "criterion": criterion,
+        "config_values": config_values,  # the config as JSON values: a replay builds from these, never runs `config`
         "scaler": scaler,
         "amp": {"overflow_skips": bad.overflow_skips, "overflow_steps": list(bad.overflow_steps),
                 "scale_at_step": floats(vals["scale"]) if "scale" in vals else None,
@@ -158,11 +165,11 @@ def manifest(bad: BadStep, *, model_class: str, stack: dict[str, Any], config: s
     }
 
 
-def finding(bad: BadStep, folder: Path) -> Finding:
+def finding(bad: BadStep, folder: Path | None) -> Finding:
     """NS001 for a non-finite loss term or gradient norm, NS307 for a collapsing GradScaler scale, and for
     an exception raised before check(): NS203 when it is a matcher refusing non-finite costs, else NS001."""
     step, rank, kind, origin = bad.step, bad.rank, bad.agreement.kind, bad.agreement.origin_ranks
-    data = {"dump": str(folder), "loss_terms": bad.terms, "per_rank": [list(x) for x in bad.agreement.per_rank],
+    data = {"dump": None if folder is None else str(folder), "loss_terms": bad.terms, "per_rank": [list(x) for x in bad.agreement.per_rank],
             "overflow_skips": bad.overflow_skips}
     if rank not in origin:
         ranks = ", ".join(str(r) for r in origin)

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from nanscope.errors import InputError
 from nanscope.watch.amp import ScaleTracker, scale_value
 from nanscope.watch.dump_targets import replay_gaps
-from nanscope.watch.dumping import DumpWriter, criterion_spec, stack_meta
+from nanscope.watch.dumping import DumpWriter, check_dump_dir, criterion_spec, stack_meta
 from nanscope.watch.ranks import Agreement, RankContext, agree, rank_context
 from nanscope.watch.records import StepRecord, syncs_allowed
 from nanscope.watch.report import NonFiniteStepError, WatchReport
@@ -88,10 +88,12 @@ class Watcher(DumpWriter):
             raise InputError(f"sync_every={options.sync_every}; expected a positive number of steps or None")
         self.model = model
         self.dump_dir = Path(dump_dir)
+        check_dump_dir(self.dump_dir)
         self.options = options
         self.scaler = scaler
         self.criterion_spec = criterion_spec(criterion)
         self.config = None if config is None else str(Path(config).resolve())
+        self.config_values = None if config is None else recorded_config(config)
         self.stack_meta = stack_meta(model)
         self.text_encoder = str(text_encoder) if text_encoder is not None else self.stack_meta.get("text_encoder")
         if text_encoder is not None and Path(text_encoder).is_dir():
@@ -428,6 +430,19 @@ class Watcher(DumpWriter):
             self._inner_hook.remove()
         self._release_buffers()
         self._closed = True
+
+
+def recorded_config(config: str | os.PathLike[str]) -> dict[str, Any]:
+    """The config's values as JSON, for the dump: `nanscope inspect DUMP` builds from them, never runs the file.
+
+    The caller named the file, so a `.py` config runs here once (as when the model was built)."""
+    from nanscope.stacks.safe_config import jsonable, read_values
+
+    values, _ = jsonable(read_values(config, trust_py=True))
+    te = values.get("text_encoder_type")
+    if isinstance(te, str) and te and not Path(te).is_absolute() and (Path(config).parent / te).is_dir():
+        values["text_encoder_type"] = str((Path(config).parent / te).resolve())  # found next to the config
+    return values
 
 
 def watch(
