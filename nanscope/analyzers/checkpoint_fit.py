@@ -74,3 +74,49 @@ def checkpoint_fit(ctx: AnalysisContext) -> list[Finding]:
             "benign": [list(b) for b in fit.benign],
             "tied_differ": [[list(k), d] for k, d in fit.tied_differ], **data_extra}
     return [Finding("NS306", Severity.ERROR, count, msg, tuple(where), hint=hint, data=data)]
+
+
+def _mha_out_proj_loras(model: Any) -> list[tuple[str, Any]]:
+    """LoRA layers PEFT put on the `out_proj` child of an nn.MultiheadAttention: MHA's forward passes
+    `self.out_proj.weight` to F.multi_head_attention_forward and never calls the child, so the LoRA path
+    is skipped in the forward and its weights get no gradient."""
+    from torch import nn
+
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            child = getattr(mod, "out_proj", None)
+            if child is not None and hasattr(child, "lora_A") and hasattr(child, "base_layer"):
+                out.append((f"{name}.out_proj" if name else "out_proj", child))
+    return out
+
+
+@register("NS308", needs=("model",))
+def lora_never_trains(ctx: AnalysisContext) -> list[Finding]:
+    dead = _mha_out_proj_loras(ctx.model)
+    if not dead:
+        return []
+    names = [n for n, _ in dead]
+    params = sum(p.numel() for _, m in dead for n, p in m.named_parameters() if ".lora_" in f".{n}")
+    where = tuple({"module": n, "why": "out_proj of nn.MultiheadAttention (read directly as a weight)"}
+                  for n in names[:SHOW])
+    msg = (f"{len(names)} LoRA target(s) can never train: {', '.join(names[:SHOW])} "
+           f"{'is the out_proj' if len(names) == 1 else 'are the out_proj'} of nn.MultiheadAttention, which reads "
+           f"out_proj.weight directly; the LoRA path is skipped in the forward and its {params} LoRA weights get "
+           "no gradient (lora_B stays at its initialization). A merged replay (--merge-lora) would add it and "
+           "differ from what training ran.")
+    return [Finding("NS308", Severity.WARNING, len(names), msg, where, data={"modules": names, "lora_params": params})]
+
+
+@register("NS309", needs=("key_fit",))
+def lora_alpha_assumed(ctx: AnalysisContext) -> list[Finding]:
+    info = getattr(ctx.key_fit, "adapter", None)
+    if info is None or not info.alpha_assumed:
+        return []
+    msg = (f"the checkpoint holds LoRA weights (r={info.r} from the lora_A shapes, {len(info.targets)} modules) but "
+           f"no adapter_config.json was found next to it, so lora_alpha is unknown: the replay assumed PEFT's "
+           f"default lora_alpha={info.lora_alpha:g} (scaling {info.scaling:g}). If training used another lora_alpha "
+           "(or use_rslora), every LoRA update is scaled differently and the replay is not what training ran.")
+    return [Finding("NS309", Severity.WARNING, len(info.targets), msg,
+                    ({"param": "lora_alpha", "why": f"assumed {info.lora_alpha:g}"},),
+                    data={"r": info.r, "lora_alpha": info.lora_alpha, "targets": list(info.targets)})]

@@ -15,6 +15,13 @@ def replay_arguments(p: argparse.ArgumentParser) -> None:
                                       "dump folder")
     p.add_argument("batch", nargs="?", help="batch file (torch.save of the schema in README); omit for a dump")
     model_options(p)
+    # PEFT (LoRA): owned by nanscope.stacks.peft_support
+    p.add_argument("--adapter", metavar="PATH",
+                   help="a PEFT adapter folder (save_pretrained) or a file of LoRA/trainable weights, applied on top "
+                        "of CHECKPOINT (the base model); an adapter folder or LoRA keys in CHECKPOINT are found alone")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="merge the LoRA weights into the model before the replay (default: unmerged, through PEFT's "
+                        "layers, as training ran)")
 
 
 def model_options(p: argparse.ArgumentParser) -> None:
@@ -85,8 +92,8 @@ def dump_paths(args: argparse.Namespace) -> None:
     if not d.is_dir():
         return
     is_dump = (d / "manifest.json").is_file() or (d / "checkpoint.pth").is_file() or any(d.glob("step*-rank*/manifest.json"))
-    if not is_dump and (d / "config.json").is_file():
-        return  # a transformers save_pretrained folder: the model itself, read by its stack
+    if not is_dump and ((d / "config.json").is_file() or (d / "adapter_config.json").is_file()):
+        return  # a transformers save_pretrained folder or a PEFT adapter folder: read by its stack
     if args.batch:
         raise InputError(f"{str(d)!r} is a folder (a dump); pass it alone, without a batch file")
     if not (d / "checkpoint.pth").is_file() and any(d.glob("step*-rank*/manifest.json")):
