@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,80 @@ def test_missing_adapter_config_assumes_peft_default_alpha_ns309(demo_files, fix
     assert not _close(out, live["ref"], 1e-4)  # the real alpha (16) is not in the file: the replay differs
     (f,) = lora_alpha_assumed(SimpleNamespace(key_fit=replay.key_fit))
     assert f.code == "NS309" and "lora_alpha=8" in f.message
+
+
+def _masked_criterion():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "fixtures" / "criteria" / "simple.py"
+    spec = importlib.util.spec_from_file_location("nanscope_test_criteria_peft", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.masked
+
+
+def test_watched_peft_loop_dumps_and_replays_exactly(demo_files, fixture_files, tmp_path, capsys):
+    import nanscope
+    from nanscope.cli import main
+    from nanscope.replay.batch import validate_batch
+    from nanscope.replay.positive_map import build_text_info
+    from nanscope.stacks.demo import demo_batch
+    from nanscope.watch.report import NonFiniteStepError
+
+    pm = _peft_model(demo_files, seed=2)
+    det = pm.get_base_model()
+    criterion = _masked_criterion()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
+    with pytest.raises(NonFiniteStepError) as info, \
+            nanscope.watch(pm, tmp_path / "dumps", config=demo_files.config, text_encoder=demo_files.text_encoder) as w:
+        for step in range(2):
+            raw = demo_batch(step, long=False)
+            if step == 1:
+                raw["images"][0, 1, 5, 7] = float("nan")
+            b = validate_batch(raw)
+            texts = build_text_info(det.tokenizer, b)
+            targets = [{"boxes": t.boxes, "positive_map": ti.positive_map} for t, ti in zip(b.targets, texts)]
+            with nanscope.capture(pm, detach=False) as cap:
+                pm(b.images, captions=list(b.captions))
+            terms = criterion(cap.last.to_outputs(), targets)
+            w.check(step, terms, raw)
+            opt.zero_grad()
+            sum(terms.values()).backward()
+            opt.step()  # the LoRA weights move: the dump must hold step 1's, not the initial ones
+    dump = Path(info.value.report.dump)
+    assert (dump / "adapter_config.json").is_file()
+    replay = prepare(dump / "checkpoint.pth", fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+    assert replay.key_fit.clean and replay.key_fit.adapter.lora_alpha == ALPHA and not replay.key_fit.adapter.alpha_assumed
+    pm.eval()
+    with torch.no_grad():
+        assert _close(replay.run(), replay.run(pm))  # the weights of the bad step, through the same LoRA layers
+    out = tmp_path / "r.json"
+    assert main(["inspect", str(dump), "--json", str(out)]) == 1
+    capsys.readouterr()
+    codes = {f["code"]: f for f in json.loads(out.read_text())["findings"]}
+    assert codes["NS304"]["severity"] == "error"
+    assert "NS306" not in codes or codes["NS306"]["severity"] == "info"
+
+
+def test_lora_on_multihead_attention_out_proj_never_trains_ns308(demo_files, fixture_files):
+    from types import SimpleNamespace
+
+    from nanscope.analyzers.checkpoint_fit import lora_never_trains
+
+    pm = _peft_model(demo_files, targets=["out_proj", "linear1"], modules_to_save=())
+    mha = sorted(n for n, m in pm.get_base_model().named_modules() if isinstance(m, torch.nn.MultiheadAttention))
+    assert mha == ["transformer.decoder.layers.0.ca_text", "transformer.decoder.layers.0.self_attn",
+                   "transformer.encoder.text_layers.0.self_attn"]
+    pm.train()
+    replay = prepare(demo_files.checkpoint, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+    out = replay.run(pm)
+    lg = out["pred_logits"]
+    (lg[lg.isfinite()].sigmoid().sum() + out["pred_boxes"].sum()).backward()
+    grads = {n: p.grad for n, p in pm.named_parameters() if ".lora_B." in n}
+    dead = sorted(n.removeprefix("base_model.model.").split(".out_proj.")[0] for n, g in grads.items()
+                  if ".out_proj." in n and (g is None or not g.abs().sum()))
+    assert dead == mha  # every out_proj LoRA measured without gradient
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".linear1." in n)  # control
+    (f,) = lora_never_trains(SimpleNamespace(model=pm.get_base_model()))
+    assert f.code == "NS308" and f.severity.value == "warning"
+    assert sorted(m.removesuffix(".out_proj") for m in f.data["modules"]) == mha
