@@ -9,6 +9,7 @@ demo gets a ~4M-parameter model from the real modules.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 from pathlib import Path
@@ -82,12 +83,16 @@ def build_model(
     *,
     text_encoder: str | os.PathLike[str] | None = None,
     seed: int | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, Any]:
     """Build a GroundingDINO with random detector weights. Returns `(model, cfg)`; the model is in eval mode.
 
-    `text_encoder` is a Hugging Face name or a local folder (tokenizer + BERT weights).
+    `text_encoder` is a Hugging Face name or a local folder (tokenizer + BERT weights); `overrides` set config
+    values (e.g. `dec_pred_bbox_embed_share=False` for a checkpoint whose box heads were trained untied).
     """
     cfg = load_config(config)
+    for key, value in (overrides or {}).items():
+        setattr(cfg, key, value)
     if text_encoder is not None:
         te = str(text_encoder)
         if os.sep in te or te.startswith("."):
@@ -178,13 +183,14 @@ class GroundingDinoPy(Stack):
                 raise ConfigError(f"{str(ckpt)!r} is an adapter folder and --adapter {adapter} was given too; pass "
                                   "the base checkpoint as CHECKPOINT")
             adapter_path, ckpt = ckpt, ps.base_checkpoint_of(ckpt, ps.read_adapter_config(ckpt / ps.ADAPTER_CONFIG))
+        source = f"checkpoint {str(ckpt)!r}"
         with progress.stage("reading the checkpoint", "read the checkpoint"):
-            state = read_state_dict(ckpt, trust=trust)
+            state, notes = _groundingdino_names(read_state_dict(ckpt, trust=trust), source)
             split, adapter_cfg, adapter_cfg_file = _peft_split(state, ckpt, adapter_path, trust=trust)
         te = resolve_text_encoder(config, text_encoder)
+        overrides, untie_notes = _untie_box_heads(split.base if split is not None else state, config)
         with progress.stage("building the model", "built the model"):
-            model, cfg = build_model(config, text_encoder=te)
-        source = f"checkpoint {str(ckpt)!r}"
+            model, cfg = build_model(config, text_encoder=te, overrides=overrides)
         with progress.stage("loading the weights", "loaded the weights"):
             if split is None:
                 fit = load_into(model, state, source=source)
@@ -194,6 +200,8 @@ class GroundingDinoPy(Stack):
                 state = {k: v.detach() for k, v in model.state_dict().items()}
                 model = fit.adapter_model
                 fit = fit.key_fit
+        if notes or untie_notes:
+            fit = dataclasses.replace(fit, notes=tuple(notes) + tuple(untie_notes) + fit.notes)
         model.to(device).eval()
         inputs = {
             "checkpoint": str(ckpt),
@@ -226,9 +234,9 @@ class GroundingDinoPy(Stack):
         out, adapter_fit, info = ps.apply_adapter(
             model, split, adapter_cfg, source=where, merge=merge,
             config_file=str(adapter_cfg_file) if adapter_cfg_file is not None else None)
-        notes = (f"LoRA adapter from {where} applied {'merged' if merge else 'unmerged, through PEFT layers'} "
-                 f"(r={info.r}, lora_alpha={info.lora_alpha:g}, {len(info.targets)} modules)",)
-        return SimpleNamespace(adapter_model=out, key_fit=ps.combine_fits(base_fit, adapter_fit, info, notes))
+        note = (f"LoRA adapter from {where} applied {'merged' if merge else 'unmerged, through PEFT layers'} "
+                f"(r={info.r}, lora_alpha={info.lora_alpha:g}, {len(info.targets)} modules)")
+        return SimpleNamespace(adapter_model=out, key_fit=ps.combine_fits(base_fit, adapter_fit, info, (note,)))
 
     def load_tokenizer(self, *, config: str | os.PathLike[str] | None = None,
                        text_encoder: str | None = None) -> tuple[Any, int]:
@@ -296,3 +304,37 @@ def _peft_split(state: dict[str, torch.Tensor], ckpt: Path, adapter: Path | None
     cfg_file = ps.adapter_config_near(ckpt)
     cfg = ps.read_adapter_config(cfg_file) if cfg_file is not None else None
     return ps.split_state(state, modules_to_save=tuple((cfg or {}).get("modules_to_save") or ())), cfg, cfg_file
+
+
+def _groundingdino_names(state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """MMDetection's key names -> groundingdino-py's (with a note); MM-GroundingDINO is refused, naming why."""
+    from nanscope.errors import CheckpointError
+    from nanscope.stacks import mmdet_keys
+
+    mm = mmdet_keys.mm_grounding_dino_keys(state)
+    if mm:
+        raise CheckpointError(
+            f"{source} is an MM-GroundingDINO checkpoint: its contrastive heads have a learned bias per layer and "
+            f"a logit scale ({', '.join(mm[:3])}{', ...' if len(mm) > 3 else ''}), which groundingdino-py's "
+            "ContrastiveEmbed does not have, so replaying it here would change every logit. Convert it with "
+            "transformers' convert_mm_grounding_dino_to_hf.py and inspect the save_pretrained folder: the "
+            "transformers stack replays it as MMGroundingDinoForObjectDetection"
+        )
+    if not mmdet_keys.is_mmdet_state(state):
+        return state, []
+    out = mmdet_keys.to_groundingdino(state)
+    note = (f"{len(state)} keys were converted from MMDetection's GroundingDINO names (the inverse of mmdet's "
+            "groundingdino_to_mmdet.py, Swin patch-merging channels re-ordered)")
+    return out, [note]
+
+
+def _untie_box_heads(state: dict[str, torch.Tensor], config: str | os.PathLike[str] | None) -> tuple[dict[str, Any], list[str]]:
+    """Build untied per-layer box heads when the checkpoint's differ and the config ties them (SwinT-OGC does)."""
+    from nanscope.stacks.mmdet_keys import box_heads_differ
+
+    diff = box_heads_differ(state)
+    if diff == 0 or not load_config(config).get("dec_pred_bbox_embed_share", True):
+        return {}, []
+    note = (f"the checkpoint's per-layer box heads bbox_embed.{{i}} differ (by up to {diff:.3g}) while the config "
+            "ties them (dec_pred_bbox_embed_share=True), so the model was built with them untied, as they were trained")
+    return {"dec_pred_bbox_embed_share": False}, [note]
