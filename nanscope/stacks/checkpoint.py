@@ -107,9 +107,9 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Any
         with open(p, "rb") as f:
             head = f.read(8)
         raise CheckpointError(
-            f"checkpoint {str(p)!r} is not a torch file: it starts with bytes {head.hex(' ')}, neither a torch.save "
-            "zip (50 4b 03 04), a legacy torch.save pickle (80 ..) nor a safetensors header; expected a file "
-            "written by torch.save or safetensors"
+            f"checkpoint {str(p)!r} is not a readable torch file: it starts with bytes {head.hex(' ')}, which is "
+            "neither a torch.save zip (50 4b 03 04), a legacy torch.save pickle (80 ..) nor a safetensors header; "
+            "expected a file written by torch.save or safetensors"
         )
     return _torch_load(p, trust=trust)
 
