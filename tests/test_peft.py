@@ -212,3 +212,21 @@ def test_lora_on_multihead_attention_out_proj_never_trains_ns308(demo_files, fix
     (f,) = lora_never_trains(SimpleNamespace(model=pm.get_base_model()))
     assert f.code == "NS308" and f.severity.value == "warning"
     assert sorted(m.removesuffix(".out_proj") for m in f.data["modules"]) == mha
+
+
+def test_cli_inspect_with_adapter_folder_reports_ns308(demo_files, fixture_files, tmp_path, capsys):
+    from nanscope.cli import main
+
+    pm = _peft_model(demo_files, targets=["out_proj", "linear1"], modules_to_save=())
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    out = tmp_path / "r.json"
+    code = main(["inspect", str(demo_files.checkpoint), str(fixture_files.healthy), "--config", str(demo_files.config),
+                 "--adapter", str(tmp_path / "adapter"), "--json", str(out)])
+    capsys.readouterr()
+    result = json.loads(out.read_text())
+    assert code == 0, [f["code"] for f in result["findings"]]
+    codes = {f["code"]: f for f in result["findings"]}
+    assert codes["NS308"]["count"] == 3 and codes["NS308"]["severity"] == "warning"
+    assert "NS309" not in codes  # the folder's adapter_config.json gives lora_alpha
+    assert codes["NS306"]["severity"] == "info" and "unmerged" in codes["NS306"]["message"]
+    assert result["inputs"]["lora"].startswith("unmerged") and result["inputs"]["adapter"] == str(tmp_path / "adapter")

@@ -242,11 +242,19 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
         raise CheckpointError(
             f"{source} does not look like a checkpoint of this GroundingDINO config: only {len(fit.matched)} of "
             f"{len(fit.matched) + len(fit.missing) + len(fit.mismatched)} model weights are in it "
-            f"(its keys start with {some}); expected {expected}"
+            f"(its keys start with {some}); expected {expected}{_other_family(state)}"
         )
     fitting = {k: state[k] for k in fit.matched}
     model.load_state_dict(fitting, strict=False)
     return fit
+
+
+def _other_family(state: Mapping[str, torch.Tensor]) -> str:
+    """A clause naming the model family whose key names `state` has, when nanscope knows it."""
+    if any(k.startswith(("model.text_backbone.", "model.backbone.conv_encoder.")) for k in state):
+        return ("; its keys are transformers' GroundingDinoForObjectDetection names: pass --stack hf with --config "
+                "the model's config.json")
+    return ""
 
 
 def file_sha256(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
