@@ -15,9 +15,10 @@ import hashlib
 import os
 import pickle
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -134,8 +135,7 @@ def read_state_dict(path: str | os.PathLike[str], *, trust: bool = False) -> dic
         if not isinstance(v, torch.Tensor):
             continue
         name = str(k)
-        if name.startswith("module."):
-            name = name[len("module."):]
+        name = name.removeprefix("module.")
         out[name] = v
     if not out:
         raise CheckpointError(f"checkpoint {str(p)!r} holds no tensors; expected a model state dict")
