@@ -195,11 +195,9 @@ class GroundingDinoPy(Stack):
             if split is None:
                 fit = load_into(model, state, source=source)
             else:
-                fit = self._load_peft(model, split, adapter_cfg, adapter_cfg_file, source=source,
-                                      adapter_path=adapter_path, merge=merge_lora)
-                state = {k: v.detach() for k, v in model.state_dict().items()}
-                model = fit.adapter_model
-                fit = fit.key_fit
+                model, fit = self._load_peft(model, split, adapter_cfg, adapter_cfg_file, source=source,
+                                             adapter_path=adapter_path, merge=merge_lora)
+                state = {k: v.detach() for k, v in model.state_dict().items()}  # under PEFT's names when unmerged
         if notes or untie_notes:
             fit = dataclasses.replace(fit, notes=tuple(notes) + tuple(untie_notes) + fit.notes)
         model.to(device).eval()
@@ -219,9 +217,8 @@ class GroundingDinoPy(Stack):
 
     @staticmethod
     def _load_peft(model: nn.Module, split: Any, adapter_cfg: Any, adapter_cfg_file: Any, *, source: str,
-                   adapter_path: Path | None, merge: bool) -> Any:
-        from types import SimpleNamespace
-
+                   adapter_path: Path | None, merge: bool) -> tuple[nn.Module, Any]:
+        """Base weights into `model`, then the adapter on top: `(model with the adapter, combined KeyFit)`."""
         from nanscope.stacks import peft_support as ps
         from nanscope.stacks.checkpoint import MIN_FIT, key_fit, load_into
 
@@ -236,7 +233,7 @@ class GroundingDinoPy(Stack):
             config_file=str(adapter_cfg_file) if adapter_cfg_file is not None else None)
         note = (f"LoRA adapter from {where} applied {'merged' if merge else 'unmerged, through PEFT layers'} "
                 f"(r={info.r}, lora_alpha={info.lora_alpha:g}, {len(info.targets)} modules)")
-        return SimpleNamespace(adapter_model=out, key_fit=ps.combine_fits(base_fit, adapter_fit, info, (note,)))
+        return out, ps.combine_fits(base_fit, adapter_fit, info, (note,))
 
     def load_tokenizer(self, *, config: str | os.PathLike[str] | None = None,
                        text_encoder: str | None = None) -> tuple[Any, int]:
