@@ -262,15 +262,12 @@ def test_untied_box_heads_are_built_untied(demo_files, fixture_files, tmp_path):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
     torch.save({"model": live.state_dict()}, tmp_path / "gd.pth")
     torch.save({"state_dict": to_mmdet(live.state_dict(), 2)}, tmp_path / "mm.pth")
-    ref = prepare(tmp_path / "gd.pth", fixture_files.healthy, config=untied, hash_checkpoint=False)
-    with torch.no_grad():
-        expected = ref.run(live)
     for name in ("gd.pth", "mm.pth"):
         got = prepare(tmp_path / name, fixture_files.healthy, config=config, hash_checkpoint=False)
         assert got.model.bbox_embed[0] is not got.model.bbox_embed[1]
         assert got.key_fit.clean and any("untied" in n for n in got.key_fit.notes)
         with torch.no_grad():
-            out = got.run()
+            out, expected = got.run(), got.run(live)
         assert torch.allclose(out["pred_boxes"], expected["pred_boxes"], atol=1e-5, rtol=0)
 
 
@@ -281,3 +278,11 @@ def test_open_groundingdino_checkpoint_of_the_demo_replays_without_trust(demo_fi
     torch.save(_ogd_checkpoint(demo_sd), p)
     got = prepare(p, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
     assert got.key_fit.clean and len(got.key_fit.matched) == len(demo_sd)
+
+
+def test_transformers_stack_refuses_an_adapter_saying_what_to_do(tmp_path):
+    from nanscope.errors import ConfigError
+    from nanscope.stacks import get_stack
+
+    with pytest.raises(ConfigError, match="merge_and_unload"):
+        get_stack("hf").load(tmp_path, adapter=tmp_path / "adapter")
