@@ -110,6 +110,13 @@ CATALOGUE: dict[str, CodeInfo] = {
            "The checkpoint already holds NaN/inf weights: resume from an earlier checkpoint.", 2),
         _c("NS306", "checkpoint does not fit the model", E,
            "Use the config the checkpoint was trained with; missing weights stay random when loading with strict=False.", 3),
+        _c("NS308", "LoRA target that can never train", W,
+           "Target the parent module instead: LoRA on nn.MultiheadAttention itself (PEFT wraps it and merges "
+           "on the fly), or leave out_proj out of target_modules; MultiheadAttention reads out_proj.weight "
+           "directly, so a LoRA on it is skipped in the forward and its lora_B gets no gradient.", 30),
+        _c("NS309", "LoRA scaling assumed", W,
+           "Keep the adapter's adapter_config.json next to the checkpoint (or pass --adapter DIR): the replay "
+           "needs lora_alpha and r to scale the LoRA update as training did.", 31),
         _c("NS307", "AMP loss-scale collapse", E,
            "The GradScaler keeps skipping steps: gradients overflow every step. Lower the learning rate, "
            "use bfloat16, or find the overflowing module with `nanscope inspect`.", 7),

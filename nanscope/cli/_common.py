@@ -19,6 +19,13 @@ def replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-config", action="store_true",
                    help="run the .py config an older watch dump names (it runs Python code: only for files you "
                         "trust); a dump's recorded config values and your own --config need no flag")
+    # PEFT (LoRA): owned by nanscope.stacks.peft_support
+    p.add_argument("--adapter", metavar="PATH",
+                   help="a PEFT adapter folder (save_pretrained) or a file of LoRA/trainable weights, applied on top "
+                        "of CHECKPOINT (the base model); an adapter folder or LoRA keys in CHECKPOINT are found alone")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="merge the LoRA weights into the model before the replay (default: unmerged, through PEFT's "
+                        "layers, as training ran)")
 
 
 def model_options(p: argparse.ArgumentParser) -> None:
@@ -199,8 +206,8 @@ def dump_paths(args: argparse.Namespace) -> None:
     if not d.is_dir():
         return
     is_dump = (d / "manifest.json").is_file() or (d / "checkpoint.pth").is_file() or any(d.glob("step*-rank*/manifest.json"))
-    if not is_dump and (d / "config.json").is_file():
-        return  # a transformers save_pretrained folder: the model itself, read by its stack
+    if not is_dump and ((d / "config.json").is_file() or (d / "adapter_config.json").is_file()):
+        return  # a transformers save_pretrained folder or a PEFT adapter folder: read by its stack
     if args.batch:
         raise InputError(f"{str(d)!r} is a folder (a dump); pass it alone, without a batch file")
     args.dump = str(d)  # the dump folder (or dump_dir) stays an input: outputs may not replace its files

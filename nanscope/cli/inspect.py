@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, console: Any) -> int:
     result = inspect(args.checkpoint, args.batch, config=args.config, text_encoder=args.text_encoder,
                      device=args.device, criterion=args.criterion, trust_checkpoint=args.trust_checkpoint,
                      select=codes(args.select), ignore=codes(args.ignore), trace=args.trace, amp=args.amp,
-                     stack=args.stack)
+                     stack=args.stack, adapter=args.adapter, merge_lora=args.merge_lora)
     render(result, console)
     write_outputs(result, args, console)
     return result.exit_code

@@ -49,7 +49,8 @@ def run(args: argparse.Namespace, console: Any) -> int:
     check_paths(args)
     result = verify_fix(args.checkpoint, args.batch, before=args.before, after=args.after, preset=args.preset,
                         steps=args.steps, config=args.config, text_encoder=args.text_encoder, device=args.device,
-                        trust_checkpoint=args.trust_checkpoint, stack=args.stack)
+                        trust_checkpoint=args.trust_checkpoint, stack=args.stack, adapter=args.adapter,
+                        merge_lora=args.merge_lora)
     render(result, console)
     write_outputs(result, args, console)
     return result.exit_code

@@ -278,14 +278,19 @@ def inspect(
     ignore: Iterable[str] | None = None,
     trace: bool = False,
     amp: str | None = None,
+    adapter: str | os.PathLike[str] | None = None,
+    merge_lora: bool = False,
 ) -> Result:
-    """Replay `batch` through the GroundingDINO in `checkpoint` and diagnose it. Never prints."""
+    """Replay `batch` through the GroundingDINO in `checkpoint` and diagnose it. Never prints.
+
+    adapter: a PEFT adapter folder or file on top of `checkpoint`; merge_lora merges it before the replay."""
     amp_dtype(amp)  # bad input fails before the model is built
     select = check_codes(select) if select else None
     ignore = check_codes(ignore) if ignore else None
     with collect_model_stdout() as model_out:  # groundingdino prints `output layer_id 0 is nan`: keep it
         replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
-                         trust_checkpoint=trust_checkpoint, stack=stack)
+                         trust_checkpoint=trust_checkpoint, stack=stack, adapter=adapter,
+                         merge_lora=merge_lora)
         with collect_user_stdout() as out:  # the criterion's prints go in their own block of the report
             result = inspect_replay(replay, criterion=criterion, select=select, ignore=ignore, trace=trace, amp=amp)
     result.user_stdout = out.text

@@ -122,17 +122,20 @@ def prepare(
     trust_checkpoint: bool = False,
     hash_checkpoint: bool = True,
     stack: str | None = None,
+    adapter: str | os.PathLike[str] | None = None,
+    merge_lora: bool = False,
 ) -> Replay:
     """Load everything a replay needs; raises `InputError` subclasses with one-line reasons.
 
     stack: the model family by name ('groundingdino-py', ...); None detects it from `checkpoint`.
+    adapter: a PEFT adapter folder or file applied on top of `checkpoint`; merge_lora merges it.
     """
     dev = resolve_device(device)
     with progress.stage("reading the batch", "read the batch"):
         b = read_batch(batch) if isinstance(batch, (str, os.PathLike)) else batch  # a Batch, or the HF form
     st = stack_for_checkpoint(checkpoint, stack=stack)
     loaded = st.load(checkpoint, config=config, text_encoder=text_encoder, trust=trust_checkpoint, device=dev,
-                     hash_checkpoint=hash_checkpoint)
+                     hash_checkpoint=hash_checkpoint, **_adapter_options(adapter, merge_lora))
     if not isinstance(b, Batch):  # the Hugging Face form needs the tokenizer to become a Batch
         from nanscope.replay.hf_batch import to_batch
 
@@ -144,3 +147,8 @@ def prepare(
               "device": str(dev)}
     return Replay(loaded.model, loaded.cfg, b, texts, loaded.state_dict, loaded.key_fit, dev, inputs,
                   stack=st, max_text_len=loaded.max_text_len, tokenizer=loaded.tokenizer)
+
+
+def _adapter_options(adapter: str | os.PathLike[str] | None, merge_lora: bool) -> dict[str, Any]:
+    """Only the options that were set, so a stack without adapter support is called as before."""
+    return {k: v for k, v in (("adapter", adapter), ("merge_lora", merge_lora)) if v}

@@ -86,8 +86,11 @@ class Stack(abc.ABC):
     @abc.abstractmethod
     def load(self, checkpoint: PathLike, *, config: PathLike | None = None, text_encoder: str | None = None,
              trust: bool = False, device: torch.device = torch.device("cpu"),
-             hash_checkpoint: bool = True) -> LoadedModel:
-        """Build the model, load the checkpoint (never strict, always reported) and move it to `device`."""
+             hash_checkpoint: bool = True, adapter: PathLike | None = None, merge_lora: bool = False) -> LoadedModel:
+        """Build the model, load the checkpoint (never strict, always reported) and move it to `device`.
+
+        adapter: a PEFT (LoRA) adapter folder or file on top of the checkpoint; merge_lora merges it into the
+        weights instead of replaying it through PEFT's layers. A stack that cannot apply one raises ConfigError."""
 
     @abc.abstractmethod
     def load_tokenizer(self, *, config: PathLike | None = None, text_encoder: str | None = None) -> tuple[Any, int]:

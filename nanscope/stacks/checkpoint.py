@@ -2,17 +2,23 @@
 
 `read_state_dict` accepts groundingdino's `{"model": state_dict}`, `{"state_dict": ...}` or a bare
 state dict, strips a `module.` prefix (DDP), and loads with `weights_only=True` unless the user passes
-`trust=True` (the CLI's `--trust-checkpoint`). The file is only read, never written.
+`trust=True` (the CLI's `--trust-checkpoint`); `argparse.Namespace` (Open-GroundingDino's saved `args`) is
+allowed under weights_only, nothing else that pickles code. A safetensors file is read as tensors whatever its
+suffix, and a file that is neither says so instead of asking for `--trust-checkpoint`. The file is only read,
+never written.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import pickle
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,26 +36,89 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:240]
 
 
-def read_state_dict(path: str | os.PathLike[str], *, trust: bool = False) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat {name: tensor} dict."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+# Classes a checkpoint may hold under weights_only besides tensors and containers: plain records that
+# run no code when unpickled (their state is set with __dict__.update). Open-GroundingDino saves its
+# command-line arguments as `args`, an argparse.Namespace.
+SAFE_GLOBALS = (argparse.Namespace,)
+SAFETENSORS_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def file_kind(path: Path) -> str:
+    """'zip' (torch.save), 'pickle' (legacy torch.save), 'safetensors' or 'unknown', from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{":  # an 8-byte header length, then the JSON header
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n <= min(SAFETENSORS_MAX_HEADER, path.stat().st_size - 8):
+            return "safetensors"
+    if head[:1] == b"\x80":  # pickle protocol 2+: the legacy (non-zip) torch.save format
+        return "pickle"
+    return "unknown"
+
+
+def _refused_global(exc: BaseException) -> str | None:
+    """The class a weights_only load refused ('pathlib.PosixPath'), read from torch's message."""
+    m = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return m.group(1) if m else None
+
+
+def _torch_load(p: Path, *, trust: bool) -> Any:
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=not trust)
+        if trust:
+            return torch.load(p, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not trust and "weights_only" in str(exc):
+        name = _refused_global(exc)
+        if not trust and name is not None:
             raise CheckpointError(
-                f"checkpoint {str(p)!r} contains pickled Python objects, which can run code when loaded "
-                f"({_first_line(exc)}); nanscope loads tensors only. If you trust this file, pass "
-                "--trust-checkpoint (or re-save it as {'model': model.state_dict()})."
+                f"checkpoint {str(p)!r} holds a pickled {name} object besides the weights, and unpickling it can "
+                "run code; nanscope loads tensors, containers and argparse.Namespace only. If you trust this "
+                "file, pass --trust-checkpoint, or re-save its weights as {'model': model.state_dict()}."
             ) from None
         raise CheckpointError(f"checkpoint {str(p)!r} is not a readable torch file ({_first_line(exc)})") from None
-    except Exception as exc:  # truncated zip, random bytes, ...
+    except Exception as exc:  # truncated zip, ...
         raise CheckpointError(
             f"checkpoint {str(p)!r} is not a readable torch file ({_first_line(exc)}); "
             "expected a file written by torch.save"
         ) from None
+
+
+def _safetensors_load(p: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(p), device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorsError (no stable import path) and OSError
+        raise CheckpointError(f"checkpoint {str(p)!r} is a damaged safetensors file ({_first_line(exc)})") from None
+
+
+def read_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Any:
+    """The object in a checkpoint file: torch.save (zip or legacy) under weights_only, or a safetensors
+    file (whatever its suffix: it holds tensors only, so it is always safe)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+    kind = file_kind(p)
+    if kind == "safetensors":
+        return _safetensors_load(p)
+    if kind == "unknown":
+        with open(p, "rb") as f:
+            head = f.read(8)
+        raise CheckpointError(
+            f"checkpoint {str(p)!r} is not a readable torch file: it starts with bytes {head.hex(' ')}, which is "
+            "neither a torch.save zip (50 4b 03 04), a legacy torch.save pickle (80 ..) nor a safetensors header; "
+            "expected a file written by torch.save or safetensors"
+        )
+    return _torch_load(p, trust=trust)
+
+
+def read_state_dict(path: str | os.PathLike[str], *, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat {name: tensor} dict."""
+    p = Path(path)
+    obj = read_checkpoint(p, trust=trust)
     sd: Any = obj
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict", "model_state_dict"):
@@ -66,8 +135,7 @@ def read_state_dict(path: str | os.PathLike[str], *, trust: bool = False) -> dic
         if not isinstance(v, torch.Tensor):
             continue
         name = str(k)
-        if name.startswith("module."):
-            name = name[len("module."):]
+        name = name.removeprefix("module.")
         out[name] = v
     if not out:
         raise CheckpointError(f"checkpoint {str(p)!r} holds no tensors; expected a model state dict")
@@ -85,6 +153,13 @@ class KeyFit:
     # Unexpected keys known to be harmless, with why: buffers the model keeps out of its state dict
     # (e.g. BERT's position_ids in transformers >= 4.31, saved by older versions) and training-only weights.
     benign: tuple[tuple[str, str], ...] = ()
+    # Floating tensors of another dtype than the model's, which loading converts: (file dtype, model dtype, count).
+    converted: tuple[tuple[str, str, int], ...] = ()
+    # Keys that are one parameter in the model (tied) but hold different values in the file: loading keeps
+    # only one of them. (keys, largest absolute difference).
+    tied_differ: tuple[tuple[tuple[str, ...], float], ...] = ()
+    notes: tuple[str, ...] = ()  # how the loader adapted the model or the keys to the file (said in NS306)
+    adapter: Any = None  # nanscope.stacks.peft_support.AdapterInfo when LoRA weights were loaded
 
     @property
     def fraction(self) -> float:
@@ -93,7 +168,41 @@ class KeyFit:
 
     @property
     def clean(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
+        return not (self.missing or self.unexpected or self.mismatched or self.tied_differ)
+
+
+def tied_groups(model: nn.Module) -> list[tuple[str, ...]]:
+    """State-dict keys that name one tensor (tied parameters, e.g. groundingdino's shared box heads)."""
+    by_id: dict[int, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if isinstance(v, torch.Tensor):
+            by_id.setdefault(id(v), []).append(k)
+    return [tuple(ks) for ks in by_id.values() if len(ks) > 1]
+
+
+def differing_ties(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[tuple[tuple[str, ...], float]]:
+    """Tied groups whose values in `state` are not all equal, with the largest absolute difference."""
+    out = []
+    for keys in tied_groups(model):
+        present = [k for k in keys if k in state]
+        if len(present) < 2 or len({tuple(state[k].shape) for k in present}) != 1:
+            continue
+        first = state[present[0]]
+        diff = max(float((state[k].float() - first.float()).abs().max()) for k in present[1:])
+        if diff > 0 or any(not torch.equal(state[k], first) for k in present[1:]):
+            out.append((tuple(present), diff))
+    return out
+
+
+def _converted(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+               matched: list[str]) -> tuple[tuple[str, str, int], ...]:
+    counts: dict[tuple[str, str], int] = {}
+    for k in matched:
+        a, b = state[k], own[k]
+        if a.is_floating_point() and a.dtype != b.dtype:
+            key = (str(a.dtype).removeprefix("torch."), str(b.dtype).removeprefix("torch."))
+            counts[key] = counts.get(key, 0) + 1
+    return tuple((a, b, n) for (a, b), n in sorted(counts.items()))
 
 
 def key_fit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> KeyFit:
@@ -116,7 +225,7 @@ def key_fit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> KeyFit:
         else:
             unexpected.append(k)
     return KeyFit(tuple(sorted(matched)), tuple(missing), tuple(unexpected), tuple(sorted(mismatched)),
-                  tuple(benign))
+                  tuple(benign), _converted(own, state, matched), tuple(differing_ties(model, state)))
 
 
 GDPY_EXPECTED = "groundingdino weights such as 'transformer.encoder.layers.0...' - check --config and the file"
@@ -133,11 +242,19 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
         raise CheckpointError(
             f"{source} does not look like a checkpoint of this GroundingDINO config: only {len(fit.matched)} of "
             f"{len(fit.matched) + len(fit.missing) + len(fit.mismatched)} model weights are in it "
-            f"(its keys start with {some}); expected {expected}"
+            f"(its keys start with {some}); expected {expected}{_other_family(state)}"
         )
     fitting = {k: state[k] for k in fit.matched}
     model.load_state_dict(fitting, strict=False)
     return fit
+
+
+def _other_family(state: Mapping[str, torch.Tensor]) -> str:
+    """A clause naming the model family whose key names `state` has, when nanscope knows it."""
+    if any(k.startswith(("model.text_backbone.", "model.backbone.conv_encoder.")) for k in state):
+        return ("; its keys are transformers' GroundingDinoForObjectDetection names: pass --stack hf with --config "
+                "the model's config.json")
+    return ""
 
 
 def file_sha256(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:

@@ -10,6 +10,7 @@ demo gets a ~4M-parameter model from the real modules.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 from pathlib import Path
@@ -88,12 +89,16 @@ def build_model(
     *,
     text_encoder: str | os.PathLike[str] | None = None,
     seed: int | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, Any]:
     """Build a GroundingDINO with random detector weights. Returns `(model, cfg)`; the model is in eval mode.
 
-    `text_encoder` is a Hugging Face name or a local folder (tokenizer + BERT weights).
+    `text_encoder` is a Hugging Face name or a local folder (tokenizer + BERT weights); `overrides` set config
+    values (e.g. `dec_pred_bbox_embed_share=False` for a checkpoint whose box heads were trained untied).
     """
     cfg = load_config(config)
+    for key, value in (overrides or {}).items():
+        setattr(cfg, key, value)
     if text_encoder is not None:
         te = str(text_encoder)
         if os.sep in te or te.startswith("."):
@@ -178,32 +183,80 @@ class GroundingDinoPy(Stack):
         return find_groundingdino(model)
 
     def claims(self, checkpoint: Path) -> bool:
-        return Path(checkpoint).is_file()  # a torch file; the fallback stack for single files
+        from nanscope.stacks.peft_support import ADAPTER_CONFIG
+
+        p = Path(checkpoint)  # a torch file (the fallback stack for single files), or a PEFT adapter folder
+        return p.is_file() or (p.is_dir() and (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file())
 
     def load(self, checkpoint: str | os.PathLike[str], *, config: ConfigSource = None,
              text_encoder: str | None = None, trust: bool = False, device: torch.device = torch.device("cpu"),
-             hash_checkpoint: bool = True) -> LoadedModel:
+             hash_checkpoint: bool = True, adapter: str | os.PathLike[str] | None = None,
+             merge_lora: bool = False) -> LoadedModel:
+        """`adapter`: a PEFT adapter folder or file applied on top of `checkpoint` (also found by itself: an
+        adapter folder given as `checkpoint`, or LoRA keys in the checkpoint); `merge_lora` merges it."""
+        from nanscope.stacks import peft_support as ps
         from nanscope.stacks.checkpoint import file_sha256, load_into, read_state_dict
 
+        ckpt = Path(checkpoint)
+        adapter_path = Path(adapter) if adapter is not None else None
+        if ckpt.is_dir() and (ckpt / ps.ADAPTER_CONFIG).is_file():  # an adapter folder given as CHECKPOINT
+            if adapter_path is not None:
+                raise ConfigError(f"{str(ckpt)!r} is an adapter folder and --adapter {adapter} was given too; pass "
+                                  "the base checkpoint as CHECKPOINT")
+            adapter_path, ckpt = ckpt, ps.base_checkpoint_of(ckpt, ps.read_adapter_config(ckpt / ps.ADAPTER_CONFIG))
+        source = f"checkpoint {str(ckpt)!r}"
         with progress.stage("reading the checkpoint", "read the checkpoint"):
-            state = read_state_dict(checkpoint, trust=trust)
+            state, notes = _groundingdino_names(read_state_dict(ckpt, trust=trust), source)
+            split, adapter_cfg, adapter_cfg_file = _peft_split(state, ckpt, adapter_path, trust=trust)
         te = resolve_text_encoder(config, text_encoder)
+        overrides, untie_notes = _untie_box_heads(split.base if split is not None else state, config)
         with progress.stage("building the model", "built the model"):
-            model, cfg = build_model(config, text_encoder=te)
+            model, cfg = build_model(config, text_encoder=te, overrides=overrides)
         with progress.stage("loading the weights", "loaded the weights"):
-            fit = load_into(model, state, source=f"checkpoint {str(checkpoint)!r}")
+            if split is None:
+                fit = load_into(model, state, source=source)
+            else:
+                model, fit = self._load_peft(model, split, adapter_cfg, adapter_cfg_file, source=source,
+                                             adapter_path=adapter_path, merge=merge_lora)
+                state = {k: v.detach() for k, v in model.state_dict().items()}  # under PEFT's names when unmerged
+        if notes or untie_notes:
+            fit = dataclasses.replace(fit, notes=tuple(notes) + tuple(untie_notes) + fit.notes)
         model.to(device).eval()
         inputs = {
-            "checkpoint": str(checkpoint),
-            "checkpoint_sha256": file_sha256(checkpoint) if hash_checkpoint else None,
+            "checkpoint": str(ckpt),
+            "checkpoint_sha256": file_sha256(ckpt) if hash_checkpoint else None,
             "config": str(config) if config is not None else "groundingdino SwinT-OGC (default)",
             "text_encoder": str(cfg.text_encoder_type),
             "stack": self.name,
             "checkpoint_dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in state.values()
                                          if isinstance(v, torch.Tensor) and v.is_floating_point()}),
         }
+        if adapter_path is not None:
+            inputs["adapter"] = str(adapter_path)
+        if fit.adapter is not None:
+            inputs["lora"] = "merged" if merge_lora else "unmerged (PEFT layers)"
         return LoadedModel(self, model, cfg, model.tokenizer, int(getattr(cfg, "max_text_len", 256)), state, fit,
                            inputs)
+
+    @staticmethod
+    def _load_peft(model: nn.Module, split: Any, adapter_cfg: Any, adapter_cfg_file: Any, *, source: str,
+                   adapter_path: Path | None, merge: bool) -> tuple[nn.Module, Any]:
+        """Base weights into `model`, then the adapter on top: `(model with the adapter, combined KeyFit)`."""
+        from nanscope.stacks import peft_support as ps
+        from nanscope.stacks.checkpoint import MIN_FIT, key_fit, load_into
+
+        if adapter_path is None:
+            probe = key_fit(model, split.base)
+            if probe.fraction < MIN_FIT:
+                raise ps.trainable_only_error(source, split, probe.fraction, len(model.state_dict()))
+        base_fit = load_into(model, split.base, source=source)
+        where = f"adapter {str(adapter_path)!r}" if adapter_path is not None else source
+        out, adapter_fit, info = ps.apply_adapter(
+            model, split, adapter_cfg, source=where, merge=merge,
+            config_file=str(adapter_cfg_file) if adapter_cfg_file is not None else None)
+        note = (f"LoRA adapter from {where} applied {'merged' if merge else 'unmerged, through PEFT layers'} "
+                f"(r={info.r}, lora_alpha={info.lora_alpha:g}, {len(info.targets)} modules)")
+        return out, ps.combine_fits(base_fit, adapter_fit, info, (note,))
 
     def load_tokenizer(self, *, config: ConfigSource = None,
                        text_encoder: str | None = None) -> tuple[Any, int]:
@@ -259,8 +312,66 @@ class GroundingDinoPy(Stack):
         return capture_groundingdino(self.find_model(model), detach=detach)
 
     def dump_meta(self, model: nn.Module) -> dict[str, Any]:
+        from nanscope.stacks.peft_support import live_adapter_config
+
         gd = self.find_model(model)
         name = str(getattr(getattr(gd, "tokenizer", None), "name_or_path", "") or "")
         te = str(Path(name).resolve()) if name and Path(name).is_dir() else (name or None)
-        return {"stack": self.name, "model_class": type(gd).__name__, "text_encoder": te,
+        meta = {"stack": self.name, "model_class": type(gd).__name__, "text_encoder": te,
                 "max_text_len": int(getattr(gd, "max_text_len", 256)), "num_queries": int(getattr(gd, "num_queries", 0))}
+        lora = live_adapter_config(model)  # a PEFT-wrapped model: the dump replays through the same adapter
+        if lora is not None:
+            meta["peft"] = lora
+        return meta
+
+
+def _peft_split(state: dict[str, torch.Tensor], ckpt: Path, adapter: Path | None, *, trust: bool) -> tuple[Any, Any, Any]:
+    """(SplitState or None, adapter config or None, its path) for a checkpoint and an optional adapter."""
+    from nanscope.stacks import peft_support as ps
+
+    if adapter is not None:
+        a_state, cfg, cfg_file = ps.read_adapter(adapter, trust=trust)
+        mts = tuple((cfg or {}).get("modules_to_save") or ())
+        split = ps.split_state(a_state, modules_to_save=mts)
+        base = ps.split_state(state).base if ps.is_peft_state(state) else state
+        split.base = {**base, **split.base}  # heads the trainer unfroze and saved with the adapter win
+        return split, cfg, cfg_file
+    if not ps.is_peft_state(state):
+        return None, None, None
+    cfg_file = ps.adapter_config_near(ckpt)
+    cfg = ps.read_adapter_config(cfg_file) if cfg_file is not None else None
+    return ps.split_state(state, modules_to_save=tuple((cfg or {}).get("modules_to_save") or ())), cfg, cfg_file
+
+
+def _groundingdino_names(state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """MMDetection's key names -> groundingdino-py's (with a note); MM-GroundingDINO is refused, naming why."""
+    from nanscope.errors import CheckpointError
+    from nanscope.stacks import mmdet_keys
+
+    mm = mmdet_keys.mm_grounding_dino_keys(state)
+    if mm:
+        raise CheckpointError(
+            f"{source} is an MM-GroundingDINO checkpoint: its contrastive heads have a learned bias per layer and "
+            f"a logit scale ({', '.join(mm[:3])}{', ...' if len(mm) > 3 else ''}), which groundingdino-py's "
+            "ContrastiveEmbed does not have, so replaying it here would change every logit. Convert it with "
+            "transformers' convert_mm_grounding_dino_to_hf.py and inspect the save_pretrained folder: the "
+            "transformers stack replays it as MMGroundingDinoForObjectDetection"
+        )
+    if not mmdet_keys.is_mmdet_state(state):
+        return state, []
+    out = mmdet_keys.to_groundingdino(state)
+    note = (f"{len(state)} keys were converted from MMDetection's GroundingDINO names (the inverse of mmdet's "
+            "groundingdino_to_mmdet.py, Swin patch-merging channels re-ordered)")
+    return out, [note]
+
+
+def _untie_box_heads(state: dict[str, torch.Tensor], config: str | os.PathLike[str] | None) -> tuple[dict[str, Any], list[str]]:
+    """Build untied per-layer box heads when the checkpoint's differ and the config ties them (SwinT-OGC does)."""
+    from nanscope.stacks.mmdet_keys import box_heads_differ
+
+    diff = box_heads_differ(state)
+    if diff == 0 or not load_config(config).get("dec_pred_bbox_embed_share", True):
+        return {}, []
+    note = (f"the checkpoint's per-layer box heads bbox_embed.{{i}} differ (by up to {diff:.3g}) while the config "
+            "ties them (dec_pred_bbox_embed_share=True), so the model was built with them untied, as they were trained")
+    return {"dec_pred_bbox_embed_share": False}, [note]

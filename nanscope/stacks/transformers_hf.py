@@ -116,8 +116,13 @@ class TransformersHF(Stack):
                           "config.json (or its save_pretrained folder)")
 
     def load(self, checkpoint: Any, *, config: Any = None, text_encoder: str | None = None, trust: bool = False,
-             device: torch.device = torch.device("cpu"), hash_checkpoint: bool = True) -> LoadedModel:
+             device: torch.device = torch.device("cpu"), hash_checkpoint: bool = True, adapter: Any = None,
+             merge_lora: bool = False) -> LoadedModel:
         import transformers
+
+        if adapter is not None:
+            raise ConfigError(f"--adapter {adapter} was given for the transformers stack, which does not apply PEFT "
+                              "adapters yet; merge it first (PeftModel.merge_and_unload(), then save_pretrained)")
 
         from nanscope.stacks.checkpoint import file_sha256
         from nanscope.stacks.hf_loading import load_folder, load_state_file

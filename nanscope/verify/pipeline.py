@@ -326,8 +326,12 @@ def verify_fix(
     device: str | None = "cpu",
     trust_checkpoint: bool = False,
     stack: str | None = None,
+    adapter: str | os.PathLike[str] | None = None,
+    merge_lora: bool = False,
 ) -> Result:
     """Replay `batch` through the GroundingDINO in `checkpoint` and run the ten checks. Never prints.
+
+    adapter: a PEFT adapter folder or file on top of `checkpoint`; merge_lora merges it before the replay.
 
     `before` / `after` are `MODULE:ATTR` specs (see `nanscope.user_code`) or a short name the stack
     ships ('transformers'); None uses nanscope's NaiveCriterion / SetCriterion for `preset` (None: the
@@ -337,7 +341,8 @@ def verify_fix(
         criteria = resolve_criteria(before, after, preset, steps)
     with collect_model_stdout() as model_out:  # groundingdino's own NaN prints: kept for the report
         replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
-                         trust_checkpoint=trust_checkpoint, stack=stack)
+                         trust_checkpoint=trust_checkpoint, stack=stack, adapter=adapter,
+                         merge_lora=merge_lora)
         result = verify_replay(replay, before=criteria[0], after=criteria[1], preset=preset, steps=steps)
     result.user_stdout = out.text + result.user_stdout
     result.model_stdout = model_out.text

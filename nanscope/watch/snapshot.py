@@ -2,7 +2,9 @@
 
 Layout of a dump folder (what `nanscope inspect DUMP` reads):
 
-    checkpoint.pth   {"model": state_dict}, plain CPU tensors (loads with weights_only=True)
+    checkpoint.pth   {"model": state_dict}, plain CPU tensors (loads with weights_only=True); a PEFT-wrapped
+                     model's under PEFT's own names (X.base_layer.weight, X.lora_A.default.weight, ...)
+    adapter_config.json  only for a PEFT-wrapped model: its LoRA config, so the replay runs the same adapter
     batch.pt         the batch in nanscope's schema (images, captions, targets), CPU tensors
     rng.pt           torch/CUDA/Python/NumPy generator states, plain tensors and ints
     manifest.json    step, rank, origin, loss terms ("nan"/"inf" as strings), scaler state, paths
@@ -289,6 +291,11 @@ def write_dump(folder: Path, *, state_dict: Mapping[str, Tensor] | None, batch: 
     if state_dict is not None:
         torch.save({"model": dict(state_dict)}, folder / "checkpoint.pth")
         files["checkpoint"] = "checkpoint.pth"
+        lora = (manifest.get("stack") or {}).get("peft")
+        if isinstance(lora, dict):  # a PEFT-wrapped model: its LoRA config, read by the replay next to the weights
+            (folder / "adapter_config.json").write_text(json.dumps(lora, indent=2, sort_keys=True) + "\n",
+                                                       encoding="utf-8")
+            files["adapter_config"] = "adapter_config.json"
     if batch is not None:
         notes += save_schema_batch(folder / "batch.pt", batch)
         files["batch"] = "batch.pt"

@@ -1,0 +1,288 @@
+"""Checkpoint files as trainers write them: Open-GroundingDino's args, safetensors, half precision, bad bytes,
+tied weights that the file holds untied, and MMDetection's key names."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from nanscope.analyzers.checkpoint_fit import checkpoint_fit
+from nanscope.errors import CheckpointError
+from nanscope.findings import Severity
+from nanscope.stacks.checkpoint import file_kind, key_fit, read_state_dict
+
+
+def _ogd_checkpoint(model_sd: dict[str, torch.Tensor]) -> dict:
+    """What Open-GroundingDino's main.py saves: model, optimizer, lr_scheduler, epoch and args."""
+    w = nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=1e-4)
+    w.sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
+    args = argparse.Namespace(lr=1e-4, backbone="swin_T_224_1k", lr_drop_list=[33, 45], amp=False,
+                              config_file="cfg_odvg.py", options={"dn_number": 0}, world_size=8)
+    return {"model": model_sd, "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(), "epoch": 3,
+            "args": args}
+
+
+def test_open_groundingdino_checkpoint_loads_without_trust(tmp_path):
+    sd = {"a.weight": torch.randn(2, 2), "b": torch.zeros(3)}
+    p = tmp_path / "checkpoint0003.pth"
+    torch.save(_ogd_checkpoint(sd), p)
+    got = read_state_dict(p)
+    assert set(got) == set(sd) and torch.equal(got["a.weight"], sd["a.weight"])
+
+
+def test_any_other_pickled_object_is_still_refused(tmp_path):
+    p = tmp_path / "c.pth"
+    ck = _ogd_checkpoint({"a": torch.ones(1)})
+    ck["args"].output_dir = pathlib.PurePosixPath("/runs/x")  # one non-allowed object inside the Namespace
+    torch.save(ck, p)
+    with pytest.raises(CheckpointError, match=r"PurePosixPath.*--trust-checkpoint"):
+        read_state_dict(p)
+    assert set(read_state_dict(p, trust=True)) == {"a"}
+
+
+def test_random_bytes_are_not_a_torch_file_and_never_ask_for_trust(tmp_path):
+    p = tmp_path / "weights.pth"
+    p.write_bytes(os.urandom(4096).replace(b"\x80", b"\x00").replace(b"PK", b"pk"))
+    assert file_kind(p) == "unknown"
+    with pytest.raises(CheckpointError, match="not a readable torch file: it starts with bytes") as e:
+        read_state_dict(p)
+    assert "trust" not in str(e.value) and "pickled" not in str(e.value)
+
+
+def test_safetensors_named_pth_loads_as_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {"x.weight": torch.randn(3, 4), "x.bias": torch.randn(3)}
+    p = tmp_path / "model.pth"
+    save_file(sd, str(p))
+    assert file_kind(p) == "safetensors"
+    got = read_state_dict(p)
+    assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_damaged_safetensors_says_so(tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "model.safetensors"
+    save_file({"x": torch.randn(100)}, str(p))
+    p.write_bytes(p.read_bytes()[:-200])
+    with pytest.raises(CheckpointError, match="damaged safetensors"):
+        read_state_dict(p)
+
+
+def test_half_precision_file_is_noted_in_the_key_fit():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    sd = {k: v.half() for k, v in model.state_dict().items()}
+    fit = key_fit(model, sd)
+    assert fit.clean and fit.converted == (("float16", "float32", 4),)
+    (f,) = checkpoint_fit(SimpleNamespace(key_fit=fit))
+    assert f.severity is Severity.WARNING and "4 float16 tensor(s) to float32" in f.message and "--amp" in f.message
+    assert checkpoint_fit(SimpleNamespace(key_fit=key_fit(model, model.state_dict()))) == []
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList([nn.Linear(3, 3)] * 3)  # one Linear, three names (groundingdino's box heads)
+        self.other = nn.Linear(3, 1)
+
+
+def test_tied_parameters_with_differing_file_values_are_ns306():
+    tied = _Tied()
+    untied = {f"heads.{i}.{n}": torch.randn(p.shape) for i in range(3) for n, p in nn.Linear(3, 3).named_parameters()}
+    untied.update({f"other.{k}": v for k, v in tied.other.state_dict().items()})
+    fit = key_fit(tied, untied)
+    assert not fit.clean and not (fit.missing or fit.unexpected or fit.mismatched)
+    groups = {keys for keys, _ in fit.tied_differ}
+    assert groups == {("heads.0.weight", "heads.1.weight", "heads.2.weight"), ("heads.0.bias", "heads.1.bias", "heads.2.bias")}
+    expected = max(float((untied[f"heads.{i}.weight"] - untied["heads.0.weight"]).abs().max()) for i in (1, 2))
+    assert dict(fit.tied_differ)[("heads.0.weight", "heads.1.weight", "heads.2.weight")] == pytest.approx(expected)
+    (f,) = checkpoint_fit(SimpleNamespace(key_fit=fit))
+    assert f.severity is Severity.ERROR and f.count == 2 and "untied" in f.message
+    same = {k: (untied["heads.0." + k.split(".", 2)[2]] if k.startswith("heads") else v) for k, v in untied.items()}
+    assert key_fit(tied, same).clean
+
+
+# ---------------------------------------------------------------- MMDetection's key names
+
+
+def _swin_to_unfold_reduction(x):  # mmdet's correct_unfold_reduction_order
+    out_ch, in_ch = x.shape
+    return x.reshape(out_ch, 4, in_ch // 4)[:, [0, 2, 1, 3], :].transpose(1, 2).reshape(out_ch, in_ch)
+
+
+def _swin_to_unfold_norm(x):  # mmdet's correct_unfold_norm_order
+    return x.reshape(4, x.shape[0] // 4)[[0, 2, 1, 3], :].transpose(0, 1).reshape(x.shape[0])
+
+
+def to_mmdet(sd: dict[str, torch.Tensor], dec_layers: int) -> dict[str, torch.Tensor]:
+    """groundingdino -> mmdet names, written after MMDetection 3.3's tools/model_converters/groundingdino_to_mmdet.py
+    (its encoder branch is `reg_branches.6` for six decoder layers: `dec_layers` here), plus the denoising label
+    embedding an mmdet-trained model holds as dn_query_generator.label_embedding."""
+    out = {}
+    for k, v in sd.items():
+        k = "module." + k
+        if k.startswith("module.bbox_embed"):
+            k = k.replace("module.bbox_embed", "module.transformer.decoder.bbox_embed")
+        n = None
+        if "module.backbone.0" in k:
+            n = k.replace("module.backbone.0", "backbone")
+            n = n.replace("patch_embed.proj", "patch_embed.projection") if "patch_embed.proj" in n else n.replace(
+                "pos_drop", "drop_after_pos")
+            if "layers" in n:
+                n = n.replace("layers", "stages")
+                if "mlp.fc1" in n:
+                    n = n.replace("mlp.fc1", "ffn.layers.0.0")
+                elif "mlp.fc2" in n:
+                    n = n.replace("mlp.fc2", "ffn.layers.1")
+                elif "attn" in n:
+                    n = n.replace("attn", "attn.w_msa")
+                if "downsample" in k:
+                    v = _swin_to_unfold_reduction(v) if "reduction." in k else _swin_to_unfold_norm(v)
+        elif "module.bert" in k:
+            n = k.replace("module.bert", "language_model.language_backbone.body.model")
+        elif "module.feat_map" in k:
+            n = k.replace("module.feat_map", "text_feat_map")
+        elif "module.input_proj" in k:
+            n = k.replace("module.input_proj", "neck.convs")
+            n = n.replace("neck.convs.3", "neck.extra_convs.0")
+            n = n.replace("0.weight", "conv.weight").replace("0.bias", "conv.bias")
+            n = n.replace("1.weight", "gn.weight").replace("1.bias", "gn.bias")
+        elif "module.transformer.level_embed" in k:
+            n = "level_embed"
+        elif "module.transformer.encoder" in k:
+            n = k.replace("module.transformer.encoder", "encoder")
+            for a, b in (("norm1", "norms.0"), ("norm2", "norms.1"), ("norm3", "norms.2"), ("linear1", "ffn.layers.0.0"),
+                         ("linear2", "ffn.layers.1")):
+                n = n.replace(a, b)
+            if "text_layers" in n and "self_attn" in n:
+                n = n.replace("self_attn", "self_attn.attn")
+        elif "module.transformer.enc_output" in k:
+            n = (k.replace("module.transformer.enc_output_norm", "memory_trans_norm") if "norm" in k
+                 else k.replace("module.transformer.enc_output", "memory_trans_fc"))
+        elif "module.transformer.enc_out_bbox_embed.layers" in k:
+            j = int(k.split(".")[4])
+            n = f"bbox_head.reg_branches.{dec_layers}.{2 * j}.{k.split('.')[-1]}"
+        elif "module.transformer.tgt_embed" in k:
+            n = k.replace("module.transformer.tgt_embed", "query_embedding")
+        elif "module.transformer.decoder" in k:
+            n = k.replace("module.transformer.decoder", "decoder")
+            for a, b in (("norm1", "norms.2"), ("catext_norm", "norms.1"), ("norm2", "norms.0"), ("norm3", "norms.3")):
+                n = n.replace(a, b)
+            if "ca_text" in n:
+                n = n.replace("ca_text", "cross_attn_text")
+                for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
+                    n = n.replace(p, "attn." + p)
+            n = n.replace("linear1", "ffn.layers.0.0").replace("linear2", "ffn.layers.1")
+            n = n.replace("self_attn", "self_attn.attn")
+            if "bbox_embed" in n:
+                parts = n.split(".")
+                n = f"bbox_head.reg_branches.{parts[2]}.{2 * int(parts[4])}.{parts[-1]}"
+        elif k.startswith("module.label_enc."):
+            n = "dn_query_generator.label_embedding." + k.split(".")[-1]
+        assert n is not None, f"no mmdet name for {k}"
+        out[n] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_sd(demo_files):
+    return torch.load(demo_files.checkpoint, weights_only=True)["model"]
+
+
+def test_mmdet_names_convert_back_to_groundingdino(demo_sd):
+    from nanscope.stacks import mmdet_keys
+
+    mm = to_mmdet(demo_sd, dec_layers=1)
+    assert {"backbone.stages.0.blocks.0.attn.w_msa.qkv.weight", "backbone.stages.0.downsample.reduction.weight",
+            "neck.extra_convs.0.conv.weight", "decoder.layers.0.cross_attn_text.attn.in_proj_weight",
+            "bbox_head.reg_branches.0.4.weight", "bbox_head.reg_branches.1.0.weight",
+            "encoder.text_layers.0.self_attn.attn.in_proj_weight"} <= set(mm)
+    red = "backbone.0.layers.0.downsample.reduction.weight"
+    assert not torch.equal(mm["backbone.stages.0.downsample.reduction.weight"], demo_sd[red])  # re-ordered
+    back = mmdet_keys.to_groundingdino(mm)
+    assert set(back) == set(demo_sd)
+    assert all(torch.equal(back[k], demo_sd[k]) for k in demo_sd)
+    assert not mmdet_keys.is_mmdet_state(demo_sd) and mmdet_keys.is_mmdet_state(mm)
+
+
+def test_mmdet_checkpoint_replays_equal(demo_files, fixture_files, demo_sd, tmp_path):
+    from nanscope.replay.session import prepare
+
+    p = tmp_path / "mmdet.pth"
+    torch.save({"meta": {"epoch": 12, "mmengine_version": "0.10.4"}, "state_dict": to_mmdet(demo_sd, 1)}, p)
+    ref = prepare(demo_files.checkpoint, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+    got = prepare(p, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+    assert got.key_fit.clean and any("MMDetection" in n for n in got.key_fit.notes)
+    with torch.no_grad():
+        a, b = ref.run(), got.run()
+    assert torch.equal(a["pred_boxes"], b["pred_boxes"]) and torch.equal(a["pred_logits"], b["pred_logits"])
+    (f,) = checkpoint_fit(SimpleNamespace(key_fit=got.key_fit))
+    assert f.severity is Severity.INFO and "MMDetection" in f.message
+
+
+def test_mm_grounding_dino_is_refused_naming_what_is_missing(demo_sd, tmp_path, demo_files):
+    from nanscope.replay.session import prepare
+
+    mm = to_mmdet(demo_sd, 1)
+    for i in range(2):
+        mm[f"bbox_head.cls_branches.{i}.bias"] = torch.tensor([-4.6])
+        mm[f"bbox_head.cls_branches.{i}.log_scale"] = torch.tensor([0.0])
+    p = tmp_path / "mm_gdino.pth"
+    torch.save({"state_dict": mm}, p)
+    with pytest.raises(CheckpointError, match=r"MM-GroundingDINO.*cls_branches.0.bias.*MMGroundingDinoForObjectDetection"):
+        prepare(p, demo_files.batch, config=demo_files.config, hash_checkpoint=False)
+
+
+def test_untied_box_heads_are_built_untied(demo_files, fixture_files, tmp_path):
+    import json
+
+    from nanscope.replay.session import prepare
+    from nanscope.stacks.groundingdino_py import build_model
+
+    cfg = json.loads(demo_files.config.read_text())
+    cfg.update(dec_layers=2, text_encoder_type=str(demo_files.text_encoder))  # two decoder layers, heads tied
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg))
+    untied = tmp_path / "untied.json"
+    untied.write_text(json.dumps({**cfg, "dec_pred_bbox_embed_share": False}))
+    live, _ = build_model(untied, seed=0)  # deep copies of one head: equal until fine-tuning moves them apart
+    assert live.bbox_embed[0] is not live.bbox_embed[1]
+    with torch.no_grad():
+        for p in live.bbox_embed[1].parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
+    torch.save({"model": live.state_dict()}, tmp_path / "gd.pth")
+    torch.save({"state_dict": to_mmdet(live.state_dict(), 2)}, tmp_path / "mm.pth")
+    for name in ("gd.pth", "mm.pth"):
+        got = prepare(tmp_path / name, fixture_files.healthy, config=config, hash_checkpoint=False)
+        assert got.model.bbox_embed[0] is not got.model.bbox_embed[1]
+        assert got.key_fit.clean and any("untied" in n for n in got.key_fit.notes)
+        with torch.no_grad():
+            out, expected = got.run(), got.run(live)
+        assert torch.allclose(out["pred_boxes"], expected["pred_boxes"], atol=1e-5, rtol=0)
+
+
+def test_open_groundingdino_checkpoint_of_the_demo_replays_without_trust(demo_files, fixture_files, demo_sd, tmp_path):
+    from nanscope.replay.session import prepare
+
+    p = tmp_path / "checkpoint0003.pth"
+    torch.save(_ogd_checkpoint(demo_sd), p)
+    got = prepare(p, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+    assert got.key_fit.clean and len(got.key_fit.matched) == len(demo_sd)
+
+
+def test_transformers_stack_refuses_an_adapter_saying_what_to_do(tmp_path):
+    from nanscope.errors import ConfigError
+    from nanscope.stacks import get_stack
+
+    with pytest.raises(ConfigError, match="merge_and_unload"):
+        get_stack("hf").load(tmp_path, adapter=tmp_path / "adapter")
