@@ -4,9 +4,10 @@ The bare minimum is a separate Python process that imports torch and groundingdi
 loads the checkpoint and runs one forward without gradients, nothing else. `nanscope inspect` runs as
 `python -m nanscope inspect ... --quiet`. Both are timed as whole processes (wall clock and the child's
 CPU time), interleaved round by round so that the load of a shared machine falls on both; the ratio of
-the medians is printed.
+the medians is printed. First, in one process, a forward with and without the per-module statistics
+hooks behind NS303 (interleaved, medians).
 
-    python benchmarks/inspect_overhead.py [--rounds 5] [--threads 1] [--full] [--full-rounds 2] [--extra "--trace"]
+    python benchmarks/inspect_overhead.py [--rounds 5] [--stats-rounds 5] [--threads 0] [--full] [--full-rounds 2] [--extra "--trace"]
 
 --full adds the default SwinT-OGC config (random weights, the tiny local BERT; 30-45 s per inspect on
 a 2-core CPU), run --full-rounds times.
@@ -15,6 +16,7 @@ a 2-core CPU), run --full-rounds times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shlex
@@ -41,12 +43,13 @@ with torch.no_grad():
 """
 
 
-THREADS = "1"  # torch intra-op threads of both processes (--threads): steadier on a shared CPU
+THREADS = "0"  # OMP_NUM_THREADS of both processes (--threads); "0": torch's default, as a user runs it
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore",
-               OMP_NUM_THREADS=THREADS)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    if THREADS != "0":
+        env["OMP_NUM_THREADS"] = THREADS
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
@@ -82,12 +85,41 @@ def compare(label: str, ckpt: Path, batch: Path, config: Path | None, te: Path, 
           f"ratio wall {wall['inspect'] / wall['bare']:.2f}x  cpu {cpu['inspect'] / cpu['bare']:.2f}x")
 
 
+def stats_pass(files: object, rounds: int) -> None:
+    """In-process: one forward with and without the per-module statistics hooks (NS303), interleaved."""
+    import torch
+
+    from nanscope.replay.module_stats import module_stats
+    from nanscope.replay.session import prepare
+
+    replay = prepare(files.checkpoint, files.batch, config=files.config, hash_checkpoint=False)  # type: ignore[attr-defined]
+    times: dict[str, list[float]] = {"forward": [], "forward + module_stats": []}
+    calls = 0
+    replay.forward()  # warm-up
+    for _ in range(rounds):
+        for name, runs in times.items():
+            t = time.perf_counter()
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                stats = stack.enter_context(module_stats(replay.model)) if name != "forward" else None
+                replay.forward()
+                if stats is not None:
+                    calls = sum(s.calls for s in stats.result())
+            runs.append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"demo, in process, threads={torch.get_num_threads()}, {rounds} interleaved rounds, medians:")
+    print(f"  forward                  {med['forward'] * 1e3:8.1f} ms")
+    print(f"  forward + module_stats   {med['forward + module_stats'] * 1e3:8.1f} ms   "
+          f"ratio {med['forward + module_stats'] / med['forward']:.2f}x   ({calls} hook calls)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--stats-rounds", type=int, default=5,
+                    help="in-process rounds of forward vs forward + module_stats (0: skip)")
     ap.add_argument("--full", action="store_true", help="also the full-size SwinT-OGC config (slow on CPU)")
     ap.add_argument("--full-rounds", type=int, default=2)
-    ap.add_argument("--threads", default="1", help="OMP_NUM_THREADS of both processes (default 1)")
+    ap.add_argument("--threads", default="0", help="OMP_NUM_THREADS of both processes (default 0: torch's default)")
     ap.add_argument("--extra", default="", help="more inspect options, e.g. '--trace' or '--amp fp16'")
     args = ap.parse_args()
     global THREADS
@@ -103,6 +135,8 @@ def main() -> None:
           f"OMP_NUM_THREADS={THREADS}")
     with tempfile.TemporaryDirectory() as tmp:
         files = write_demo(Path(tmp) / "demo")
+        if args.stats_rounds:
+            stats_pass(files, args.stats_rounds)
         compare("demo", files.checkpoint, files.batch, files.config, files.text_encoder, args.rounds, extra)
         if args.full:
             model, _ = build_model(None, text_encoder=files.text_encoder, seed=0)

@@ -44,10 +44,24 @@ def _plant_huge_bias(t: torch.Tensor) -> None:
     t[3] = HUGE
 
 
+class _Seen(Exception):
+    pass
+
+
 def _finite(model: torch.nn.Module, raw: dict[str, Any]) -> bool:
-    with torch.no_grad():
-        out = model(raw["images"], captions=raw["captions"])
-    return bool(torch.isfinite(out["pred_boxes"]).all())
+    """Whether the planted block's output is finite; the forward stops there (the rest only spreads it)."""
+    def stop(_m: Any, _i: Any, out: torch.Tensor) -> None:
+        raise _Seen(bool(torch.isfinite(out).all()))
+
+    handle = dict(model.named_modules())[DROP_BLOCK].register_forward_hook(stop)
+    try:
+        with torch.no_grad():
+            model(raw["images"], captions=raw["captions"])
+    except _Seen as seen:
+        return seen.args[0]
+    finally:
+        handle.remove()
+    raise AssertionError(f"{DROP_BLOCK} did not run")
 
 
 def test_dropout_dependent_nan_reproduces_with_train_mode_and_the_dumps_rng(demo_files, tmp_path, capsys):
