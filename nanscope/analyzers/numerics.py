@@ -62,8 +62,9 @@ def half_precision_risk(ctx: AnalysisContext) -> list[Finding]:
                f"maximum / {RISK_FACTOR:g}) measured {run}; the first in the forward is {first}, the largest "
                f"{top.name or '(model)'} at {top.max_abs:.4g}.")
         if amp is None:
-            msg += (" Fine in float32 and bfloat16; under fp16 autocast these overflow or come close, unless "
-                    "they run with autocast disabled (check with --amp fp16 on the training device).")
+            msg += (" Fine in float32 and bfloat16; under fp16 autocast these overflow or come close (an AMP "
+                    "overflow waiting to happen), unless they run with autocast disabled: rerun with --amp fp16 "
+                    "to confirm.")
         severity = Severity.WARNING
     data = {"limit": limit, "factor": RISK_FACTOR, "autocast": _dtype_name(amp),
             "modules": [[s.name, s.kind, s.max_abs, s.nonfinite] for s in overflowed + near]}

@@ -238,6 +238,11 @@ def dump_paths(args: argparse.Namespace) -> None:
         stack = meta.get("stack") if isinstance(meta.get("stack"), dict) else {}
         if getattr(args, "stack", None) is None and isinstance(stack.get("stack"), str):
             args.stack = stack["stack"]
+        model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+        if getattr(args, "train_mode", False) is None:  # inspect: replay in the mode the step ran in
+            args.train_mode = bool(model.get("training"))
+        if getattr(args, "rng", False) is None and (d / "rng.pt").is_file():
+            args.rng = str(d / "rng.pt")
         autocast = (meta.get("amp") or {}).get("autocast") or {}
         if getattr(args, "amp", None) is None and autocast:
             args.amp = AUTOCAST_TO_AMP.get(next(iter(autocast.values())))

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
 from nanscope import progress
 from nanscope.analyzers import AnalysisContext, run_analyzers
-from nanscope.replay.batch import Batch
-from nanscope.stacks.capture import ForwardRecord
 from nanscope.errors import CriterionError, InputError
 from nanscope.findings import check_codes
+from nanscope.replay.batch import Batch
 from nanscope.replay.module_stats import module_stats
-from nanscope.replay.session import Replay, prepare
+from nanscope.replay.session import Replay, load_rng, prepare
 from nanscope.result import Result, environment
+from nanscope.stacks.capture import ForwardRecord
 from nanscope.user_code import call_criterion, collect_model_stdout, collect_user_stdout
 
 SANITIZED_LOGIT = -1.0e4  # finite stand-in for -inf padding in the counterfactual run (fits fp16)
@@ -36,8 +38,28 @@ def amp_dtype(amp: str | None) -> torch.dtype | None:
     return AMP_DTYPES[amp]
 
 
+# Box functions that assert on degenerate boxes (x1 < x0): NaN boxes fail those asserts with an empty message.
+BOX_ASSERTS = ("generalized_box_iou",)
+
+
 def is_matching_failure(exc: CriterionError) -> bool:
-    return any(s in str(exc) for s in MATCHING_FAILURES)
+    return any(s in str(exc) for s in MATCHING_FAILURES) or box_assertion(exc) is not None
+
+
+def box_assertion(exc: BaseException) -> str | None:
+    """`'generalized_box_iou (box_ops.py:NN)'` when `exc` wraps an AssertionError raised in one of
+    `BOX_ASSERTS` (groundingdino's and DETR's GIoU check that x1 >= x0, false for NaN boxes); else None.
+
+    `call_criterion` raises its CriterionError `from None`: the original stays in `__context__`."""
+    import traceback
+
+    inner = exc if isinstance(exc, AssertionError) else exc.__context__
+    if not isinstance(inner, AssertionError):
+        return None
+    for fs in reversed(traceback.extract_tb(inner.__traceback__)):
+        if fs.name in BOX_ASSERTS:
+            return f"{fs.name} ({os.path.basename(fs.filename)}:{fs.lineno})"
+    return None
 
 
 def is_untruncated_width_failure(exc: CriterionError, texts: list[Any], max_text_len: int) -> bool:
@@ -166,12 +188,19 @@ def inspect_replay(
     ignore: Iterable[str] | None = None,
     trace: bool = False,
     amp: str | None = None,
+    train_mode: bool | None = None,
+    rng: Mapping[str, Any] | None = None,
 ) -> Result:
     """Run the analyzers on a prepared replay.
 
     amp: 'fp16' or 'bf16' replays the forward under autocast (as AMP training runs it); None runs it in
     the model's own dtype. Per-module activation magnitudes (NS303) are collected on the same forward.
+    train_mode: forward in training mode (dropout and drop-path draw masks), with the generator states
+    `rng` (`load_rng` of a dump's rng.pt) set before each forward; None keeps the replay's own setting.
     """
+    if train_mode is not None or rng is not None:
+        replay = dataclasses.replace(replay, train_mode=replay.train_mode if train_mode is None else train_mode,
+                                     rng=rng if rng is not None else replay.rng)
     select = check_codes(select) if select else None
     ignore = check_codes(ignore) if ignore else None
     dtype = amp_dtype(amp)
@@ -208,7 +237,10 @@ def inspect_replay(
                 # The matcher refused non-finite costs (NS203), or class labels index past the label maps
                 # (NS111/NS112): those findings report it, with the causes ranked above it.
                 ctx.loss_terms = ctx.loss_terms_padding_sanitized = None
-                ctx.notes["criterion_label_error" if is_label_failure(exc) else "criterion_error"] = str(exc)
+                box = box_assertion(exc)
+                note = (f"{box} asserted that every box has x1 >= x0 and y1 >= y0, which is false for NaN boxes "
+                        f"({exc})" if box else str(exc))
+                ctx.notes["criterion_label_error" if is_label_failure(exc) else "criterion_error"] = note
         if ctx.loss_terms is not None:
             terms = {k: float(v.detach().float().sum()) for k, v in ctx.loss_terms.items()}
             if _wants(SUPERVISION_CODES, select, ignore):
@@ -232,6 +264,8 @@ def inspect_replay(
         "criterion_error": (ctx.notes.get("criterion_error") or ctx.notes.get("criterion_label_error")
                             or ctx.notes.get("criterion_shape_error")),
         "autocast": amp,
+        "mode": "train" if replay.train_mode else "eval",
+        "rng_restored": bool(replay.train_mode and replay.rng is not None),
     }
     return Result(kind="inspect", findings=findings, summary=summary, inputs=dict(replay.inputs),
                   environment=environment(str(replay.device)), loss_terms=terms,
@@ -248,7 +282,7 @@ def run_trace(replay: Replay, criterion: str | None) -> Any:
     assert replay.stack is not None
 
     def run() -> Any:
-        with replay.stack.capture(replay.model, detach=False) as cap:  # type: ignore[union-attr]
+        with replay.mode(), replay.stack.capture(replay.model, detach=False) as cap:  # type: ignore[union-attr]
             replay.model(*args, **kwargs)
         outputs = cap.last.to_outputs()
         if crit is None:
@@ -280,19 +314,25 @@ def inspect(
     amp: str | None = None,
     adapter: str | os.PathLike[str] | None = None,
     merge_lora: bool = False,
+    train_mode: bool = False,
+    rng: str | os.PathLike[str] | Mapping[str, Any] | None = None,
 ) -> Result:
     """Replay `batch` through the GroundingDINO in `checkpoint` and diagnose it. Never prints.
 
-    adapter: a PEFT adapter folder or file on top of `checkpoint`; merge_lora merges it before the replay."""
+    adapter: a PEFT adapter folder or file on top of `checkpoint`; merge_lora merges it before the replay.
+    train_mode, rng: see `inspect_replay`; `rng` may be the path of a dump's rng.pt."""
     amp_dtype(amp)  # bad input fails before the model is built
     select = check_codes(select) if select else None
     ignore = check_codes(ignore) if ignore else None
+    if isinstance(rng, (str, os.PathLike)):
+        rng = load_rng(rng)
     with collect_model_stdout() as model_out:  # groundingdino prints `output layer_id 0 is nan`: keep it
         replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
                          trust_checkpoint=trust_checkpoint, stack=stack, adapter=adapter,
                          merge_lora=merge_lora)
         with collect_user_stdout() as out:  # the criterion's prints go in their own block of the report
-            result = inspect_replay(replay, criterion=criterion, select=select, ignore=ignore, trace=trace, amp=amp)
+            result = inspect_replay(replay, criterion=criterion, select=select, ignore=ignore, trace=trace, amp=amp,
+                                    train_mode=train_mode, rng=rng)
     result.user_stdout = out.text
     result.model_stdout = model_out.text
     return result

@@ -3,9 +3,10 @@
 `module_stats(model)` is a context manager. Inside it, every call of every submodule folds, for
 the floating-point tensors it returns (a tensor, or a tuple/list of them, one level of nesting),
 the largest finite |value| and the number of NaN/inf values into running totals kept as 0-dim
-tensors on the model's device. Nothing is copied to the host during the forward (no CUDA sync):
-`ModuleStats.result()` stacks the totals and reads them once. Every hook is removed on exit, also
-when the forward raises.
+tensors. On an accelerator nothing is copied to the host during the forward (no CUDA sync):
+`ModuleStats.result()` stacks the totals and reads them once. On the CPU a finite output costs one
+`aminmax` pass (about 0.1 of the forward on the demo model, benchmarks/inspect_overhead.py), cheap
+enough to leave on for every `inspect`. Every hook is removed on exit, also when the forward raises.
 
 Dict outputs (GroundingDINO's own `{"pred_logits", ...}`) are skipped: they hold the `-inf`
 padding of `ContrastiveEmbed` by design, which is no overflow.
@@ -14,8 +15,10 @@ padding of `ContrastiveEmbed` by design, which is no overflow.
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,10 +60,7 @@ class ModuleStats:
         meta[3] = str(tensors[-1].dtype)
         call_bad: Tensor | None = None
         for t in tensors:
-            a = t.detach().abs()
-            finite = torch.isfinite(a)
-            biggest = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device)).amax().float()
-            bad = finite.numel() - finite.sum()
+            biggest, bad = _max_and_bad(t.detach())
             call_bad = bad if call_bad is None else call_bad + bad.to(call_bad.device)
             if name in self._max:
                 self._max[name] = torch.maximum(self._max[name], biggest.to(self._max[name].device))
@@ -70,7 +70,7 @@ class ModuleStats:
         if self.check_inputs and call_bad is not None:
             fresh = call_bad > 0
             for x in _floats(inputs):
-                fresh = fresh & torch.isfinite(x.detach()).all().to(fresh.device)
+                fresh = fresh & _all_finite(x.detach()).to(fresh.device)
             prev = self._new.get(name)
             self._new[name] = fresh.long() if prev is None else prev + fresh.long()
 
@@ -86,6 +86,32 @@ class ModuleStats:
         news = torch.stack([self._new.get(n, zero).to(dev) for n in names]).cpu().tolist()
         return [ModuleStat(n, self._meta[n][0], self._meta[n][1], self._meta[n][2], float(m), int(b), self._meta[n][3],
                            int(k)) for n, m, b, k in zip(names, maxes, bads, news)]
+
+
+def _max_and_bad(t: Tensor) -> tuple[Tensor, Tensor]:
+    """(largest finite |value| as 0-dim float32, number of NaN/inf values as 0-dim int64) of `t`.
+
+    On the CPU one `aminmax` pass (no temporary tensor) answers both when `t` is finite, which is
+    nearly always; reading its two numbers costs nothing there. Only a non-finite `t` pays the masked
+    reductions. On an accelerator the masked path runs always: no host read during the forward.
+    """
+    if t.device.type == "cpu":
+        lo, hi = torch.aminmax(t)  # NaN propagates; +-inf shows as an end
+        lo_f, hi_f = float(lo), float(hi)
+        if math.isfinite(lo_f) and math.isfinite(hi_f):
+            return torch.tensor(max(-lo_f, hi_f), dtype=torch.float32), torch.zeros((), dtype=torch.long)
+    finite = torch.isfinite(t)
+    a = t.abs()
+    biggest = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device)).amax().float()
+    return biggest, finite.numel() - finite.sum()
+
+
+def _all_finite(t: Tensor) -> Tensor:
+    """0-dim bool: no NaN or inf in `t` (one aminmax pass on the CPU)."""
+    if t.device.type == "cpu":
+        lo, hi = torch.aminmax(t)
+        return torch.tensor(math.isfinite(float(lo)) and math.isfinite(float(hi)))
+    return torch.isfinite(t).all()
 
 
 def _floats(x: Any) -> list[Tensor]:

@@ -6,7 +6,9 @@ Shared by `inspect`, `verify-fix` and the replay of `watch` dumps. The model fam
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from nanscope import progress
-from nanscope.errors import DeviceError
+from nanscope.errors import DeviceError, InputError
 from nanscope.replay.batch import Batch, read_batch
 from nanscope.replay.positive_map import TextInfo, build_text_info
 from nanscope.stacks import stack_for_checkpoint
@@ -53,6 +55,8 @@ class Replay:
     stack: Stack | None = None  # None: the model's own stack, found when first needed
     max_text_len: int = 256
     tokenizer: Any = None  # the stack's fast tokenizer (None: the model's own `tokenizer` attribute)
+    train_mode: bool = False  # forwards in training mode (dropout, drop-path on), as the training step ran them
+    rng: Mapping[str, Any] | None = None  # generator states set at each training-mode forward (`load_rng`)
 
     def __post_init__(self) -> None:
         if self.stack is None:
@@ -104,12 +108,55 @@ class Replay:
                                  "criterion of that name (the transformers stack ships 'transformers')")
         return load_criterion(spec)
 
+    def mode(self) -> contextlib.AbstractContextManager[None]:
+        """The mode forwards replay in: eval, or with `train_mode` training mode from the recorded RNG state."""
+        return training_forward(self.model, self.rng) if self.train_mode else contextlib.nullcontext()
+
     def forward(self, *, detach: bool = True, grad: bool = False) -> ForwardRecord:
-        """One captured forward (eval mode, no gradients unless `grad`)."""
+        """One captured forward (eval mode unless `train_mode`; no gradients unless `grad`)."""
         assert self.stack is not None
-        with torch.set_grad_enabled(grad), self.stack.capture(self.model, detach=detach) as cap:
+        with torch.set_grad_enabled(grad), self.mode(), self.stack.capture(self.model, detach=detach) as cap:
             self.run()
         return cap.last
+
+
+@contextlib.contextmanager
+def training_forward(model: nn.Module, rng: Mapping[str, Any] | None = None) -> Iterator[None]:
+    """`model.train()` for the block, with the generators set from `rng` (a `portable_rng` dict, e.g. a
+    dump's `rng.pt["before_forward"]`) at its start, so dropout and drop-path draw the masks the
+    training step drew. On exit, also on exceptions, every module's mode, every buffer (batch-norm
+    running statistics) and the generators are as they were: no state change of the replay is kept.
+    No optimizer step is taken."""
+    from nanscope.watch.snapshot import capture_rng, portable_rng, restore_rng
+
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    saved = portable_rng(capture_rng())
+    try:
+        model.train()
+        if rng is not None:
+            restore_rng(rng)
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
+        for m, was in modes:
+            m.training = was
+        restore_rng(saved)
+
+
+def load_rng(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The generator states of a watch dump's `rng.pt` at the step's first forward ("before_forward")."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise InputError(f"RNG file {str(path)!r} cannot be read ({exc}); expected a nanscope.watch dump's rng.pt")
+    before = state.get("before_forward") if isinstance(state, dict) else None
+    if not isinstance(before, dict) or not isinstance(before.get("torch"), torch.Tensor):
+        raise InputError(f"RNG file {str(path)!r} holds no 'before_forward' generator state; expected a "
+                         "nanscope.watch dump's rng.pt (a dump of a step whose forward was seen)")
+    return before
 
 
 def prepare(

@@ -1,0 +1,155 @@
+"""Whole-process cost of `nanscope inspect CKPT BATCH` against the bare minimum the job needs.
+
+The bare minimum is a separate Python process that imports torch and groundingdino, builds the model,
+loads the checkpoint and runs one forward without gradients, nothing else. `nanscope inspect` runs as
+`python -m nanscope inspect ... --quiet`. Both are timed as whole processes (wall clock and the child's
+CPU time), interleaved round by round so that the load of a shared machine falls on both; the ratio of
+the medians is printed. First, in one process, a forward with and without the per-module statistics
+hooks behind NS303 (interleaved, medians).
+
+    python benchmarks/inspect_overhead.py [--rounds 5] [--stats-rounds 5] [--threads 0] [--full] [--full-rounds 2] [--extra "--trace"]
+
+--full adds the default SwinT-OGC config (random weights, the tiny local BERT; 30-45 s per inspect on
+a 2-core CPU), run --full-rounds times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BARE = """
+import sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+from nanscope.stacks.groundingdino_py import build_model  # groundingdino's build_model on a config
+ckpt, batch, config, te = sys.argv[1:5]
+model, _ = build_model(None if config == "-" else config, text_encoder=te)
+model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
+b = torch.load(batch, map_location="cpu", weights_only=True)
+with torch.no_grad():
+    model(b["images"], captions=list(b["captions"]))
+"""
+
+
+THREADS = "0"  # OMP_NUM_THREADS of both processes (--threads); "0": torch's default, as a user runs it
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    if THREADS != "0":
+        env["OMP_NUM_THREADS"] = THREADS
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def timed(cmd: list[str]) -> tuple[float, float, int]:
+    """(wall s, child CPU s, exit code) of one whole process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, check=False, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode not in (0, 1):  # 1: inspect found something (the demo batch NaNs on purpose)
+        raise SystemExit(f"{shlex.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return wall, cpu, proc.returncode
+
+
+def compare(label: str, ckpt: Path, batch: Path, config: Path | None, te: Path, rounds: int, extra: list[str]) -> None:
+    bare = [sys.executable, "-c", BARE, str(ckpt), str(batch), str(config) if config else "-", str(te)]
+    insp = [sys.executable, "-m", "nanscope", "inspect", str(ckpt), str(batch), "--text-encoder", str(te), "--quiet",
+            *(["--config", str(config)] if config else []), *extra]
+    times: dict[str, list[tuple[float, float]]] = {"bare": [], "inspect": []}
+    for _ in range(rounds):
+        for name, cmd in (("bare", bare), ("inspect", insp)):
+            wall, cpu, _ = timed(cmd)
+            times[name].append((wall, cpu))
+    wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
+    print(f"{label}: {rounds} interleaved rounds, medians (all rounds: "
+          + "; ".join(f"{k} " + " ".join(f"{w:.1f}" for w, _ in v) for k, v in times.items()) + " s)")
+    print(f"  bare minimum       wall {wall['bare']:6.2f} s   cpu {cpu['bare']:6.2f} s")
+    print(f"  nanscope inspect   wall {wall['inspect']:6.2f} s   cpu {cpu['inspect']:6.2f} s   "
+          f"ratio wall {wall['inspect'] / wall['bare']:.2f}x  cpu {cpu['inspect'] / cpu['bare']:.2f}x")
+
+
+def stats_pass(files: object, rounds: int) -> None:
+    """In-process: one forward with and without the per-module statistics hooks (NS303), interleaved."""
+    import torch
+
+    from nanscope.replay.module_stats import module_stats
+    from nanscope.replay.session import prepare
+
+    replay = prepare(files.checkpoint, files.batch, config=files.config, hash_checkpoint=False)  # type: ignore[attr-defined]
+    times: dict[str, list[float]] = {"forward": [], "forward + module_stats": []}
+    calls = 0
+    replay.forward()  # warm-up
+    for _ in range(rounds):
+        for name, runs in times.items():
+            t = time.perf_counter()
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                stats = stack.enter_context(module_stats(replay.model)) if name != "forward" else None
+                replay.forward()
+                if stats is not None:
+                    calls = sum(s.calls for s in stats.result())
+            runs.append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"demo, in process, threads={torch.get_num_threads()}, {rounds} interleaved rounds, medians:")
+    print(f"  forward                  {med['forward'] * 1e3:8.1f} ms")
+    print(f"  forward + module_stats   {med['forward + module_stats'] * 1e3:8.1f} ms   "
+          f"ratio {med['forward + module_stats'] / med['forward']:.2f}x   ({calls} hook calls)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--stats-rounds", type=int, default=5,
+                    help="in-process rounds of forward vs forward + module_stats (0: skip)")
+    ap.add_argument("--full", action="store_true", help="also the full-size SwinT-OGC config (slow on CPU)")
+    ap.add_argument("--full-rounds", type=int, default=2)
+    ap.add_argument("--threads", default="0", help="OMP_NUM_THREADS of both processes (default 0: torch's default)")
+    ap.add_argument("--extra", default="", help="more inspect options, e.g. '--trace' or '--amp fp16'")
+    args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from nanscope.stacks.demo import demo_batch, write_demo
+    from nanscope.stacks.groundingdino_py import build_model
+
+    extra = shlex.split(args.extra)
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs; "
+          f"OMP_NUM_THREADS={THREADS}")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_demo(Path(tmp) / "demo")
+        if args.stats_rounds:
+            stats_pass(files, args.stats_rounds)
+        compare("demo", files.checkpoint, files.batch, files.config, files.text_encoder, args.rounds, extra)
+        if args.full:
+            model, _ = build_model(None, text_encoder=files.text_encoder, seed=0)
+            ckpt = Path(tmp) / "swint_ogc_random.pth"
+            torch.save({"model": model.state_dict()}, ckpt)
+            del model
+            batch = demo_batch(0, long=False)
+            batch["images"] = batch["images"][:2]
+            bp = Path(tmp) / "batch2.pt"
+            torch.save(batch, bp)
+            compare("SwinT-OGC (full size, tiny BERT)", ckpt, bp, None, files.text_encoder, args.full_rounds, extra)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
