@@ -177,6 +177,10 @@ import sys
 
 def exits(outputs, targets):
     sys.exit(0)  # "nothing to do here"
+
+
+def interrupts(outputs, targets):
+    raise KeyboardInterrupt
 """
 
 
@@ -187,17 +191,19 @@ def small_batch(tmp_path_factory) -> Path:
     return path
 
 
-def test_a_criterion_calling_sys_exit_is_an_error_not_exit_0(tmp_path, demo_files, small_batch, capsys):
+@pytest.mark.parametrize("attr, code, says", [("exits", 2, ["your criterion", "exited", "SystemExit(0)", ":6 "]),
+                                              ("interrupts", 130, ["interrupted"])])
+def test_a_criterion_calling_sys_exit_is_an_error_not_exit_0(attr, code, says, tmp_path, demo_files, small_batch,
+                                                             capsys):
     crit = tmp_path / "exiting.py"
     crit.write_text(_EXITING)
     out = tmp_path / "r.json"
-    code = main(["inspect", str(demo_files.checkpoint), str(small_batch), "--config", str(demo_files.config),
-                 "--criterion", f"{crit}:exits", "--json", str(out), "--quiet"])
+    got = main(["inspect", str(demo_files.checkpoint), str(small_batch), "--config", str(demo_files.config),
+                "--criterion", f"{crit}:{attr}", "--json", str(out), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2
-    assert "your criterion" in err and "exited" in err and "SystemExit(0)" in err
-    assert f"{crit}:6" in err  # the user's own line
-    assert not out.exists()  # an error before any result: no JSON, as for every exit 2
+    assert got == code
+    assert all(s in err for s in says), err  # exits: names the user's own line (exiting.py:6)
+    assert not out.exists()  # stopped before any result: no JSON, as for every exit 2 and 130
 
 
 # ------------------------------------------------------------ 8. the library keeps its contract
