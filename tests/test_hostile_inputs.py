@@ -290,3 +290,20 @@ def test_a_py_configs_recorded_values_are_what_groundingdino_reads():
     assert values == json.loads(json.dumps(own))  # the same values, as JSON (tuples become lists)
     cfg = load_config(ConfigValues(values))
     assert cfg.num_queries == own["num_queries"] and cfg.backbone == own["backbone"]
+
+
+def test_the_model_printed_block_in_json_and_html_round_trips():
+    from nanscope.report.html import render_html
+    from nanscope.result import Result
+
+    printed = "output layer_id 0 is nan\nnum_nan 12, num_inf 0 <&>\n"
+    result = Result(kind="inspect", model_stdout=printed)
+    again = Result.from_dict(json.loads(result.to_json()))
+    assert again.model_stdout == printed and "model_stdout" not in Result(kind="inspect").to_dict()
+    import jsonschema
+
+    from nanscope.report.json_io import result_schema
+
+    jsonschema.validate(result.to_dict(), result_schema(), cls=jsonschema.Draft202012Validator)
+    page = render_html(result)
+    assert "Printed by the model" in page and "num_nan 12, num_inf 0 &lt;&amp;&gt;" in page
