@@ -177,6 +177,10 @@ import sys
 
 def exits(outputs, targets):
     sys.exit(0)  # "nothing to do here"
+
+
+def interrupts(outputs, targets):
+    raise KeyboardInterrupt
 """
 
 
@@ -187,17 +191,19 @@ def small_batch(tmp_path_factory) -> Path:
     return path
 
 
-def test_a_criterion_calling_sys_exit_is_an_error_not_exit_0(tmp_path, demo_files, small_batch, capsys):
+@pytest.mark.parametrize("attr, code, says", [("exits", 2, ["your criterion", "exited", "SystemExit(0)", ":6 "]),
+                                              ("interrupts", 130, ["interrupted"])])
+def test_a_criterion_calling_sys_exit_is_an_error_not_exit_0(attr, code, says, tmp_path, demo_files, small_batch,
+                                                             capsys):
     crit = tmp_path / "exiting.py"
     crit.write_text(_EXITING)
     out = tmp_path / "r.json"
-    code = main(["inspect", str(demo_files.checkpoint), str(small_batch), "--config", str(demo_files.config),
-                 "--criterion", f"{crit}:exits", "--json", str(out), "--quiet"])
+    got = main(["inspect", str(demo_files.checkpoint), str(small_batch), "--config", str(demo_files.config),
+                "--criterion", f"{crit}:{attr}", "--json", str(out), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2
-    assert "your criterion" in err and "exited" in err and "SystemExit(0)" in err
-    assert f"{crit}:6" in err  # the user's own line
-    assert not out.exists()  # an error before any result: no JSON, as for every exit 2
+    assert got == code
+    assert all(s in err for s in says), err  # exits: names the user's own line (exiting.py:6)
+    assert not out.exists()  # stopped before any result: no JSON, as for every exit 2 and 130
 
 
 # ------------------------------------------------------------ 8. the library keeps its contract
@@ -284,3 +290,20 @@ def test_a_py_configs_recorded_values_are_what_groundingdino_reads():
     assert values == json.loads(json.dumps(own))  # the same values, as JSON (tuples become lists)
     cfg = load_config(ConfigValues(values))
     assert cfg.num_queries == own["num_queries"] and cfg.backbone == own["backbone"]
+
+
+def test_the_model_printed_block_in_json_and_html_round_trips():
+    from nanscope.report.html import render_html
+    from nanscope.result import Result
+
+    printed = "output layer_id 0 is nan\nnum_nan 12, num_inf 0 <&>\n"
+    result = Result(kind="inspect", model_stdout=printed)
+    again = Result.from_dict(json.loads(result.to_json()))
+    assert again.model_stdout == printed and "model_stdout" not in Result(kind="inspect").to_dict()
+    import jsonschema
+
+    from nanscope.report.json_io import result_schema
+
+    jsonschema.validate(result.to_dict(), result_schema(), cls=jsonschema.Draft202012Validator)
+    page = render_html(result)
+    assert "Printed by the model" in page and "num_nan 12, num_inf 0 &lt;&amp;&gt;" in page

@@ -470,7 +470,11 @@ def watch(
             and a collapsing scale is a failure (NS307).
         config, text_encoder: the groundingdino config file and text encoder folder the model was built
             from, recorded so `nanscope inspect DUMP` can rebuild it (the text encoder is read from the
-            model's tokenizer when not given).
+            model's tokenizer when not given). The config's resolved values go into the manifest as
+            JSON, which is what a replay builds from: a dump never makes anyone run the file. A `.py`
+            config runs once here (you named it); JSON and YAML are read with safe loaders.
+        Raises `OutputError` at once when `dump_dir` cannot be written, `ConfigError` for a config
+        that cannot be read.
         process_group: the torch.distributed group the ranks agree in (default: the default group).
         sync_every, keep_weights, min_scale, max_consecutive_skips, on_nonfinite: see `WatchOptions`.
     """
