@@ -265,6 +265,8 @@ BAD = {
         b["targets"][0].__setitem__("tokens_positive", [[[9, 6]], [[0, 3]]])))],
         "targets[0].tokens_positive[0][0] is [9, 6], reversed"),
     "device as batch": (lambda d: inspect_argv(d)[:2] + ["/dev/null"], "'/dev/null' is not a regular file"),
+    "device as checkpoint": (lambda d: ["inspect", "/dev/null", str(d / "batch.pt")],
+                             "checkpoint '/dev/null' is not a regular file"),
     "manifest not JSON": (lambda d: ["inspect", _dump(d, "d1", "{not json")], "is not readable JSON"),
     "manifest a list": (lambda d: ["inspect", _dump(d, "d2", "[1, 2]")], "has format None"),
     "amp not a dict": (lambda d: ["inspect", _dump(d, "d3", {**M, "amp": "fp16"})], "field 'amp' is a JSON str"),
