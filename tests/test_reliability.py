@@ -161,6 +161,10 @@ def test_file_size_limit_leaves_previous_outputs_and_no_partial_file(saved):
     assert proc.returncode == 2, err
     assert "File too large" in err and "nothing was written there" in err
     assert state(out) == before  # the previous files are whole, no temporary file is left
+    proc = _report([str(src), "--html", str(out / "report.html")], preexec_fn=_size_limit(html_size))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "report.html" in err, err
+    assert state(out) == before
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
