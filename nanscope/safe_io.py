@@ -178,6 +178,20 @@ def write_atomic(path: PathLike, data: bytes | str) -> None:
 
 
 @contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Block SIGINT and SIGTERM for a few system calls; a signal that came meanwhile is delivered after."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
     """An exclusive flock on `folder` itself (no lock file is left behind)."""
     fd = os.open(folder, os.O_RDONLY)
@@ -200,10 +214,11 @@ def write_pair(main: PathLike, main_data: bytes, side: PathLike, side_data: byte
                 if side_data is not None:
                     tmps.append(_write_tmp(s, side_data))
                 tmps.append(_write_tmp(m, main_data))
-                if side_data is not None:
-                    os.replace(tmps[0], s)
-                os.replace(tmps[-1], m)
-                tmps.clear()
+                with _signals_held():  # SIGINT/SIGTERM wait until both renames are done
+                    if side_data is not None:
+                        os.replace(tmps[0], s)
+                    os.replace(tmps[-1], m)
+                    tmps.clear()
                 if side_data is None and s.exists():
                     s.unlink()
         except OSError as exc:

@@ -161,6 +161,10 @@ def test_file_size_limit_leaves_previous_outputs_and_no_partial_file(saved):
     assert proc.returncode == 2, err
     assert "File too large" in err and "nothing was written there" in err
     assert state(out) == before  # the previous files are whole, no temporary file is left
+    proc = _report([str(src), "--html", str(out / "report.html")], preexec_fn=_size_limit(html_size))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "report.html" in err, err
+    assert state(out) == before
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -257,6 +261,9 @@ BAD = {
         "images", b["images"][:, :, :32, :32]))], "images are 32x32 pixels; the model needs at least 64x64"),
     "image above the size limit": (lambda d: inspect_argv(d)[:2] + [_batch(d, "huge.pt", lambda b: b.__setitem__(
         "images", torch.zeros(1, 3, 2100, 2100, dtype=torch.uint8)))], "above the limit of 2048 pixels a side"),
+    "more pixels than memory": (lambda d: inspect_argv(d)[:2] + [_batch(d, "many.pt", lambda b: b.__setitem__(
+        "images", torch.zeros(1, 3, 64, 64, dtype=torch.uint8).expand(2**18, 3, 64, 64)))],  # a stride-0 view: 12 KB
+        "more than this machine's"),
     "no images": (lambda d: inspect_argv(d)[:2] + [_batch(d, "b0.pt", lambda b: b.update(
         images=b["images"][:0], captions=[], targets=[]))], "no images"),
     "box holding a string": (lambda d: inspect_argv(d)[:2] + [_batch(d, "str.pt", lambda b: b["targets"][0].__setitem__(
@@ -265,6 +272,8 @@ BAD = {
         b["targets"][0].__setitem__("tokens_positive", [[[9, 6]], [[0, 3]]])))],
         "targets[0].tokens_positive[0][0] is [9, 6], reversed"),
     "device as batch": (lambda d: inspect_argv(d)[:2] + ["/dev/null"], "'/dev/null' is not a regular file"),
+    "device as checkpoint": (lambda d: ["inspect", "/dev/null", str(d / "batch.pt")],
+                             "checkpoint '/dev/null' is not a regular file"),
     "manifest not JSON": (lambda d: ["inspect", _dump(d, "d1", "{not json")], "is not readable JSON"),
     "manifest a list": (lambda d: ["inspect", _dump(d, "d2", "[1, 2]")], "has format None"),
     "amp not a dict": (lambda d: ["inspect", _dump(d, "d3", {**M, "amp": "fp16"})], "field 'amp' is a JSON str"),

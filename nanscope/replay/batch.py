@@ -27,9 +27,10 @@ see `nanscope.replay.hf_batch`.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -170,11 +171,19 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _memory_bytes() -> int | None:
+    """Physical memory of this machine (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def check_replayable(raw: Any, source: str) -> None:
     """Refuse a batch file no model can replay, before anything large is allocated: no images, images
-    below MIN_IMAGE_SIDE, or above MAX_IMAGE_SIDE (with the estimated peak memory). `raw`: the loaded
-    dict, nanscope's form (images) or the Hugging Face one (pixel_values); other shapes are left to
-    the schema check."""
+    below MIN_IMAGE_SIDE or above MAX_IMAGE_SIDE, or an estimated peak memory above the machine's.
+    `raw`: the loaded dict, nanscope's form (images) or the Hugging Face one (pixel_values); other
+    shapes are left to the schema check."""
     images = raw.get("images", raw.get("pixel_values")) if isinstance(raw, Mapping) else None
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         return
@@ -191,6 +200,12 @@ def check_replayable(raw: Any, source: str) -> None:
                          f"a side; the replay would need about {est:.1f} GiB or more (~{BYTES_PER_PIXEL} bytes per "
                          "pixel for the demo model, more for larger backbones). Resize as the trainer's transforms "
                          "do (long side 1333), or raise NANSCOPE_MAX_IMAGE_SIDE")
+    est = b * h * w * BYTES_PER_PIXEL
+    have = _memory_bytes()
+    if have and est > have:
+        raise BatchError(f"{source}: images are {b}x{h}x{w} pixels; the replay would need about {est / 2**30:.1f} GiB "
+                         f"(~{BYTES_PER_PIXEL} bytes per pixel for the demo model), more than this machine's "
+                         f"{have / 2**30:.1f} GiB of memory. Replay fewer images (the failing one) or smaller ones")
 
 
 def validate_batch(raw: Any, source: str = "batch") -> Batch:

@@ -89,9 +89,11 @@ def notes_lines(result: Result) -> list[str]:
     half = [d for d in dtypes if d in HALF_DTYPES]
     if not half:
         return []
-    return [f"note: the checkpoint's weights are {', '.join(half)}; nanscope replayed them upcast to float32 (the "
+    amp = "bf16" if half == ["bfloat16"] else "fp16"
+    note = (f"note: the checkpoint's weights are {', '.join(half)}; nanscope replayed them upcast to float32 (the "
             "model's dtype), so an overflow only half-precision weights produce may not reproduce: replay with "
-            f"--amp {'bf16' if half == ['bfloat16'] else 'fp16'} to run the forward in half precision"]
+            f"--amp {amp} to run the forward in half precision")
+    return [note]
 
 
 def user_stdout_block(result: Result) -> list[str]:
