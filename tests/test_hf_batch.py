@@ -20,7 +20,7 @@ def tok(tmp_path_factory):
 
 def good(tok):
     enc = tok(["cat . dog .", "a red car . zebra ."], padding="longest", return_tensors="pt")
-    return {"pixel_values": torch.zeros(2, 3, 32, 32), **enc, "pixel_mask": torch.ones(2, 32, 32, dtype=torch.long),
+    return {"pixel_values": torch.zeros(2, 3, 64, 64), **enc, "pixel_mask": torch.ones(2, 64, 64, dtype=torch.long),
             "labels": [{"class_labels": torch.tensor([1, 0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]] * 2)},
                        {"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1]])}]}
 
@@ -34,9 +34,9 @@ def good(tok):
     (lambda b: b["labels"].pop(), "labels has 1 entries; expected a list of 2 dicts"),
     (lambda b: b["labels"][1].pop("class_labels"), "labels[1] is not a dict with 'class_labels' and 'boxes'"),
     (lambda b: b.pop("labels"), "has pixel_values and input_ids but no labels"),
-    (lambda b: b.__setitem__("pixel_values", torch.zeros(2, 32, 32)), "pixel_values has shape [2, 32, 32]"),
+    (lambda b: b.__setitem__("pixel_values", torch.zeros(2, 64, 64)), "pixel_values has shape [2, 64, 64]"),
     (lambda b: b.__setitem__("attention_mask", b["attention_mask"][:, :3]), "attention_mask has shape [2, 3]"),
-    (lambda b: b.__setitem__("pixel_mask", torch.ones(2, 16, 16)), "pixel_mask has shape [2, 16, 16]; expected [2, 32, 32]"),
+    (lambda b: b.__setitem__("pixel_mask", torch.ones(2, 16, 16)), "pixel_mask has shape [2, 16, 16]; expected [2, 64, 64]"),
     (lambda b: b.__setitem__("input_ids", b["input_ids"].float()), "input_ids has shape [2, 8] and dtype torch.float32"),
 ])
 def test_validation_names_field_and_index(tok, mutate, message):
@@ -82,7 +82,7 @@ def test_ids_that_do_not_round_trip_are_refused(tok):
 def test_schema_batch_keeps_class_labels(tmp_path):
     from nanscope.replay.batch import load_batch, save_batch
 
-    raw = {"images": torch.zeros(1, 3, 8, 8), "captions": ["cat . dog ."],
+    raw = {"images": torch.zeros(1, 3, 64, 64), "captions": ["cat . dog ."],
            "targets": [{"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "phrases": ["dog"], "class_labels": [1]}]}
     back = load_batch(save_batch(tmp_path / "b.pt", raw))
     assert back.targets[0].class_labels == (1,)

@@ -226,7 +226,7 @@ BAD_INPUTS = [
      "at least 208x208"),
     ("no images", _empty, None, BatchError, "no images"),
     ("a string in a box", lambda r: r["targets"][0].__setitem__("boxes", [[0.5, 0.5, 0.1, "0.1"]]), None,
-     BatchError, r"targets\[0\]\.boxes is not numeric"),
+     BatchError, r"targets\[0\]\.boxes is \[\[0\.5, 0\.5, 0\.1, .0\.1.\]\]; expected a tensor or list of \[cx, cy, w, h\] numbers"),
     ("meta-device loss", lambda r: None, "meta", CriterionError, "meta device"),
 ]
 

@@ -125,14 +125,21 @@ def input_paths(args: argparse.Namespace) -> list[str]:
     """Every input file or folder named on the command line (report's RESULTs with their sidecars)."""
     from nanscope.report.json_io import sidecar_path
 
-    paths = [str(getattr(args, n)) for n in INPUT_OPTIONS if getattr(args, n, None)]
-    te = _config_text_encoder(getattr(args, "config", None))
+    paths = [str(_path_option(args, n)) for n in INPUT_OPTIONS if _path_option(args, n)]
+    te = _config_text_encoder(_path_option(args, "config"))
     if te:
         paths.append(te)
     paths += [f for f in (criterion_file(getattr(args, n, None)) for n in CODE_OPTIONS) if f]
     for r in getattr(args, "results", None) or []:
         paths += [r, str(sidecar_path(r))]
     return paths
+
+
+def _path_option(args: argparse.Namespace, name: str) -> str | None:
+    """The path an input option names; None for an unset one and for values that are not paths (a dump's
+    recorded config values replace --config after `dump_paths`)."""
+    value = getattr(args, name, None)
+    return os.fspath(value) if isinstance(value, (str, os.PathLike)) and os.fspath(value) else None
 
 
 def _config_text_encoder(config: str | None) -> str | None:
@@ -171,7 +178,7 @@ def check_paths(args: argparse.Namespace) -> None:
 def _check_inputs(args: argparse.Namespace) -> None:
     from nanscope.errors import InputError
 
-    named = [(n, getattr(args, n, None)) for n in INPUT_OPTIONS] + [("RESULT", r) for r in getattr(args, "results", [])]
+    named = [(n, _path_option(args, n)) for n in INPUT_OPTIONS] + [("RESULT", r) for r in getattr(args, "results", [])]
     for name, raw in named:
         if not raw:
             continue
