@@ -230,3 +230,23 @@ def test_cli_inspect_with_adapter_folder_reports_ns308(demo_files, fixture_files
     assert "NS309" not in codes  # the folder's adapter_config.json gives lora_alpha
     assert codes["NS306"]["severity"] == "info" and "unmerged" in codes["NS306"]["message"]
     assert result["inputs"]["lora"].startswith("unmerged") and result["inputs"]["adapter"] == str(tmp_path / "adapter")
+
+
+def test_trainable_only_file_with_an_unfrozen_tied_head(demo_files, fixture_files, tmp_path):
+    """A trainer that also unfroze the box head saves it under one of its two tied names (named_parameters
+    lists a tied parameter once); the other name in the base checkpoint still holds the old values."""
+    pm = _peft_model(demo_files, modules_to_save=(), seed=3)
+    head = pm.get_base_model().bbox_embed[0]
+    with torch.no_grad():
+        for p in head.parameters():
+            p.requires_grad_(True)
+            p.add_(0.05)
+    keep = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert sum(".bbox_embed.0." in n for n in keep) == 6  # the head's 6 tensors, under one name each
+    path = tmp_path / "trainable.pth"
+    torch.save({k: v for k, v in pm.state_dict().items() if k in keep}, path)
+    pm.peft_config["default"].save_pretrained(str(tmp_path))
+    replay, out = _outputs(demo_files, fixture_files.healthy, demo_files.checkpoint, adapter=path)
+    assert replay.key_fit.clean  # no tied parameters with two values
+    with torch.no_grad():
+        assert _close(out, replay.run(pm.eval()))

@@ -98,6 +98,23 @@ class SplitState:
     base: dict[str, torch.Tensor]
     adapter: dict[str, torch.Tensor]
     adapter_name: str
+    # Base keys a trainable-only file or adapter brought (heads the trainer unfroze): newer than the base
+    # checkpoint's values, also for the other names of a tied parameter (`spread_over_ties`).
+    overrides: tuple[str, ...] = ()
+
+
+def spread_over_ties(model: nn.Module, split: SplitState) -> None:
+    """Give every name of a tied parameter the value an override brought: PyTorch saves a tied parameter
+    under one name only in a trainable-only file (`named_parameters` lists it once), while the base
+    checkpoint holds all its names with the old values."""
+    from nanscope.stacks.checkpoint import tied_groups
+
+    new = set(split.overrides)
+    for keys in tied_groups(model):
+        given = [k for k in keys if k in new]
+        if given:
+            for k in keys:
+                split.base[k] = split.base[given[0]]
 
 
 def split_state(state: Mapping[str, torch.Tensor], *, modules_to_save: tuple[str, ...] = (),
