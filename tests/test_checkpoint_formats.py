@@ -49,6 +49,29 @@ def test_any_other_pickled_object_is_still_refused(tmp_path):
     assert set(read_state_dict(p, trust=True)) == {"a"}
 
 
+def test_mmengine_objects_are_named_with_what_to_keep(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    mod = types.ModuleType("mmengine.logging.history_buffer")  # mmengine is not installed: its class, by name
+
+    class HistoryBuffer:
+        def __init__(self) -> None:
+            self.data = [1.0, 2.0]
+
+    HistoryBuffer.__module__ = mod.__name__
+    HistoryBuffer.__qualname__ = "HistoryBuffer"
+    mod.HistoryBuffer = HistoryBuffer
+    for parent in ("mmengine", "mmengine.logging"):
+        monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    p = tmp_path / "epoch_12.pth"
+    torch.save({"meta": {"epoch": 12}, "state_dict": {"a": torch.ones(1)},
+                "message_hub": {"log_scalars": {"train/loss": HistoryBuffer()}}}, p)
+    with pytest.raises(CheckpointError, match=r"mmengine\.logging\.history_buffer\.HistoryBuffer.*'state_dict'"):
+        read_state_dict(p)
+
+
 def test_random_bytes_are_not_a_torch_file_and_never_ask_for_trust(tmp_path):
     p = tmp_path / "weights.pth"
     p.write_bytes(os.urandom(4096).replace(b"\x80", b"\x00").replace(b"PK", b"pk"))
