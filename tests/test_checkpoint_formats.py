@@ -242,10 +242,14 @@ def test_mmdet_checkpoint_replays_equal(demo_files, fixture_files, demo_sd, tmp_
     from nanscope.replay.session import prepare
 
     p = tmp_path / "mmdet.pth"
-    torch.save({"meta": {"epoch": 12, "mmengine_version": "0.10.4"}, "state_dict": to_mmdet(demo_sd, 1)}, p)
+    mm = to_mmdet(demo_sd, 1)
+    mm["data_preprocessor.mean"] = torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1)  # DetDataPreprocessor's
+    mm["data_preprocessor.std"] = torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1)
+    torch.save({"meta": {"epoch": 12, "mmengine_version": "0.10.4"}, "state_dict": mm}, p)
     ref = prepare(demo_files.checkpoint, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
     got = prepare(p, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
     assert got.key_fit.clean and any("MMDetection" in n for n in got.key_fit.notes)
+    assert {k for k, _ in got.key_fit.benign} >= {"data_preprocessor.mean", "data_preprocessor.std"}
     with torch.no_grad():
         a, b = ref.run(), got.run()
     assert torch.equal(a["pred_boxes"], b["pred_boxes"]) and torch.equal(a["pred_logits"], b["pred_logits"])

@@ -29,6 +29,10 @@ MIN_FIT = 0.5  # below this fraction of the model's keys matched, the file is an
 # Unexpected keys that real GroundingDINO checkpoints carry and that are harmless when left out:
 # the denoising label embedding (training only; groundingdino-py builds the model with dn_number=0).
 TRAINING_ONLY_PREFIXES = ("label_enc.",)
+# Other unexpected keys that are harmless, with why.
+HARMLESS_PREFIXES = {
+    "data_preprocessor.": "MMDetection's image normalization buffers (the batch holds the images as the model saw them)",
+}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -237,6 +241,8 @@ def key_fit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> KeyFit:
             benign.append((k, "a non-persistent buffer of this model (rebuilt at init)"))
         elif k.startswith(TRAINING_ONLY_PREFIXES):
             benign.append((k, "training-only (denoising label embedding)"))
+        elif (why := next((w for pre, w in HARMLESS_PREFIXES.items() if k.startswith(pre)), None)) is not None:
+            benign.append((k, why))
         else:
             unexpected.append(k)
     return KeyFit(tuple(sorted(matched)), tuple(missing), tuple(unexpected), tuple(sorted(mismatched)),
