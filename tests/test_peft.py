@@ -118,8 +118,12 @@ def test_adapter_folder_with_the_base_checkpoint(demo_files, fixture_files, live
 
 
 def test_trainable_only_file_names_the_base_checkpoint_it_needs(demo_files, fixture_files, live):
-    with pytest.raises(CheckpointError, match=r"only the trainable weights.*base checkpoint.*--adapter"):
+    cfg_file = live["trainable"].parent / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "base_model_name_or_path": "runs/base/checkpoint0011.pth"}))
+    with pytest.raises(CheckpointError, match=r"only the trainable weights.*base checkpoint.*checkpoint0011.pth.*--adapter"):
         prepare(live["trainable"], fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+    cfg_file.write_text(json.dumps(cfg))
     replay, out = _outputs(demo_files, fixture_files.healthy, demo_files.checkpoint, adapter=live["trainable"])
     assert replay.key_fit.clean and _close(out, live["ref"])
 

@@ -225,7 +225,7 @@ class GroundingDinoPy(Stack):
         if adapter_path is None:
             probe = key_fit(model, split.base)
             if probe.fraction < MIN_FIT:
-                raise ps.trainable_only_error(source, split, probe.fraction, len(model.state_dict()))
+                raise ps.trainable_only_error(source, split, probe.fraction, len(model.state_dict()), adapter_cfg)
         ps.spread_over_ties(model, split)
         base_fit = load_into(model, split.base, source=source)
         where = f"adapter {str(adapter_path)!r}" if adapter_path is not None else source

@@ -201,13 +201,17 @@ def base_checkpoint_of(folder: Path, config: Mapping[str, Any]) -> Path:
     )
 
 
-def trainable_only_error(source: str, split: SplitState, fraction: float, n_model: int) -> CheckpointError:
+def trainable_only_error(source: str, split: SplitState, fraction: float, n_model: int,
+                         config: Mapping[str, Any] | None = None) -> CheckpointError:
+    """The message for a file of LoRA (and unfrozen) weights given without its base checkpoint."""
     lora = sorted({k.split(".lora_")[0] for k in split.adapter if ".lora_" in k})
+    base = str((config or {}).get("base_model_name_or_path") or "")
+    named = f" (its adapter_config.json names {base!r})" if base else " (e.g. groundingdino_swint_ogc.pth)"
     return CheckpointError(
         f"{source} holds only the trainable weights of a PEFT model ({len(split.adapter)} adapter tensors on "
         f"{len(lora)} LoRA modules such as {', '.join(lora[:2]) or '-'}, and {len(split.base)} other tensors: "
-        f"{fraction:.0%} of the {n_model} base model weights). It needs the base checkpoint it was trained from "
-        f"(e.g. groundingdino_swint_ogc.pth): pass that as CHECKPOINT and this file as --adapter FILE"
+        f"{fraction:.0%} of the {n_model} base model weights). It needs the base checkpoint it was trained "
+        f"from{named}: pass that as CHECKPOINT and this file as --adapter FILE"
     )
 
 
