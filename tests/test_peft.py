@@ -254,3 +254,14 @@ def test_trainable_only_file_with_an_unfrozen_tied_head(demo_files, fixture_file
     assert replay.key_fit.clean  # no tied parameters with two values
     with torch.no_grad():
         assert _close(out, replay.run(pm.eval()))
+
+
+def test_live_config_of_layers_injected_without_a_peft_model():
+    from nanscope.stacks.peft_support import live_adapter_config
+
+    net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=6, target_modules=["0", "2"], use_rslora=True), net)
+    cfg = live_adapter_config(net)
+    assert (cfg["r"], cfg["lora_alpha"], cfg["use_rslora"], cfg["target_modules"]) == (2, 6.0, True, ["0", "2"])
+    plain = torch.nn.Sequential(torch.nn.Linear(6, 6))
+    assert live_adapter_config(plain) is None

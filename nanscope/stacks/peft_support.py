@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -303,7 +304,27 @@ def live_adapter_config(model: nn.Module) -> dict[str, Any] | None:
     for sub in model.modules():
         if sub is not model and isinstance(getattr(sub, "peft_config", None), Mapping):
             return live_adapter_config(sub)
-    return None
+    return _config_from_layers(model)
+
+
+def _config_from_layers(model: nn.Module) -> dict[str, Any] | None:
+    """The LoRA config of layers injected without a PeftModel (`peft.inject_adapter_in_model`), read from
+    the layers themselves: rank, alpha and rsLoRA (scaling alpha / sqrt(r)) per module."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(getattr(m, "r", None), dict)
+              and isinstance(getattr(m, "lora_alpha", None), dict) and hasattr(m, "base_layer") and m.r}
+    if not layers:
+        return None
+    name = next(iter(next(iter(layers.values())).r))
+    ranks = {n: int(m.r[name]) for n, m in layers.items() if name in m.r}
+    alphas = {n: float(m.lora_alpha[name]) for n, m in layers.items() if name in m.lora_alpha}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    n0, first = next(iter(layers.items()))
+    rslora = ranks[n0] > 1 and math.isclose(float(first.scaling[name]), alphas[n0] / math.sqrt(ranks[n0]))
+    return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
+            "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+            "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+            "use_rslora": rslora, "use_dora": bool(getattr(first, "use_dora", {}).get(name, False))}
 
 
 def _json_default(value: Any) -> Any:
