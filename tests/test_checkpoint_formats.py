@@ -49,6 +49,29 @@ def test_any_other_pickled_object_is_still_refused(tmp_path):
     assert set(read_state_dict(p, trust=True)) == {"a"}
 
 
+def test_mmengine_objects_are_named_with_what_to_keep(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    mod = types.ModuleType("mmengine.logging.history_buffer")  # mmengine is not installed: its class, by name
+
+    class HistoryBuffer:
+        def __init__(self) -> None:
+            self.data = [1.0, 2.0]
+
+    HistoryBuffer.__module__ = mod.__name__
+    HistoryBuffer.__qualname__ = "HistoryBuffer"
+    mod.HistoryBuffer = HistoryBuffer
+    for parent in ("mmengine", "mmengine.logging"):
+        monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    p = tmp_path / "epoch_12.pth"
+    torch.save({"meta": {"epoch": 12}, "state_dict": {"a": torch.ones(1)},
+                "message_hub": {"log_scalars": {"train/loss": HistoryBuffer()}}}, p)
+    with pytest.raises(CheckpointError, match=r"mmengine\.logging\.history_buffer\.HistoryBuffer.*'state_dict'"):
+        read_state_dict(p)
+
+
 def test_random_bytes_are_not_a_torch_file_and_never_ask_for_trust(tmp_path):
     p = tmp_path / "weights.pth"
     p.write_bytes(os.urandom(4096).replace(b"\x80", b"\x00").replace(b"PK", b"pk"))
@@ -219,10 +242,14 @@ def test_mmdet_checkpoint_replays_equal(demo_files, fixture_files, demo_sd, tmp_
     from nanscope.replay.session import prepare
 
     p = tmp_path / "mmdet.pth"
-    torch.save({"meta": {"epoch": 12, "mmengine_version": "0.10.4"}, "state_dict": to_mmdet(demo_sd, 1)}, p)
+    mm = to_mmdet(demo_sd, 1)
+    mm["data_preprocessor.mean"] = torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1)  # DetDataPreprocessor's
+    mm["data_preprocessor.std"] = torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1)
+    torch.save({"meta": {"epoch": 12, "mmengine_version": "0.10.4"}, "state_dict": mm}, p)
     ref = prepare(demo_files.checkpoint, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
     got = prepare(p, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
     assert got.key_fit.clean and any("MMDetection" in n for n in got.key_fit.notes)
+    assert {k for k, _ in got.key_fit.benign} >= {"data_preprocessor.mean", "data_preprocessor.std"}
     with torch.no_grad():
         a, b = ref.run(), got.run()
     assert torch.equal(a["pred_boxes"], b["pred_boxes"]) and torch.equal(a["pred_logits"], b["pred_logits"])

@@ -118,8 +118,12 @@ def test_adapter_folder_with_the_base_checkpoint(demo_files, fixture_files, live
 
 
 def test_trainable_only_file_names_the_base_checkpoint_it_needs(demo_files, fixture_files, live):
-    with pytest.raises(CheckpointError, match=r"only the trainable weights.*base checkpoint.*--adapter"):
+    cfg_file = live["trainable"].parent / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "base_model_name_or_path": "runs/base/checkpoint0011.pth"}))
+    with pytest.raises(CheckpointError, match=r"only the trainable weights.*base checkpoint.*checkpoint0011.pth.*--adapter"):
         prepare(live["trainable"], fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+    cfg_file.write_text(json.dumps(cfg))
     replay, out = _outputs(demo_files, fixture_files.healthy, demo_files.checkpoint, adapter=live["trainable"])
     assert replay.key_fit.clean and _close(out, live["ref"])
 
@@ -230,3 +234,34 @@ def test_cli_inspect_with_adapter_folder_reports_ns308(demo_files, fixture_files
     assert "NS309" not in codes  # the folder's adapter_config.json gives lora_alpha
     assert codes["NS306"]["severity"] == "info" and "unmerged" in codes["NS306"]["message"]
     assert result["inputs"]["lora"].startswith("unmerged") and result["inputs"]["adapter"] == str(tmp_path / "adapter")
+
+
+def test_trainable_only_file_with_an_unfrozen_tied_head(demo_files, fixture_files, tmp_path):
+    """A trainer that also unfroze the box head saves it under one of its two tied names (named_parameters
+    lists a tied parameter once); the other name in the base checkpoint still holds the old values."""
+    pm = _peft_model(demo_files, modules_to_save=(), seed=3)
+    head = pm.get_base_model().bbox_embed[0]
+    with torch.no_grad():
+        for p in head.parameters():
+            p.requires_grad_(True)
+            p.add_(0.05)
+    keep = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert sum(".bbox_embed.0." in n for n in keep) == 6  # the head's 6 tensors, under one name each
+    path = tmp_path / "trainable.pth"
+    torch.save({k: v for k, v in pm.state_dict().items() if k in keep}, path)
+    pm.peft_config["default"].save_pretrained(str(tmp_path))
+    replay, out = _outputs(demo_files, fixture_files.healthy, demo_files.checkpoint, adapter=path)
+    assert replay.key_fit.clean  # no tied parameters with two values
+    with torch.no_grad():
+        assert _close(out, replay.run(pm.eval()))
+
+
+def test_live_config_of_layers_injected_without_a_peft_model():
+    from nanscope.stacks.peft_support import live_adapter_config
+
+    net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=6, target_modules=["0", "2"], use_rslora=True), net)
+    cfg = live_adapter_config(net)
+    assert (cfg["r"], cfg["lora_alpha"], cfg["use_rslora"], cfg["target_modules"]) == (2, 6.0, True, ["0", "2"])
+    plain = torch.nn.Sequential(torch.nn.Linear(6, 6))
+    assert live_adapter_config(plain) is None

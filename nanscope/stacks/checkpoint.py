@@ -29,6 +29,10 @@ MIN_FIT = 0.5  # below this fraction of the model's keys matched, the file is an
 # Unexpected keys that real GroundingDINO checkpoints carry and that are harmless when left out:
 # the denoising label embedding (training only; groundingdino-py builds the model with dn_number=0).
 TRAINING_ONLY_PREFIXES = ("label_enc.",)
+# Other unexpected keys that are harmless, with why.
+HARMLESS_PREFIXES = {
+    "data_preprocessor.": "MMDetection's image normalization buffers (the batch holds the images as the model saw them)",
+}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -64,6 +68,16 @@ def _refused_global(exc: BaseException) -> str | None:
     return m.group(1) if m else None
 
 
+def _unsafe_globals(p: Path) -> list[str]:
+    """Every class or function a weights_only load would refuse in `p`, read without unpickling anything."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(p)
+    except Exception:  # an older torch, or a file it cannot scan: the first refused name is still known
+        return []
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS}
+    return [n for n in names if n not in allowed]
+
+
 def _torch_load(p: Path, *, trust: bool) -> Any:
     try:
         if trust:
@@ -73,10 +87,15 @@ def _torch_load(p: Path, *, trust: bool) -> Any:
     except pickle.UnpicklingError as exc:
         name = _refused_global(exc)
         if not trust and name is not None:
+            names = _unsafe_globals(p) or [name]
+            mmengine = any(n.startswith("mmengine.") for n in names)
             raise CheckpointError(
-                f"checkpoint {str(p)!r} holds a pickled {name} object besides the weights, and unpickling it can "
-                "run code; nanscope loads tensors, containers and argparse.Namespace only. If you trust this "
-                "file, pass --trust-checkpoint, or re-save its weights as {'model': model.state_dict()}."
+                f"checkpoint {str(p)!r} holds pickled objects besides the weights ({', '.join(names[:4])}"
+                f"{', ...' if len(names) > 4 else ''}), and unpickling them can run code; nanscope loads tensors, "
+                "containers and argparse.Namespace only. If you trust this file, pass --trust-checkpoint, or "
+                "re-save its weights as {'model': model.state_dict()}"
+                + (" (an MMEngine checkpoint: keep only its 'state_dict', as mmdet's publish_model.py does)."
+                   if mmengine else ".")
             ) from None
         raise CheckpointError(f"checkpoint {str(p)!r} is not a readable torch file ({_first_line(exc)})") from None
     except Exception as exc:  # truncated zip, ...
@@ -222,6 +241,8 @@ def key_fit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> KeyFit:
             benign.append((k, "a non-persistent buffer of this model (rebuilt at init)"))
         elif k.startswith(TRAINING_ONLY_PREFIXES):
             benign.append((k, "training-only (denoising label embedding)"))
+        elif (why := next((w for pre, w in HARMLESS_PREFIXES.items() if k.startswith(pre)), None)) is not None:
+            benign.append((k, why))
         else:
             unexpected.append(k)
     return KeyFit(tuple(sorted(matched)), tuple(missing), tuple(unexpected), tuple(sorted(mismatched)),

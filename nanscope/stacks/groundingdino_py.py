@@ -248,7 +248,8 @@ class GroundingDinoPy(Stack):
         if adapter_path is None:
             probe = key_fit(model, split.base)
             if probe.fraction < MIN_FIT:
-                raise ps.trainable_only_error(source, split, probe.fraction, len(model.state_dict()))
+                raise ps.trainable_only_error(source, split, probe.fraction, len(model.state_dict()), adapter_cfg)
+        ps.spread_over_ties(model, split)
         base_fit = load_into(model, split.base, source=source)
         where = f"adapter {str(adapter_path)!r}" if adapter_path is not None else source
         out, adapter_fit, info = ps.apply_adapter(
@@ -334,7 +335,8 @@ def _peft_split(state: dict[str, torch.Tensor], ckpt: Path, adapter: Path | None
         mts = tuple((cfg or {}).get("modules_to_save") or ())
         split = ps.split_state(a_state, modules_to_save=mts)
         base = ps.split_state(state).base if ps.is_peft_state(state) else state
-        split.base = {**base, **split.base}  # heads the trainer unfroze and saved with the adapter win
+        split.overrides = tuple(split.base)  # heads the trainer unfroze and saved with the adapter win
+        split.base = {**base, **split.base}
         return split, cfg, cfg_file
     if not ps.is_peft_state(state):
         return None, None, None

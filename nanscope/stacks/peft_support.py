@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -98,6 +99,23 @@ class SplitState:
     base: dict[str, torch.Tensor]
     adapter: dict[str, torch.Tensor]
     adapter_name: str
+    # Base keys a trainable-only file or adapter brought (heads the trainer unfroze): newer than the base
+    # checkpoint's values, also for the other names of a tied parameter (`spread_over_ties`).
+    overrides: tuple[str, ...] = ()
+
+
+def spread_over_ties(model: nn.Module, split: SplitState) -> None:
+    """Give every name of a tied parameter the value an override brought: PyTorch saves a tied parameter
+    under one name only in a trainable-only file (`named_parameters` lists it once), while the base
+    checkpoint holds all its names with the old values."""
+    from nanscope.stacks.checkpoint import tied_groups
+
+    new = set(split.overrides)
+    for keys in tied_groups(model):
+        given = [k for k in keys if k in new]
+        if given:
+            for k in keys:
+                split.base[k] = split.base[given[0]]
 
 
 def split_state(state: Mapping[str, torch.Tensor], *, modules_to_save: tuple[str, ...] = (),
@@ -184,13 +202,17 @@ def base_checkpoint_of(folder: Path, config: Mapping[str, Any]) -> Path:
     )
 
 
-def trainable_only_error(source: str, split: SplitState, fraction: float, n_model: int) -> CheckpointError:
+def trainable_only_error(source: str, split: SplitState, fraction: float, n_model: int,
+                         config: Mapping[str, Any] | None = None) -> CheckpointError:
+    """The message for a file of LoRA (and unfrozen) weights given without its base checkpoint."""
     lora = sorted({k.split(".lora_")[0] for k in split.adapter if ".lora_" in k})
+    base = str((config or {}).get("base_model_name_or_path") or "")
+    named = f" (its adapter_config.json names {base!r})" if base else " (e.g. groundingdino_swint_ogc.pth)"
     return CheckpointError(
         f"{source} holds only the trainable weights of a PEFT model ({len(split.adapter)} adapter tensors on "
         f"{len(lora)} LoRA modules such as {', '.join(lora[:2]) or '-'}, and {len(split.base)} other tensors: "
-        f"{fraction:.0%} of the {n_model} base model weights). It needs the base checkpoint it was trained from "
-        f"(e.g. groundingdino_swint_ogc.pth): pass that as CHECKPOINT and this file as --adapter FILE"
+        f"{fraction:.0%} of the {n_model} base model weights). It needs the base checkpoint it was trained "
+        f"from{named}: pass that as CHECKPOINT and this file as --adapter FILE"
     )
 
 
@@ -282,7 +304,27 @@ def live_adapter_config(model: nn.Module) -> dict[str, Any] | None:
     for sub in model.modules():
         if sub is not model and isinstance(getattr(sub, "peft_config", None), Mapping):
             return live_adapter_config(sub)
-    return None
+    return _config_from_layers(model)
+
+
+def _config_from_layers(model: nn.Module) -> dict[str, Any] | None:
+    """The LoRA config of layers injected without a PeftModel (`peft.inject_adapter_in_model`), read from
+    the layers themselves: rank, alpha and rsLoRA (scaling alpha / sqrt(r)) per module."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(getattr(m, "r", None), dict)
+              and isinstance(getattr(m, "lora_alpha", None), dict) and hasattr(m, "base_layer") and m.r}
+    if not layers:
+        return None
+    name = next(iter(next(iter(layers.values())).r))
+    ranks = {n: int(m.r[name]) for n, m in layers.items() if name in m.r}
+    alphas = {n: float(m.lora_alpha[name]) for n, m in layers.items() if name in m.lora_alpha}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    n0, first = next(iter(layers.items()))
+    rslora = ranks[n0] > 1 and math.isclose(float(first.scaling[name]), alphas[n0] / math.sqrt(ranks[n0]))
+    return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
+            "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+            "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+            "use_rslora": rslora, "use_dora": bool(getattr(first, "use_dora", {}).get(name, False))}
 
 
 def _json_default(value: Any) -> Any:
