@@ -281,6 +281,8 @@ BAD = {
     "rank 200000000": (lambda d: ["report", _ranks(d, 200_000_000)], "field 'rank' is 200000000, not below"),
     "text encoder /etc": (lambda d: inspect_argv(d, "--text-encoder", "/etc"), "--text-encoder '/etc' is a folder"),
     "deeply nested report JSON": (lambda d: ["report", _deep(d)], "nests 100000 levels deep"),
+    "deeply nested manifest": (lambda d: ["inspect", _dump(d, "d5", "[" * 100_000 + "]" * 100_000)],
+                               "nests too deeply to be a watch dump manifest"),
 }
 
 

@@ -14,6 +14,7 @@ warnings are switched off while loading and restored after (5.x writes them to s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -191,7 +192,7 @@ def harmless_keys(model: nn.Module, fit: KeyFit) -> KeyFit:
         for key in keys:
             why = _benign(model, key, kind)
             (benign.append((key, why)) if why else kept.append(key))
-    return KeyFit(fit.matched, tuple(missing), tuple(unexpected), fit.mismatched, tuple(benign))
+    return dataclasses.replace(fit, missing=tuple(missing), unexpected=tuple(unexpected), benign=tuple(benign))
 
 
 def has_tokenizer(folder: Path) -> bool:

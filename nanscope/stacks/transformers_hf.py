@@ -144,7 +144,11 @@ class TransformersHF(Stack):
                   weights.suffix != ".json" else None, "config": str(config) if config is not None else
                   ("config.json in the folder" if path.is_dir() else "the dump manifest"),
                   "text_encoder": te, "stack": self.name, "model_class": type(model).__name__,
-                  "transformers": transformers.__version__}
+                  "transformers": transformers.__version__,
+                  # a state-dict file's own dtypes (read into the float32 model); a folder loads as transformers does
+                  "checkpoint_dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in state.values()
+                                               if isinstance(v, torch.Tensor) and v.is_floating_point()})
+                  if path.is_file() else []}
         return LoadedModel(self, model, cfg, tok, int(cfg.max_text_len), state, fit, inputs)
 
     def _tokenizer(self, checkpoint: Path, config: Any, text_encoder: str | None) -> tuple[Any, str]:

@@ -318,6 +318,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"{str(p)!r} is not readable JSON ({exc})") from None
+    except RecursionError:  # nested thousands of levels deep: not a manifest nanscope wrote
+        raise InputError(f"{str(p)!r} nests too deeply to be a watch dump manifest") from None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise InputError(f"{str(p)!r} has format {data.get('format') if isinstance(data, dict) else None!r}; "
                          f"expected {MANIFEST_FORMAT!r}")
