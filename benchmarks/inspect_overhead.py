@@ -114,7 +114,7 @@ def stats_pass(files: object, rounds: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="whole-process rounds on the demo (0: skip)")
     ap.add_argument("--stats-rounds", type=int, default=5,
                     help="in-process rounds of forward vs forward + module_stats (0: skip)")
     ap.add_argument("--full", action="store_true", help="also the full-size SwinT-OGC config (slow on CPU)")
@@ -137,7 +137,8 @@ def main() -> None:
         files = write_demo(Path(tmp) / "demo")
         if args.stats_rounds:
             stats_pass(files, args.stats_rounds)
-        compare("demo", files.checkpoint, files.batch, files.config, files.text_encoder, args.rounds, extra)
+        if args.rounds:
+            compare("demo", files.checkpoint, files.batch, files.config, files.text_encoder, args.rounds, extra)
         if args.full:
             model, _ = build_model(None, text_encoder=files.text_encoder, seed=0)
             ckpt = Path(tmp) / "swint_ogc_random.pth"

@@ -71,9 +71,8 @@ def test_hooks_removed_on_exit_and_on_exception():
     with module_stats(model):
         assert _hooks(model) == 5
     assert _hooks(model) == 0
-    with pytest.raises(RuntimeError):
-        with module_stats(model):
-            model(torch.randn(2, 5))  # wrong width
+    with pytest.raises(RuntimeError), module_stats(model):
+        model(torch.randn(2, 5))  # wrong width
     assert _hooks(model) == 0
 
 
@@ -83,3 +82,29 @@ def test_empty_result_and_limits():
     assert stats.result() == []
     assert half_limit(None, 4.0) == half_limit(torch.float16, 4.0) == FP16_MAX / 4 == 16376.0
     assert half_limit(torch.bfloat16, 4.0) > 1e37
+
+
+def test_outputs_handed_on_unchanged_are_reduced_once_and_permuted_ones_read_right():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Identity(), nn.Dropout(0.5).eval())
+    x = torch.randn(3, 4)
+    with torch.no_grad(), module_stats(model) as stats:
+        model(x)
+    rows = {r.name: r for r in stats.result()}
+    with torch.no_grad():
+        expected = float(model[0](x).abs().max())
+    assert {n: r.max_abs for n, r in rows.items()} == pytest.approx({"0": expected, "1": expected, "2": expected,
+                                                                   "": expected}, rel=1e-6)
+    assert len({id(t) for t in stats._max.values()}) == 1  # one reduction, shared by the modules handing it on
+    # A permuted output (dense in memory, not contiguous) and one with a gap both give the same max.
+    t = torch.randn(2, 3, 5).permute(2, 0, 1)
+    gap = torch.randn(4, 8)[:, ::2]
+    for y in (t, gap):
+        assert stats_max(y) == pytest.approx(float(y.abs().max()))
+
+
+def stats_max(y: torch.Tensor) -> float:
+    m = nn.Identity()
+    with module_stats(m) as s:
+        m(y)
+    (row,) = s.result()
+    return row.max_abs

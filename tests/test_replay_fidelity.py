@@ -15,12 +15,13 @@ from test_analyzers import small, with_batch
 
 import nanscope
 from nanscope.cli import main
+from nanscope.errors import InputError
 from nanscope.findings import Severity
 from nanscope.replay.batch import validate_batch
 from nanscope.replay.diagnose import inspect_replay
 from nanscope.replay.module_stats import FP16_MAX
 from nanscope.replay.positive_map import build_text_info
-from nanscope.replay.session import Replay, prepare, training_forward
+from nanscope.replay.session import Replay, load_rng, prepare, training_forward
 from nanscope.stacks.groundingdino_py import build_model
 from nanscope.watch.report import NonFiniteStepError
 from nanscope.watch.snapshot import capture_rng, portable_rng
@@ -171,3 +172,17 @@ def test_giou_assertion_on_nan_boxes_is_diagnosed_not_a_criterion_bug(demo_files
     ns202 = next(f for f in result["findings"] if f["code"] == "NS202")
     assert 1 in {w["image"] for w in ns202["where"]}
     assert "generalized_box_iou" in (result["summary"]["criterion_error"] or "")
+
+
+def test_load_rng_names_the_file_and_what_it_needs(tmp_path):
+    torch.manual_seed(3)
+    good = tmp_path / "rng.pt"
+    torch.save({"before_forward": portable_rng(capture_rng()), "at_check": None}, good)
+    assert torch.equal(load_rng(good)["torch"], torch.get_rng_state())
+    bad = tmp_path / "other.pt"
+    torch.save({"before_forward": None}, bad)
+    with pytest.raises(InputError, match="other.pt.*before_forward"):
+        load_rng(bad)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(InputError, match="junk.pt.*cannot be read"):
+        load_rng(tmp_path / "junk.pt")

@@ -3,14 +3,16 @@ images, NS305 non-finite parameters or buffers in the checkpoint."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from nanscope.analyzers.context import AnalysisContext
 from nanscope.analyzers.registry import register
 from nanscope.findings import Finding, Severity
-from nanscope.replay.module_stats import FP16_MAX, ModuleStat, half_limit
+from nanscope.replay.module_stats import FP16_MAX, ModuleStat, dense_flat, half_limit
 
 MAX_WHERE = 8  # locations listed per finding; `count` has them all
 # NS303 flags modules whose largest |activation| is above the fp16 maximum divided by this margin
@@ -95,28 +97,27 @@ def nonfinite_images(ctx: AnalysisContext) -> list[Finding]:
 def nonfinite_tensors(state: Mapping[str, Any]) -> list[tuple[str, int, int, int]]:
     """(name, NaN count, inf count, numel) for every floating tensor of `state` holding NaN or inf.
 
-    Counts are stacked and read once per device (no per-tensor host sync).
+    One `aminmax` pass per tensor (NaN propagates, +-inf shows as an end), stacked and read once per
+    device; only the tensors it flags are counted (a second read, only when something is non-finite).
     """
-    names, counts = [], []
+    tensors: list[tuple[str, Tensor]] = []
+    ends: dict[torch.device, list[tuple[int, Tensor]]] = {}  # device -> (index, [2] min and max)
     for name, t in state.items():
-        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():
+        if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) and t.numel():
             t = t.detach()
-            names.append((name, t.numel()))
-            counts.append(torch.stack([torch.isnan(t).sum(), torch.isinf(t).sum()]))
-    if not counts:
-        return []
-    by_device: dict[torch.device, list[int]] = {}
-    for k, c in enumerate(counts):
-        by_device.setdefault(c.device, []).append(k)
-    values: dict[int, list[int]] = {}
-    for dev, ks in by_device.items():
-        for k, row in zip(ks, torch.stack([counts[k] for k in ks]).cpu().tolist()):
-            values[k] = row
+            values = torch.view_as_real(t) if t.is_complex() else t
+            ends.setdefault(t.device, []).append((len(tensors), torch.stack(torch.aminmax(dense_flat(values)))))
+            tensors.append((name, t))
+    flagged: list[int] = []
+    for probes in ends.values():
+        finite = torch.isfinite(torch.stack([p.float() for _, p in probes])).all(1).cpu().tolist()  # [n]
+        flagged += [k for (k, _), ok in zip(probes, finite) if not ok]
     out = []
-    for k, (name, numel) in enumerate(names):
-        n_nan, n_inf = values[k]
+    for k in sorted(flagged):
+        name, t = tensors[k]
+        n_nan, n_inf = torch.stack([torch.isnan(t).sum(), torch.isinf(t).sum()]).cpu().tolist()
         if n_nan or n_inf:
-            out.append((name, int(n_nan), int(n_inf), int(numel)))
+            out.append((name, int(n_nan), int(n_inf), int(t.numel())))
     return out
 
 

@@ -148,10 +148,14 @@ def training_forward(model: nn.Module, rng: Mapping[str, Any] | None = None) -> 
 
 def load_rng(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The generator states of a watch dump's `rng.pt` at the step's first forward ("before_forward")."""
+    import pickle
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise InputError(f"RNG file {str(path)!r} cannot be read ({exc}); expected a nanscope.watch dump's rng.pt")
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InputError(f"RNG file {str(path)!r} cannot be read ({why}); expected a nanscope.watch dump's "
+                         "rng.pt") from None
     before = state.get("before_forward") if isinstance(state, dict) else None
     if not isinstance(before, dict) or not isinstance(before.get("torch"), torch.Tensor):
         raise InputError(f"RNG file {str(path)!r} holds no 'before_forward' generator state; expected a "

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from nanscope.replay.module_stats import dense_flat as _dense_flat
 from nanscope.trace._rules import CONST, OP, PARAM, REFRESH, Ledger, Op
 
 _FLUSH_OPS = 256  # ops between two reads of the queued flags (one device sync each)
@@ -253,23 +254,6 @@ def _is_internal(filename: str) -> bool:
     if filename.startswith(("<", *_INTERNAL_DIRS)) or filename in _TRACER_FILES:
         return True
     return filename.startswith(_STDLIB) and "-packages" not in filename
-
-
-def _dense_flat(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D view of the same elements when `t` is dense in memory (permuted, channels-last ...).
-
-    Reductions over strided tensors are several times slower on CPU; the set of values is all we need.
-    """
-    if t.is_contiguous():
-        return t
-    expected = 1
-    for stride, size in sorted(zip(t.stride(), t.shape)):
-        if size == 1:
-            continue
-        if stride != expected:
-            return t
-        expected *= size
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
 _VIEW, _MUTATING, _UNINITIALIZED, _FUNCTIONAL = 0, 1, 2, 3
