@@ -5,7 +5,7 @@ For the preset a stack ships its own loss for (transformers' for `hf`), that los
 Each preset's `SetCriterion(preset, impl="masked_select")` runs on the same outputs and targets; the
 distance to each is reported and the closest is named. A differing term is explained by its
 normalizer when after x N equals the reference x its own normalizer, to `NORMALIZER_RTOL`, for one of
-the batch counts NS404 uses (`nanscope.replay.supervision.BatchCounts`): e.g. a `loss_ce` divided by
+the batch counts NS404 uses (`nanscope.replay.loss_scale.BatchCounts`): e.g. a `loss_ce` divided by
 `matched queries + 0.1 * unmatched queries` (DETR's eos_coef-weighted mean) instead of `matched
 queries`. The counts come from the batch alone: a Hungarian matching assigns min(Q, N_i) queries in image i.
 """
@@ -37,8 +37,8 @@ def reference_normalizer(preset: Any, term: str, counts: Any) -> tuple[str, floa
 
 def explain(term: str, got: float, ref: float, preset: Any, counts: Any) -> tuple[str, str] | None:
     """(normalizer, its value and the reference's) when after / reference is exactly a change of
-    normalizer: after x N == reference x N_ref for a batch count N (`nanscope.replay.supervision`)."""
-    from nanscope.replay.supervision import explain_normalizer
+    normalizer: after x N == reference x N_ref for a batch count N (`nanscope.replay.loss_scale`)."""
+    from nanscope.replay.loss_scale import explain_normalizer
 
     refn = reference_normalizer(preset, term, counts)
     if refn is None:
@@ -86,7 +86,7 @@ def compare_presets(after: Mapping[str, float], outputs: Mapping[str, Any],
     from nanscope.criterion.presets import PRESETS
     from nanscope.criterion.set_criterion import SetCriterion
     from nanscope.errors import CriterionError
-    from nanscope.replay.supervision import batch_counts
+    from nanscope.replay.loss_scale import batch_counts
     from nanscope.verify.checks import RTOL, canonical, compare_terms, floats
 
     refs: dict[str, dict[str, float]] = {}
