@@ -85,14 +85,14 @@ def compare(label: str, ckpt: Path, batch: Path, config: Path | None, te: Path, 
           f"ratio wall {wall['inspect'] / wall['bare']:.2f}x  cpu {cpu['inspect'] / cpu['bare']:.2f}x")
 
 
-def stats_pass(files: object, rounds: int) -> None:
+def stats_pass(label: str, ckpt: Path, batch: Path, config: Path | None, te: Path, rounds: int) -> None:
     """In-process: one forward with and without the per-module statistics hooks (NS303), interleaved."""
     import torch
 
     from nanscope.replay.module_stats import module_stats
     from nanscope.replay.session import prepare
 
-    replay = prepare(files.checkpoint, files.batch, config=files.config, hash_checkpoint=False)  # type: ignore[attr-defined]
+    replay = prepare(ckpt, batch, config=config, text_encoder=str(te), hash_checkpoint=False)
     times: dict[str, list[float]] = {"forward": [], "forward + module_stats": []}
     calls = 0
     replay.forward()  # warm-up
@@ -106,7 +106,7 @@ def stats_pass(files: object, rounds: int) -> None:
                     calls = sum(s.calls for s in stats.result())
             runs.append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"demo, in process, threads={torch.get_num_threads()}, {rounds} interleaved rounds, medians:")
+    print(f"{label}, in process, threads={torch.get_num_threads()}, {rounds} interleaved rounds, medians:")
     print(f"  forward                  {med['forward'] * 1e3:8.1f} ms")
     print(f"  forward + module_stats   {med['forward + module_stats'] * 1e3:8.1f} ms   "
           f"ratio {med['forward + module_stats'] / med['forward']:.2f}x   ({calls} hook calls)")
@@ -136,7 +136,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = write_demo(Path(tmp) / "demo")
         if args.stats_rounds:
-            stats_pass(files, args.stats_rounds)
+            stats_pass("demo", files.checkpoint, files.batch, files.config, files.text_encoder, args.stats_rounds)
         if args.rounds:
             compare("demo", files.checkpoint, files.batch, files.config, files.text_encoder, args.rounds, extra)
         if args.full:
@@ -148,7 +148,10 @@ def main() -> None:
             batch["images"] = batch["images"][:2]
             bp = Path(tmp) / "batch2.pt"
             torch.save(batch, bp)
-            compare("SwinT-OGC (full size, tiny BERT)", ckpt, bp, None, files.text_encoder, args.full_rounds, extra)
+            label = "SwinT-OGC (full size, tiny BERT)"
+            if args.stats_rounds:
+                stats_pass(label, ckpt, bp, None, files.text_encoder, max(1, args.stats_rounds // 2))
+            compare(label, ckpt, bp, None, files.text_encoder, args.full_rounds, extra)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

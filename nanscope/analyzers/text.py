@@ -3,6 +3,8 @@ NS104 captions longer than max_text_len."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
@@ -21,24 +23,29 @@ def padded_counts(logits: torch.Tensor, positive_maps: list[torch.Tensor]) -> li
     Targets are placed on the first N_i queries: the counts do not depend on which queries are matched,
     because ContrastiveEmbed masks whole columns.
     """
+    # The focal loss is elementwise and finite at every finite logit, so the non-finite count follows
+    # from the loss at the four (non-finite logit, target) pairs, weighted by how often each occurs.
+    ends = torch.tensor([-math.inf, -math.inf, math.inf, math.inf])
+    bad_at = (~torch.isfinite(sigmoid_focal_loss(ends, torch.tensor([0.0, 1.0, 0.0, 1.0]), alpha=0.25, gamma=2.0,
+                                                 reduction="none"))).tolist()  # [4]
     out = []
     for i in range(logits.shape[0]):
         lg = logits[i]  # [Q, T]
         neg_inf = torch.isneginf(lg)
         col_invalid = neg_inf.all(dim=0)  # [T]
-        pmap = (positive_maps[i] > 0).to(lg.dtype)  # [N, T]
-        target = torch.zeros_like(lg)
-        n = min(pmap.shape[0], lg.shape[0])
-        target[:n] = pmap[:n]
-        target1 = int(((target > 0) & neg_inf).sum())
-        total = int(neg_inf.sum())
-        loss = sigmoid_focal_loss(lg.float(), target.float(), alpha=0.25, gamma=2.0, reduction="none")
+        n = min(positive_maps[i].shape[0], lg.shape[0])
+        pos = positive_maps[i][:n].to(lg.device) > 0  # [n, T]: the first n queries get the boxes' targets
+        pos_inf = torch.isposinf(lg)
+        counts = torch.stack([neg_inf.sum(), (pos & neg_inf[:n]).sum(), pos_inf.sum(), (pos & pos_inf[:n]).sum(),
+                              torch.isnan(lg).sum(), col_invalid.sum()]).tolist()
+        total, target1, pinf, pinf1, nan, invalid = (int(c) for c in counts)
+        nonfinite = nan + sum(k * b for k, b in zip((total - target1, target1, pinf - pinf1, pinf1), bad_at))
         out.append({
             "inf_cells": total,
             "inf_target0": total - target1,
             "inf_target1": target1,
-            "invalid_columns": int(col_invalid.sum()),
-            "nonfinite_focal": int((~torch.isfinite(loss)).sum()),
+            "invalid_columns": invalid,
+            "nonfinite_focal": nonfinite,
         })
     return out
 
