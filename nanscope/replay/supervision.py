@@ -174,7 +174,7 @@ def gradient_coverage(run: RunCriterion, outputs: Outputs, targets: Targets, *,
             rows_per_image=tuple(int(x) for x in rows.sum(1).tolist()), pushed_up=int((g < 0).sum()),
             cells_reached=int((g != 0).sum()), value=float(t.detach().float().sum())))
         cls_terms.append(k)
-    if cls_terms:
+    if any(tg.pushed_up == 0 for tg in results):  # only these can be NS402's: measure them at neutral logits
         results = _pushed_up_at_neutral_logits(run, outputs, targets, results)
     if counterfactual and cls_terms:
         with torch.no_grad():
@@ -193,7 +193,8 @@ def gradient_coverage(run: RunCriterion, outputs: Outputs, targets: Targets, *,
 
 def _pushed_up_at_neutral_logits(run: RunCriterion, outputs: Outputs, targets: Targets,
                                  results: list[TermGradient]) -> list[TermGradient]:
-    """`pushed_up_neutral` of each measured term: its gradient on its layer's logits, all finite ones set to 0."""
+    """`pushed_up_neutral` of each term that pushes no logit up at the real logits: its gradient on its
+    layer's logits with all finite ones set to 0 (the others keep None: not needed)."""
     neutral_outputs, leaves = _leaf_layers(outputs, neutral=True)
     try:
         with torch.enable_grad():
@@ -204,7 +205,7 @@ def _pushed_up_at_neutral_logits(run: RunCriterion, outputs: Outputs, targets: T
     for tg in results:
         t, leaf = terms.get(tg.term), leaves.get(tg.layer)
         up = None
-        if isinstance(t, Tensor) and t.requires_grad and leaf is not None:
+        if tg.pushed_up == 0 and isinstance(t, Tensor) and t.requires_grad and leaf is not None:
             (g,) = torch.autograd.grad(t.sum(), [leaf], retain_graph=True, allow_unused=True)
             up = 0 if g is None else int((torch.nan_to_num(g, nan=0.0) < 0).sum())
         out.append(TermGradient(**{**tg.__dict__, "pushed_up_neutral": up}))
