@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,13 @@ def test_old_import_paths_alias_the_new_modules():
 
     assert write_demo is new_write_demo
     assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+
+
+def test_build_model_finds_the_text_encoder_folder_the_config_names_beside_it(demo_files, tmp_path, monkeypatch):
+    """A library user's `build_model(config)` from another folder: the config's relative text_encoder_type is
+    the folder next to the config (as the CLI resolves it), not a Hugging Face name to download."""
+    from nanscope.stacks.groundingdino_py import build_model
+
+    monkeypatch.chdir(tmp_path)
+    _, cfg = build_model(demo_files.config, seed=0)
+    assert Path(cfg.text_encoder_type) == Path(demo_files.text_encoder).resolve()

@@ -99,6 +99,8 @@ def build_model(
     cfg = load_config(config)
     for key, value in (overrides or {}).items():
         setattr(cfg, key, value)
+    if text_encoder is None:
+        text_encoder = _text_encoder_beside(config, cfg)
     if text_encoder is not None:
         te = str(text_encoder)
         if os.sep in te or te.startswith("."):
@@ -159,7 +161,13 @@ def resolve_text_encoder(config: ConfigSource, text_encoder: str | None) -> str 
         return text_encoder
     if config is None or isinstance(config, ConfigValues):
         return None  # a dump's values: its manifest names the text encoder folder itself
-    cfg = load_config(config)
+    return _text_encoder_beside(config, load_config(config))
+
+
+def _text_encoder_beside(config: ConfigSource, cfg: Any) -> str | None:
+    """The folder a config file's relative `text_encoder_type` names next to that file, if it exists."""
+    if config is None or isinstance(config, ConfigValues):
+        return None
     te = str(getattr(cfg, "text_encoder_type", ""))
     candidate = Path(config).parent / te
     if te and not Path(te).is_absolute() and candidate.is_dir():
