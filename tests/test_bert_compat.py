@@ -4,7 +4,10 @@ The replacement must give the demo's forward (every layer's logits and boxes) an
 bitwise equal to groundingdino's own wrapper on transformers 4.57.6. Three references, each where it is sound:
 - in this process, groundingdino's own wrapper (transformers 4.x only: it cannot build on 5.x);
 - fixtures/bert_compat/reference.json, made by the original wrapper on 4.57.6 (sha256 of every tensor's bytes),
-  compared where the arithmetic is the same (torch build, CPU instruction set; one thread);
+  compared only on the machine kind it was made on (torch build, CPU flags; one thread): on another CPU even
+  the seeded demo's weights differ in the last bits (MKL's vectorised erfinv behind `trunc_normal_` of Swin's
+  `relative_position_bias_table` takes another code path on AVX512-FP16/AMX CPUs; `MKL_CBWR=COMPATIBLE`
+  gives the reference's weights, but the forward's GEMMs still differ in 202 of 213 tensors);
 - across versions in CI: with NANSCOPE_CROSS_VERSION_DIR set, every run writes its tensors there and a
   4.x run compares the other versions' tensors with the original wrapper it runs itself (.ci/run does this).
 """
@@ -72,18 +75,29 @@ def test_bitwise_equal_to_groundingdinos_own_wrapper_in_process(demo_files, step
 
 
 def test_bitwise_equal_to_stored_reference_from_4_57(demo_files, step) -> None:
+    """Only where the arithmetic is the reference machine's: elsewhere neither the demo's weights nor the
+    forward are bit-identical (see make_reference.py: MKL's erfinv and GEMM code paths depend on the CPU), and
+    the two same-machine tests (in process on 4.x, across versions in .ci/run) carry the bitwise claim."""
     stored = json.loads((ROOT / "fixtures/bert_compat/reference.json").read_text())
+    if ref.machine() != stored["machine"]:
+        pytest.skip(f"the reference was made on {stored['machine']['torch']} / {stored['machine']['cpu_capability']} "
+                    "with other CPU flags, where MKL takes other code paths (the demo's weights and the forward "
+                    "differ in the last bits); .ci/run's cross-version test compares on this machine")
     assert ref.checkpoint_sha256(demo_files.checkpoint) == stored["demo_weights_sha256"], (
         "the demo's weights changed since the reference was made: rebuild it on transformers 4.x with "
         "python fixtures/bert_compat/make_reference.py")
-    if ref.machine() != stored["machine"]:
-        pytest.skip(f"the reference was made on {stored['machine']['torch']} / {stored['machine']['cpu_capability']} "
-                    f"with other CPU flags; this is {ref.machine()['torch']} / {ref.machine()['cpu_capability']}, "
-                    "where float results may differ in the last bit (rebuild: fixtures/bert_compat/make_reference.py)")
     got = ref.summarize(step)
     assert sorted(got) == sorted(stored["tensors"])
     differ = [k for k, v in stored["tensors"].items() if got[k] != v]
     assert not differ, f"{len(differ)} of {len(got)} tensors differ from 4.57.6's (sha256 of the bytes): {differ[:5]}"
+
+
+def test_demo_weights_are_deterministic_on_a_machine(demo_files, tmp_path) -> None:
+    """What the same-machine comparisons rely on: the seeded demo gives the same bytes run after run."""
+    from nanscope.stacks.demo import write_demo
+
+    again = write_demo(tmp_path / "demo")
+    assert ref.checkpoint_sha256(again.checkpoint) == ref.checkpoint_sha256(demo_files.checkpoint)
 
 
 @pytest.mark.skipif(not os.environ.get("NANSCOPE_CROSS_VERSION_DIR"), reason="only in .ci/run, which runs the "
