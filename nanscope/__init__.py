@@ -8,8 +8,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from nanscope import _compat
-
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -54,8 +52,6 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-_compat.install()  # old module paths (nanscope.batch, nanscope.models.demo, ...) still import
 
 
 def __getattr__(name: str) -> Any:

@@ -66,10 +66,3 @@ def test_find_groundingdino_inside_wrappers(demo_replay, wrap):
     assert find_groundingdino(wrap(demo_replay.model)) is demo_replay.model
 
 
-def test_package_level_capture_is_callable_after_the_module_import(demo_replay):
-    import nanscope
-    import nanscope.capture  # binds the package attribute `capture` to the module
-
-    with torch.no_grad(), nanscope.capture(demo_replay.model) as cap:
-        demo_replay.model(demo_replay.batch.images[:1], captions=list(demo_replay.batch.captions[:1]))
-    assert cap.last.layer_logits

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanscope.errors import BatchError
-from nanscope.replay.batch import read_batch
+from nanscope.replay.batch_file import read_batch
 from nanscope.replay.hf_batch import HfBatch, to_batch, validate_hf_batch
 from nanscope.replay.positive_map import build_text_info
 

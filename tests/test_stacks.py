@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -76,24 +75,6 @@ def test_dump_meta_is_plain_json_values(demo_replay):
     assert json.loads(json.dumps(meta)) == meta
     sd = demo_replay.stack.dump_state_dict(demo_replay.model)
     assert set(sd) == set(demo_replay.model.state_dict()) and all(v.device.type == "cpu" for v in sd.values())
-
-
-def test_old_import_paths_alias_the_new_modules():
-    import sys
-
-    import nanscope.replay.batch as new
-
-    for name in ("nanscope.batch", "nanscope.models", "nanscope.models.demo"):
-        sys.modules.pop(name, None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        import nanscope.batch as old  # noqa: F401  (the alias)
-        from nanscope.models.demo import write_demo
-    assert old is new
-    from nanscope.stacks.demo import write_demo as new_write_demo
-
-    assert write_demo is new_write_demo
-    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
 
 
 def test_build_model_finds_the_text_encoder_folder_the_config_names_beside_it(demo_files, tmp_path, monkeypatch):

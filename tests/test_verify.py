@@ -12,7 +12,8 @@ from torchvision.ops import sigmoid_focal_loss
 
 from nanscope.cli import main
 from nanscope.verify.peak_memory import PeakMemory
-from nanscope.verify.checks import compare_terms, term_layer
+from nanscope.terms import term_layer
+from nanscope.verify.checks import compare_terms
 from nanscope.verify.equivalence import unpadded_batch
 
 BROKEN_AFTER = '''

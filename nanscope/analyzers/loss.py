@@ -7,14 +7,7 @@ import torch
 from nanscope.analyzers.context import AnalysisContext
 from nanscope.analyzers.registry import register
 from nanscope.findings import Finding, Severity
-
-
-def term_layer(name: str) -> str:
-    """'loss_ce' -> 'last', 'loss_ce_0' -> 'dec0', 'loss_ce_enc' -> 'enc'."""
-    tail = name.rsplit("_", 1)[-1]
-    if tail == "enc":
-        return "enc"
-    return f"dec{tail}" if tail.isdigit() else "last"
+from nanscope.terms import term_layer
 
 
 @register("NS001", needs=("loss_terms",))

@@ -45,6 +45,7 @@ from nanscope.criterion.focal import focal_sum_masked_select, focal_sum_naive, f
 from nanscope.criterion.matcher import HungarianMatcher, Match, PaddedTargets, matching_costs
 from nanscope.criterion.presets import PRESETS, CriterionPreset, get_preset
 from nanscope.criterion.text_mask import text_validity
+from nanscope.terms import parse
 
 __all__ = ["SetCriterion", "NaiveCriterion", "LossWeights", "PRESETS", "CriterionPreset", "HungarianMatcher",
            "matching_costs", "text_validity", "presets_markdown"]
@@ -63,9 +64,9 @@ class LossWeights(Mapping[str, float]):
     def __getitem__(self, key: str) -> float:
         if key in self._base:
             return self._base[key]
-        name, _, suffix = key.rpartition("_")
-        if name in self._base and (suffix == "enc" or suffix.isdigit()):
-            return self._base[name]
+        term = parse(key)
+        if term.layer != "last" and term.base in self._base:
+            return self._base[term.base]
         raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:

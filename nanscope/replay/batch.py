@@ -20,8 +20,8 @@ Schema (a dict):
     image_masks  optional Tensor [B, H, W] bool, True on padded pixels (the mask of groundingdino's
                  NestedTensor when images of different sizes were padded into one batch)
 Validation errors name the field and index, e.g. `targets[1].boxes has shape [3, 5]; expected [N, 4]`.
-`read_batch` also accepts the Hugging Face form (pixel_values, input_ids, attention_mask, labels):
-see `nanscope.replay.hf_batch`.
+The Hugging Face form (pixel_values, input_ids, attention_mask, labels) is another schema:
+see `nanscope.replay.hf_batch` (`nanscope.replay.batch_file.read_batch` reads either form).
 """
 
 from __future__ import annotations
@@ -295,24 +295,13 @@ def validate_batch(raw: Any, source: str = "batch") -> Batch:
 
 def load_batch(path: str | os.PathLike[str]) -> Batch:
     """Load and validate a batch file written with `torch.save` (read with weights_only=True)."""
-    raw = _read(path)
+    raw = read_raw(path)
     check_replayable(raw, str(path))
     return validate_batch(raw, source=str(path))
 
 
-def read_batch(path: str | os.PathLike[str]) -> Any:
-    """A batch file in nanscope's schema (-> `Batch`) or in the Hugging Face form (-> `hf_batch.HfBatch`,
-    which the stack turns into a `Batch` once its tokenizer is loaded)."""
-    raw = _read(path)
-    check_replayable(raw, str(path))
-    from nanscope.replay.hf_batch import is_hf_batch, validate_hf_batch
-
-    if is_hf_batch(raw):
-        return validate_hf_batch(raw, source=str(path))
-    return validate_batch(raw, source=str(path))
-
-
-def _read(path: str | os.PathLike[str]) -> Any:
+def read_raw(path: str | os.PathLike[str]) -> Any:
+    """The file's object as torch.load reads it with weights_only=True (a BatchError naming the file otherwise)."""
     p = Path(path)
     if p.exists() and not p.is_file():
         kind = "a folder" if p.is_dir() else "not a regular file (a device, pipe or socket)"

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from nanscope.terms import term_layer
+
 Outputs = Mapping[str, Any]
 Targets = Sequence[Mapping[str, Any]]
 
@@ -67,8 +69,6 @@ def explain_normalizer(value: float, unnormalized: float, counts: BatchCounts) -
 
 def drowning_terms(weighted: Mapping[str, float], last_layer: str) -> list[tuple[str, str, float]]:
     """(term, the next term of its layer, ratio) for every weighted term >= SCALE_RATIO x the next one."""
-    from nanscope.verify.checks import term_layer
-
     groups: dict[str, list[tuple[str, float]]] = {}
     for k, v in weighted.items():
         groups.setdefault(term_layer(k, last_layer), []).append((k, abs(v)))

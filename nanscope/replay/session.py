@@ -17,7 +17,8 @@ from torch import nn
 
 from nanscope import progress
 from nanscope.errors import DeviceError, InputError
-from nanscope.replay.batch import Batch, read_batch
+from nanscope.replay.batch import Batch
+from nanscope.replay.batch_file import read_batch
 from nanscope.replay.positive_map import TextInfo, build_text_info
 from nanscope.stacks import stack_for_checkpoint
 from nanscope.stacks.base import Stack

@@ -26,14 +26,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from nanscope.replay.loss_scale import (  # noqa: F401  (re-exported: BatchCounts, explain_normalizer)
-    SCALE_RATIO,
-    BatchCounts,
-    batch_counts,
-    drowning_terms,
-    explain_normalizer,
-    reference_terms,
-)
+from nanscope.replay.loss_scale import SCALE_RATIO, batch_counts, drowning_terms, explain_normalizer, reference_terms
+from nanscope.terms import canonical, loss_term_names
 
 Outputs = Mapping[str, Any]
 Targets = Sequence[Mapping[str, Any]]
@@ -114,13 +108,6 @@ def _leaf_layers(outputs: Outputs, *, neutral: bool = False) -> tuple[dict[str, 
     if isinstance(outputs.get("enc_outputs"), Mapping):
         out["enc_outputs"] = leaf("enc", outputs["enc_outputs"])
     return out, leaves
-
-
-def loss_term_names(terms: Mapping[str, Tensor], weight_dict: Mapping[str, float] | None) -> list[str]:
-    """The terms that are losses: those in `weight_dict` (DETR convention), else those with a gradient."""
-    if isinstance(weight_dict, Mapping) and any(k in weight_dict for k in terms):
-        return [k for k in terms if k in weight_dict and float(weight_dict[k]) != 0]
-    return [k for k, v in terms.items() if isinstance(v, Tensor) and v.requires_grad]
 
 
 def zero_positives(targets: Targets) -> list[dict[str, Any]]:
@@ -335,15 +322,17 @@ def probe_supervision(run: RunCriterion, name: str, outputs: Outputs, targets: T
         references = reference_terms(outputs, targets) if drowning else {}  # only then: 3 criterion runs
         counts = batch_counts(outputs, targets)
         for top, nxt, ratio in drowning:
-            ref_ratios = [ref[top] / ref[nxt] for ref, _ in references.values()
-                          if top in ref and nxt in ref and ref[nxt] > 0]
+            # nanscope's reference spells terms its way ('_enc' for Open-GroundingDino's '_interm', ...)
+            ctop, cnxt = canonical(top), canonical(nxt)
+            ref_ratios = [ref[ctop] / ref[cnxt] for ref, _ in references.values()
+                          if ctop in ref and cnxt in ref and ref[cnxt] > 0]
             if ref_ratios and ratio < SCALE_RATIO * min(ref_ratios):
                 continue  # nanscope's reference is as unbalanced on this batch: the model, not the loss
             why = None
             if top.startswith("loss_ce") and "mmdet" in references:
                 ref, unnormalized = references["mmdet"]
                 w = float(weight_dict[top]) if isinstance(weight_dict, Mapping) and top in weight_dict else 1.0
-                fit = explain_normalizer(probe.weighted[top] / w, unnormalized.get(top, math.nan), counts)
+                fit = explain_normalizer(probe.weighted[top] / w, unnormalized.get(ctop, math.nan), counts)
                 why = fit[0] if fit else None
             probe.scale.append((top, nxt, ratio, why))
     return probe

@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from nanscope._callable_module import make_callable
 
 
 @dataclass
@@ -176,6 +175,3 @@ def capture(model: nn.Module, *, detach: bool = True) -> Iterator[Capture]:
 
     with stack_for_model(model).capture(model, detach=detach) as cap:
         yield cap
-
-
-make_callable(__name__)  # `nanscope.capture(model)` works after `import nanscope.capture` too

@@ -4,6 +4,7 @@
 (`_mode.py` observes, `_rules.py` decides) and names the op, the module and the user's file:line.
 """
 
-from nanscope.trace.tracer import Frame, InfSource, Origin, TraceResult, describe, trace_findings, trace_nonfinite
+from nanscope.trace.records import Frame, InfSource, Origin, TraceResult
+from nanscope.trace.tracer import describe, trace_findings, trace_nonfinite
 
 __all__ = ["Frame", "InfSource", "Origin", "TraceResult", "describe", "trace_findings", "trace_nonfinite"]

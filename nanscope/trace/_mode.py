@@ -243,7 +243,7 @@ def _package_dir(name: str) -> str | None:
 _INTERNAL_DIRS = tuple(d for d in map(_package_dir, ("torch", "torchvision", "functorch")) if d)
 _STDLIB = os.path.join(sysconfig.get_paths()["stdlib"], "")
 _TRACER_FILES = frozenset(os.path.join(os.path.dirname(os.path.abspath(__file__)), f)
-                          for f in ("__init__.py", "tracer.py", "_mode.py", "_rules.py"))
+                          for f in ("__init__.py", "tracer.py", "_mode.py", "_rules.py", "records.py"))
 
 
 def _is_internal(filename: str) -> bool:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nanscope.trace.tracer import Frame, InfSource, Origin
+from nanscope.trace.records import Frame, InfSource, Origin
 
 _FIRST_INDICES = 3
 

@@ -19,8 +19,6 @@ forwards split over threads (DataParallel).
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Callable, Mapping, Union
 
 import torch
@@ -28,78 +26,9 @@ from torch import nn
 
 from nanscope.errors import CriterionError
 from nanscope.findings import Finding, Severity
+from nanscope.trace.records import InfSource, Origin, TraceResult, short_path
 
 Loss = Union[torch.Tensor, Mapping[str, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class Frame:
-    """The innermost Python frame outside torch, torchvision, the standard library and this tracer."""
-
-    file: str
-    line: int
-    function: str
-
-    def __str__(self) -> str:
-        return f"{_short_path(self.file)}:{self.line} in {self.function}"
-
-
-@dataclass(frozen=True)
-class InfSource:
-    """An op that wrote infinities: on purpose (`intentional`) or an inf origin."""
-
-    op: str  # aten overload, e.g. "aten.masked_fill_.Scalar"
-    module: str | None  # path from the root module ("" is the root), None outside any module
-    module_type: str | None  # e.g. "ContrastiveEmbed"
-    frame: Frame | None
-    index: int  # op sequence number of its first occurrence
-    phase: str  # "forward" | "backward"
-    intentional: bool  # an infinite scalar argument, an infinite buffer or 0-dim constant
-    source: str | None = None  # "buffer x.y" when the infinities came from a buffer
-
-
-@dataclass(frozen=True)
-class Origin:
-    """The first op of a phase whose output holds NaN (or inf) while its inputs held none."""
-
-    phase: str  # "forward" | "backward"
-    op: str  # aten overload, e.g. "aten.binary_cross_entropy_with_logits.default"
-    module: str | None  # innermost module path from the root ("" is the root), None: outside (loss code)
-    module_type: str | None
-    kind: str  # "nan" | "inf"
-    nan_count: int  # in the output, read when the op's batch of flags was read (<= 256 ops later)
-    inf_count: int
-    shape: tuple[int, ...]
-    dtype: str
-    first_indices: tuple[tuple[int, ...], ...]  # up to 3 positions of the first NaN (or inf) values
-    frame: Frame | None  # forward only; the backward runs in autograd's engine, see grad_fn
-    index: int  # op sequence number over forward + loss + backward
-    grad_fn: str | None = None  # backward: the autograd node that ran the op, e.g. "MulBackward0"
-    source: str | None = None  # the input that was already non-finite when it entered, e.g. "parameter x.w"
-    inf_from: InfSource | None = None  # where the infinities this op turned into NaN were written
-
-    @property
-    def where(self) -> str:
-        """`module transformer.decoder.layers.0 (DeformableTransformerDecoderLayer)` or `loss code`."""
-        if self.module is None:
-            return "outside any module (loss code)"
-        name = self.module or "the root module"
-        return f"{name} ({self.module_type})" if self.module_type else name
-
-
-@dataclass(frozen=True)
-class TraceResult:
-    forward: Origin | None  # the earliest forward origin (NaN or unintended inf)
-    backward: Origin | None  # the earliest backward origin
-    loss_finite: bool
-    ops_seen: int
-    origins: tuple[Origin, ...] = ()  # every origin found: first NaN and first inf per phase, in op order
-    intentional_inf_sources: tuple[InfSource, ...] = ()  # deliberate -inf writes (forward), first seen first
-    backward_traced: bool = False  # False: asked not to, the loss has no graph, or no parameter trains
-
-    @property
-    def clean(self) -> bool:
-        return self.forward is None and self.backward is None and self.loss_finite
 
 
 def trace_nonfinite(
@@ -206,7 +135,7 @@ def _source_text(s: InfSource) -> str:
 
 def _where(o: Origin) -> dict[str, object]:
     return {"phase": o.phase, "module": o.module if o.module is not None else "(loss code)", "op": _op_name(o.op),
-            "file": _short_path(o.frame.file) if o.frame else None, "line": o.frame.line if o.frame else None,
+            "file": short_path(o.frame.file) if o.frame else None, "line": o.frame.line if o.frame else None,
             "kind": o.kind}
 
 
@@ -230,15 +159,3 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _short_path(path: str) -> str:
-    """Relative to the working directory when below it, else after the last site-packages."""
-    try:
-        rel = os.path.relpath(path)
-    except ValueError:  # another drive on Windows
-        rel = path
-    if not rel.startswith(".."):
-        return rel
-    marker = f"-packages{os.sep}"
-    return path.split(marker, 1)[1] if marker in path else path

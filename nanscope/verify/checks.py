@@ -38,6 +38,7 @@ from torch import Tensor
 
 from nanscope import progress
 from nanscope.result import Check
+from nanscope.terms import canonical, loss_term_names
 
 RTOL = 1e-5  # relative tolerance of the equality checks 4, 5 and 6
 STAND_INS = (-1.0e4, -2.0e4)  # sigmoid underflows to exactly 0 in fp16, bf16, fp32 and fp64; both fit fp16
@@ -81,8 +82,6 @@ def loss_keys(crit: Any, terms: Mapping[str, Tensor]) -> tuple[str, ...]:
     """The loss terms of a criterion's output: its `weight_dict` keys with a non-zero weight (DETR convention)
     when it names some of them, else the tensors that require grad (NS401's rule), else all of them (a
     detached criterion: check 3 says so)."""
-    from nanscope.replay.supervision import loss_term_names
-
     return tuple(loss_term_names(terms, getattr(crit, "weight_dict", None))) or tuple(terms)
 
 
@@ -102,21 +101,6 @@ def valid_positions(outputs: Outputs) -> Tensor:
     from nanscope.criterion.text_mask import text_validity
 
     return text_validity(outputs)[0]  # [B, T]
-
-
-def canonical(key: str) -> str:
-    """Open-GroundingDino's encoder suffix `_interm` is nanscope's `_enc`: 'loss_ce_interm' -> 'loss_ce_enc'."""
-    return key[: -len("_interm")] + "_enc" if key.endswith("_interm") else key
-
-
-def term_layer(key: str, last: str) -> str:
-    """'loss_ce' -> last, 'loss_ce_0' -> 'dec0', 'loss_ce_enc' (or '_interm') -> 'enc'."""
-    head, _, tail = canonical(key).rpartition("_")
-    if head and tail == "enc":
-        return "enc"
-    if head and tail.isdigit():
-        return f"dec{tail}"
-    return last
 
 
 def compare_terms(got: Mapping[str, float], ref: Mapping[str, float], rtol: float = RTOL) -> dict[str, Any]:
@@ -249,16 +233,3 @@ def check_memory(before: CriterionRun, after: CriterionRun, method: str) -> Chec
     return Check(9, "after's peak memory is within the limit", ratio <= MEMORY_LIMIT, detail,
                  {"ratio": ratio, "limit": MEMORY_LIMIT, "before_bytes": before.peak, "after_bytes": after.peak,
                   "before_loss_bytes": before.loss_peak, "after_loss_bytes": after.loss_peak, "method": method})
-
-
-
-_MOVED = ("check_reference", "check_valid_only", "check_no_op", "check_matching", "unpadded_batch")
-
-
-def __getattr__(name: str) -> Any:
-    """Checks 4-7 moved to `nanscope.verify.equivalence`; imports from here keep working."""
-    if name in _MOVED:
-        from nanscope.verify import equivalence
-
-        return getattr(equivalence, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,6 +40,7 @@ from nanscope.user_code import (
     load_criterion,
     user_frame,
 )
+from nanscope.terms import term_layer
 from nanscope.verify.checks import (
     EQUIVALENCE,
     MEMORY_LIMIT,
@@ -56,7 +57,6 @@ from nanscope.verify.checks import (
     floats,
     layers,
     loss_keys,
-    term_layer,
     valid_positions,
 )
 from nanscope.verify.equivalence import (

@@ -87,7 +87,8 @@ def compare_presets(after: Mapping[str, float], outputs: Mapping[str, Any],
     from nanscope.criterion.set_criterion import SetCriterion
     from nanscope.errors import CriterionError
     from nanscope.replay.loss_scale import batch_counts
-    from nanscope.verify.checks import RTOL, canonical, compare_terms, floats
+    from nanscope.terms import canonical
+    from nanscope.verify.checks import RTOL, compare_terms, floats
 
     refs: dict[str, dict[str, float]] = {}
     with torch.no_grad():

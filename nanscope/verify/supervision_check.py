@@ -26,7 +26,7 @@ def check_supervision(crit: Any, name: str, outputs: Mapping[str, Any], targets:
         return Check(10, title, True, "not measured: after is non-finite on this batch (check 2 fails)",
                      {"measured": False})
     from nanscope.analyzers.context import AnalysisContext
-    from nanscope.analyzers.registry import get
+    from nanscope.analyzers import get
     from nanscope.replay.diagnose import probe_criterion
 
     probe = probe_criterion(crit, name, dict(outputs), list(targets), list(texts), dict(extras or {}))
