@@ -20,8 +20,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from nanscope.stacks.capture import capture  # noqa: E402
-from nanscope.stacks.demo import demo_batch, write_demo  # noqa: E402
-from nanscope.stacks.groundingdino_py import build_model  # noqa: E402
+from nanscope.stacks.groundingdino.demo import demo_batch, write_demo  # noqa: E402
+from nanscope.stacks.groundingdino.stack import build_model  # noqa: E402
 
 
 def groundingdino_py(dev: torch.device) -> tuple[Callable[[], Any], torch.nn.Module, str]:
@@ -35,7 +35,7 @@ def groundingdino_py(dev: torch.device) -> tuple[Callable[[], Any], torch.nn.Mod
 
 
 def transformers_hf(dev: torch.device) -> tuple[Callable[[], Any], torch.nn.Module, str]:
-    from nanscope.stacks.hf_demo import tiny_model, write_tokenizer
+    from nanscope.stacks.transformers.demo import tiny_model, write_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         tok = write_tokenizer(d)

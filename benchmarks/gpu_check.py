@@ -542,7 +542,7 @@ def main() -> int:
         return 0
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from nanscope.stacks.groundingdino_py import build_model
+    from nanscope.stacks.groundingdino.stack import build_model
     from nanscope.stacks.tiny_text import write_tiny_text_encoder
 
     tmp = Path(tempfile.mkdtemp(prefix="nanscope-gpu-"))
@@ -550,7 +550,7 @@ def main() -> int:
     device = torch.device("cpu") if args.device == "cpu" else torch.device("cuda", torch.cuda.current_device())
     config = None
     if args.demo:
-        from nanscope.stacks.demo import write_demo
+        from nanscope.stacks.groundingdino.demo import write_demo
 
         config = write_demo(tmp / "demo", long=False).config
 

@@ -33,7 +33,7 @@ BARE = """
 import sys, warnings
 warnings.filterwarnings("ignore")
 import torch
-from nanscope.stacks.groundingdino_py import build_model  # groundingdino's build_model on a config
+from nanscope.stacks.groundingdino.stack import build_model  # groundingdino's build_model on a config
 ckpt, batch, config, te = sys.argv[1:5]
 model, _ = build_model(None if config == "-" else config, text_encoder=te)
 model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
@@ -127,8 +127,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from nanscope.stacks.demo import demo_batch, write_demo
-    from nanscope.stacks.groundingdino_py import build_model
+    from nanscope.stacks.groundingdino.demo import demo_batch, write_demo
+    from nanscope.stacks.groundingdino.stack import build_model
 
     extra = shlex.split(args.extra)
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs; "

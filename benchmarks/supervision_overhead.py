@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from nanscope.criterion import SetCriterion  # noqa: E402
 from nanscope.replay.session import prepare  # noqa: E402
 from nanscope.replay.supervision import gradient_coverage, probe_supervision  # noqa: E402
-from nanscope.stacks.demo import demo_batch, write_demo  # noqa: E402
+from nanscope.stacks.groundingdino.demo import demo_batch, write_demo  # noqa: E402
 
 
 def main() -> None:

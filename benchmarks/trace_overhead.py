@@ -23,8 +23,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from nanscope.stacks.demo import demo_batch, write_demo  # noqa: E402
-from nanscope.stacks.groundingdino_py import build_model  # noqa: E402
+from nanscope.stacks.groundingdino.demo import demo_batch, write_demo  # noqa: E402
+from nanscope.stacks.groundingdino.stack import build_model  # noqa: E402
 from nanscope.trace.tracer import trace_nonfinite  # noqa: E402
 
 

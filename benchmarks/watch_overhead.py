@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torchvision.ops import sigmoid_focal_loss  # noqa: E402
 
-from nanscope.stacks.demo import demo_batch, write_demo  # noqa: E402
-from nanscope.stacks.groundingdino_py import build_model  # noqa: E402
+from nanscope.stacks.groundingdino.demo import demo_batch, write_demo  # noqa: E402
+from nanscope.stacks.groundingdino.stack import build_model  # noqa: E402
 from nanscope.watch.sentinel import watch  # noqa: E402
 
 

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)  # inputs are recorded relative to the repository root
 
     from nanscope.replay.diagnose import inspect
-    from nanscope.stacks.demo import write_demo
+    from nanscope.stacks.groundingdino.demo import write_demo
     from nanscope.report.html import render_html
 
     files = write_demo(Path("reports/demo"))

@@ -22,7 +22,7 @@ from nanscope.cli import main
 from nanscope.replay.diagnose import build_context, inspect_replay
 from nanscope.errors import CriterionError, InputError
 from nanscope.findings import Finding, Severity
-from nanscope.stacks.demo import demo_batch
+from nanscope.stacks.groundingdino.demo import demo_batch
 from nanscope.replay.module_stats import FP16_MAX, ModuleStat, module_stats
 from nanscope.replay.positive_map import build_text_info
 from nanscope.replay.session import Replay, prepare

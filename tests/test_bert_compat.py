@@ -1,4 +1,4 @@
-"""groundingdino-py's BERT wrapper on transformers 4.x and 5.x (nanscope/stacks/gdpy_bert_compat.py).
+"""groundingdino-py's BERT wrapper on transformers 4.x and 5.x (nanscope/stacks/groundingdino/bert_compat.py).
 
 The replacement must give the demo's forward (every layer's logits and boxes) and every parameter gradient
 bitwise equal to groundingdino's own wrapper on transformers 4.57.6. Three references, each where it is sound:
@@ -23,7 +23,7 @@ import pytest
 import torch
 import transformers
 
-from nanscope.stacks import gdpy_bert_compat
+from nanscope.stacks.groundingdino import bert_compat as gdpy_bert_compat
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -94,7 +94,7 @@ def test_bitwise_equal_to_stored_reference_from_4_57(demo_files, step) -> None:
 
 def test_demo_weights_are_deterministic_on_a_machine(demo_files, tmp_path) -> None:
     """What the same-machine comparisons rely on: the seeded demo gives the same bytes run after run."""
-    from nanscope.stacks.demo import write_demo
+    from nanscope.stacks.groundingdino.demo import write_demo
 
     again = write_demo(tmp_path / "demo")
     assert ref.checkpoint_sha256(again.checkpoint) == ref.checkpoint_sha256(demo_files.checkpoint)

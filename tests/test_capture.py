@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from nanscope.stacks.capture import capture
-from nanscope.stacks.groundingdino_py import find_groundingdino
+from nanscope.stacks.groundingdino.stack import find_groundingdino
 
 
 def _hook_count(model):

@@ -7,7 +7,7 @@ import collections
 import pytest
 import torch
 
-from nanscope.stacks.checkpoint import key_fit, load_into, read_state_dict
+from nanscope.stacks.formats.checkpoint import key_fit, load_into, read_state_dict
 from nanscope.errors import CheckpointError
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from nanscope.analyzers.checkpoint_fit import checkpoint_fit
 from nanscope.errors import CheckpointError
 from nanscope.findings import Severity
-from nanscope.stacks.checkpoint import file_kind, key_fit, read_state_dict
+from nanscope.stacks.formats.checkpoint import file_kind, key_fit, read_state_dict
 
 
 def _ogd_checkpoint(model_sd: dict[str, torch.Tensor]) -> dict:
@@ -223,7 +223,7 @@ def demo_sd(demo_files):
 
 
 def test_mmdet_names_convert_back_to_groundingdino(demo_sd):
-    from nanscope.stacks import mmdet_keys
+    from nanscope.stacks.formats import mmdet_keys
 
     mm = to_mmdet(demo_sd, dec_layers=1)
     assert {"backbone.stages.0.blocks.0.attn.w_msa.qkv.weight", "backbone.stages.0.downsample.reduction.weight",
@@ -274,7 +274,7 @@ def test_untied_box_heads_are_built_untied(demo_files, fixture_files, tmp_path):
     import json
 
     from nanscope.replay.session import prepare
-    from nanscope.stacks.groundingdino_py import build_model
+    from nanscope.stacks.groundingdino.stack import build_model
 
     cfg = json.loads(demo_files.config.read_text())
     cfg.update(dec_layers=2, text_encoder_type=str(demo_files.text_encoder))  # two decoder layers, heads tied

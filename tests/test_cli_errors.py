@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nanscope.cli import main
-from nanscope.stacks.demo import demo_batch
+from nanscope.stacks.groundingdino.demo import demo_batch
 
 
 def sha(p):

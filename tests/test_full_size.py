@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nanscope.replay.diagnose import inspect
-from nanscope.stacks.demo import demo_batch
-from nanscope.stacks.groundingdino_py import build_model
+from nanscope.stacks.groundingdino.demo import demo_batch
+from nanscope.stacks.groundingdino.stack import build_model
 
 
 @pytest.mark.slow

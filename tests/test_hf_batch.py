@@ -13,7 +13,7 @@ from nanscope.replay.positive_map import build_text_info
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from nanscope.stacks.hf_demo import write_tokenizer
+    from nanscope.stacks.transformers.demo import write_tokenizer
 
     return write_tokenizer(tmp_path_factory.mktemp("tok"))
 

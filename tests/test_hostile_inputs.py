@@ -20,7 +20,7 @@ from nanscope.errors import (
     NanscopeError,
     OutputError,
 )
-from nanscope.stacks.demo import demo_batch
+from nanscope.stacks.groundingdino.demo import demo_batch
 from nanscope.watch.report import NonFiniteStepError
 from nanscope.watch.snapshot import MANIFEST_FORMAT, MANIFEST_VERSION
 
@@ -267,7 +267,7 @@ def test_what_groundingdino_prints_is_kept_out_of_stdout_and_shown_in_the_report
 
 
 def test_only_trust_config_lets_an_old_dump_name_a_py_config(tmp_path):
-    from nanscope.stacks.safe_config import ConfigValues, dump_config
+    from nanscope.stacks.formats.safe_config import ConfigValues, dump_config
 
     meta = {"config": str(tmp_path / "train.py")}
     with pytest.raises(ConfigError, match="never run"):
@@ -280,8 +280,8 @@ def test_only_trust_config_lets_an_old_dump_name_a_py_config(tmp_path):
 def test_a_py_configs_recorded_values_are_what_groundingdino_reads():
     from groundingdino.util.slconfig import SLConfig
 
-    from nanscope.stacks.groundingdino_py import default_config_path, load_config
-    from nanscope.stacks.safe_config import ConfigValues
+    from nanscope.stacks.groundingdino.stack import default_config_path, load_config
+    from nanscope.stacks.formats.safe_config import ConfigValues
     from nanscope.watch.sentinel import recorded_config
 
     path = default_config_path()  # groundingdino's own GroundingDINO_SwinT_OGC.py

@@ -9,7 +9,7 @@ import torch
 
 from nanscope.cli import main
 from nanscope.replay.diagnose import inspect, inspect_replay
-from nanscope.stacks.demo import demo_batch
+from nanscope.stacks.groundingdino.demo import demo_batch
 
 CRITERIA = str(Path(__file__).parents[1] / "fixtures" / "criteria" / "simple.py")
 

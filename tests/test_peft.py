@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft")
 
 from nanscope.errors import CheckpointError
 from nanscope.replay.session import prepare
-from nanscope.stacks.groundingdino_py import build_model
+from nanscope.stacks.groundingdino.stack import build_model
 
 TARGETS = ["value_proj", "linear1", "linear2", "sampling_offsets"]
 R, ALPHA = 4, 16  # scaling 4: not peft's default lora_alpha=8, so an assumed alpha shows in the outputs
@@ -156,7 +156,7 @@ def test_watched_peft_loop_dumps_and_replays_exactly(demo_files, fixture_files, 
     from nanscope.cli import main
     from nanscope.replay.batch import validate_batch
     from nanscope.replay.positive_map import build_text_info
-    from nanscope.stacks.demo import demo_batch
+    from nanscope.stacks.groundingdino.demo import demo_batch
     from nanscope.watch.report import NonFiniteStepError
 
     pm = _peft_model(demo_files, seed=2)
@@ -257,7 +257,7 @@ def test_trainable_only_file_with_an_unfrozen_tied_head(demo_files, fixture_file
 
 
 def test_live_config_of_layers_injected_without_a_peft_model():
-    from nanscope.stacks.peft_support import live_adapter_config
+    from nanscope.stacks.formats.peft import live_adapter_config
 
     net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
     peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=6, target_modules=["0", "2"], use_rslora=True), net)

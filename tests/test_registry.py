@@ -17,7 +17,7 @@ from nanscope.replay.batch import validate_batch
 from nanscope.replay.diagnose import build_context, run_trace
 from nanscope.errors import UnknownCodeError
 from nanscope.findings import CATALOGUE, SCAN_ONLY, Finding, Severity, check_codes
-from nanscope.stacks.demo import demo_batch
+from nanscope.stacks.groundingdino.demo import demo_batch
 from nanscope.replay.module_stats import module_stats
 from nanscope.replay.positive_map import build_text_info
 from nanscope.replay.session import Replay, prepare

@@ -18,7 +18,7 @@ import torch
 from _report_demo import demo_json
 
 from nanscope.cli import main
-from nanscope.stacks.demo import demo_batch
+from nanscope.stacks.groundingdino.demo import demo_batch
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

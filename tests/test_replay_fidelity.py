@@ -22,7 +22,7 @@ from nanscope.replay.diagnose import inspect_replay
 from nanscope.replay.module_stats import FP16_MAX
 from nanscope.replay.positive_map import build_text_info
 from nanscope.replay.session import Replay, load_rng, prepare, training_forward
-from nanscope.stacks.groundingdino_py import build_model
+from nanscope.stacks.groundingdino.stack import build_model
 from nanscope.watch.report import NonFiniteStepError
 from nanscope.watch.snapshot import capture_rng, portable_rng
 

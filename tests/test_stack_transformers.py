@@ -15,8 +15,8 @@ from nanscope.findings import Severity
 from nanscope.replay.diagnose import inspect_replay
 from nanscope.replay.session import prepare
 from nanscope.stacks import get_stack, stack_for_checkpoint, stack_for_model
-from nanscope.stacks.hf_demo import write_hf_model
-from nanscope.stacks.hf_loading import load_tokenizer
+from nanscope.stacks.transformers.demo import write_hf_model
+from nanscope.stacks.transformers.loading import load_tokenizer
 
 CAPTION = "cat . dog ."
 BOXES = [torch.tensor([[0.30, 0.40, 0.20, 0.30], [0.70, 0.60, 0.25, 0.35]]), torch.tensor([[0.50, 0.50, 0.40, 0.40]])]
@@ -79,7 +79,7 @@ def test_folder_is_detected_and_loads_clean(folder, live, tok, tmp_path):
 @pytest.mark.parametrize("mm", [False, True], ids=["GroundingDino", "MMGroundingDino"])
 @pytest.mark.parametrize("detach", [True, False])
 def test_capture_equals_model_outputs_on_every_layer(tmp_path, mm, detach):
-    from nanscope.stacks.hf_demo import tiny_model, write_tokenizer
+    from nanscope.stacks.transformers.demo import tiny_model, write_tokenizer
 
     tok = write_tokenizer(tmp_path / "tok")
     model = tiny_model(len(tok), mm=mm)
@@ -100,7 +100,7 @@ def test_capture_equals_model_outputs_on_every_layer(tmp_path, mm, detach):
 @pytest.mark.parametrize("mm", [False, True], ids=["GroundingDino", "MMGroundingDino"])
 def test_transformers_criterion_on_captured_outputs_equals_the_models_loss(tmp_path, mm):
     from nanscope.criterion.transformers_loss import TransformersLoss
-    from nanscope.stacks.hf_demo import tiny_model
+    from nanscope.stacks.transformers.demo import tiny_model
 
     model_dir = write_hf_model(tmp_path / "m", mm=mm)
     tok = load_tokenizer(model_dir)
@@ -159,7 +159,7 @@ def test_builtin_loss_is_clean_on_a_healthy_batch(folder, live, tok, tmp_path):
 
 
 def test_caption_past_max_text_len_is_named_and_the_model_raises(folder, live, tok, tmp_path):
-    from nanscope.stacks.demo import long_caption
+    from nanscope.stacks.groundingdino.demo import long_caption
 
     cap, _ = long_caption()
     b = hf_batch(tok, captions=(CAPTION, cap), classes=[CLASSES[0], torch.tensor([0])])

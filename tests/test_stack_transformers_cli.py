@@ -10,8 +10,8 @@ import torch
 
 import nanscope
 from nanscope.cli import main
-from nanscope.stacks.hf_demo import write_hf_model
-from nanscope.stacks.hf_loading import load_tokenizer
+from nanscope.stacks.transformers.demo import write_hf_model
+from nanscope.stacks.transformers.loading import load_tokenizer
 
 CAPTION = "cat . dog ."
 

@@ -11,7 +11,7 @@ from nanscope.errors import ConfigError
 from nanscope.replay.batch import load_batch
 from nanscope.stacks import get_stack, stack_for_checkpoint, stack_for_model, stack_names
 from nanscope.stacks.base import Stack
-from nanscope.stacks.groundingdino_py import GroundingDinoPy
+from nanscope.stacks.groundingdino.stack import GroundingDinoPy
 
 
 def test_unknown_stack_lists_the_known_ones():
@@ -80,7 +80,7 @@ def test_dump_meta_is_plain_json_values(demo_replay):
 def test_build_model_finds_the_text_encoder_folder_the_config_names_beside_it(demo_files, tmp_path, monkeypatch):
     """A library user's `build_model(config)` from another folder: the config's relative text_encoder_type is
     the folder next to the config (as the CLI resolves it), not a Hugging Face name to download."""
-    from nanscope.stacks.groundingdino_py import build_model
+    from nanscope.stacks.groundingdino.stack import build_model
 
     monkeypatch.chdir(tmp_path)
     _, cfg = build_model(demo_files.config, seed=0)

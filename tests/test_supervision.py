@@ -13,7 +13,7 @@ import torch
 from nanscope.criterion.presets import PRESETS
 from nanscope.replay.diagnose import inspect_replay
 from nanscope.replay.session import prepare
-from nanscope.stacks.demo import demo_batch
+from nanscope.stacks.groundingdino.demo import demo_batch
 
 CRITERIA = Path(__file__).parents[1] / "fixtures" / "criteria" / "supervision.py"
 CODES = ("NS401", "NS402", "NS403", "NS404")

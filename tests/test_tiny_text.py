@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from nanscope.stacks.demo import demo_batch, long_caption
+from nanscope.stacks.groundingdino.demo import demo_batch, long_caption
 from nanscope.stacks.tiny_text import SPECIAL_IDS, build_vocab
 
 

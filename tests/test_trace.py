@@ -238,8 +238,8 @@ def _line(frame) -> str:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from nanscope.stacks.demo import demo_batch, write_demo
-    from nanscope.stacks.groundingdino_py import build_model
+    from nanscope.stacks.groundingdino.demo import demo_batch, write_demo
+    from nanscope.stacks.groundingdino.stack import build_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared small CPU: one thread is faster and steadier than oversubscribing

@@ -38,7 +38,7 @@ def short(demo_files, tmp_path_factory) -> SimpleNamespace:
     """The demo model on the two short captions (padded, nothing truncated), one captured forward."""
     from nanscope.replay.batch import save_batch
     from nanscope.replay.session import prepare
-    from nanscope.stacks.demo import demo_batch
+    from nanscope.stacks.groundingdino.demo import demo_batch
 
     raw = demo_batch(0, long=False)
     path = save_batch(tmp_path_factory.mktemp("user_code") / "short.pt", raw)

@@ -45,7 +45,7 @@ RAISING = '''def explode(outputs, targets):
 def short(demo_files, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """The demo model with the two short captions (6 and 13 tokens; padded, nothing truncated)."""
     from nanscope.replay.batch import save_batch
-    from nanscope.stacks.demo import demo_batch
+    from nanscope.stacks.groundingdino.demo import demo_batch
 
     folder = tmp_path_factory.mktemp("verify")
     batch = save_batch(folder / "short.pt", demo_batch(0, long=False))

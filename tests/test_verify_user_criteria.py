@@ -20,7 +20,7 @@ CRITERIA = Path(__file__).parents[1] / "fixtures" / "criteria" / "trainers.py"
 @pytest.fixture(scope="module")
 def short(demo_files, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     from nanscope.replay.batch import save_batch
-    from nanscope.stacks.demo import demo_batch
+    from nanscope.stacks.groundingdino.demo import demo_batch
 
     folder = tmp_path_factory.mktemp("verify_user")
     raw = demo_batch(0, long=False)
@@ -49,7 +49,7 @@ def test_a_fix_with_another_normalizer_is_fixed_and_check_4_names_it(short, caps
     assert not checks[4]["passed"]  # ... and it does not equal the reference: a different normalizer
 
     # The ratio check 4 explains, computed here from the batch alone: Q queries, 2 images, 4 boxes.
-    from nanscope.stacks.groundingdino_py import load_config
+    from nanscope.stacks.groundingdino.stack import load_config
 
     Q = int(load_config(short.config).num_queries)
     num_pos = sum(len(t["boxes"]) for t in short.raw["targets"])

@@ -39,20 +39,20 @@ def masked_loss(out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from nanscope.stacks.demo import write_demo
+    from nanscope.stacks.groundingdino.demo import write_demo
 
     return write_demo(tmp_path_factory.mktemp("demo"), long=False)
 
 
 def build_demo(demo: Any) -> nn.Module:
-    from nanscope.stacks.groundingdino_py import build_model
+    from nanscope.stacks.groundingdino.stack import build_model
 
     model, _ = build_model(demo.config, text_encoder=demo.text_encoder, seed=0)
     return model
 
 
 def demo_step_batch(step: int) -> dict[str, Any]:
-    from nanscope.stacks.demo import demo_batch
+    from nanscope.stacks.groundingdino.demo import demo_batch
 
     b = demo_batch(step, long=False)
     b["images"] = b["images"][:1]
@@ -451,7 +451,7 @@ def test_a_matcher_that_raises_still_leaves_a_dump_that_inspect_explains(demo: A
     from nanscope.cli import main
     from nanscope.criterion.set_criterion import SetCriterion
     from nanscope.errors import MatchingError
-    from nanscope.stacks.demo import demo_batch
+    from nanscope.stacks.groundingdino.demo import demo_batch
     from nanscope.replay.positive_map import build_text_info
 
     model = build_demo(demo)

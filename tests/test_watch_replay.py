@@ -11,8 +11,8 @@ import torch
 import nanscope
 from nanscope.replay.batch import validate_batch
 from nanscope.cli import main
-from nanscope.stacks.demo import demo_batch
-from nanscope.stacks.groundingdino_py import build_model
+from nanscope.stacks.groundingdino.demo import demo_batch
+from nanscope.stacks.groundingdino.stack import build_model
 from nanscope.replay.positive_map import build_text_info
 from nanscope.watch.report import NonFiniteStepError
 

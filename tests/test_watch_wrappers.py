@@ -33,13 +33,13 @@ CAPTION = "cat . red car ."
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from nanscope.stacks.demo import write_demo
+    from nanscope.stacks.groundingdino.demo import write_demo
 
     return write_demo(tmp_path_factory.mktemp("demo"), long=False)
 
 
 def build_wrapped(demo: Any) -> ClassNamesWrapper:
-    from nanscope.stacks.groundingdino_py import build_model
+    from nanscope.stacks.groundingdino.stack import build_model
 
     model, _ = build_model(demo.config, text_encoder=demo.text_encoder, seed=0)
     return ClassNamesWrapper(model)

@@ -29,7 +29,7 @@ class AnalysisContext:
     model: Any = None
     stack: Any = None
     state_dict: Mapping[str, torch.Tensor] | None = None
-    key_fit: Any = None  # nanscope.stacks.checkpoint.KeyFit
+    key_fit: Any = None  # nanscope.stacks.formats.checkpoint.KeyFit
     # The user's criterion, when given (--criterion): its terms on the captured outputs, and the same
     # criterion on outputs whose padded logits were replaced by a finite value (the counterfactual that
     # tells whether padding causes a non-finite term).

@@ -4,7 +4,7 @@ class labels outside the caption's phrases, NS113 the encoder loss terms (info).
 
 They run for stacks that say so (`truncates_captions = False`; label maps exist for the transformers
 stack only) and return nothing otherwise. Label maps and class labels are transformers' own
-(`nanscope.stacks.hf_labels`), computed from each caption's token ids as the model sees them.
+(`nanscope.stacks.transformers.labels`), computed from each caption's token ids as the model sees them.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def caption_crashes_forward(ctx: AnalysisContext) -> list[Finding]:
 
 
 def _labels(ctx: AnalysisContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    from nanscope.stacks.hf_labels import class_labels, label_map
+    from nanscope.stacks.transformers.labels import class_labels, label_map
 
     maps = [label_map(info) for info in ctx.texts]
     return maps, [class_labels(t, info, lm) for t, info, lm in zip(ctx.batch.targets, ctx.texts, maps)]
@@ -64,7 +64,7 @@ def _labels(ctx: AnalysisContext) -> tuple[list[torch.Tensor], list[torch.Tensor
 def class_offset(ctx: AnalysisContext) -> list[Finding]:
     if not _is_transformers(ctx) or len(ctx.texts) < 2:
         return []
-    from nanscope.stacks.hf_labels import offset_rows
+    from nanscope.stacks.transformers.labels import offset_rows
 
     maps, labels = _labels(ctx)
     rows = offset_rows(maps, labels)

@@ -19,7 +19,7 @@ def replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-config", action="store_true",
                    help="run the .py config an older watch dump names (it runs Python code: only for files you "
                         "trust); a dump's recorded config values and your own --config need no flag")
-    # PEFT (LoRA): owned by nanscope.stacks.peft_support
+    # PEFT (LoRA): owned by nanscope.stacks.formats.peft
     p.add_argument("--adapter", metavar="PATH",
                    help="a PEFT adapter folder (save_pretrained) or a file of LoRA/trainable weights, applied on top "
                         "of CHECKPOINT (the base model); an adapter folder or LoRA keys in CHECKPOINT are found alone")
@@ -237,7 +237,7 @@ def dump_paths(args: argparse.Namespace) -> None:
 
         meta = validate_manifest(read_manifest(d), repr(str(manifest)))
         if args.config is None:  # the dump's recorded values; a file the dump names is never run
-            from nanscope.stacks.safe_config import dump_config
+            from nanscope.stacks.formats.safe_config import dump_config
 
             args.config = dump_config(meta, str(d), trust_py=getattr(args, "trust_config", False))
         if args.text_encoder is None and meta.get("text_encoder"):

@@ -97,7 +97,7 @@ def _demo(args: argparse.Namespace, console: Any, out: Path, html: str | None) -
     from nanscope.replay.session import prepare
     from nanscope.report.outputs import write_outputs
     from nanscope.report.terminal import render
-    from nanscope.stacks.demo import write_demo
+    from nanscope.stacks.groundingdino.demo import write_demo
 
     console.print(f"writing the demo model, checkpoint and batch to {out}/ ...")
     if args.stack == "groundingdino-py":
@@ -105,7 +105,7 @@ def _demo(args: argparse.Namespace, console: Any, out: Path, html: str | None) -
         replay = prepare(files.checkpoint, files.batch, config=files.config)  # built once, shared by both steps
         model_args = f"{files.checkpoint} {files.batch} --config {files.config}"
     else:
-        from nanscope.stacks.hf_demo import write_hf_demo
+        from nanscope.stacks.transformers.demo import write_hf_demo
 
         hf_files = write_hf_demo(out)
         replay = prepare(hf_files.model, hf_files.batch)

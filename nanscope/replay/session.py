@@ -23,7 +23,7 @@ from nanscope.replay.positive_map import TextInfo, build_text_info
 from nanscope.stacks import stack_for_checkpoint
 from nanscope.stacks.base import Stack
 from nanscope.stacks.capture import ForwardRecord
-from nanscope.stacks.checkpoint import KeyFit
+from nanscope.stacks.formats.checkpoint import KeyFit
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -1,5 +1,10 @@
 """Model families behind one seam (`base.Stack`): groundingdino-py first, transformers next.
 
+Layout: one subpackage per model family (`groundingdino/`, `transformers/`: build, load, capture, demo),
+`formats/` for checkpoint and config formats any family reads, and here what every family shares: the seam
+(`base.py`), the capture records (`capture.py`), the tiny text encoder (`tiny_text.py`). Adding a stack is
+one subpackage plus one line in `STACK_CLASSES`.
+
 `get_stack(name)` by name, `stack_for_model(model)` for a live model (inside wrappers too), and
 `stack_for_checkpoint(path)` for a file or folder a user names. The order of `STACK_CLASSES` is the
 order of detection: more specific stacks first, groundingdino-py (any torch file) last.
@@ -20,8 +25,8 @@ if TYPE_CHECKING:
 
 # name -> "module:Class"; modules are imported only when a stack is needed
 STACK_CLASSES: dict[str, str] = {
-    "groundingdino-py": "nanscope.stacks.groundingdino_py:GroundingDinoPy",
-    "transformers": "nanscope.stacks.transformers_hf:TransformersHF",
+    "groundingdino-py": "nanscope.stacks.groundingdino.stack:GroundingDinoPy",
+    "transformers": "nanscope.stacks.transformers.stack:TransformersHF",
 }
 STACK_ALIASES = {"hf": "transformers", "gdpy": "groundingdino-py"}  # short names accepted wherever a stack is named
 _INSTANCES: dict[str, "Stack"] = {}

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from nanscope.stacks.capture import Capture
-from nanscope.stacks.checkpoint import KeyFit
+from nanscope.stacks.formats.checkpoint import KeyFit
 
 PathLike = str | os.PathLike[str]
 

@@ -436,7 +436,7 @@ def recorded_config(config: str | os.PathLike[str]) -> dict[str, Any]:
     """The config's values as JSON, for the dump: `nanscope inspect DUMP` builds from them, never runs the file.
 
     The caller named the file, so a `.py` config runs here once (as when the model was built)."""
-    from nanscope.stacks.safe_config import jsonable, read_values
+    from nanscope.stacks.formats.safe_config import jsonable, read_values
 
     values, _ = jsonable(read_values(config, trust_py=True))
     te = values.get("text_encoder_type")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from nanscope.stacks.groundingdino_py import build_model, default_config_path
+from nanscope.stacks.groundingdino.stack import build_model, default_config_path
 
 # The small Swin: one block per stage keeps a forward at ~0.25 s on a laptop CPU. Output channels
 # 64/128/256 for return_interm_indices [1, 2, 3] as groundingdino expects (embed_dim * 2**i).
@@ -54,7 +54,7 @@ def long_caption(n_phrases: int = 72) -> tuple[str, list[str]]:
 
 def demo_config(config_template: str | Path | None = None) -> dict[str, Any]:
     """The SwinT-OGC config with the demo's size overrides, as a plain dict."""
-    from nanscope.stacks.groundingdino_py import load_config
+    from nanscope.stacks.groundingdino.stack import load_config
 
     cfg = load_config(config_template or default_config_path())
     d = {k: v for k, v in cfg._cfg_dict.to_dict().items()}

@@ -110,7 +110,7 @@ def warper_forward(
     asked = [name for name, given in unsupported.items() if given]
     if asked:
         raise NotImplementedError(
-            f"nanscope's BertModelWarper (nanscope.stacks.gdpy_bert_compat) does not support {', '.join(asked)}; "
+            f"nanscope's BertModelWarper (nanscope.stacks.groundingdino.bert_compat) does not support {', '.join(asked)}; "
             "groundingdino never passes them"
         )
     if (input_ids is None) == (inputs_embeds is None):

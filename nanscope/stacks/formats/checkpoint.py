@@ -178,7 +178,7 @@ class KeyFit:
     # only one of them. (keys, largest absolute difference).
     tied_differ: tuple[tuple[tuple[str, ...], float], ...] = ()
     notes: tuple[str, ...] = ()  # how the loader adapted the model or the keys to the file (said in NS306)
-    adapter: Any = None  # nanscope.stacks.peft_support.AdapterInfo when LoRA weights were loaded
+    adapter: Any = None  # nanscope.stacks.formats.peft.AdapterInfo when LoRA weights were loaded
 
     @property
     def fraction(self) -> float:

@@ -4,7 +4,7 @@ Reads a `save_pretrained` folder (config.json + model.safetensors; its tokenizer
 else `--text-encoder`), a state-dict file with `--config` (a config.json or folder), or a
 nanscope.watch dump (the config travels in the manifest as JSON values). Replays a batch the way a
 transformers training loop calls the model (`pixel_values`, `input_ids`, `attention_mask`,
-`token_type_ids`, `pixel_mask`) and captures what the loss sees (`nanscope.stacks.hf_capture`).
+`token_type_ids`, `pixel_mask`) and captures what the loss sees (`nanscope.stacks.transformers.capture`).
 
 A caption longer than `max_text_len` tokens makes transformers' detection head raise a shape error;
 the replay cuts its ids to `max_text_len` (as the model's text backbone does) so the rest of the batch
@@ -63,7 +63,7 @@ def tokenizer_of(model: nn.Module) -> Any:
     tok = _TOKENIZERS.get(det)
     if tok is None:
         raise ConfigError("no tokenizer is known for this transformers model; load it with nanscope (prepare / "
-                          "the stack's load) or register one with nanscope.stacks.transformers_hf.set_tokenizer")
+                          "the stack's load) or register one with nanscope.stacks.transformers.stack.set_tokenizer")
     return tok
 
 
@@ -102,7 +102,7 @@ class TransformersHF(Stack):
         return p.is_file() and _manifest_meta(p).get("stack") == self.name
 
     def _config_data(self, checkpoint: Path, config: Any) -> dict[str, Any]:
-        from nanscope.stacks.hf_loading import check_model_type, config_dict
+        from nanscope.stacks.transformers.loading import check_model_type, config_dict
 
         if config is not None:
             return config_dict(config)
@@ -124,8 +124,8 @@ class TransformersHF(Stack):
             raise ConfigError(f"--adapter {adapter} was given for the transformers stack, which does not apply PEFT "
                               "adapters yet; merge it first (PeftModel.merge_and_unload(), then save_pretrained)")
 
-        from nanscope.stacks.checkpoint import file_sha256
-        from nanscope.stacks.hf_loading import load_folder, load_state_file
+        from nanscope.stacks.formats.checkpoint import file_sha256
+        from nanscope.stacks.transformers.loading import load_folder, load_state_file
 
         path = Path(checkpoint)
         if path.is_dir():
@@ -152,7 +152,7 @@ class TransformersHF(Stack):
         return LoadedModel(self, model, cfg, tok, int(cfg.max_text_len), state, fit, inputs)
 
     def _tokenizer(self, checkpoint: Path, config: Any, text_encoder: str | None) -> tuple[Any, str]:
-        from nanscope.stacks.hf_loading import has_tokenizer, load_tokenizer
+        from nanscope.stacks.transformers.loading import has_tokenizer, load_tokenizer
 
         if text_encoder is not None:
             return load_tokenizer(text_encoder), str(text_encoder)
@@ -163,7 +163,7 @@ class TransformersHF(Stack):
                           "with the folder or name the processor was loaded from (e.g. IDEA-Research/grounding-dino-tiny)")
 
     def load_tokenizer(self, *, config: Any = None, text_encoder: str | None = None) -> tuple[Any, int]:
-        from nanscope.stacks.hf_loading import config_dict, load_tokenizer
+        from nanscope.stacks.transformers.loading import config_dict, load_tokenizer
 
         if config is None and text_encoder is None:
             raise ConfigError("the transformers stack needs --config (a save_pretrained folder) or --text-encoder")
@@ -183,7 +183,7 @@ class TransformersHF(Stack):
         return (), kwargs
 
     def capture(self, model: nn.Module, *, detach: bool = True) -> ContextManager[Capture]:
-        from nanscope.stacks.hf_capture import capture_hf
+        from nanscope.stacks.transformers.capture import capture_hf
 
         return capture_hf(self.find_model(model), detach=detach)
 
@@ -191,7 +191,7 @@ class TransformersHF(Stack):
         """The base targets, with transformers' meaning of `class_labels` (the index of the box's '.'-separated
         phrase, as its loss reads them; `labels` keeps nanscope's category index) and the caption's
         `phrase_map` [n_phrases, T] (transformers' `build_label_maps`), whose rows they index."""
-        from nanscope.stacks.hf_labels import class_labels, label_map
+        from nanscope.stacks.transformers.labels import class_labels, label_map
 
         out = super().targets(batch, texts, device)
         for t, target, info in zip(out, batch.targets, texts):
@@ -238,7 +238,7 @@ class TransformersHF(Stack):
     def dump_meta(self, model: nn.Module) -> dict[str, Any]:
         """The model's config as JSON values, its class, and where its tokenizer is: the folder or Hub name
         it was loaded from (`config._name_or_path`), else the tokenizer nanscope loaded for it."""
-        from nanscope.stacks.hf_loading import has_tokenizer
+        from nanscope.stacks.transformers.loading import has_tokenizer
 
         det = find_detector(model)
         source = str(getattr(det.config, "_name_or_path", "") or "")

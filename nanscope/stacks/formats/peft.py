@@ -108,7 +108,7 @@ def spread_over_ties(model: nn.Module, split: SplitState) -> None:
     """Give every name of a tied parameter the value an override brought: PyTorch saves a tied parameter
     under one name only in a trainable-only file (`named_parameters` lists it once), while the base
     checkpoint holds all its names with the old values."""
-    from nanscope.stacks.checkpoint import tied_groups
+    from nanscope.stacks.formats.checkpoint import tied_groups
 
     new = set(split.overrides)
     for keys in tied_groups(model):
@@ -171,7 +171,7 @@ def adapter_config_near(checkpoint: Path) -> Path | None:
 
 def read_adapter(path: Path, *, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Path | None]:
     """An adapter folder (save_pretrained) or a file of LoRA weights -> (state, config or None, config path)."""
-    from nanscope.stacks.checkpoint import read_state_dict
+    from nanscope.stacks.formats.checkpoint import read_state_dict
 
     if path.is_dir():
         weights = next((path / w for w in ADAPTER_WEIGHTS if (path / w).is_file()), None)
@@ -249,7 +249,7 @@ def apply_adapter(model: nn.Module, split: SplitState, cfg: Mapping[str, Any] | 
 
     Returns `(model, KeyFit of the adapter keys, AdapterInfo)`; the model is the detector itself (PEFT's
     layers inside it when unmerged), never the PeftModel wrapper."""
-    from nanscope.stacks.checkpoint import KeyFit, key_fit
+    from nanscope.stacks.formats.checkpoint import KeyFit, key_fit
 
     peft = _import_peft()
     lcfg, assumed = _lora_config(peft, split, cfg)
@@ -273,7 +273,7 @@ def apply_adapter(model: nn.Module, split: SplitState, cfg: Mapping[str, Any] | 
 
 def combine_fits(base: Any, adapter: Any, info: AdapterInfo, notes: tuple[str, ...] = ()) -> Any:
     """One KeyFit for the base checkpoint and the adapter together."""
-    from nanscope.stacks.checkpoint import KeyFit
+    from nanscope.stacks.formats.checkpoint import KeyFit
 
     return KeyFit(tuple(sorted(base.matched + adapter.matched)), base.missing + adapter.missing,
                   base.unexpected + adapter.unexpected, base.mismatched + adapter.mismatched,

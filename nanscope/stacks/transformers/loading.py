@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from nanscope.errors import CheckpointError, ConfigError
-from nanscope.stacks.checkpoint import KeyFit, load_into, read_state_dict
+from nanscope.stacks.formats.checkpoint import KeyFit, load_into, read_state_dict
 
 # config.json model_type -> the transformers class nanscope replays
 MODEL_CLASSES = {

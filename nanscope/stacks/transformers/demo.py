@@ -34,7 +34,7 @@ def write_tokenizer(folder: str | Path) -> Any:
     """
     from transformers import AutoTokenizer
 
-    from nanscope.stacks.hf_loading import quiet_transformers
+    from nanscope.stacks.transformers.loading import quiet_transformers
     from nanscope.stacks.tiny_text import build_vocab
 
     folder = Path(folder)
@@ -50,7 +50,7 @@ def tiny_model(vocab_size: int, *, mm: bool = False, seed: int = 0, **overrides:
     """A tiny GroundingDinoForObjectDetection (or MM-) with random weights, in eval mode."""
     import transformers
 
-    from nanscope.stacks.hf_loading import quiet_transformers
+    from nanscope.stacks.transformers.loading import quiet_transformers
 
     swin = transformers.SwinConfig(**TINY_SWIN)
     bert = transformers.BertConfig(vocab_size=vocab_size, **TINY_BERT)
@@ -71,7 +71,7 @@ class HfDemoFiles:
 
 def write_hf_model(folder: str | Path, *, mm: bool = False, seed: int = 0, **overrides: Any) -> Path:
     """A save_pretrained folder of a tiny model, with its tokenizer saved next to it."""
-    from nanscope.stacks.hf_loading import quiet_transformers
+    from nanscope.stacks.transformers.loading import quiet_transformers
 
     folder = Path(folder)
     tok = write_tokenizer(folder)
@@ -84,7 +84,7 @@ def write_hf_model(folder: str | Path, *, mm: bool = False, seed: int = 0, **ove
 
 def write_hf_demo(folder: str | Path, *, seed: int = 0, long: bool = True, mm: bool = False) -> HfDemoFiles:
     """Write the tiny transformers model and the demo batch into `folder` (created if needed)."""
-    from nanscope.stacks.demo import demo_batch
+    from nanscope.stacks.groundingdino.demo import demo_batch
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

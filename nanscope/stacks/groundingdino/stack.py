@@ -1,7 +1,7 @@
 """The groundingdino-py stack: build the real model from a config, find it inside wrappers, load and replay it.
 
 Configs are groundingdino's own (a `.py` as shipped, or `.json`/`.yaml`), read without running them
-unless trusted (`nanscope.stacks.safe_config`), or the values a watch dump recorded (`ConfigValues`).
+unless trusted (`nanscope.stacks.formats.safe_config`), or the values a watch dump recorded (`ConfigValues`).
 A config may carry `nanscope_swin = {embed_dim, depths, num_heads, window_size}`: the Swin backbone is
 then built at that size (groundingdino only knows the five published sizes by name), which is how the
 demo gets a ~4M-parameter model from the real modules.
@@ -23,7 +23,7 @@ from nanscope import progress
 from nanscope.errors import BatchError, ConfigError
 from nanscope.stacks.base import LoadedModel, Stack, find_wrapped
 from nanscope.stacks.capture import Capture
-from nanscope.stacks.safe_config import BASE_KEY, ConfigValues, read_values
+from nanscope.stacks.formats.safe_config import BASE_KEY, ConfigValues, read_values
 
 DEFAULT_CONFIG = "SwinT_OGC"  # groundingdino's GroundingDINO_SwinT_OGC.py, shipped inside the package
 DEFAULT_TEXT_ENCODER = "bert-base-uncased"
@@ -42,7 +42,7 @@ def default_config_path() -> Path:
 def load_config(config: ConfigSource, *, trust_py: bool = True) -> Any:
     """A groundingdino config as its `SLConfig`; `None` means SwinT-OGC, `ConfigValues` are a dump's values.
 
-    JSON and YAML are read with safe loaders (`nanscope.stacks.safe_config`); a `.py` config (or a
+    JSON and YAML are read with safe loaders (`nanscope.stacks.formats.safe_config`); a `.py` config (or a
     `.py` `_base_`) runs only when `trust_py`, the default for a file the caller names.
     """
     from groundingdino.util.slconfig import SLConfig
@@ -112,7 +112,7 @@ def build_model(
         torch.manual_seed(seed)
     from groundingdino.models import build_model as gd_build
 
-    from nanscope.stacks import gdpy_bert_compat
+    from nanscope.stacks.groundingdino import bert_compat as gdpy_bert_compat
     from nanscope.stacks._hf_progress import quiet_progress_bars
 
     gdpy_bert_compat.install()  # groundingdino's BERT wrapper on transformers 4.x and 5.x (see that module)
@@ -191,7 +191,7 @@ class GroundingDinoPy(Stack):
         return find_groundingdino(model)
 
     def claims(self, checkpoint: Path) -> bool:
-        from nanscope.stacks.peft_support import ADAPTER_CONFIG
+        from nanscope.stacks.formats.peft import ADAPTER_CONFIG
 
         p = Path(checkpoint)  # a torch file (the fallback stack for single files), or a PEFT adapter folder
         return p.is_file() or (p.is_dir() and (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file())
@@ -202,8 +202,8 @@ class GroundingDinoPy(Stack):
              merge_lora: bool = False) -> LoadedModel:
         """`adapter`: a PEFT adapter folder or file applied on top of `checkpoint` (also found by itself: an
         adapter folder given as `checkpoint`, or LoRA keys in the checkpoint); `merge_lora` merges it."""
-        from nanscope.stacks import peft_support as ps
-        from nanscope.stacks.checkpoint import file_sha256, load_into, read_state_dict
+        from nanscope.stacks.formats import peft as ps
+        from nanscope.stacks.formats.checkpoint import file_sha256, load_into, read_state_dict
 
         ckpt = Path(checkpoint)
         adapter_path = Path(adapter) if adapter is not None else None
@@ -250,8 +250,8 @@ class GroundingDinoPy(Stack):
     def _load_peft(model: nn.Module, split: Any, adapter_cfg: Any, adapter_cfg_file: Any, *, source: str,
                    adapter_path: Path | None, merge: bool) -> tuple[nn.Module, Any]:
         """Base weights into `model`, then the adapter on top: `(model with the adapter, combined KeyFit)`."""
-        from nanscope.stacks import peft_support as ps
-        from nanscope.stacks.checkpoint import MIN_FIT, key_fit, load_into
+        from nanscope.stacks.formats import peft as ps
+        from nanscope.stacks.formats.checkpoint import MIN_FIT, key_fit, load_into
 
         if adapter_path is None:
             probe = key_fit(model, split.base)
@@ -311,17 +311,17 @@ class GroundingDinoPy(Stack):
                              f"{side}x{side} pixels (resize or pad them as the training pipeline does)")
 
     def call_captions(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str] | None:
-        from nanscope.stacks.gdpy_capture import call_captions
+        from nanscope.stacks.groundingdino.capture import call_captions
 
         return call_captions(args, kwargs)
 
     def capture(self, model: nn.Module, *, detach: bool = True) -> ContextManager[Capture]:
-        from nanscope.stacks.gdpy_capture import capture_groundingdino
+        from nanscope.stacks.groundingdino.capture import capture_groundingdino
 
         return capture_groundingdino(self.find_model(model), detach=detach)
 
     def dump_meta(self, model: nn.Module) -> dict[str, Any]:
-        from nanscope.stacks.peft_support import live_adapter_config
+        from nanscope.stacks.formats.peft import live_adapter_config
 
         gd = self.find_model(model)
         name = str(getattr(getattr(gd, "tokenizer", None), "name_or_path", "") or "")
@@ -336,7 +336,7 @@ class GroundingDinoPy(Stack):
 
 def _peft_split(state: dict[str, torch.Tensor], ckpt: Path, adapter: Path | None, *, trust: bool) -> tuple[Any, Any, Any]:
     """(SplitState or None, adapter config or None, its path) for a checkpoint and an optional adapter."""
-    from nanscope.stacks import peft_support as ps
+    from nanscope.stacks.formats import peft as ps
 
     if adapter is not None:
         a_state, cfg, cfg_file = ps.read_adapter(adapter, trust=trust)
@@ -356,7 +356,7 @@ def _peft_split(state: dict[str, torch.Tensor], ckpt: Path, adapter: Path | None
 def _groundingdino_names(state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """MMDetection's key names -> groundingdino-py's (with a note); MM-GroundingDINO is refused, naming why."""
     from nanscope.errors import CheckpointError
-    from nanscope.stacks import mmdet_keys
+    from nanscope.stacks.formats import mmdet_keys
 
     mm = mmdet_keys.mm_grounding_dino_keys(state)
     if mm:
@@ -377,7 +377,7 @@ def _groundingdino_names(state: dict[str, torch.Tensor], source: str) -> tuple[d
 
 def _untie_box_heads(state: dict[str, torch.Tensor], config: str | os.PathLike[str] | None) -> tuple[dict[str, Any], list[str]]:
     """Build untied per-layer box heads when the checkpoint's differ and the config ties them (SwinT-OGC does)."""
-    from nanscope.stacks.mmdet_keys import box_heads_differ
+    from nanscope.stacks.formats.mmdet_keys import box_heads_differ
 
     diff = box_heads_differ(state)
     if diff == 0 or not load_config(config).get("dec_pred_bbox_embed_share", True):
