@@ -37,6 +37,14 @@ def test_nanscopes_own_criterion_raises_no_supervision_alarm(healthy_replay, dem
         assert not _codes(result), [f.message for f in _codes(result).values()]
 
 
+def test_open_groundingdinos_interm_spelling_raises_no_alarm_either(healthy_replay, demo_replay):
+    """Open-GroundingDino names its encoder terms `_interm`; NS404's reference ratios must find them."""
+    for replay in (healthy_replay, demo_replay):
+        result = inspect_replay(replay, criterion=f"{CRITERIA}:OpenGroundingDinoSpelling")
+        assert {"loss_ce_interm", "loss_bbox_interm"} <= set(result.loss_terms)
+        assert not _codes(result), [f.message for f in _codes(result).values()]
+
+
 def test_matched_only_loss_never_trains_negatives(healthy_replay):
     result = inspect_replay(healthy_replay, criterion=f"{CRITERIA}:MatchedOnly")
     f = _codes(result)["NS401"]
