@@ -141,12 +141,47 @@ def test_inf_origin_and_backward_origin_in_a_module(device):
     assert r.forward is None and r.loss_finite
     assert r.backward is not None and r.backward.kind == "inf"
     assert r.backward.module == "1" and r.backward.module_type == "Act"
-    assert r.backward.grad_fn == "SqrtBackward0" and r.backward.frame is None
+    assert r.backward.grad_fn == "SqrtBackward0"
+    assert "torch.sqrt(torch.relu(x))" in _line(r.backward.frame)  # the forward line whose backward it is
 
     model2 = model[:1]
     r2 = trace_nonfinite(model2, lambda: torch.log(torch.relu(model2(x))).sum())  # log(0): inf origin
     assert r2.forward.kind == "inf" and r2.forward.op == "aten.log.default" and r2.forward.module is None
     assert not r2.loss_finite and r2.intentional_inf_sources == ()
+
+
+def _anomaly_frame(run) -> tuple[str, int]:
+    """detect_anomaly's own answer: the last frame of this file in the forward traceback it warns with."""
+    import re
+    import traceback
+
+    with warnings.catch_warnings(record=True) as caught, torch.autograd.detect_anomaly(check_nan=True):
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="returned nan values"):
+            run().backward()
+    text = "\n".join(str(w.message) for w in caught) + "".join(traceback.format_stack(limit=0))
+    frames = re.findall(r'File "([^"]+)", line (\d+)', text)
+    file, line = [f for f in frames if f[0].endswith("test_trace.py")][-1]
+    return file, int(line)
+
+
+def test_backward_origin_in_user_loss_code_names_its_file_and_line():
+    """NS302 in the user's criterion: the forward line whose backward made the first NaN, as detect_anomaly names it."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+
+    def run() -> torch.Tensor:
+        pred = model(x)
+        return (pred - pred.detach()).pow(2).sum().sqrt()  # forward 0; backward: sqrt'(0) = inf, then 0 * inf
+
+    file, line = _anomaly_frame(run)
+    model.zero_grad(set_to_none=True)
+    r = trace_nonfinite(model, run)
+    assert r.forward is None and r.backward is not None
+    assert (r.backward.frame.file, r.backward.frame.line) == (file, line)
+    f302 = next(f for f in trace_findings(r) if f.code == "NS302")
+    assert f302.where[0]["file"].endswith("test_trace.py") and f302.where[0]["line"] == line
 
 
 def test_attention_workspace_is_not_an_origin(device):

@@ -55,7 +55,10 @@ class NonfiniteMode(TorchDispatchMode):
         # id(tensor) -> (weak reference, record, expected version); the reference rules out a reused id
         self._known: dict[int, tuple[weakref.ref[torch.Tensor], int, int | None]] = {}
         self._node_module: dict[Any, str | None] = {}  # autograd node -> module of the forward op that made it
-        self._last_outputs: tuple[str | None, list[torch.Tensor]] | None = None
+        # autograd node -> the user frame of the forward op that made it: a backward origin names the line
+        # whose backward produced it (what detect_anomaly's traceback points at)
+        self._node_frame: dict[Any, tuple[types.CodeType, int] | None] = {}
+        self._last_outputs: tuple[str | None, tuple[types.CodeType, int] | None, list[torch.Tensor]] | None = None
         # (device, dtype) -> (records, their minima, their maxima), read at the next flush
         self._queue: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[torch.Tensor], list[torch.Tensor]]]
         self._queue = {}
@@ -112,12 +115,13 @@ class NonfiniteMode(TorchDispatchMode):
         if backward:
             node = torch._C._current_autograd_node()
             module = self._node_module.get(node) if node is not None else None
-            frame, grad_fn = None, node.name() if node is not None else None
+            frame = self._node_frame.get(node) if node is not None else None
+            grad_fn = node.name() if node is not None else None
         else:
             stack = self.modules.stack
             module = stack[-1] if stack else None
             frame, grad_fn = self._user_frame(), None
-            self._last_outputs = (module, tensors)
+            self._last_outputs = (module, frame, tensors)
         self._pending.append(Op(
             index=index, name=name, backward=backward, module=module, frame=frame, grad_fn=grad_fn,
             ins=tuple(ins), outs=outs, tensors=tuple(tensors), inf_scalar=inf_scalar,
@@ -142,13 +146,14 @@ class NonfiniteMode(TorchDispatchMode):
 
     def _map_nodes(self) -> None:
         """Autograd sets an output's grad_fn after dispatch returns: map the previous forward op's nodes."""
-        module, tensors = self._last_outputs  # type: ignore[misc]
+        module, frame, tensors = self._last_outputs  # type: ignore[misc]
         self._last_outputs = None
         for t in tensors:
             if t.requires_grad:
                 node = t.grad_fn
                 if node is not None and node not in self._node_module:
                     self._node_module[node] = module
+                    self._node_frame[node] = frame
 
     def _input_record(self, t: torch.Tensor, backward: bool) -> int:
         known = self._known.get(id(t))

@@ -50,7 +50,7 @@ class Origin:
     shape: tuple[int, ...]
     dtype: str
     first_indices: tuple[tuple[int, ...], ...]  # up to 3 positions of the first NaN (or inf) values
-    frame: Frame | None  # forward only; the backward runs in autograd's engine, see grad_fn
+    frame: Frame | None  # forward: where the op ran; backward: where the forward op whose backward ran was called
     index: int  # op sequence number over forward + loss + backward
     grad_fn: str | None = None  # backward: the autograd node that ran the op, e.g. "MulBackward0"
     source: str | None = None  # the input that was already non-finite when it entered, e.g. "parameter x.w"

@@ -109,13 +109,19 @@ def describe(o: Origin) -> str:
     count = o.nan_count if o.kind == "nan" else o.inf_count
     text = (f"{what} first appears in the {o.phase} at {_op_name(o.op)}"
             f"{' (backward of ' + o.grad_fn + ')' if o.grad_fn else ''} {_in(o)}"
-            f"{' at ' + str(o.frame) if o.frame else ''}: {count} of {_numel(o.shape)} values"
+            f"{_at(o)}: {count} of {_numel(o.shape)} values"
             f" of a {list(o.shape)} {o.dtype} output")
     if o.source:
         text += f"; its input {o.source} was already non-finite"
     if o.inf_from is not None:
         text += f"; made from inf written by {_source_text(o.inf_from)}"
     return text + "."
+
+
+def _at(o: Origin) -> str:
+    if o.frame is None:
+        return ""
+    return f" at {o.frame}" if o.phase == "forward" else f", the backward of the forward at {o.frame}"
 
 
 def _in(o: Origin) -> str:
