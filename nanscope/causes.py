@@ -69,6 +69,14 @@ def _from_padding(c: Finding, wc: Where, e: Finding, we: Where) -> bool:
     return "ContrastiveEmbed" in str(origin.get("inf_from") or "")
 
 
+def _from_finite_inputs(c: Finding, wc: Where, e: Finding, we: Where) -> bool:
+    """No parameter or batch tensor entered the origin non-finite, and no -inf written on purpose (padding) made it."""
+    origins = e.data.get("origins") or []
+    k = e.where.index(we) if we in e.where else -1
+    origin = origins[k] if 0 <= k < len(origins) and isinstance(origins[k], dict) else {}
+    return not origin.get("source") and "ContrastiveEmbed" not in str(origin.get("inf_from") or "")
+
+
 def _in_module(c: Finding, wc: Where, e: Finding, we: Where) -> bool:
     outer, inner = wc.get("module"), we.get("module")
     return isinstance(outer, str) and isinstance(inner, str) and (inner == outer or inner.startswith(outer + "."))
@@ -103,6 +111,11 @@ RULES: tuple[Rule, ...] = (
     *(Rule("NS304", code, (), _SPREAD) for code in ("NS202", "NS203", "NS001", "NS302")),
     Rule("NS304", "NS301", (), "the first non-finite operation is where the pixels enter the model"),
     Rule("NS305", "NS301", (), "the first non-finite operation is in the module holding the weight", _in_module),
+    *(Rule("NS310", code, (), "an image that is all padding has valid ratio 0, and the reference points divide by it")
+      for code in ("NS301", "NS202", "NS203", "NS001", "NS302")),
+    Rule("NS311", "NS301", (), "a finite value past sqrt(float max) overflows in the next square or product: the "
+         "first non-finite operation is downstream of the exploded module", _from_finite_inputs),
+    Rule("NS311", "NS303", (), "everything downstream of an exploded activation is far beyond the fp16 range"),
     *(Rule("NS305", code, (), "every forward through a non-finite weight is non-finite")
       for code in ("NS202", "NS203", "NS001", "NS302")),
     # the origin trace: the first non-finite operation explains what comes after it

@@ -108,6 +108,12 @@ CATALOGUE: dict[str, CodeInfo] = {
            "The data pipeline produced NaN/inf pixels: check decoding, normalization and augmentations.", 1),
         _c("NS305", "non-finite parameters or buffers", E,
            "The checkpoint already holds NaN/inf weights: resume from an earlier checkpoint.", 2),
+        _c("NS310", "image with no valid pixels (all padding)", E,
+           "Drop the image or fix its padding mask (True marks padded pixels): groundingdino divides by each "
+           "image's valid ratio (get_reference_points, masks_to_boxes), which is 0 for an image that is all padding.", 1),
+        _c("NS311", "activation exploded past float32's safe range (a diverged weight)", W,
+           "A weight of this module diverged: resume from an earlier checkpoint, lower the learning rate and clip "
+           "gradients (clip_grad_norm_); the NaN downstream is where the next square or product overflows.", 2),
         _c("NS306", "checkpoint does not fit the model", E,
            "Use the config the checkpoint was trained with; missing weights stay random when loading with strict=False.", 3),
         _c("NS308", "LoRA target that can never train", W,

@@ -1,8 +1,10 @@
 """Numbers that are broken before any loss: NS303 half-precision overflow risk, NS304 non-finite input
-images, NS305 non-finite parameters or buffers in the checkpoint."""
+images, NS305 non-finite parameters or buffers in the checkpoint, NS310 images that are all padding, NS311
+activations that exploded past float32's safe range."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,6 +73,90 @@ def half_precision_risk(ctx: AnalysisContext) -> list[Finding]:
     data = {"limit": limit, "factor": RISK_FACTOR, "autocast": _dtype_name(amp),
             "modules": [[s.name, s.kind, s.max_abs, s.nonfinite] for s in overflowed + near]}
     return [Finding("NS303", severity, len(overflowed) + len(near), msg, tuple(where[:MAX_WHERE]), data=data)]
+
+
+@register("NS311", needs=("module_stats",))
+def exploded_activation(ctx: AnalysisContext) -> list[Finding]:
+    """The first module (in forward order) whose output is finite but past sqrt(float max): a square, a
+    variance or a product of two such values overflows, so the first NaN (NS301, e.g. in a layer_norm) comes
+    after it. A module whose own weights hold such magnitudes is the diverged one; its parents carry the same
+    values and are not listed."""
+    stats: list[ModuleStat] = list(ctx.module_stats)
+    hits: list[ModuleStat] = []
+    for s in stats:  # completion order: a child before the parents that contain it
+        dtype = _float_dtype(s.dtype)
+        if dtype is None or not s.max_abs >= exploded_limit(dtype):
+            continue
+        if any(h.name.startswith(s.name + ".") or not s.name for h in hits):
+            continue  # a parent of a module already listed
+        hits.append(s)
+    if not hits:
+        return []
+    modules = dict(ctx.model.named_modules()) if ctx.model is not None else {}
+    where: list[dict[str, Any]] = []
+    for k, s in enumerate(hits):
+        w: dict[str, Any] = {"module": s.name or "(model)", "kind": s.kind, "max_abs": float(f"{s.max_abs:.4g}")}
+        weight = _largest_weight(modules.get(s.name))
+        if weight is not None:
+            w["weight"], w["weight_max_abs"] = weight[0], float(f"{weight[1]:.4g}")
+        # after the first, only modules whose own weights exploded: the others pass the first one's values on
+        if k == 0 or (weight is not None and weight[1] >= exploded_limit(_float_dtype(s.dtype))):
+            where.append(w)
+    first = where[0]
+    own = (f"; its own {first['weight']} holds |w| up to {first['weight_max_abs']:.4g}" if "weight" in first else "")
+    msg = (f"{first['module']} ({first['kind']}) returns finite values up to |{first['max_abs']:.4g}|, past "
+           f"sqrt({_dtype_label(hits[0].dtype)} max) = {exploded_limit(_float_dtype(hits[0].dtype)):.3g}{own}: "
+           "the next square, variance or product of two such values overflows, so the first NaN downstream is a "
+           "consequence." + (f" {len(where) - 1} more module(s) with exploded weights." if len(where) > 1 else ""))
+    return [Finding("NS311", Severity.WARNING, len(where), msg, tuple(where[:MAX_WHERE]),
+                    data={"modules": [[s.name, s.kind, s.max_abs] for s in hits]})]
+
+
+def exploded_limit(dtype: torch.dtype) -> float:
+    """sqrt of the dtype's largest finite value: 1.84e19 for float32 (and bfloat16)."""
+    return math.sqrt(float(torch.finfo(dtype).max))
+
+
+def _float_dtype(name: str) -> torch.dtype | None:
+    """The output's dtype when it has float32's range or more; float16 overflows are NS303's."""
+    dtype = getattr(torch, name.removeprefix("torch."), None) if name else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype == torch.float16:
+        return None
+    return dtype
+
+
+def _dtype_label(name: str) -> str:
+    return name.removeprefix("torch.")
+
+
+def _largest_weight(module: Any) -> tuple[str, float] | None:
+    """(name, largest finite |value|) of the module's own parameter with the largest values."""
+    if module is None:
+        return None
+    best: tuple[str, float] | None = None
+    for name, p in module.named_parameters(recurse=False):
+        if p.numel() and p.is_floating_point():
+            a = p.detach().abs()
+            m = float(torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype)).amax())
+            if best is None or m > best[1]:
+                best = (name, m)
+    return best
+
+
+@register("NS310")
+def all_padding_images(ctx: AnalysisContext) -> list[Finding]:
+    masks = ctx.batch.image_masks  # [B, H, W] bool, True on padded pixels
+    if masks is None:
+        return []
+    padded = masks.flatten(1).all(1).cpu()  # [B]
+    images = padded.nonzero().flatten().tolist()
+    if not images:
+        return []
+    h, w = masks.shape[-2:]
+    msg = (f"{len(images)} of {masks.shape[0]} image(s) are all padding (image_masks is True on all {h}x{w} "
+           f"pixels): {', '.join(f'image {i}' for i in images)}. Their valid ratio is 0, and groundingdino divides "
+           "by it (get_reference_points): every box and logit of the batch becomes NaN.")
+    return [Finding("NS310", Severity.ERROR, len(images), msg, tuple({"image": i} for i in images[:MAX_WHERE]))]
 
 
 @register("NS304")

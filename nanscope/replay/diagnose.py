@@ -204,7 +204,7 @@ def inspect_replay(
     select = check_codes(select) if select else None
     ignore = check_codes(ignore) if ignore else None
     dtype = amp_dtype(amp)
-    want_stats = (not select or "NS303" in select) and "NS303" not in (ignore or ())
+    want_stats = _wants(("NS303", "NS311"), select, ignore)
     with contextlib.ExitStack() as stack:
         if dtype is not None:
             stack.enter_context(torch.autocast(device_type=replay.device.type, dtype=dtype))
