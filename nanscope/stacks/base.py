@@ -74,6 +74,10 @@ class Stack(abc.ABC):
     def owns(self, model: nn.Module) -> bool:
         """True when `model`, or a module inside it (DDP, PEFT, torch.compile), is of this family."""
 
+    def preset_for(self, model: nn.Module) -> str:
+        """verify-fix's --preset for this model when none is given (a family may hold models of two trainers)."""
+        return self.default_preset
+
     @abc.abstractmethod
     def find_model(self, model: nn.Module) -> nn.Module:
         """The detector module inside wrappers; raises `ConfigError` when there is none."""

@@ -243,7 +243,7 @@ def verify_replay(replay: Replay, *, before: Any = None, after: Any = None, pres
     'hf'). What the criteria print is in `result.user_stdout`.
     """
     assert replay.stack is not None
-    preset = preset or replay.stack.default_preset
+    preset = preset or replay.stack.preset_for(replay.model)
     with collect_user_stdout() as out:
         spec_b, spec_a = resolve_criteria(before, after, preset, steps)
         default_b, default_a = default_criteria(preset)

@@ -363,9 +363,9 @@ def _groundingdino_names(state: dict[str, torch.Tensor], source: str) -> tuple[d
         raise CheckpointError(
             f"{source} is an MM-GroundingDINO checkpoint: its contrastive heads have a learned bias per layer and "
             f"a logit scale ({', '.join(mm[:3])}{', ...' if len(mm) > 3 else ''}), which groundingdino-py's "
-            "ContrastiveEmbed does not have, so replaying it here would change every logit. Convert it with "
-            "transformers' convert_mm_grounding_dino_to_hf.py and inspect the save_pretrained folder: the "
-            "transformers stack replays it as MMGroundingDinoForObjectDetection"
+            "ContrastiveEmbed does not have, so replaying it here would change every logit. Leave out --stack "
+            "(or pass --stack hf): the transformers stack maps its keys onto MMGroundingDinoForObjectDetection, "
+            "no conversion step needed"
         )
     if not mmdet_keys.is_mmdet_state(state):
         return state, []

@@ -1,0 +1,262 @@
+"""MM-GroundingDINO / LLMDet checkpoints as MMDetection writes them, replayed on transformers'
+MMGroundingDinoForObjectDetection (nanscope.stacks.transformers.mm_keys / mm_loading).
+
+The mmdet file is made from a tiny MMGroundingDinoForObjectDetection by an inverse map written here from
+MMDetection's module names (not from nanscope's map): Swin's qkv concatenated, patch-merging channels put
+back in mmdet's Unfold order with mmdet's own swin2mmdet functions, nn.MultiheadAttention in_proj, per-layer
+heads as `bbox_head.*_branches`, the encoder's head as the last branch.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from nanscope.errors import CheckpointError
+
+SWIN = "model.backbone.conv_encoder.model.swin."
+
+
+# --- mmdet's tools/model_converters/swin2mmdet.py (official Swin order -> mmdet's Unfold order) -------------
+def swin_to_mmdet_reduction(x: torch.Tensor) -> torch.Tensor:
+    out_channel, in_channel = x.shape
+    x = x.reshape(out_channel, 4, in_channel // 4)
+    return x[:, [0, 2, 1, 3], :].transpose(1, 2).reshape(out_channel, in_channel)
+
+
+def swin_to_mmdet_norm(x: torch.Tensor) -> torch.Tensor:
+    in_channel = x.shape[0]
+    x = x.reshape(4, in_channel // 4)
+    return x[[0, 2, 1, 3], :].transpose(0, 1).reshape(in_channel)
+
+
+def to_mmdet(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """transformers MMGroundingDino state dict -> MMDetection GroundingDINO key names (independent inverse)."""
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    L = model.config.decoder_layers
+    n_convs = len(model.config.backbone_config.out_features)
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        if k.startswith("model.decoder.class_embed.") or k.startswith("model.decoder.bbox_embed.") or \
+                k.startswith(SWIN + "layernorm."):
+            continue  # duplicates of the top-level heads / Swin's unused final norm: mmdet has neither
+        if k.startswith(SWIN):
+            r = k[len(SWIN):]
+            r = r.replace("embeddings.patch_embeddings.projection.", "patch_embed.projection.")
+            r = r.replace("embeddings.norm.", "patch_embed.norm.").replace("encoder.layers.", "stages.")
+            if m := re.match(r"(stages\.\d+\.blocks\.\d+\.)attention\.([qkv])_proj\.(\w+)$", r):
+                qkv.setdefault(f"backbone.{m.group(1)}attn.w_msa.qkv.{m.group(3)}", {})[m.group(2)] = v
+                continue
+            r = r.replace("attention.o_proj.", "attn.w_msa.proj.")
+            r = r.replace("attention.relative_position_bias.", "attn.w_msa.")
+            r = r.replace("layernorm_before.", "norm1.").replace("layernorm_after.", "norm2.")
+            r = r.replace("mlp.fc1.", "ffn.layers.0.0.").replace("mlp.fc2.", "ffn.layers.1.")
+            if "downsample.reduction" in r:
+                v = swin_to_mmdet_reduction(v)
+            elif "downsample.norm" in r:
+                v = swin_to_mmdet_norm(v)
+            out["backbone." + r] = v
+        elif m := re.match(r"model\.backbone\.conv_encoder\.model\.hidden_states_norms\.stage(\d)\.(\w+)$", k):
+            out[f"backbone.norm{int(m.group(1)) - 1}.{m.group(2)}"] = v
+        elif m := re.match(r"model\.input_proj_vision\.(\d+)\.([01])\.(\w+)$", k):
+            i, part = int(m.group(1)), "conv" if m.group(2) == "0" else "gn"
+            out[f"neck.convs.{i}.{part}.{m.group(3)}" if i < n_convs
+                else f"neck.extra_convs.{i - n_convs}.{part}.{m.group(3)}"] = v
+        elif k.startswith("model.text_backbone."):
+            out["language_model.language_backbone.body.model." + k[len("model.text_backbone."):]] = v
+        elif k.startswith("model.text_projection."):
+            out["text_feat_map." + k.split(".")[-1]] = v
+        elif m := re.match(r"model\.encoder\.layers\.(\d+)\.(\w+)\.(.+)$", k):
+            i, part, rest = m.groups()
+            if part == "fusion_layer":
+                rest = {"vision_param": "gamma_v", "text_param": "gamma_l"}.get(rest, rest)
+                rest = rest.replace("layer_norm_vision", "layer_norm_v").replace("layer_norm_text", "layer_norm_l")
+                rest = rest.replace("vision_proj", "v_proj").replace("text_proj", "l_proj")
+                out[f"encoder.fusion_layers.{i}.{rest}"] = v
+            elif part == "deformable_layer":
+                rest = rest.replace("self_attn_layer_norm", "norms.0").replace("final_layer_norm", "norms.1")
+                rest = rest.replace("fc1", "ffn.layers.0.0").replace("fc2", "ffn.layers.1")
+                out[f"encoder.layers.{i}.{rest}"] = v
+            else:  # text_enhancer_layer
+                if mm := re.match(r"self_attn\.(query|key|value)\.(\w+)$", rest):
+                    qkv.setdefault(f"encoder.text_layers.{i}.self_attn.attn.in_proj_{mm.group(2)}", {})[mm.group(1)] = v
+                    continue
+                rest = rest.replace("self_attn.out_proj", "self_attn.attn.out_proj")
+                rest = rest.replace("layer_norm_before", "norms.0").replace("layer_norm_after", "norms.1")
+                rest = rest.replace("fc1", "ffn.layers.0.0").replace("fc2", "ffn.layers.1")
+                out[f"encoder.text_layers.{i}.{rest}"] = v
+        elif m := re.match(r"model\.decoder\.layers\.(\d+)\.(.+)$", k):
+            i, rest = m.groups()
+            if mm := re.match(r"(self_attn|encoder_attn_text)\.(query|key|value)\.(\w+)$", rest):
+                name = "self_attn" if mm.group(1) == "self_attn" else "cross_attn_text"
+                qkv.setdefault(f"decoder.layers.{i}.{name}.attn.in_proj_{mm.group(3)}", {})[mm.group(2)] = v
+                continue
+            rest = rest.replace("encoder_attn_text.out_proj", "cross_attn_text.attn.out_proj")
+            rest = rest.replace("self_attn.out_proj", "self_attn.attn.out_proj")
+            rest = rest.replace("encoder_attn_text_layer_norm", "norms.1").replace("encoder_attn_layer_norm", "norms.2")
+            rest = rest.replace("self_attn_layer_norm", "norms.0").replace("final_layer_norm", "norms.3")
+            rest = rest.replace("encoder_attn.", "cross_attn.")
+            rest = rest.replace("fc1", "ffn.layers.0.0").replace("fc2", "ffn.layers.1")
+            out[f"decoder.layers.{i}.{rest}"] = v
+        elif k.startswith("model.decoder.layer_norm."):
+            out["decoder.norm." + k.split(".")[-1]] = v
+        elif k.startswith("model.decoder.reference_points_head."):
+            out["decoder.ref_point_head." + k[len("model.decoder.reference_points_head."):]] = v
+        elif m := re.match(r"class_embed\.(\d+)\.bias$", k):
+            out[f"bbox_head.cls_branches.{m.group(1)}.bias"] = v.reshape(1)  # nn.Parameter(torch.Tensor([b]))
+        elif m := re.match(r"bbox_embed\.(\d+)\.layers\.(\d)\.(\w+)$", k):
+            out[f"bbox_head.reg_branches.{m.group(1)}.{2 * int(m.group(2))}.{m.group(3)}"] = v
+        elif k == "model.encoder_output_class_embed.bias":
+            out[f"bbox_head.cls_branches.{L}.bias"] = v.reshape(1)
+        elif m := re.match(r"model\.encoder_output_bbox_embed\.layers\.(\d)\.(\w+)$", k):
+            out[f"bbox_head.reg_branches.{L}.{2 * int(m.group(1))}.{m.group(2)}"] = v
+        else:
+            out[{"model.level_embed": "level_embed", "model.query_position_embeddings.weight": "query_embedding.weight",
+                 "model.enc_output.weight": "memory_trans_fc.weight", "model.enc_output.bias": "memory_trans_fc.bias",
+                 "model.enc_output_norm.weight": "memory_trans_norm.weight",
+                 "model.enc_output_norm.bias": "memory_trans_norm.bias"}[k]] = v
+    for k, parts in qkv.items():
+        out[k] = torch.cat([parts[n] for n in (("q", "k", "v") if "w_msa" in k else ("query", "key", "value"))])
+    out["dn_query_generator.label_embedding.weight"] = torch.randn(256, model.config.d_model)  # training only
+    return out
+
+
+@pytest.fixture(scope="module")
+def mm(tmp_path_factory):
+    """A tiny MMGroundingDinoForObjectDetection, its text encoder folder (tokenizer + BERT config.json)."""
+    from nanscope.stacks.transformers.demo import tiny_model, write_tokenizer
+
+    folder = tmp_path_factory.mktemp("mm")
+    tok = write_tokenizer(folder / "bert")
+    model = tiny_model(len(tok), mm=True, seed=3)
+    with torch.no_grad():  # distinct heads per layer and non-default biases, as after fine-tuning
+        for i, head in enumerate(model.class_embed):
+            head.bias.fill_(-4.6 + 0.3 * i)
+        model.model.encoder_output_class_embed.bias.fill_(-2.0)
+        model.bbox_embed[1].layers[2].bias.add_(0.05)
+    model.config.text_config.to_json_file(str(folder / "bert" / "config.json"))
+    return folder, model, tok
+
+
+def _cfg_text(bert: str) -> str:
+    return ("_base_ = []\nlang_model_name = %r\nmodel = dict(type='GroundingDINO', num_queries=900,\n"
+            "    language_model=dict(type='BertModel', name=lang_model_name, max_tokens=256),\n"
+            "    bbox_head=dict(type='GroundingDINOHead', contrastive_cfg=dict(max_text_len=256, log_scale='auto', "
+            "bias=True)))\nwork_dir = os.path.join('runs', 'x')\n" % bert)
+
+
+def _mmengine_file(path, state, cfg_text):
+    """A checkpoint as MMEngine's Runner writes it, with real mmengine objects."""
+    import numpy as np
+    from mmengine.config import ConfigDict
+    from mmengine.logging import MessageHub
+    from mmengine.runner.checkpoint import save_checkpoint
+
+    hub = MessageHub.get_instance(f"nanscope-test-{path.name}")
+    hub.update_scalar("train/loss", 1.25)
+    hub.update_scalar("train/lr", np.float64(1e-4))
+    hub.update_info("iter", 12)
+    p = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(p.parameters())
+    p(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    save_checkpoint({"meta": {"epoch": 1, "iter": 12, "cfg": cfg_text, "seed": np.int64(7),
+                              "dataset_meta": {"classes": ("cat", "dog")}, "mmengine_version": "0.10.7"},
+                     "state_dict": state, "message_hub": hub.state_dict(), "optimizer": opt.state_dict(),
+                     "param_schedulers": [ConfigDict(type="MultiStepLR", milestones=[8, 11])]}, str(path))
+
+
+def _inputs(tok, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    enc = tok(["cat . dog .", "a photo of a zebra next to a red car ."], padding="longest", return_tensors="pt")
+    return {"pixel_values": torch.randn(2, 3, 224, 224, generator=g), "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"], "token_type_ids": enc["token_type_ids"]}
+
+
+def test_mmengine_checkpoint_replays_equal_without_trust(mm, tmp_path):
+    from nanscope.stacks import stack_for_checkpoint
+
+    folder, model, tok = mm
+    p = tmp_path / "epoch_1.pth"
+    _mmengine_file(p, to_mmdet(model), _cfg_text(str(folder / "bert")))
+    stack = stack_for_checkpoint(p)
+    assert stack.name == "transformers"
+    loaded = stack.load(p, hash_checkpoint=False)
+    assert type(loaded.model).__name__ == "MMGroundingDinoForObjectDetection"
+    fit = loaded.key_fit
+    assert not fit.missing and not fit.unexpected and not fit.mismatched, fit
+    assert "dn_query_generator.label_embedding.weight" in {k for k, _ in fit.benign}
+    notes = " ".join(fit.notes)
+    assert "message_hub (dict of HistoryBuffer records)" in notes and "optimizer" in notes
+    assert "work_dir" in notes  # the config line that is code, not data, is named
+    with torch.no_grad():
+        a, b = model(**_inputs(tok)), loaded.model(**_inputs(tok))
+    assert torch.allclose(a.logits, b.logits, atol=1e-6, equal_nan=True)
+    assert torch.isinf(a.logits).sum() == torch.isinf(b.logits).sum() > 0  # the -inf padding is the model's
+    assert torch.allclose(a.pred_boxes, b.pred_boxes, atol=1e-6)
+
+
+def test_bare_state_dict_with_mmdet_config(mm, tmp_path):
+    from nanscope.stacks import get_stack
+
+    folder, model, tok = mm
+    cfg = tmp_path / "grounding_dino_swin-t_finetune.py"
+    cfg.write_text(_cfg_text(str(folder / "bert")))
+    p = tmp_path / "bare.pth"
+    torch.save(to_mmdet(model), p)
+    loaded = get_stack("hf").load(p, config=cfg, hash_checkpoint=False)
+    with torch.no_grad():
+        assert torch.allclose(model(**_inputs(tok, 1)).logits, loaded.model(**_inputs(tok, 1)).logits, atol=1e-6,
+                              equal_nan=True)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "misshaped"])
+def test_damaged_key_is_ns306_naming_it(mm, tmp_path, damage):
+    from nanscope.analyzers.checkpoint_fit import checkpoint_fit
+    from nanscope.stacks import get_stack
+
+    folder, model, _ = mm
+    state = to_mmdet(model)
+    key = "decoder.layers.1.ffn.layers.0.0.weight"
+    if damage == "deleted":
+        del state[key]
+    else:
+        state[key] = state[key][:, :-1]
+    p = tmp_path / f"{damage}.pth"
+    _mmengine_file(p, state, _cfg_text(str(folder / "bert")))
+    fit = get_stack("hf").load(p, hash_checkpoint=False).key_fit
+    hf_key = "model.decoder.layers.1.fc1.weight"
+    assert (hf_key in fit.missing) if damage == "deleted" else (hf_key in {m[0] for m in fit.mismatched})
+    from types import SimpleNamespace
+
+    (f,) = checkpoint_fit(SimpleNamespace(key_fit=fit))
+    assert f.code == "NS306" and hf_key in {w["param"] for w in f.where}
+    if damage == "misshaped":  # the user's own key name is said too
+        assert f"{hf_key} is the file's {key}" in f.message
+
+
+def test_other_pickled_class_is_refused_naming_it(mm, tmp_path):
+    import pathlib
+
+    from nanscope.stacks import get_stack
+
+    folder, model, _ = mm
+    p = tmp_path / "odd.pth"
+    torch.save({"meta": {"work_dir": pathlib.PurePosixPath("/runs/x")}, "state_dict": to_mmdet(model)}, p)
+    with pytest.raises(CheckpointError, match=r"pathlib\.PurePosixPath.*--trust-checkpoint"):
+        get_stack("hf").load(p, hash_checkpoint=False)
+
+
+def test_learned_logit_scale_is_refused(mm, tmp_path):
+    from nanscope.stacks import get_stack
+
+    _, model, _ = mm
+    state = to_mmdet(model)
+    state["bbox_head.cls_branches.0.log_scale"] = torch.tensor([0.0])
+    p = tmp_path / "scaled.pth"
+    torch.save({"state_dict": state}, p)
+    with pytest.raises(CheckpointError, match=r"cls_branches\.0\.log_scale.*1/sqrt\(d\)"):
+        get_stack("hf").load(p, hash_checkpoint=False)
