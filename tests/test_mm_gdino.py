@@ -260,3 +260,135 @@ def test_learned_logit_scale_is_refused(mm, tmp_path):
     torch.save({"state_dict": state}, p)
     with pytest.raises(CheckpointError, match=r"cls_branches\.0\.log_scale.*1/sqrt\(d\)"):
         get_stack("hf").load(p, hash_checkpoint=False)
+
+
+def test_demo_on_mm_grounding_dino(tmp_path, capsys):
+    """The unmasked loss on MM-GroundingDINO's -inf padding is NS101; verify-fix (mmdet preset) says FIXED."""
+    import json
+
+    from nanscope.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--stack", "hf-mm", "--out", str(out), "--no-html"]) == 0
+    text = capsys.readouterr().out
+    verdicts = [line for line in text.splitlines() if line.startswith("nanscope ")]
+    assert verdicts[0].startswith("nanscope inspect: BROKEN")
+    assert verdicts[1].startswith("nanscope verify-fix: FIXED")
+    findings = {m.group(1) for m in (re.match(r"\s*(?:cause \d+: )?(NS\d{3}) ", ln) for ln in text.splitlines()) if m}
+    assert {"NS101", "NS001"} <= findings
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert cfg["model_type"] == "mm-grounding-dino" and cfg["architectures"] == ["MMGroundingDinoForObjectDetection"]
+    assert "NaiveCriterion(preset='mmdet')" in text  # MM-GroundingDINO's default preset is MMDetection's
+
+
+# --- MMDetection 3.x, written from its source: ContrastiveEmbed (grounding_dino_layers.py), BinaryFocalLossCost
+# + BBoxL1Cost(xywh) + IoUCost(giou) in HungarianAssigner, GroundingDINOHead.loss_by_feat_single,
+# py_sigmoid_focal_loss, L1Loss, GIoULoss, weight_reduce_loss (sum / (avg_factor + float32 eps)). ------------
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def mmdet_contrastive(visual, text, text_token_mask, bias, max_text_len=256, log_scale="auto"):
+    res = visual @ text.transpose(-1, -2)
+    if log_scale == "auto":
+        res = res / (visual.shape[-1] ** 0.5)
+    res = res + bias
+    res.masked_fill_(~text_token_mask[:, None, :], float("-inf"))
+    new_res = torch.full((*res.shape[:-1], max_text_len), float("-inf"))
+    new_res[..., :res.shape[-1]] = res
+    return new_res
+
+
+def _xyxy(b):
+    cx, cy, w, h = b.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+
+def _giou(a, b):  # [N,4] x [M,4] xyxy -> [N, M]
+    from torchvision.ops import generalized_box_iou
+
+    return generalized_box_iou(a, b)
+
+
+def mmdet_assign(scores, boxes, gt_boxes, gt_maps, text_mask, alpha=0.25, gamma=2.0, eps=1e-12):
+    from scipy.optimize import linear_sum_assignment
+
+    keep = torch.nonzero(text_mask).squeeze(-1)
+    p = scores[:, keep].sigmoid()
+    gt = gt_maps[:, keep].float()
+    neg_cost = -(1 - p + eps).log() * (1 - alpha) * p.pow(gamma)
+    pos_cost = -(p + eps).log() * alpha * (1 - p).pow(gamma)
+    cls_cost = (torch.einsum("nc,mc->nm", pos_cost, gt) + torch.einsum("nc,mc->nm", neg_cost, 1 - gt)) * 2.0
+    l1_cost = torch.cdist(boxes, gt_boxes, p=1) * 5.0
+    iou_cost = -_giou(_xyxy(boxes), _xyxy(gt_boxes)) * 2.0
+    rows, cols = linear_sum_assignment((cls_cost + l1_cost + iou_cost).detach().numpy())
+    return torch.as_tensor(rows), torch.as_tensor(cols)
+
+
+def mmdet_loss_by_feat_single(cls_scores, bbox_preds, gts, text_masks, max_text_len=256):
+    labels_l, weights_l, bt_l, bw_l, num_pos = [], [], [], [], 0
+    for i, (scores, boxes) in enumerate(zip(cls_scores, bbox_preds)):
+        gt_maps = (gts[i]["positive_map"] > 0).float()  # binarized positive maps
+        q = scores.shape[0]
+        rows, cols = mmdet_assign(scores, boxes, gts[i]["boxes"], gt_maps, text_masks[i])
+        labels = torch.zeros(q, max_text_len)
+        labels[rows] = gt_maps[cols]
+        bt, bw = torch.zeros(q, 4), torch.zeros(q, 4)
+        bt[rows], bw[rows] = gts[i]["boxes"][cols], 1.0
+        labels_l.append(labels), weights_l.append(torch.ones(q)), bt_l.append(bt), bw_l.append(bw)
+        num_pos += len(rows)
+    labels, label_weights = torch.stack(labels_l), torch.stack(weights_l)
+    bbox_targets, bbox_weights = torch.cat(bt_l), torch.cat(bw_l)
+    tm = torch.zeros(text_masks.size(0), max_text_len, dtype=text_masks.dtype)
+    tm[:, :text_masks.size(1)] = text_masks
+    text_mask = (tm > 0).unsqueeze(1).repeat(1, cls_scores.size(1), 1)
+    scores = torch.masked_select(cls_scores, text_mask).contiguous()
+    labels = torch.masked_select(labels, text_mask)
+    label_weights = torch.masked_select(label_weights[..., None].repeat(1, 1, text_mask.size(-1)), text_mask)
+    cls_avg_factor = max(float(num_pos), 1.0)  # one process: reduce_mean is the identity
+    p = scores.sigmoid()
+    one_minus_pt = (1 - p) * labels + p * (1 - labels)
+    focal_weight = (0.25 * labels + 0.75 * (1 - labels)) * one_minus_pt.pow(2.0)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(scores, labels, reduction="none") * focal_weight
+    loss_cls = (loss * label_weights).sum() / (cls_avg_factor + EPS32) * 1.0
+    num_total_pos = max(float(num_pos), 1.0)
+    preds = bbox_preds.reshape(-1, 4)
+    loss_bbox = (torch.abs(preds - bbox_targets) * bbox_weights).sum() / (num_total_pos + EPS32) * 5.0
+    giou = torch.diag(_giou(_xyxy(preds), _xyxy(bbox_targets)))
+    loss_iou = ((1 - giou) * bbox_weights.mean(-1)).sum() / (num_total_pos + EPS32) * 2.0
+    return loss_cls, loss_bbox, loss_iou
+
+
+def test_mmdet_preset_equals_mmdetection_head_with_learned_bias(tmp_path):
+    """The MM model's logits rebuilt with MMDetection's ContrastiveEmbed (x @ t / sqrt(d) + learned bias) and
+    its loss_by_feat: nanscope's mmdet preset (the default for this model) gives the same three terms."""
+    from nanscope.criterion.set_criterion import SetCriterion
+    from nanscope.replay.session import prepare
+    from nanscope.stacks.transformers.demo import write_hf_demo
+
+    files = write_hf_demo(tmp_path, mm=True, long=False)
+    replay = prepare(files.model, files.batch, hash_checkpoint=False)
+    det = replay.model
+    assert replay.stack.preset_for(det) == "mmdet"
+    with torch.no_grad():
+        for i, head in enumerate(det.class_embed):  # a learned bias per layer, as MM-GroundingDINO trains it
+            head.bias.fill_(-4.6 + 0.5 * i)
+    seen = {}
+
+    def grab(_m, args, kwargs, out):
+        seen.update(vision=kwargs["vision_hidden_state"], text=kwargs["text_hidden_state"],
+                    mask=kwargs["text_token_mask"], out=out)
+
+    h = det.class_embed[-1].register_forward_hook(grab, with_kwargs=True)
+    try:
+        rec = replay.forward(detach=True)
+    finally:
+        h.remove()
+    outputs, targets = rec.to_outputs(), replay.targets()
+    ref_logits = mmdet_contrastive(seen["vision"], seen["text"], seen["mask"], det.class_embed[-1].bias)
+    assert torch.equal(torch.isinf(ref_logits), torch.isinf(outputs["pred_logits"]))
+    torch.testing.assert_close(ref_logits, outputs["pred_logits"], rtol=0, atol=1e-5)
+    ref = mmdet_loss_by_feat_single(ref_logits, outputs["pred_boxes"], targets, seen["mask"])
+    crit = SetCriterion("mmdet", impl="masked_select", aux_loss=False, enc_loss=False)
+    ours = crit(outputs, targets)
+    for name, r in zip(("loss_ce", "loss_bbox", "loss_giou"), ref):
+        torch.testing.assert_close(ours[name] * crit.weight_dict[name], r, rtol=1e-5, atol=1e-6, msg=name)

@@ -18,9 +18,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-html", action="store_true", help="skip the HTML report")
     p.add_argument("--no-verify", action="store_true", help="skip verify-fix")
     quiet_option(p)
-    p.add_argument("--stack", default="groundingdino-py", choices=["groundingdino-py", "transformers", "hf"],
+    p.add_argument("--stack", default="groundingdino-py", choices=["groundingdino-py", "transformers", "hf", "hf-mm"],
                    help="the model family of the demo model (default: groundingdino-py; hf: transformers' "
-                        "GroundingDinoForObjectDetection saved with save_pretrained)")
+                        "GroundingDinoForObjectDetection saved with save_pretrained; hf-mm: its "
+                        "MMGroundingDinoForObjectDetection, MM-GroundingDINO / LLMDet, verified with the mmdet preset)")
     p.set_defaults(command_module=__name__)
 
 
@@ -107,7 +108,7 @@ def _demo(args: argparse.Namespace, console: Any, out: Path, html: str | None) -
     else:
         from nanscope.stacks.transformers.demo import write_hf_demo
 
-        hf_files = write_hf_demo(out)
+        hf_files = write_hf_demo(out, mm=args.stack == "hf-mm")
         replay = prepare(hf_files.model, hf_files.batch)
         model_args = f"{hf_files.model} {hf_files.batch}"
     console.print(f"$ nanscope inspect {model_args} --criterion {DEMO_CRITERION}")
