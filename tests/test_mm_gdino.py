@@ -392,3 +392,20 @@ def test_mmdet_preset_equals_mmdetection_head_with_learned_bias(tmp_path):
     ours = crit(outputs, targets)
     for name, r in zip(("loss_ce", "loss_bbox", "loss_giou"), ref):
         torch.testing.assert_close(ours[name] * crit.weight_dict[name], r, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cli_inspect_on_an_mmengine_checkpoint(mm, tmp_path, capsys):
+    """`nanscope inspect epoch_N.pth batch.pt`: no --stack, no --config, no --trust-checkpoint."""
+    from nanscope.cli import main
+    from nanscope.stacks.groundingdino.demo import demo_batch
+
+    folder, model, _ = mm
+    p, batch = tmp_path / "epoch_1.pth", tmp_path / "batch.pt"
+    _mmengine_file(p, to_mmdet(model), _cfg_text(str(folder / "bert")))
+    torch.save(demo_batch(0, long=False), batch)
+    capsys.readouterr()
+    code = main(["inspect", str(p), str(batch), "--criterion", "nanscope.criterion:NaiveCriterion"])
+    text = capsys.readouterr().out
+    assert code == 1, text
+    assert re.search(r"NS101 error", text) and "NS306 info" in text
+    assert "MMGroundingDinoForObjectDetection" in text and "message_hub (dict of HistoryBuffer records)" in text
