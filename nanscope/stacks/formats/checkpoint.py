@@ -98,6 +98,9 @@ def _torch_load(p: Path, *, trust: bool) -> Any:
                 "containers, argparse.Namespace and MMEngine's HistoryBuffer/ConfigDict/numpy records only. If you "
                 "trust this file, pass --trust-checkpoint, or re-save its weights as {'model': model.state_dict()}."
             ) from None
+        if (m := re.search(r"getattr\(.*?\) in the pickle[^\n]*", str(exc))) is not None:  # mmengine_records
+            raise CheckpointError(f"checkpoint {str(p)!r} holds {m.group(0)}; pass --trust-checkpoint if you "
+                                  "trust this file") from None
         raise CheckpointError(f"checkpoint {str(p)!r} is not a readable torch file ({_first_line(exc)})") from None
     except Exception as exc:  # truncated zip, ...
         raise CheckpointError(
