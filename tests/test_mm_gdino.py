@@ -213,7 +213,7 @@ def test_bare_state_dict_with_mmdet_config(mm, tmp_path):
                               equal_nan=True)
 
 
-@pytest.mark.parametrize("damage", ["deleted", "misshaped"])
+@pytest.mark.parametrize("damage", ["deleted", "misshaped", "stray"])
 def test_damaged_key_is_ns306_naming_it(mm, tmp_path, damage):
     from nanscope.analyzers.checkpoint_fit import checkpoint_fit
     from nanscope.stacks import get_stack
@@ -223,13 +223,17 @@ def test_damaged_key_is_ns306_naming_it(mm, tmp_path, damage):
     key = "decoder.layers.1.ffn.layers.0.0.weight"
     if damage == "deleted":
         del state[key]
-    else:
+    elif damage == "misshaped":
         state[key] = state[key][:, :-1]
+    else:  # a key that maps nowhere keeps its mmdet name
+        key = "bbox_head.extra_branch.0.weight"
+        state[key] = torch.ones(2, 2)
     p = tmp_path / f"{damage}.pth"
     _mmengine_file(p, state, _cfg_text(str(folder / "bert")))
     fit = get_stack("hf").load(p, hash_checkpoint=False).key_fit
-    hf_key = "model.decoder.layers.1.fc1.weight"
-    assert (hf_key in fit.missing) if damage == "deleted" else (hf_key in {m[0] for m in fit.mismatched})
+    hf_key = "model.decoder.layers.1.fc1.weight" if damage != "stray" else key
+    where = {"deleted": fit.missing, "misshaped": [m[0] for m in fit.mismatched], "stray": fit.unexpected}[damage]
+    assert list(where) == [hf_key]
     from types import SimpleNamespace
 
     (f,) = checkpoint_fit(SimpleNamespace(key_fit=fit))
@@ -409,3 +413,45 @@ def test_cli_inspect_on_an_mmengine_checkpoint(mm, tmp_path, capsys):
     assert code == 1, text
     assert re.search(r"NS101 error", text) and "NS306 info" in text
     assert "MMGroundingDinoForObjectDetection" in text and "message_hub (dict of HistoryBuffer records)" in text
+
+
+def test_watch_dump_of_an_mm_model_replays(mm, tmp_path, capsys):
+    """nanscope.watch on MMGroundingDinoForObjectDetection training with its own loss: a NaN pixel makes the
+    matcher raise, the dump holds the model's config, and `nanscope inspect DUMP` rebuilds the MM model."""
+    import json
+
+    import nanscope
+    from nanscope.cli import main
+    from nanscope.stacks.transformers.stack import set_tokenizer
+
+    import copy
+
+    folder, original, tok = mm
+    model = type(original)(copy.deepcopy(original.config))  # a training copy: the fixture's model stays as it is
+    model.load_state_dict(original.state_dict())
+    model.config._name_or_path = str(folder / "bert")  # where the dump finds the tokenizer
+    set_tokenizer(model, tok)
+    model.train()
+    dumps = tmp_path / "dumps"
+    labels = [{"class_labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.2, 0.3]])},
+              {"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    with pytest.raises(ValueError), pytest.warns(RuntimeWarning):
+        with nanscope.watch(model, dump_dir=dumps) as watcher:
+            for step in range(2):
+                enc = tok(["cat . dog .", "cat . dog ."], padding="longest", return_tensors="pt")
+                pv = torch.randn(2, 3, 224, 224)
+                if step == 1:
+                    pv[1, :, 7, 9] = float("nan")
+                batch = {"pixel_values": pv, **enc, "labels": labels}
+                out = model(**batch)
+                watcher.check(step, out.loss_dict, batch)
+                out.loss.backward()
+    (dump,) = sorted(dumps.glob("step*-rank0"))
+    manifest = json.loads((dump / "manifest.json").read_text())
+    assert manifest["stack"]["model_class"] == "MMGroundingDinoForObjectDetection"
+    assert manifest["stack"]["hf_config"]["model_type"] == "mm-grounding-dino"
+    capsys.readouterr()
+    assert main(["inspect", str(dump), "--json", str(tmp_path / "dump.json")]) == 1
+    result = json.loads((tmp_path / "dump.json").read_text())
+    assert result["inputs"]["model_class"] == "MMGroundingDinoForObjectDetection"
+    assert result["findings"][0]["code"] == "NS304"
