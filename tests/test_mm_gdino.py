@@ -455,3 +455,17 @@ def test_watch_dump_of_an_mm_model_replays(mm, tmp_path, capsys):
     result = json.loads((tmp_path / "dump.json").read_text())
     assert result["inputs"]["model_class"] == "MMGroundingDinoForObjectDetection"
     assert result["findings"][0]["code"] == "NS304"
+
+
+def test_plain_mmdet_groundingdino_is_not_replayed_as_mm(mm, tmp_path):
+    """Without the learned bias the head has no 1/sqrt(d) either (contrastive_cfg off): not this model."""
+    from nanscope.stacks import get_stack
+
+    _, model, _ = mm
+    state = {k: v for k, v in to_mmdet(model).items() if not k.startswith("bbox_head.cls_branches.")}
+    p = tmp_path / "plain.pth"
+    torch.save({"state_dict": state}, p)
+    cfg = tmp_path / "plain.py"
+    cfg.write_text("model = dict(type='GroundingDINO')\n")
+    with pytest.raises(CheckpointError, match=r"not an MM-GroundingDINO state dict.*groundingdino-py"):
+        get_stack("hf").load(p, config=cfg, hash_checkpoint=False)

@@ -177,6 +177,11 @@ def load_mm_file(path: Path, *, config: Any = None, trust: bool = False, seed: i
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}; expected an MMEngine "
                               "checkpoint ({'meta', 'state_dict', ...}) or a bare state dict")
     state = {str(k).removeprefix("module."): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if not mm_keys.is_mm_state(state):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not an MM-GroundingDINO state dict (no learned contrastive bias "
+            "'bbox_head.cls_branches.N.bias' next to mmdet backbone/language_model keys); a plain MMDetection "
+            "GroundingDINO checkpoint replays on groundingdino-py (--stack groundingdino-py with its config)")
     scales = mm_keys.learned_scales(state)
     if scales:
         raise CheckpointError(
