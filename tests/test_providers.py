@@ -184,3 +184,31 @@ class TestCoreInstall:
         assert (tmp_path / "d" / "model" / "config.json").is_file()  # transformers' save_pretrained folder
         assert json.loads((tmp_path / "d" / "model" / "config.json").read_text())["model_type"] == "grounding-dino"
         assert "groundingdino" not in sys.modules
+
+
+@pytest.mark.skipif(not HAS_PROVIDER or not os.environ.get("NANSCOPE_CROSS_VERSION_DIR"),
+                    reason="only in .ci/run, which runs groundingdino-py first and rf-groundingdino after it")
+def test_every_provider_gives_groundingdino_pys_outputs_on_the_demo_weights(demo_files) -> None:
+    """The model code is the same: the demo's logits, boxes and every gradient, bitwise (one thread)."""
+    import torch
+    import transformers
+
+    from nanscope.stacks.groundingdino.provider import require
+
+    spec = importlib.util.spec_from_file_location("make_bert_reference", ROOT / "fixtures/bert_compat/make_reference.py")
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    step = ref.run_step(demo_files)
+    folder = Path(os.environ["NANSCOPE_CROSS_VERSION_DIR"])
+    folder.mkdir(parents=True, exist_ok=True)
+    name = require().distribution
+    torch.save(step, folder / f"provider-{name}-transformers-{transformers.__version__}.pt")
+    if name == "groundingdino-py":
+        return  # the writer; the other providers compare
+    theirs = folder / f"provider-groundingdino-py-transformers-{transformers.__version__}.pt"
+    assert theirs.is_file(), f"no groundingdino-py outputs in {folder}: .ci/run runs the groundingdino-py suite first"
+    expected = torch.load(theirs, weights_only=True)
+    assert sorted(step) == sorted(expected)
+    differ = [k for k in expected if not torch.equal(step[k].isnan(), expected[k].isnan())
+              or not torch.equal(step[k].nan_to_num(), expected[k].nan_to_num())]
+    assert not differ, f"{name}: {len(differ)} of {len(expected)} tensors differ from groundingdino-py's: {differ[:5]}"
