@@ -155,6 +155,23 @@ def test_the_installed_provider_is_the_distribution_that_owns_the_module() -> No
     assert env["groundingdino"] == md.version(owner) and env["groundingdino_provider"] == f"{owner} {md.version(owner)}"
 
 
+def test_the_reports_name_the_provider() -> None:
+    """JSON and HTML read the same environment: the provider's row in both (null in the core install)."""
+    import html
+
+    from nanscope.report.html import render_html
+    from nanscope.result import Result, environment
+
+    owner = _owner_by_metadata()
+    label = None if owner is None else f"{owner} {md.version(owner)}"
+    result = Result(kind="inspect", environment=environment())
+    assert json.loads(json.dumps(result.to_dict()))["environment"]["groundingdino_provider"] == label
+    page = render_html(result)
+    assert "<th>groundingdino_provider</th>" in page
+    if label is not None:
+        assert html.escape(label) in page
+
+
 @pytest.mark.skipif(HAS_PROVIDER, reason="the core environment (no groundingdino module): .ci/run's `core` run")
 class TestCoreInstall:
     def test_the_groundingdino_stack_says_how_to_install_a_provider(self, tmp_path: Path) -> None:
