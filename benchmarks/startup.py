@@ -8,7 +8,7 @@ from the metadata of the distributions installed here (requirement markers evalu
 their installed size (the RECORD's files on disk). Printed with and without torch's own part (torch,
 torchvision, triton, nvidia-*), which both share and which dwarfs the rest.
 
-Start-up: the median wall time of fresh processes (`python -c pass` subtracted nowhere; it is printed):
+Start-up: the median wall time of fresh processes, in interleaved rounds (`python -c pass` is printed, not subtracted):
 `nanscope --help`, `import nanscope`, `from nanscope import inspect` (the first call that needs torch) and
 `import torch`, measured side by side, and whether `--help` imported torch at all.
 """
@@ -86,14 +86,12 @@ def footprint() -> None:
     print(f"  what groundingdino-py adds: {', '.join(only)}")
 
 
-def wall(code: list[str], runs: int) -> float:
+def wall(code: list[str]) -> float:
+    """Seconds one fresh process takes to run `python CODE...`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, *code], env=env, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, *code], env=env, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+    return time.perf_counter() - t
 
 
 def startup(runs: int) -> None:
@@ -108,8 +106,12 @@ def startup(runs: int) -> None:
         "import torch": ["-c", "import torch"],
         "from nanscope import inspect": ["-c", "from nanscope import inspect"],
     }
-    got = {name: wall(code, runs) for name, code in cases.items()}  # side by side, same load
-    print(f"start-up (median of {runs} fresh processes, {sys.executable})")
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(runs):  # interleaved rounds: every case sees the same load
+        for name, code in cases.items():
+            times[name].append(wall(code))
+    got = {name: statistics.median(t) for name, t in times.items()}
+    print(f"start-up (median of {runs} interleaved rounds of fresh processes, {sys.executable})")
     for name, seconds in got.items():
         print(f"  {name:30s} {seconds:6.3f} s   {seconds / got['import torch']:5.2f}x import torch")
     print(f"  heavy modules the --help parser imported: {heavy.stdout.strip()}")
