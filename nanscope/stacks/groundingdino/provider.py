@@ -18,6 +18,7 @@ on disk are each one's (RECORD sha256), instead of an ImportError from deep insi
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import importlib.metadata as md
 import importlib.util
@@ -109,7 +110,12 @@ def find_provider() -> Provider | None:
             spec = None
     if spec is None or not spec.submodule_search_locations:
         return None
-    location = Path(next(iter(spec.submodule_search_locations))).resolve()
+    return _provider_at(Path(next(iter(spec.submodule_search_locations))).resolve())
+
+
+@functools.lru_cache(maxsize=8)
+def _provider_at(location: Path) -> Provider:
+    """The metadata read for one folder, once per process (a stack build asks several times)."""
     owners = tuple(_owners(location))
     editable, editable_version = (None, None) if owners else _editable_owner(location)
     claimed = {o.name for o in owners} | ({editable} if editable else set())
