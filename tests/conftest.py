@@ -35,6 +35,7 @@ CORE_SUBSET = (
     "test_stack_transformers_cli.py",
     "test_hf_batch.py",
     "test_imports.py",
+    "test_cli_startup.py",
 )
 
 # The subset .ci/run runs with rf-groundingdino 0.3.0 instead of groundingdino-py (`-m rf`): the
