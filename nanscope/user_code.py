@@ -268,7 +268,7 @@ def _keys_note(outputs: Mapping[str, Any], targets: Any, extras: Mapping[str, An
     tkeys = sorted({str(k) for t in targets if isinstance(t, Mapping) for k in t})
     return (f"nanscope's targets carry {', '.join(tkeys) or 'nothing'}; its outputs carry "
             f"{', '.join(sorted(map(str, outputs)))}; parameters it fills by name: "
-            f"{', '.join(sorted(extras)) or 'none'} (README, 'Criterion protocol')")
+            f"{', '.join(sorted(extras)) or 'none'} (docs/criterion-protocol.md)")
 
 
 def _invoke(fn: Any, outputs: Mapping[str, Any], targets: Any, extras: Mapping[str, Any] | None,

@@ -6,7 +6,7 @@ report), turn a batch into the model's call, capture what the loss sees per forw
 targets, name its own reference criterion, and write the weights and facts a watch dump needs.
 
 Adding a stack: subclass `Stack`, implement the abstract methods, and add it to `STACKS` in
-`nanscope/stacks/__init__.py` (see README, "Extending: adding a stack").
+`nanscope/stacks/__init__.py` (see docs/extending.md, "Adding a stack").
 """
 
 from __future__ import annotations
