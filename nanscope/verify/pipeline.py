@@ -65,6 +65,7 @@ from nanscope.verify.equivalence import (
     check_reference,
     check_valid_only,
 )
+from nanscope.stacks.formats.saved_args import saved_args
 from nanscope.verify.peak_memory import PeakMemory
 from nanscope.verify.supervision_check import check_supervision
 
@@ -208,7 +209,7 @@ def verdict_detail(checks: list[Any], preset: str) -> str:
 
 
 def resolve_criteria(before: Any, after: Any, preset: str | None,
-                     steps: int) -> tuple[Any, Any]:
+                     steps: int, saved_args: Any = None) -> tuple[Any, Any]:
     """Validate the options and load both criteria (before any model is built, so mistakes fail fast).
 
     A bare name without ':' (a criterion a stack ships, e.g. 'transformers') and a None (nanscope's
@@ -223,7 +224,7 @@ def resolve_criteria(before: Any, after: Any, preset: str | None,
 
     def one(spec: Any) -> Any:
         if isinstance(spec, str) and ":" in spec.replace(":\\", ""):
-            return load_criterion(spec)
+            return load_criterion(spec, saved_args=saved_args)
         return spec
 
     return one(before), one(after)
@@ -245,7 +246,7 @@ def verify_replay(replay: Replay, *, before: Any = None, after: Any = None, pres
     assert replay.stack is not None
     preset = preset or replay.stack.default_preset
     with collect_user_stdout() as out:
-        spec_b, spec_a = resolve_criteria(before, after, preset, steps)
+        spec_b, spec_a = resolve_criteria(before, after, preset, steps, replay.saved_args)
         default_b, default_a = default_criteria(preset)
         criteria = (_resolve(replay, spec_b, default_b), _resolve(replay, spec_a, default_a))
         result = _verify(replay, criteria, preset, steps)
@@ -338,7 +339,8 @@ def verify_fix(
     stack's default preset).
     """
     with collect_user_stdout() as out:  # the user's module-level prints at import time
-        criteria = resolve_criteria(before, after, preset, steps)
+        criteria = resolve_criteria(before, after, preset, steps,
+                                    partial(saved_args, checkpoint, trust=trust_checkpoint))
     with collect_model_stdout() as model_out:  # groundingdino's own NaN prints: kept for the report
         replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
                          trust_checkpoint=trust_checkpoint, stack=stack, adapter=adapter,
