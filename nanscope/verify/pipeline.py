@@ -66,6 +66,7 @@ from nanscope.verify.equivalence import (
     check_valid_only,
 )
 from nanscope.stacks.formats.saved_args import saved_args
+from nanscope.verify.denormals import flush_denormals
 from nanscope.verify.peak_memory import PeakMemory
 from nanscope.verify.supervision_check import check_supervision
 
@@ -137,12 +138,19 @@ def run_criterion(model: nn.Module, crit: Criterion, name: str, outputs: Outputs
 
 
 def train_steps(replay: Replay, crit: Criterion, name: str, steps: int, lr: float = LR,
-                extras: Mapping[str, Any] | None = None) -> TrainLog:
+                extras: Mapping[str, Any] | None = None, flush: bool = True) -> TrainLog:
     """AdamW steps on a copy of the replayed model (eval mode) with `crit`.
 
     Returns (total loss at each step before its update, the first step with a non-finite term or
-    None, those terms). Stops at the first non-finite step.
+    None, those terms). Stops at the first non-finite step. On CPU the steps run with denormals
+    flushed to zero unless `flush` is False (`nanscope.verify.denormals`: the mode is restored after).
     """
+    with flush_denormals(flush and replay.device.type == "cpu"):
+        return _train_steps(replay, crit, name, steps, lr, extras)
+
+
+def _train_steps(replay: Replay, crit: Criterion, name: str, steps: int, lr: float,
+                 extras: Mapping[str, Any] | None) -> TrainLog:
     model = copy.deepcopy(replay.model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     args, kwargs = replay.model_call()
