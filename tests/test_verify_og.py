@@ -1,0 +1,48 @@
+"""verify-fix on criteria shaped like Open-GroundingDino's (fixed-width positive maps, a matcher that zeroes
+NaN costs), and on data bugs the fix did not introduce."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nanscope.errors import CriterionError
+
+FIXED = Path(__file__).parent / "criteria" / "fixed_width.py"
+
+
+@pytest.fixture(scope="module")
+def og(demo_replay):
+    from nanscope.user_code import load_criterion
+
+    replay = demo_replay
+    outputs = replay.forward(detach=True).to_outputs()
+    before = load_criterion(f"{FIXED}:build(masked=False)")
+    after = load_criterion(f"{FIXED}:build")
+    return replay, outputs, before, after
+
+
+def test_check_6_keeps_the_width_for_a_criterion_with_256_column_positive_maps(og) -> None:
+    from nanscope.replay.criterion_inputs import restrict_extras
+    from nanscope.user_code import call_criterion
+    from nanscope.verify.equivalence import check_no_op, unpadded_batch, valid_positions
+
+    replay, outputs, before, after = og
+    targets, extras = replay.targets(), replay.criterion_extras()
+    assert outputs["pred_logits"].shape[-1] == 256
+    valid = valid_positions(outputs)
+    assert int(valid.all(0).sum()) < 256  # the images' captions differ in length: something is padded
+    # Cut to the columns valid in every image, this correct criterion raises a shape error (the old check 6).
+    out, tg, _ = unpadded_batch(outputs, targets)
+    cut = restrict_extras(extras, valid.all(0).nonzero().flatten())
+    with pytest.raises(CriterionError, match="size mismatch"):
+        call_criterion(after[0], out, tg, extras=cut)
+
+    check = check_no_op(before, after, outputs, targets, extras=extras)
+    assert check.numbers.get("width_kept") and not check.numbers.get("skipped"), check.detail
+    assert check.passed, check.detail
+    # before (no text mask) is finite here only because the masked columns hold a stand-in whose sigmoid is 0.
+    b, a = check.numbers["before"], check.numbers["after"]
+    assert set(b) == set(a) and all(v == pytest.approx(a[k], rel=1e-5) for k, v in b.items())
+    assert all(v == v and abs(v) < 1e6 for v in b.values())
