@@ -3,6 +3,7 @@ NaN costs), and on data bugs the fix did not introduce."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,32 @@ def test_check_6_keeps_the_width_for_a_criterion_with_256_column_positive_maps(o
     b, a = check.numbers["before"], check.numbers["after"]
     assert set(b) == set(a) and all(v == pytest.approx(a[k], rel=1e-5) for k, v in b.items())
     assert all(v == v and abs(v) < 1e6 for v in b.values())
+
+
+def test_check_10_fails_only_on_what_after_adds(demo_replay) -> None:
+    """The long demo caption leaves boxes with an empty positive-map row (phrases past 256 tokens). A matcher
+    that sets NaN costs to 0 (Open-GroundingDino's) matches them arbitrarily in before and after alike: a
+    note naming those boxes and their cause, not a failure; without before to compare, the old rule fails."""
+    from nanscope.user_code import load_criterion
+    from nanscope.verify.supervision_check import check_supervision
+
+    replay = demo_replay
+    outputs = replay.forward(detach=True).to_outputs()
+    targets, extras = replay.targets(), replay.criterion_extras()
+    # The boxes with an empty row, counted from the positive maps the trainer receives (not from a finding).
+    empty = {(i, b) for i, t in enumerate(targets) for b in range(len(t["boxes"]))
+             if float(t["positive_map"][b].sum()) == 0}
+    assert empty
+    trainers = Path(__file__).parents[1] / "fixtures" / "criteria" / "trainers.py"
+    before = load_criterion(f"{trainers}:build_open_gdino(masked=False)")
+    after = load_criterion(f"{trainers}:build_open_gdino")
+    alone = check_supervision(after[0], after[1], outputs, targets, replay.batch, replay.texts, finite=True,
+                              extras=extras)
+    assert not alone.passed and "NS403" in alone.numbers["codes"]
+    check = check_supervision(after[0], after[1], outputs, targets, replay.batch, replay.texts, finite=True,
+                              extras=extras, before=before)
+    assert check.passed, check.detail
+    noted = {(int(m.group(1)), int(m.group(2))) for n in check.numbers["notes"]
+             for m in [re.search(r"NS403 image (\d+) box (\d+)", n)] if m}
+    assert noted and noted <= empty
+    assert all("caused by NS104" in n for n in check.numbers["notes"] if n.startswith("NS403"))

@@ -287,7 +287,7 @@ def _verify(replay: Replay, criteria: tuple[tuple[Criterion, str], tuple[Criteri
                           keys=(run_b.loss_keys, run_a.loss_keys)),
               check_matching((crit_b[0], name_b), (crit_a[0], name_a), outputs, targets, extras=extras)]
     supervision = check_supervision(crit_a[0], name_a, outputs, targets, replay.batch, replay.texts,
-                                    finite=run_a.finite, extras=extras)
+                                    finite=run_a.finite, extras=extras, before=(crit_b[0], name_b))
     valid_tokens = [int(x) for x in valid_positions(outputs).sum(1).tolist()]
     layer_names = [name for name, _ in layers(outputs)]
     del record, outputs  # frees the replay's graph before training a copy
