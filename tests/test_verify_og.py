@@ -76,3 +76,32 @@ def test_check_10_fails_only_on_what_after_adds(demo_replay) -> None:
              for m in [re.search(r"NS403 image (\d+) box (\d+)", n)] if m}
     assert noted and noted <= empty
     assert all("caused by NS104" in n for n in check.numbers["notes"] if n.startswith("NS403"))
+
+
+def test_check_10_names_the_data_bug_when_after_matches_an_empty_row_as_the_guarded_matcher_does(
+        demo_replay, monkeypatch) -> None:
+    """An empty row left by an over-long caption (NS103 <- NS104), matched by after to the query nanscope's
+    guarded matcher picks too, is the data's bug, not the fix's: check 10 passes and says so. The probe is
+    given (its measurement is tested in test_supervision.py); the empty row is the demo's real one."""
+    from nanscope.replay.supervision import HiddenMatch, SupervisionProbe
+    from nanscope.verify import supervision_check
+
+    replay = demo_replay
+    outputs = replay.forward(detach=True).to_outputs()
+    targets = replay.targets()
+    image, box = next((i, b) for i, t in enumerate(targets) for b in range(len(t["boxes"]))
+                      if float(t["positive_map"][b].sum()) == 0)
+    phrase = replay.batch.targets[image].phrases[box]
+    same = HiddenMatch(image, box, 7, "empty positive-map row", 7)
+    other = HiddenMatch(image, box, 7, "empty positive-map row", 8)
+    for hidden, passes in ((same, True), (other, False)):
+        monkeypatch.setattr(supervision_check, "_probe",
+                            lambda *a, h=hidden, **k: SupervisionProbe("after", hidden_matches=[h]))
+        check = supervision_check.check_supervision(None, "after", outputs, targets, replay.batch, replay.texts,
+                                                    finite=True, before=None)
+        assert check.passed is passes, check.detail
+        if passes:
+            (note,) = check.numbers["notes"]
+            assert f"image {image} box {box}" in note and "caused by NS104" in note and repr(phrase) in note
+        else:
+            assert check.numbers["codes"] == ["NS403"]
