@@ -271,10 +271,15 @@ def _od_result(sample: Sample, rules: CaptionRules, label_map: Mapping[str, str]
     return Prompt(caption, phrases, None, intended, dropped, worst, names, reordered=rules.order == "shuffle")
 
 
+def empty_vg_crashes(rules: CaptionRules) -> bool:
+    """Whether the trainer's VG loader raises on a line with no regions (Open-GroundingDino's rebuilt captions)."""
+    return rules.trainer == "open-groundingdino" and rules.vg_caption == "rebuild"
+
+
 def vg_prompt(sample: Sample, rules: CaptionRules, *, force_file: bool = False) -> Prompt:
     """A grounding sample: the file's caption, or (Open-GroundingDino) one rebuilt from its unique phrases."""
     if rules.vg_caption == "rebuild" and not force_file:
-        if not sample.boxes and rules.trainer == "open-groundingdino":
+        if not sample.boxes and empty_vg_crashes(rules):
             return Prompt(" .", [], None, [], {}, None, [], crash=OG_EMPTY_VG)
         uniq = list(dict.fromkeys(sample.phrases))
         if rules.order == "shuffle":
