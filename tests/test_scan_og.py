@@ -2,8 +2,8 @@
 with no regions (crashes OG's loader: an error under its rules, info under mmdet's), and two label-map ids
 with the same name (NS106 under caption.find rules).
 
-The trainer's behaviour is written here from Open-GroundingDino's datasets/odvg.py (ODVGDataset.__getitem__,
-@ d248268a) and models/GroundingDINO/utils.py (create_positive_map: caption.find), not from nanscope.
+The trainer's behaviour is written here from Open-GroundingDino's datasets/odvg.py (ODVGDataset.__getitem__, read at
+longzw1997/Open-GroundingDino@0ad46ce7) and its criterion's caption.find (REFERENCES.md, @d248268a), not from nanscope.
 """
 
 from __future__ import annotations

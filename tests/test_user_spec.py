@@ -2,7 +2,7 @@
 a factory's `args` filled from the checkpoint's saved argparse.Namespace (Open-GroundingDino's checkpoints).
 
 The module below builds its criterion as Open-GroundingDino's `build_groundingdino(args)` does
-(models/GroundingDINO/groundingdino.py @ d248268a: `matcher = build_matcher(args)`,
+(models/GroundingDINO/groundingdino.py, as REFERENCES.md pins it @d248268a: `matcher = build_matcher(args)`,
 `SetCriterion(matcher=matcher, weight_dict=weight_dict, focal_alpha=args.focal_alpha, focal_gamma=...,
 losses=losses)`; models/GroundingDINO/matcher.py: `HungarianMatcher(cost_class=args.set_cost_class,
 cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou, focal_alpha=args.focal_alpha)`): the

@@ -1,7 +1,7 @@
 """Open-GroundingDino's criterion shape with its positive maps built at a fixed 256 columns.
 
 Open-GroundingDino's `SetCriterion.forward` calls `create_positive_map(tokenized, tokens_positive,
-cat_list, caption)` (models/GroundingDINO/utils.py @ d248268a), whose map is
+cat_list, caption)` (models/GroundingDINO/utils.py, Open-GroundingDino @d248268a per REFERENCES.md), whose map is
 `torch.zeros((len(tokens_positive), 256))` whatever the logits' width, and then fills `one_hot`
 [B, Q, 256] from it: logits cut to fewer columns meet a 256-wide target. Written here from that
 behaviour on top of fixtures/criteria/trainers.py (no nanscope import).
