@@ -105,19 +105,16 @@ class LabelCosts:
 
 def label_costs(tokenizer: Any, label_map: Mapping[str, str], trainer: str) -> LabelCosts:
     """One batched tokenizer call over the label map's names."""
-    from nanscope.replay.positive_map import encode
+    from nanscope.scan.tokenizer import backend_of
 
     keys = list(label_map)
     if trainer == "mmdet":
         texts = [clean_name(label_map[k]) + ". " for k in keys]
     else:
         texts = [label_map[k] + " ." for k in keys]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        encs = backend.encode_batch(texts, add_special_tokens=False) if texts else []
-        specials = len(backend.encode("", add_special_tokens=True).ids)
-    else:  # pragma: no cover - slow tokenizers are refused by encode()
-        encs, specials = encode(tokenizer, texts), 2
+    backend = backend_of(tokenizer)
+    encs = backend.encode_batch(texts, add_special_tokens=False) if texts else []
+    specials = len(backend.encode("", add_special_tokens=True).ids)
     cost = {k: len(e.ids) for k, e in zip(keys, encs)}
     position = {k: i for i, k in enumerate(keys)}
     order = tuple(sorted(keys, key=lambda k: (-cost[k], position[k])))

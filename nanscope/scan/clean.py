@@ -26,6 +26,7 @@ from nanscope.scan.captions import SEPARATOR
 from nanscope.scan.dataset import Dataset
 from nanscope.scan.engine import ChunkOut, SampleHits, State, parse
 from nanscope.scan.sample import OD, Sample
+from nanscope.scan.tokenizer import backend_of
 
 DROP_BOX = ("NS201", "NS205", "NS206", "NS207", "NS106", "NS103")
 DROP_SAMPLE = ("NS208", "NS209")
@@ -43,7 +44,7 @@ class Plan:
 
 
 def _tokens_of(state: State, texts: list[str]) -> list[int]:
-    backend = getattr(state.tokenizer, "backend_tokenizer", None)
+    backend = backend_of(state.tokenizer)
     return [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)] if texts else []
 
 
@@ -110,7 +111,7 @@ def plan_sample(state: State, smp: Sample, sh: SampleHits) -> Plan:
                            for g in groups]
         return plan
     cap = smp.caption or ""
-    enc = state.tokenizer.backend_tokenizer.encode(cap)
+    enc = backend_of(state.tokenizer).encode(cap)
     last = state.max_text_len - 2  # the last kept token before [SEP]
     end = enc.offsets[last][1] if last < len(enc.offsets) else len(cap)
     cut = cap.rfind(" ", 0, end + 1) if end < len(cap) and cap[end:end + 1].isalnum() else end

@@ -36,10 +36,12 @@ DEFAULT_STACK = "groundingdino-py"
 
 def load_tokenizer(*, config: str | os.PathLike[str] | None = None, text_encoder: str | None = None,
                    stack: str | None = None) -> tuple[Any, int]:
-    """`(fast tokenizer, max_text_len)` from the stack's seam (`Stack.load_tokenizer`), without building a model."""
-    from nanscope.stacks import get_stack
+    """`(Rust tokenizer, max_text_len)` from the files the stack would read (`nanscope.scan.tokenizer`), without
+    importing torch or the model code; the stack's own loader when those files are not there."""
+    from nanscope.scan.tokenizer import load
 
-    return get_stack(stack or DEFAULT_STACK).load_tokenizer(config=config, text_encoder=text_encoder)
+    tok = load(config=config, text_encoder=text_encoder, stack=stack)
+    return tok.backend, tok.max_text_len
 
 
 def parse_shard(value: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -91,20 +93,25 @@ def prepare_scan(
     rules = rules or CaptionRules()
     if images is not None and not os.path.isdir(images):
         raise InputError(f"--images {str(images)!r} is not a folder; expected the folder the image file names are relative to")
+    from nanscope.scan import tokenizer as tk
+
     tokenizer_given = tokenizer
     if tokenizer is None:
         stack = stack or DEFAULT_STACK
         with progress.stage("loading the tokenizer", "loaded the tokenizer"):
-            tokenizer, mtl = load_tokenizer(config=config, text_encoder=text_encoder, stack=stack)
-        max_text_len = max_text_len or mtl
+            loaded = tk.load(config=config, text_encoder=text_encoder, stack=stack)
+        backend, specials, te = loaded.backend, loaded.specials, loaded.name
+        max_text_len = max_text_len or loaded.max_text_len
+    else:
+        backend, specials = tk.unpadded(tokenizer), tk.special_tokens(tokenizer)
+        te = str(text_encoder) if text_encoder else getattr(tokenizer, "name_or_path", None)
     with progress.stage(f"reading {os.path.basename(str(data))}") as st:
         ds = open_dataset(data, format=format, label_map=label_map)
         st.done = f"opened {os.path.basename(str(data))} ({ds.format}, {ds.mode})"
-    costs = label_costs(tokenizer, ds.label_map, rules.trainer) if ds.mode == OD and ds.label_map else None
-    state = State(tokenizer, int(max_text_len or 256), rules, ds.format, ds.mode, ds.path, ds.label_map, costs,
+    costs = label_costs(backend, ds.label_map, rules.trainer) if ds.mode == OD and ds.label_map else None
+    state = State(backend, int(max_text_len or 256), rules, ds.format, ds.mode, ds.path, ds.label_map, costs,
                   str(images) if images is not None else None, frozenset(str(k) for k in keep),
-                  frozenset(getattr(tokenizer, "all_special_tokens", [])) | {".", "?"})
-    te = str(text_encoder) if text_encoder else getattr(tokenizer, "name_or_path", None)
+                  specials | {".", "?"})
     return Prepared(ds, state, str(config) if config else None, te, stack if tokenizer_given is None else None)
 
 
