@@ -76,3 +76,20 @@ def test_a_scan_imports_no_torch_transformers_or_groundingdino(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(tk.__file__).resolve().parents[2])})
     assert out.stdout.split("\n")[0] == "10 []"
+
+
+def test_the_default_config_is_read_as_groundingdino_reads_it():
+    from nanscope.stacks.groundingdino.stack import default_config_path, load_config
+
+    cfg = load_config(None)  # groundingdino's SLConfig running the .py
+    values = tk._literal_py(default_config_path())
+    assert values is not None
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()} == \
+        {k: cfg[k] for k in values}
+
+
+def test_the_environment_equals_the_one_reports_record():
+    from nanscope.result import environment as with_torch
+    from nanscope.scan.run import environment
+
+    assert environment() == with_torch("cpu")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from nanscope import progress
-from nanscope.result import Result, environment
+from nanscope.result import Result
 from nanscope.scan.aggregate import Aggregate
 from nanscope.scan.captions import CaptionRules, label_costs
 from nanscope.scan.dataset import Dataset, iter_chunks, open_dataset
@@ -42,6 +42,36 @@ def load_tokenizer(*, config: str | os.PathLike[str] | None = None, text_encoder
 
     tok = load(config=config, text_encoder=text_encoder, stack=stack)
     return tok.backend, tok.max_text_len
+
+
+def environment() -> dict[str, Any]:
+    """`nanscope.result.environment("cpu")`'s keys and values, read from the installed packages' metadata (a scan
+    imports no torch)."""
+    import importlib.metadata as md
+    import importlib.util
+    import platform
+    import re
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    cuda, torch_version = None, version("torch")
+    spec = importlib.util.find_spec("torch")
+    if spec is not None and spec.origin is not None:
+        try:
+            text = open(os.path.join(os.path.dirname(spec.origin), "version.py"), encoding="utf-8").read()
+            m = re.search(r"^cuda(?::[^=]*)?=\s*'([^']*)'", text, re.M)
+            cuda = m.group(1) if m else None
+            m = re.search(r"^__version__\s*(?::[^=]*)?=\s*'([^']*)'", text, re.M)
+            torch_version = m.group(1) if m else torch_version
+        except OSError:
+            pass
+    return {"nanscope": version("nanscope"), "torch": torch_version, "torchvision": version("torchvision"),
+            "groundingdino": version("groundingdino-py"), "transformers": version("transformers"),
+            "python": platform.python_version(), "cuda": cuda, "device": "cpu"}
 
 
 def parse_shard(value: str | tuple[int, int] | None) -> tuple[int, int]:
@@ -159,5 +189,5 @@ def scan(
         summary["labels"] = len(ds.label_map)
     inputs = {"data": ds.path, "format": ds.format, "label_map": ds.label_map_path, "config": prep.config,
               "text_encoder": prep.text_encoder, "stack": prep.stack, "images": state.images, "shard": f"{i}/{n}"}
-    result = agg.result(summary=summary, inputs=inputs, environment=environment("cpu"))
+    result = agg.result(summary=summary, inputs=inputs, environment=environment())
     return ScanRun(result, ds, state, kept)

@@ -105,7 +105,9 @@ def _groundingdino_config(config: str | os.PathLike[str] | None, text_encoder: s
         path = Path(spec.origin).parent / "config" / "GroundingDINO_SwinT_OGC.py"
     else:
         path = Path(config)
-    values = read_values(path, trust_py=True)
+    values = _literal_py(path) if path.suffix == ".py" else None
+    if values is None:
+        values = read_values(path, trust_py=True)
     if values.get("modelname") != "groundingdino":
         raise ValueError("not a groundingdino config")
     te = text_encoder
@@ -113,6 +115,22 @@ def _groundingdino_config(config: str | os.PathLike[str] | None, text_encoder: s
     if te is None and config is not None and named and not Path(named).is_absolute() and (path.parent / named).is_dir():
         te = str(path.parent / named)  # a relative folder named in the config, next to it (as the stack finds it)
     return te or named, int(values.get("max_text_len", 256))
+
+
+def _literal_py(path: Path) -> dict[str, Any] | None:
+    """A .py config made only of `name = literal` lines (groundingdino's own configs are), read without running it;
+    None for anything else (`_base_`, imports, expressions), which `read_values` runs as the stack does."""
+    import ast
+
+    values: dict[str, Any] = {}
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            return None
+        try:
+            values[node.targets[0].id] = ast.literal_eval(node.value)
+        except ValueError:
+            return None
+    return None if "_base_" in values else values
 
 
 def _transformers_config(config: str | os.PathLike[str] | None, text_encoder: str | None) -> tuple[str, int]:
