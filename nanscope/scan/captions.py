@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import random
 import re
+from itertools import accumulate
+from operator import add
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
@@ -85,11 +87,9 @@ def clean_name(name: str) -> str:
 def _join(names: Sequence[str], style: str) -> tuple[str, list[tuple[int, int]]]:
     """Caption and each name's (begin, end) in it: `' . '.join(names) + ' .'`, or MMDetection's `name. name. `."""
     sep, caption = (". ", "".join(n + ". " for n in names)) if style == "mmdet" else (SEPARATOR, SEPARATOR.join(names) + " .")
-    spans, pos, step = [], 0, len(sep)
-    for n in names:
-        spans.append((pos, pos + len(n)))
-        pos += len(n) + step
-    return caption, spans
+    lens = list(map(len, names))
+    starts = list(accumulate((n + len(sep) for n in lens[:-1]), initial=0)) if lens else []
+    return caption, list(zip(starts, map(add, starts, lens)))
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,9 @@ def _placement(sample: Sample, prompt: Prompt, j: int, bt: BoxTokens, inside: di
                                         "intended": f"{intended[0]}-{intended[1]}", "found_in": _context(cap, b, e)})]
         if prompt.reordered:  # the trainer reorders the names every epoch: is the phrase inside another one?
             if bt.phrase not in inside:
-                inside[bt.phrase] = next((n for n in prompt.names if n != bt.phrase and bt.phrase in n), None)
+                # another name holding the phrase puts it twice in the caption: most phrases skip the scan
+                inside[bt.phrase] = (None if cap.count(bt.phrase) < 2 else
+                                     next((n for n in prompt.names if n != bt.phrase and bt.phrase in n), None))
             other = inside[bt.phrase]
             if other is not None:
                 k = other.find(bt.phrase)
