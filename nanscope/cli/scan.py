@@ -18,8 +18,10 @@ def register(subparsers: Any) -> None:
         "scan", help="check every sample of a dataset (COCO, ODVG, grounding JSON) for data bugs before training",
         description="Build each sample's caption and positive map as the trainer would and report every data bug "
                     "that breaks or silently corrupts the loss, per sample. No model is built.")
-    p.add_argument("data", help="COCO detection JSON, ODVG .jsonl (OD or VG) or COCO-style grounding JSON")
-    p.add_argument("--format", choices=["coco", "odvg", "grounding"], help="force the format (default: detected)")
+    p.add_argument("data", help="COCO detection JSON, ODVG .jsonl (OD or VG), COCO-style grounding JSON, or GRIT-style "
+                                "webdataset .tar / parquet shards (a file or a folder of them)")
+    p.add_argument("--format", choices=["coco", "odvg", "grounding", "webdataset", "parquet"],
+                   help="force the format (default: detected)")
     p.add_argument("--label-map", metavar="FILE", help="ODVG detection: the label map JSON {\"0\": \"person\", ...}")
     p.add_argument("--config", help="groundingdino config: max_text_len and the text encoder (default: SwinT-OGC)")
     p.add_argument("--text-encoder", help="Hugging Face name or local folder of the tokenizer (default: the config's)")

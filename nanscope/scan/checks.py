@@ -200,8 +200,23 @@ def image_hits(sample: Sample, images: str | os.PathLike[str]) -> tuple[list[Hit
             w, h = im.size
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         return [Hit("NS208", None, 1, {"kind": "unreadable", "path": str(path), "why": str(exc)[:120]})], None
+    return size_hits(sample, w, h), (w, h)
+
+
+def size_hits(sample: Sample, w: int, h: int) -> list[Hit]:
+    """NS209 when the image's real size (w, h) differs from the annotated one."""
     if sample.width is None or sample.height is None or (w, h) == (sample.width, sample.height):
-        return [], (w, h)
+        return []
     kind = "width and height swapped (EXIF rotation?)" if (w, h) == (sample.height, sample.width) else "size mismatch"
     return [Hit("NS209", None, 1, {"kind": kind, "file_size": f"{w}x{h}",
-                                   "annotation_size": f"{sample.width:g}x{sample.height:g}"})], (w, h)
+                                   "annotation_size": f"{sample.width:g}x{sample.height:g}"})]
+
+
+def member_hits(sample: Sample) -> list[Hit]:
+    """NS208 / NS209 from what a webdataset reader found of the sample's image member (`Sample.image`)."""
+    if sample.image is None:
+        return []
+    if isinstance(sample.image, str):
+        kind = "missing" if sample.image.startswith("no image") else "unreadable"
+        return [Hit("NS208", None, 1, {"kind": kind, "path": sample.file, "why": sample.image})]
+    return size_hits(sample, *sample.image)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from nanscope.replay.positive_map import box_tokens, encode
-from nanscope.scan import checks, chunk_boxes, coco, odvg
+from nanscope.scan import checks, chunk_boxes, coco, grit, odvg
 from nanscope.scan.captions import CaptionRules, LabelCosts, Prompt, prompts as make_prompts
 from nanscope.scan.sample import OD, Sample
 
@@ -123,6 +123,9 @@ def _size_bin(w: float, h: float) -> int | None:
 def parse(state: State, index: int, line: int | None, payload: Any) -> Sample:
     if state.format == "odvg":
         return odvg.parse_line(payload, index, line or 0, state.source, od=state.mode == OD)
+    if state.format in grit.FORMATS:
+        return grit.parse_record(payload["record"], index, payload["source"], key=payload["key"],
+                                 file=payload["file"], image=payload["image"])
     return coco.parse_item(payload, index, state.source, state.format)
 
 
@@ -133,7 +136,7 @@ def prepare(state: State, smp: Sample) -> Prompt:
 
 def prepare_all(state: State, samples: list[Sample]) -> list[Prompt]:
     return make_prompts(samples, state.rules, state.label_map, state.costs, state.max_text_len,
-                        grounding_json=state.format == "grounding")
+                        grounding_json=state.format in ("grounding", *grit.FORMATS))
 
 
 def box_groups(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[tuple[Any, list[int]]]:
@@ -203,6 +206,8 @@ def check_chunk(state: State, samples: list[Sample], prompts: list[Prompt], encs
         hits = (checks.box_hits(smp) if nb else []) + checks.text_hits(smp, pr, groups, n_tok, T, words_cut=words_cut)
         if state.images is not None:
             hits += checks.image_hits(smp, state.images)[0]
+        elif smp.image is not None:
+            hits += checks.member_hits(smp)
         if hits:
             out.stats.flagged += 1
             out.hits.append(SampleHits(smp.index, smp.id, smp.file, smp.line, list(smp.annotations), hits))
