@@ -184,6 +184,15 @@ def _odvg_lines(raw: bytes, smp: Sample, plan: Plan) -> list[str]:
     return out
 
 
+def check_cleanable(ds: Dataset) -> None:
+    """--write-clean rewrites ODVG lines and JSON documents; shards of other formats are refused up front."""
+    from nanscope.errors import InputError
+
+    if ds.format not in ("odvg", "coco", "grounding"):
+        raise InputError(f"--write-clean writes ODVG JSONL and COCO-style JSON; {ds.path!r} is {ds.format}: scan it "
+                         "without --write-clean")
+
+
 class CleanWriter:
     """Streams the copy (ODVG: line by line; JSON documents: written at the end)."""
 
@@ -275,3 +284,20 @@ class CleanWriter:
         out["images"] = [img for k, img in enumerate(images) if k not in self.drop_images] + extra
         out["annotations"] = [a for k, a in enumerate(anns) if k not in self.drop_annotations]
         self.tmp.write_text(json.dumps(out, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder: str | os.PathLike[str], run: Any) -> Path:
+    """--engine ray --write-clean: the parts in dataset order (concatenated, they are the cleaned copy) and the
+    units not written."""
+    path = Path(folder) / MANIFEST
+    doc = {"source": run.dataset.path, "format": run.dataset.format,
+           "parts": [{"unit": u, "file": f, "changes": c, "changes_file": f + ".changes.json"} for u, f, c in run.parts],
+           "not_written": [{"unit": u, "why": why} for u, why in run.failed]}
+    try:
+        path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"--write-clean {str(path)!r} cannot be written: {exc.strerror or exc}") from None
+    return path

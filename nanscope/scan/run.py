@@ -29,6 +29,8 @@ class ScanRun:
     dataset: Dataset
     state: State
     kept: list[tuple[Sample, Any]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # --engine ray: (unit, why) of units not scanned
+    parts: list[tuple[str, str, int]] = field(default_factory=list)  # --engine ray --write-clean: (unit, file, changes)
 
 
 DEFAULT_STACK = "groundingdino-py"
@@ -149,26 +151,39 @@ def scan(
     data: str | os.PathLike[str],
     *,
     prepared: Prepared | None = None,
-    workers: int = 1,
+    workers: int | None = 1,
     shard: str | tuple[int, int] | None = None,
     on_chunk: Callable[[list[Any], ChunkOut], None] | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    unit_bytes: int | None = None,
+    clean_dir: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> ScanRun:
-    """Scan `data` (COCO JSON, ODVG JSONL or grounding JSON). `options` are `prepare_scan`'s: format,
-    label_map, config, text_encoder (or tokenizer + max_text_len), rules, images, keep (sample ids whose
-    prepared samples come back in `ScanRun.kept`), progress (a `progress(done, total)` callback after each
-    chunk). Never prints; the stages and the count also go to `nanscope.progress`'s listener, when one is
-    installed (the CLI's bar)."""
+    """Scan `data` (COCO JSON, ODVG JSONL, grounding JSON, GRIT-style webdataset tars or parquet files).
+    `options` are `prepare_scan`'s: format, label_map, config, text_encoder (or tokenizer + max_text_len), rules,
+    images, keep (sample ids whose prepared samples come back in `ScanRun.kept`), progress (a
+    `progress(done, total)` callback after each chunk or unit). `engine="ray"` scans the units of
+    `nanscope.scan.units` with Ray actors (`workers` of them, default the cluster's CPUs; `address`: an existing
+    cluster; `clean_dir`: per-unit cleaned copies), and lists the units that could not be scanned in
+    `ScanRun.failed` and the summary. Never prints; the stages and the count also go to `nanscope.progress`'s
+    listener, when one is installed (the CLI's bar)."""
     from nanscope.errors import InputError
 
-    if workers < 1:
+    if engine not in ("local", "ray"):
+        raise InputError(f"--engine {engine!r} is not known; expected local or ray")
+    if workers is not None and workers < 1:
         raise InputError(f"--workers {workers} must be at least 1")
+    if engine == "ray" and shard is not None:
+        raise InputError("--shard splits a scan by hand; --engine ray splits it into units itself: use one of them")
     shard_t = parse_shard(shard)
     on_progress = options.pop("progress", None)
     prep = prepared or prepare_scan(data, **options)
     ds, state = prep.dataset, prep.state
     agg = Aggregate()
     kept: list[tuple[Sample, Any]] = []
+    failed: list[tuple[str, str]] = []
+    parts: list[tuple[str, str, int]] = []
     i, n = shard_t
     total = None if ds.total is None else (ds.total - i + n - 1) // n
     def report(done: int, total: int | None) -> None:
@@ -177,17 +192,32 @@ def scan(
             on_progress(done, total)
 
     with progress.stage(f"scanning {os.path.basename(ds.path)}") as st:
-        for items, out in run_chunks(state, iter_chunks(ds, shard_t), workers=workers, progress=report, total=total):
-            agg.add(out)
-            kept.extend(out.kept)
-            if on_chunk is not None:
-                on_chunk(items, out)
+        if engine == "ray":
+            from nanscope.scan.clean import check_cleanable
+            from nanscope.scan.ray_engine import run_ray
+
+            if clean_dir is not None:
+                check_cleanable(ds)
+            from nanscope.scan.units import UNIT_BYTES
+
+            outcome = run_ray(ds, state, workers=workers, address=address, unit_bytes=unit_bytes or UNIT_BYTES,
+                              clean_dir=str(clean_dir) if clean_dir is not None else None, progress=report)
+            agg, kept, failed, parts = outcome.aggregate, outcome.kept, outcome.failed, outcome.parts
+        else:
+            for items, out in run_chunks(state, iter_chunks(ds, shard_t), workers=workers or 1, progress=report,
+                                         total=total):
+                agg.add(out)
+                kept.extend(out.kept)
+                if on_chunk is not None:
+                    on_chunk(items, out)
         st.done = f"scanned {agg.stats.samples} samples"
     summary = {"format": ds.format, "mode": ds.mode, "max_text_len": state.max_text_len,
                "rules": state.rules.to_dict(), "orphan_annotations": ds.orphans}
     if ds.label_map is not None:
         summary["labels"] = len(ds.label_map)
+    if failed:
+        summary["units_not_scanned"] = [{"unit": u, "why": why} for u, why in failed]
     inputs = {"data": ds.path, "format": ds.format, "label_map": ds.label_map_path, "config": prep.config,
               "text_encoder": prep.text_encoder, "stack": prep.stack, "images": state.images, "shard": f"{i}/{n}"}
     result = agg.result(summary=summary, inputs=inputs, environment=environment())
-    return ScanRun(result, ds, state, kept)
+    return ScanRun(result, ds, state, kept, failed, parts)
