@@ -70,10 +70,21 @@ def iter_samples(path: str | os.PathLike[str]) -> Iterator[tuple[str, str, Any, 
                 members[ext] = f.read() if f is not None else b""
                 names[ext] = os.path.basename(m.name)
             yield from flush()
+            end = tar.offset
+        if str(path).lower().endswith(".tar") and not _ends_archive(path, end):
+            raise tarfile.ReadError("it ends without the two zero blocks that close a tar archive: truncated")
     except (tarfile.TarError, EOFError, OSError) as exc:
         last = f" after key {key!r}" if key is not None else ""
         raise DataError(f"shard {str(path)!r} cannot be read{last} ({exc}); expected a complete webdataset tar "
                         "(re-download or re-create it)") from None
+
+
+def _ends_archive(path: str | os.PathLike[str], offset: int) -> bool:
+    """An uncompressed tar ends with two 512-byte zero blocks after its last member; `tarfile` stops quietly at a
+    cut that falls between members, so the scan checks that they are there."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(1024) == bytes(1024)
 
 
 def count(path: str | os.PathLike[str]) -> int:
