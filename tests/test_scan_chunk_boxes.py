@@ -54,3 +54,49 @@ def test_the_size_histogram_equals_the_per_box_bins():
             if b is not None:
                 want[b] += 1
     assert chunk_boxes.size_histogram(boxes) == want
+
+
+def test_the_worst_negatives_bound_equals_the_loop_over_labels():
+    from nanscope.scan.captions import LabelCosts, longest_negatives
+
+    rng = random.Random(3)
+    for _ in range(300):
+        n = rng.randrange(1, 40)
+        keys = [str(i) for i in range(n)]
+        cost = {k: rng.randrange(1, 6) for k in keys}
+        order = tuple(sorted(keys, key=lambda k: (-cost[k], int(k))))
+        loop = LabelCosts(cost, order, tuple(keys), 2)  # no prefix: the plain loop
+        fast = LabelCosts(cost, order, tuple(keys), 2, tuple(__import__("itertools").accumulate(
+            (cost[k] for k in order), initial=0)), {k: i for i, k in enumerate(order)})
+        pos = set(rng.sample(keys, rng.randrange(0, n + 1)))
+        k = rng.randrange(0, n + 3)
+        assert longest_negatives(fast, pos, k) == longest_negatives(loop, pos, k)
+
+
+def test_the_clean_text_shortcut_changes_no_result(monkeypatch, tmp_path):
+    """The planted fixtures and a synthetic O365-like file, with `engine._text_is_clean` on and off."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from nanscope.report.json_io import result_files
+    from nanscope.scan import CaptionRules, engine, scan
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("scan_speed", root / "benchmarks" / "scan_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    te = bench.tokenizer_folder(tmp_path)
+    names = bench.names365()
+    (tmp_path / "lm.json").write_text(json.dumps({str(i): n for i, n in enumerate(names)}))
+    bench.write_dataset(tmp_path / "o365.jsonl", 600, names)
+    fix = root / "fixtures" / "scan"
+    cases = [(tmp_path / "o365.jsonl", tmp_path / "lm.json"), (fix / "od.jsonl", fix / "label_map.json"),
+             (fix / "vg.jsonl", None)]
+    for data, lm in cases:
+        for trainer in ("open-groundingdino", "mmdet"):
+            kw = dict(text_encoder=str(te), rules=CaptionRules.preset(trainer), label_map=str(lm) if lm else None)
+            monkeypatch.setattr(engine, "FAST_TEXT", True)
+            fast = result_files(scan(data, **kw).result)[0]
+            monkeypatch.setattr(engine, "FAST_TEXT", False)
+            assert result_files(scan(data, **kw).result)[0] == fast, (data.name, trainer)

@@ -88,7 +88,8 @@ def _join(names: Sequence[str], style: str) -> tuple[str, list[tuple[int, int]]]
     """Caption and each name's (begin, end) in it: `' . '.join(names) + ' .'`, or MMDetection's `name. name. `."""
     sep, caption = (". ", "".join(n + ". " for n in names)) if style == "mmdet" else (SEPARATOR, SEPARATOR.join(names) + " .")
     lens = list(map(len, names))
-    starts = list(accumulate((n + len(sep) for n in lens[:-1]), initial=0)) if lens else []
+    step = len(sep)
+    starts = list(accumulate([n + step for n in lens[:-1]], initial=0)) if lens else []
     return caption, list(zip(starts, map(add, starts, lens)))
 
 
@@ -101,6 +102,8 @@ class LabelCosts:
     by_cost: tuple[str, ...]
     keys: tuple[str, ...]  # the label map's keys in its order
     specials: int  # tokens the tokenizer adds around a caption ([CLS], [SEP])
+    prefix: tuple[int, ...] = ()  # prefix[i]: the cost of by_cost[:i] (the worst-case bound without a loop)
+    rank: Mapping[str, int] = field(default_factory=dict)  # label -> its position in by_cost
 
 
 def label_costs(tokenizer: Any, label_map: Mapping[str, str], trainer: str) -> LabelCosts:
@@ -118,7 +121,31 @@ def label_costs(tokenizer: Any, label_map: Mapping[str, str], trainer: str) -> L
     cost = {k: len(e.ids) for k, e in zip(keys, encs)}
     position = {k: i for i, k in enumerate(keys)}
     order = tuple(sorted(keys, key=lambda k: (-cost[k], position[k])))
-    return LabelCosts(cost, order, tuple(keys), specials)
+    prefix = tuple(accumulate((cost[k] for k in order), initial=0))
+    return LabelCosts(cost, order, tuple(keys), specials, prefix, {k: i for i, k in enumerate(order)})
+
+
+def longest_negatives(costs: LabelCosts, positives: set[str], k: int) -> int:
+    """Token cost of the k costliest labels that are not positives (the worst draw of k negatives)."""
+    if not costs.prefix:
+        total = taken = 0
+        for lb in costs.by_cost:
+            if taken >= k:
+                break
+            if lb not in positives:
+                total += costs.cost[lb]
+                taken += 1
+        return total
+    skipped = 0  # positives among the first k + skipped labels are passed over
+    cut = 0
+    for r in sorted(costs.rank[lb] for lb in positives):
+        if r < k + skipped:
+            skipped += 1
+            cut += costs.cost[costs.by_cost[r]]
+        else:
+            break
+    end = min(k + skipped, len(costs.by_cost))
+    return costs.prefix[end] - cut
 
 
 def _rng(rules: CaptionRules, index: int) -> random.Random:
@@ -182,7 +209,8 @@ def od_prompt(sample: Sample, rules: CaptionRules, label_map: Mapping[str, str],
               max_text_len: int, *, labels: list[str] | None = None) -> Prompt:
     """A detection sample's caption from its labels, positives and negatives as `rules.trainer` draws them.
     `labels`: this sample's row of `draw_negatives` (drawn here when not given)."""
-    dropped = {j: "label missing from the label map" for j, lb in enumerate(sample.labels) if lb not in label_map}
+    dropped = ({} if label_map.keys() >= set(sample.labels) else
+               {j: "label missing from the label map" for j, lb in enumerate(sample.labels) if lb not in label_map})
     positives = list(dict.fromkeys(lb for lb in sample.labels if lb in label_map))
     if rules.trainer == "mmdet":
         order = {k: i for i, k in enumerate(label_map)} if rules.order == "label-map" else None
@@ -195,14 +223,7 @@ def od_prompt(sample: Sample, rules: CaptionRules, label_map: Mapping[str, str],
     names = [label_map[lb] for lb in labels]
     caption, where = _join(names, "gdino")
     pos_of = {lb: where[i] for i, lb in enumerate(labels)}
-    worst = costs.specials + sum(costs.cost[lb] for lb in positives)
-    taken = 0
-    for lb in costs.by_cost:
-        if taken >= k:
-            break
-        if lb not in pos_set:
-            worst += costs.cost[lb]
-            taken += 1
+    worst = costs.specials + sum(costs.cost[lb] for lb in positives) + longest_negatives(costs, pos_set, k)
     return _od_result(sample, rules, label_map, caption, pos_of, dropped, worst, names)
 
 

@@ -106,8 +106,9 @@ def text_hits(sample: Sample, prompt: Prompt, groups: Sequence[tuple[BoxTokens, 
         first = len(out)
         _box_text_hits(out, sample, prompt, boxes[0], bt, max_text_len, inside)
         found = out[first:]
-        for j in boxes[1:]:
-            out.extend(Hit(h.code, j, h.count, h.where, h.score) for h in found)
+        if found:  # most groups have no hit: no generator per box
+            for j in boxes[1:]:
+                out.extend(Hit(h.code, j, h.count, h.where, h.score) for h in found)
     if num_tokens > max_text_len and (words_cut is None or words_cut):
         cut = [bt.phrase for bt, _ in groups if bt.cut]
         out.append(Hit("NS104", None, 1, {"kind": "this draw", "tokens": num_tokens, "max_text_len": max_text_len,
