@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -19,6 +20,7 @@ from nanscope.scan import checks, chunk_boxes, coco, grit, odvg
 from nanscope.scan.captions import CaptionRules, LabelCosts, Prompt, prompts as make_prompts
 from nanscope.scan.sample import OD, Sample
 
+SMALL_CHUNK = 64  # chunks under this many samples take the per-box Python path (when numpy is not loaded yet)
 TOKEN_BIN = 8  # caption-length histogram: bins of 8 tokens up to 1024, then one overflow bin
 TOKEN_BINS = 1024 // TOKEN_BIN + 1
 BOX_COUNT_BINS = 102  # boxes per image 0..100, then one bin for more
@@ -194,14 +196,21 @@ def check_chunk(state: State, samples: list[Sample], prompts: list[Prompt], encs
     """Positive-map tokens and every check of one tokenized chunk."""
     out = ChunkOut()
     T = state.max_text_len
-    boxes, owner, counts = chunk_boxes.box_array(samples)
-    need_box = chunk_boxes.needs_box_checks(samples, boxes, owner, counts)
-    for k, v in enumerate(chunk_boxes.size_histogram(boxes)):
-        out.stats.size_hist[k] += v
+    small = len(samples) < SMALL_CHUNK and "numpy" not in sys.modules  # a few samples: no numpy import for them
+    if small:
+        need_box = [True] * len(samples)
+    else:
+        boxes, owner, counts = chunk_boxes.box_array(samples)
+        need_box = chunk_boxes.needs_box_checks(samples, boxes, owner, counts)
+        for k, v in enumerate(chunk_boxes.size_histogram(boxes)):
+            out.stats.size_hist[k] += v
     for smp, pr, enc, nb in zip(samples, prompts, encs, need_box):
         n_tok = len(enc)  # no Python list of ids
         words_cut = n_tok > T and any(t not in state.separators for t in enc.tokens[T:])
-        out.stats.add_counts(n_tok, words_cut, len(smp.boxes))
+        if small:
+            out.stats.add_sample(n_tok, words_cut, smp.boxes)
+        else:
+            out.stats.add_counts(n_tok, words_cut, len(smp.boxes))
         if FAST_TEXT and n_tok <= T and _text_is_clean(pr, enc, T):
             hits = checks.box_hits(smp) if nb else []
         else:
