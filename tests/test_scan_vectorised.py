@@ -1,5 +1,6 @@
-"""The chunk's box filter and size histogram against the per-box Python they replace (`checks.box_hits`,
-`engine._size_bin`), on random boxes with planted bad ones."""
+"""The chunk-wide (vectorised) scan code against the per-item Python it replaces: the box filter and size histogram
+(`checks.box_hits`, `engine._size_bin`, on random boxes with planted bad ones), the worst-draw bound, the
+negative draw, and the clean-text shortcut (whole results with it on and off)."""
 
 from __future__ import annotations
 
@@ -100,3 +101,52 @@ def test_the_clean_text_shortcut_changes_no_result(monkeypatch, tmp_path):
             fast = result_files(scan(data, **kw).result)[0]
             monkeypatch.setattr(engine, "FAST_TEXT", False)
             assert result_files(scan(data, **kw).result)[0] == fast, (data.name, trainer)
+
+
+def _draw_reference(samples, rules, label_map, costs):
+    """The row-by-row draw the chunk-wide `draw_negatives` replaced (nanscope before the scan-at-scale change)."""
+    import numpy as np
+
+    from nanscope.scan.captions import _MASK, priorities
+
+    keys = costs.keys
+    n = len(keys)
+    pos_of = {k: i for i, k in enumerate(keys)}
+    pick, order = priorities(samples, rules, n)  # unchanged: the priorities are not what this test compares
+    positives = [list(dict.fromkeys(lb for lb in s.labels if lb in label_map)) for s in samples]
+    ks = []
+    for r, pos in enumerate(positives):
+        pick[r, [pos_of[lb] for lb in pos]] = np.uint64(_MASK)
+        k = n - len(pos) if rules.max_labels is None else max(0, min(n - len(pos), rules.max_labels - len(pos)))
+        ks.append(k if rules.negatives is None else min(k, rules.negatives))
+    kmax = max(ks, default=0)
+    if 0 < kmax < n:
+        part = np.argpartition(pick, kmax - 1, axis=1)[:, :kmax]
+        ranked = np.take_along_axis(part, np.argsort(np.take_along_axis(pick, part, 1), axis=1, kind="stable"), 1)
+    else:
+        ranked = np.argsort(pick, axis=1, kind="stable")[:, :kmax]
+    out = []
+    for r, (pos, row) in enumerate(zip(positives, ranked.tolist())):
+        chosen = np.array([pos_of[lb] for lb in pos] + row[:ks[r]], dtype=np.int64)
+        if rules.order == "shuffle":
+            chosen = chosen[np.argsort(order[r, chosen], kind="stable")]
+        else:
+            chosen.sort()
+        out.append([keys[j] for j in chosen.tolist()])
+    return out
+
+
+def test_the_chunk_wide_draw_equals_the_row_by_row_draw():
+    from nanscope.scan.captions import CaptionRules, LabelCosts, draw_negatives
+
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.choice([1, 3, 40, 365])
+        lm = {str(i): f"n{i}" for i in range(n)}
+        costs = LabelCosts({k: 1 for k in lm}, tuple(lm), tuple(lm), 2)
+        rules = CaptionRules(max_labels=rng.choice([None, 5, 50]), negatives=rng.choice([None, 0, 3, 85]),
+                             order=rng.choice(["shuffle", "label-map"]), seed=rng.randrange(5))
+        samples = [Sample(rng.randrange(10 ** 6), 0, "", 1, None, None, OD, [], [],
+                          [str(rng.randrange(n + 2)) for _ in range(rng.randrange(0, 8))])
+                   for _ in range(rng.randrange(1, 30))]
+        assert draw_negatives(samples, rules, lm, costs) == _draw_reference(samples, rules, lm, costs)
