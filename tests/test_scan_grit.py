@@ -98,3 +98,17 @@ def test_units_read_exactly_the_lines_of_the_whole_file(tmp_path, unit_bytes):
     assert [u.first_index for u in units] == [sum(u0.samples for u0 in units[:k]) for k in range(len(units))]
     assert units[-1].end == p.stat().st_size
     assert [item for chunk in iter_chunks(ds, (0, 1)) for item in chunk] == want
+
+
+def test_cli_refuses_what_it_cannot_do(tmp_path, tokenizer, capsys):
+    from nanscope.cli import main
+
+    write_shard(tmp_path / "00000.tar", 0, 2)
+    te = tmp_path / "te"
+    tokenizer.save_pretrained(str(te))
+    base = ["scan", str(tmp_path / "00000.tar"), "--text-encoder", str(te), "--quiet"]
+    assert main(base + ["--address", "ray://nowhere:1"]) == 2
+    assert "--engine ray" in capsys.readouterr().err
+    assert main(base + ["--write-clean", str(tmp_path / "clean.tar")]) == 2
+    assert "webdataset" in capsys.readouterr().err and not (tmp_path / "clean.tar").exists()
+    assert main(base) == 1  # NS201 of sample 1
