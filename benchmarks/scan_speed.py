@@ -1,22 +1,26 @@
-"""How fast is `nanscope scan`, next to the tokenizer alone and to a trainer's per-sample path? Is its memory flat?
+"""How fast is `nanscope scan` next to its floor, how much does it cost to start, is its memory flat, and how do
+--workers and --engine ray compare?
 
-    python benchmarks/scan_speed.py [--samples 20000] [--memory 10000,100000] [--workers 1,2] [--per-sample 2000]
+    python benchmarks/scan_speed.py [--sizes 10000,100000] [--memory 10000,100000,1000000] [--scale 100000]
+                                    [--workers 2] [--startup 5] [--repeat 2]
 
 Generates a synthetic Objects365-like ODVG dataset (365 category names of 1-3 words, boxes per image drawn
 around O365's mean of ~15, up to 100; Open-GroundingDino's max_labels=50, so captions hold 5-50 names
 after negatives) and prints, side by side in one run:
 
-- scan: `nanscope.scan.scan` over the file, end to end (JSON parsing, captions, batched tokenization,
-  positive maps, every check), in-process (the fast tokenizer's own threads) and with --workers;
-- tokenizer alone: the same captions (built beforehand, not timed) through the fast tokenizer's batched
-  `encode_batch` in chunks of 256: the limit the scan works against;
-- per-sample: what a trainer's dataset class does per item (Open-GroundingDino's ODVGDataset +
-  create_positive_map): json line -> caption with random negatives -> `tokenizer(caption)` -> one
-  positive-map row per label found with `caption.find` -> a [labels, 256] tensor;
-- memory: peak RSS of a scan subprocess at each --memory size (flat means the same peak).
+- floor vs scan, per size in --sizes: the floor is parsing the same lines with orjson plus the same fast
+  tokenizer's batched `encode_batch` (256 per call, single-threaded) on the scan's own captions (built
+  beforehand, untimed); the scan is `nanscope.scan.scan` over the file, in this process, single-threaded
+  (TOKENIZERS_PARALLELISM=false), end to end. Ratio = floor time / scan time (1.0: the scan costs nothing
+  beyond parsing and tokenizing); wall and CPU seconds, interleaved, best of --repeat;
+- start-up: whole processes on a 10-line file, medians of --startup runs: bare Python, Python + import
+  `tokenizers` + load the tokenizer, and `nanscope scan` (the CLI) - the split says what the scan adds;
+- memory: peak RSS of a scan subprocess at each --memory size (flat means the same peak);
+- scale, at --scale samples: scan in one process, `--workers N`, and `--engine ray` with N actors on this
+  machine (Ray's start-up included, as a user pays it).
 
-The tokenizer is nanscope's tiny local WordPiece (no download). Times are wall-clock medians of
---repeat runs on whatever machine runs this; the numbers go to benchmarks/RESULTS.md with the machine.
+The tokenizer is nanscope's tiny local WordPiece (no download). The numbers go to benchmarks/RESULTS.md with
+the machine and its load.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def tokenizer_folder(d: Path) -> Path:
 
     (d / "te").mkdir(exist_ok=True)
     (d / "te" / "vocab.txt").write_text("\n".join(build_vocab()) + "\n")
-    BertTokenizerFast(vocab_file=str(d / "te" / "vocab.txt"), do_lower_case=True).save_pretrained(str(d / "te"))
+    BertTokenizerFast.from_pretrained(str(d / "te"), do_lower_case=True).save_pretrained(str(d / "te"))
     return d / "te"
 
 
@@ -97,72 +101,36 @@ class Clock:
         return time.process_time() + ch.ru_utime + ch.ru_stime
 
 
-def time_scan(data: Path, lm: Path, te: Path, workers: int) -> Clock:
+def time_scan(data: Path, lm: Path, te: Path, workers: int = 1, **kw: object) -> Clock:
     from nanscope.scan import scan
 
     with Clock() as c:
-        scan(data, label_map=str(lm), text_encoder=str(te), workers=workers)
+        scan(data, label_map=str(lm), text_encoder=str(te), workers=workers, **kw)
     return c
 
 
-def captions_of(data: Path, lm: Path, te: Path) -> list[str]:
-    """The scan's own captions (its seeded draw), built once and not timed."""
-    from nanscope.scan.run import prepare_scan
+def time_floor(data: Path, lm: Path, te: Path) -> Clock:
+    """orjson on every line + one batched encode per 256 of the scan's captions; the captions are built between the
+    timed parts (they are the scan's own work, not the floor's)."""
+    import orjson
+
     from nanscope.scan.dataset import iter_chunks
-    from nanscope.scan.engine import parse, prepare
+    from nanscope.scan.engine import read_chunk
+    from nanscope.scan.run import prepare_scan
 
     prep = prepare_scan(data, label_map=str(lm), text_encoder=str(te))
-    return [prepare(prep.state, parse(prep.state, i, ln, raw)).caption
-            for chunk in iter_chunks(prep.dataset, (0, 1)) for i, ln, raw in chunk]
-
-
-def time_tokenizer(captions: list[str], te: Path) -> Clock:
-    from transformers import AutoTokenizer
-
-    backend = AutoTokenizer.from_pretrained(str(te)).backend_tokenizer
-    with Clock() as c:
-        for k in range(0, len(captions), 256):
-            backend.encode_batch(captions[k:k + 256])
-    return c
-
-
-def time_per_sample(data: Path, lm: Path, te: Path, n: int) -> tuple[Clock, int]:
-    """One item at a time, as Open-GroundingDino's ODVGDataset.__getitem__ + create_positive_map do."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(te))
-    label_map = json.loads(lm.read_text())
-    keys = list(label_map)
-    rng = random.Random(0)
-    lines = []
-    with open(data, "rb") as f:
-        for _ in range(n):
-            lines.append(f.readline())
-    with Clock() as c:
-        _per_sample(lines, tok, label_map, keys, rng)
-    return c, len(lines)
-
-
-def _per_sample(lines: list[bytes], tok: object, label_map: dict[str, str], keys: list[str], rng: random.Random) -> None:
-    import torch
-
-    for raw in lines:
-        meta = json.loads(raw)
-        inst = meta["detection"]["instances"]
-        pos = list({str(o["label"]) for o in inst})
-        neg = [k for k in keys if k not in set(pos)]
-        labels = pos + rng.sample(neg, max(0, min(len(neg), 50 - len(pos))))
-        rng.shuffle(labels)
-        names = [label_map[k] for k in labels]
-        caption = " . ".join(names) + " ."
-        enc = tok(caption, return_tensors="pt")
-        pmap = torch.zeros(len(names), 256)
-        for j, name in enumerate(names):
-            b = caption.find(name)
-            s, e = enc.char_to_token(b), enc.char_to_token(b + len(name) - 1)
-            if s is not None and e is not None:
-                pmap[j, s:min(e + 1, 256)] = 1
-        torch.as_tensor([o["bbox"] for o in inst], dtype=torch.float32)
+    tok = prep.state.tokenizer
+    total = Clock()
+    total.wall = total.cpu = 0.0
+    for chunk in iter_chunks(prep.dataset, (0, 1)):
+        caps = [p.caption for p in read_chunk(prep.state, chunk)[1]]
+        with Clock() as c:
+            for _, _, raw in chunk:
+                orjson.loads(raw)
+            tok.encode_batch(caps)
+        total.wall += c.wall
+        total.cpu += c.cpu
+    return total
 
 
 PEAK = """
@@ -182,55 +150,87 @@ def peak_rss(data: Path, lm: Path, te: Path) -> tuple[int, float, float]:
     return int(n), int(kb) / 1024, time.perf_counter() - t
 
 
+def startup(d: Path, te: Path, runs: int) -> tuple[float, float, float, float]:
+    """Medians (s) of: bare python, python + tokenizers + load, `nanscope scan` of 10 lines; and the scan's peak MiB."""
+    import statistics
+
+    ten = d / "ten.jsonl"
+    line = {"filename": "a.jpg", "height": 10, "width": 10,
+            "grounding": {"caption": "a cat", "regions": [{"bbox": [1, 1, 5, 5], "phrase": "a cat",
+                                                            "tokens_positive": [[0, 5]]}]}}
+    ten.write_text("".join(json.dumps(line) + "\n" for _ in range(10)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: compiled modules cached
+    cmds = {"python": [sys.executable, "-c", "pass"],
+            "tokenizer": [sys.executable, "-c", f"import tokenizers; tokenizers.Tokenizer.from_file({str(te / 'tokenizer.json')!r})"],
+            "scan": [sys.executable, "-m", "nanscope", "scan", str(ten), "--text-encoder", str(te), "--quiet"]}
+    times: dict[str, list[float]] = {k: [] for k in cmds}
+    peak = 0.0
+    for _ in range(runs + 1):  # the first round warms the caches and is dropped
+        for k, cmd in cmds.items():
+            t = time.perf_counter()
+            subprocess.run(cmd, env=env, check=True, capture_output=True)
+            times[k].append(time.perf_counter() - t)
+            if k == "scan":
+                peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    return med["python"], med["tokenizer"], med["scan"], peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--samples", type=int, default=20000)
+    ap.add_argument("--sizes", default="10000,100000", help="dataset sizes for scan vs floor")
     ap.add_argument("--memory", default="10000,100000", help="dataset sizes for the peak-memory comparison")
-    ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--per-sample", type=int, default=2000, help="items timed on the per-sample path")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--scale", type=int, default=100000, help="samples for one process vs --workers vs ray (0: skip)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--startup", type=int, default=5, help="start-up runs (0: skip)")
+    ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         names = names365()
         lm = d / "label_map.json"
         lm.write_text(json.dumps({str(i): n for i, n in enumerate(names)}))
         te = tokenizer_folder(d)
-        data = d / "o365.jsonl"
-        write_dataset(data, args.samples, names)
-        mb = data.stat().st_size / 2 ** 20
-        print(f"synthetic O365-like ODVG: {args.samples} samples, {mb:.1f} MiB, 365 names, max_labels 50; "
-              f"{os.cpu_count()} CPUs")
-        caps = captions_of(data, lm, te)
-        n = len(caps)
-
-        def best(runs: list[Clock]) -> Clock:
-            return min(runs, key=lambda c: c.wall)
-
-        tok = best([time_tokenizer(caps, te) for _ in range(args.repeat)])
-        words = sum(len(c.split()) for c in caps) / n
-        print(f"{'':44s}{'samples/s':>10s} {'CPU ms/1k':>10s}   ratio to the tokenizer (wall, CPU)")
-        print(f"  tokenizer alone (encode_batch, 256/call) {n / tok.wall:10.0f} {1e3 * tok.cpu / n * 1e3:10.1f}   "
-              f"({words:.0f} words/caption)")
-        rates = {}
-        for w in [int(x) for x in args.workers.split(",")]:
-            c = best([time_scan(data, lm, te, w) for _ in range(args.repeat)])
-            rates[w] = n / c.wall
-            print(f"  scan --workers {w}                         {n / c.wall:10.0f} {1e3 * c.cpu / n * 1e3:10.1f}   "
-                  f"{tok.wall / c.wall:.2f}x, {tok.cpu / c.cpu:.2f}x")
-        ps, k = time_per_sample(data, lm, te, min(args.per_sample, n))
-        top = max(rates.values())
-        print(f"  per-sample path (dataset __getitem__)    {k / ps.wall:10.0f} {1e3 * ps.cpu / k * 1e3:10.1f}   "
-              f"scan is {top / (k / ps.wall):.1f}x faster (wall), {(ps.cpu / k) / (tok.cpu / n):.1f}x the tokenizer's CPU")
-        print(f"  1M samples at the best scan rate: {1e6 / top / 60:.1f} min")
+        print(f"synthetic O365-like ODVG, 365 names, max_labels 50; {os.cpu_count()} CPUs, load average "
+              f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+        if args.startup:
+            py, tok, sc, peak = startup(d, te, args.startup)
+            print(f"start-up (medians of {args.startup}): python {py:.2f} s, + tokenizers and load {tok:.2f} s, "
+                  f"`nanscope scan` of 10 lines {sc:.2f} s: {sc - tok:.2f} s over the tokenizer load, "
+                  f"peak {peak:.0f} MiB")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # single-threaded, both sides
+        for size in [int(x) for x in args.sizes.split(",") if x.strip()]:
+            data = d / f"o365_{size}.jsonl"
+            write_dataset(data, size, names)
+            fl, sc = [], []
+            for _ in range(args.repeat):
+                fl.append(time_floor(data, lm, te))
+                sc.append(time_scan(data, lm, te))
+            f, s = min(fl, key=lambda c: c.wall), min(sc, key=lambda c: c.wall)
+            fc, scpu = min(c.cpu for c in fl), min(c.cpu for c in sc)
+            print(f"  {size:>8} samples: floor {f.wall:7.2f} s wall {fc:7.2f} s CPU; scan {s.wall:7.2f} s wall "
+                  f"{scpu:7.2f} s CPU; scan at {f.wall / s.wall:.2f}x the floor's speed (wall), {fc / scpu:.2f}x (CPU); "
+                  f"{size / s.wall:.0f} samples/s")
+            data.unlink()
         for size in [int(x) for x in args.memory.split(",") if x.strip()]:
             f = d / f"mem{size}.jsonl"
             write_dataset(f, size, names, seed=1)
             n_done, mib, secs = peak_rss(f, lm, te)
             print(f"  peak RSS, {n_done:>8} samples: {mib:7.1f} MiB  ({f.stat().st_size / 2 ** 20:.0f} MiB file, "
-                  f"{n_done / secs:.0f} samples/s incl. start-up)")
+                  f"{secs:.1f} s, {n_done / secs:.0f} samples/s incl. start-up)")
             f.unlink()
+        if args.scale:
+            data = d / "scale.jsonl"
+            write_dataset(data, args.scale, names, seed=2)
+            os.environ["TOKENIZERS_PARALLELISM"] = "true"
+            one = time_scan(data, lm, te)
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            w = time_scan(data, lm, te, workers=args.workers)
+            r = time_scan(data, lm, te, workers=args.workers, engine="ray", unit_bytes=8 << 20)
+            print(f"  {args.scale} samples: one process {one.wall:.1f} s, --workers {args.workers} {w.wall:.1f} s, "
+                  f"--engine ray with {args.workers} actors {r.wall:.1f} s (Ray start-up included): ray / workers "
+                  f"{r.wall / w.wall:.2f}x; {args.scale / min(one.wall, w.wall, r.wall):.0f} samples/s at best")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ def register(subparsers: Any) -> None:
         "scan", help="check every sample of a dataset (COCO, ODVG, grounding JSON) for data bugs before training",
         description="Build each sample's caption and positive map as the trainer would and report every data bug "
                     "that breaks or silently corrupts the loss, per sample. No model is built.")
-    p.add_argument("data", help="COCO detection JSON, ODVG .jsonl (OD or VG) or COCO-style grounding JSON")
-    p.add_argument("--format", choices=["coco", "odvg", "grounding"], help="force the format (default: detected)")
+    p.add_argument("data", help="COCO detection JSON, ODVG .jsonl (OD or VG), COCO-style grounding JSON, or GRIT-style "
+                                "webdataset .tar / parquet shards (a file or a folder of them)")
+    p.add_argument("--format", choices=["coco", "odvg", "grounding", "webdataset", "parquet"],
+                   help="force the format (default: detected)")
     p.add_argument("--label-map", metavar="FILE", help="ODVG detection: the label map JSON {\"0\": \"person\", ...}")
     p.add_argument("--config", help="groundingdino config: max_text_len and the text encoder (default: SwinT-OGC)")
     p.add_argument("--text-encoder", help="Hugging Face name or local folder of the tokenizer (default: the config's)")
@@ -40,7 +42,14 @@ def register(subparsers: Any) -> None:
     g.add_argument("--match", choices=["find", "span"],
                    help="box tokens from caption.find(phrase) (open-groundingdino) or the character spans (mmdet)")
     p.add_argument("--images", metavar="DIR", help="image folder: check that files exist and sizes match")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (default 1)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes (default 1; --engine ray: Ray actors, default the cluster's CPUs)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (and --workers); ray: units of the dataset scanned by Ray actors "
+                        "(pip install nanscope[ray]; see docs/scan-at-scale.md)")
+    p.add_argument("--address", metavar="ADDR", help="--engine ray: an existing Ray cluster (default: start Ray here)")
+    p.add_argument("--unit-mib", type=float, default=32, metavar="MIB",
+                   help="--engine ray: JSONL bytes per unit of work (default 32 MiB)")
     p.add_argument("--shard", metavar="I/N", help="scan shard I of N (samples with index %% N == I); merge with "
                                                    "`nanscope report shard*.json`")
     p.add_argument("--write-clean", metavar="OUT", help="write a copy without the broken boxes/samples (never in "
@@ -66,6 +75,10 @@ def run(args: argparse.Namespace, console: Any) -> int:
         raise InputError("--batch-out needs --ids (the samples to write) and --images (the folder of their images)")
     if args.write_clean and args.shard:
         raise InputError("--write-clean writes a copy of the whole dataset; run it without --shard")
+    if args.address and args.engine != "ray":
+        raise InputError("--address names a Ray cluster; add --engine ray")
+    if args.unit_mib <= 0:
+        raise InputError(f"--unit-mib {args.unit_mib:g} must be positive")
     if args.ids and not args.batch_out:
         raise InputError("--ids selects samples for --batch-out; pass --batch-out PATH too")
     ids = None
@@ -75,22 +88,28 @@ def run(args: argparse.Namespace, console: Any) -> int:
         ids = parse_ids(args.ids)
     rules = CaptionRules.preset(args.trainer, max_labels=args.max_labels, negatives=args.negatives, order=args.order,
                                 seed=args.seed, vg_caption=args.vg_caption, match=args.match)
-    if args.workers == 1:
+    if args.engine == "local" and (args.workers or 1) == 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "true"  # one process: the tokenizer's own threads do the work
     writer = None
     try:
-        if args.write_clean:
-            from nanscope.scan.clean import CleanWriter
+        if args.engine == "ray":
+            run_ = scan(args.data, format=args.format, label_map=args.label_map, config=args.config,
+                        text_encoder=args.text_encoder, rules=rules, images=args.images, workers=args.workers,
+                        keep=ids or (), stack=args.stack, engine="ray", address=args.address,
+                        unit_bytes=int(args.unit_mib * (1 << 20)), clean_dir=_clean_dir(args.write_clean))
+        elif args.write_clean:
+            from nanscope.scan.clean import CleanWriter, check_cleanable
             from nanscope.scan.run import prepare_scan
 
             prep = prepare_scan(args.data, format=args.format, label_map=args.label_map, config=args.config,
                                 text_encoder=args.text_encoder, rules=rules, images=args.images, keep=ids or (),
                                 stack=args.stack)
+            check_cleanable(prep.dataset)
             writer = CleanWriter(prep.dataset, prep.state, args.write_clean)
             run_ = scan(args.data, prepared=prep, workers=args.workers, shard=args.shard, on_chunk=writer.on_chunk)
         else:
             run_ = scan(args.data, format=args.format, label_map=args.label_map, config=args.config,
-                        text_encoder=args.text_encoder, rules=rules, images=args.images, workers=args.workers,
+                        text_encoder=args.text_encoder, rules=rules, images=args.images, workers=args.workers or 1,
                         shard=args.shard, keep=ids or (), stack=args.stack)
     except BaseException:
         if writer is not None:
@@ -99,6 +118,12 @@ def run(args: argparse.Namespace, console: Any) -> int:
     result = run_.result
     render(result, console)
     write_outputs(result, args, console)
+    if args.engine == "ray" and args.write_clean:
+        from nanscope.scan.clean import write_manifest
+
+        manifest = write_manifest(args.write_clean, run_)
+        console.out(f"wrote {len(run_.parts)} part(s) to {args.write_clean}/ ({sum(c for _, _, c in run_.parts)} "
+                    f"change(s)); {manifest} lists them in order", highlight=False)
     if writer is not None:
         changes = writer.finish()
         console.out(f"wrote {args.write_clean} ({len(changes)} change(s), listed in "
@@ -109,4 +134,22 @@ def run(args: argparse.Namespace, console: Any) -> int:
         write_batch(args.batch_out, run_.kept, ids or [], args.images, image_size=args.image_size)
         console.out(f"wrote {args.batch_out} ({len(ids or [])} sample(s)); replay it with "
                     f"`nanscope inspect CHECKPOINT {args.batch_out}`", highlight=False)
+    if run_.failed:
+        listed = "; ".join(f"{u}: {why}" for u, why in run_.failed)
+        console.out(f"nanscope scan: {len(run_.failed)} unit(s) not scanned, so the result above is incomplete: "
+                    f"{listed}", highlight=False)
+        return 2
     return result.exit_code
+
+
+def _clean_dir(out: str | None) -> str | None:
+    """--engine ray --write-clean OUT: a folder for the per-unit parts and their manifest."""
+    from nanscope.errors import OutputError
+
+    if out is None:
+        return None
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--write-clean {out!r} cannot be created as a folder: {exc.strerror or exc}") from None
+    return out

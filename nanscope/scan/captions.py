@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import random
 import re
+from itertools import accumulate
+from operator import add
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
@@ -92,11 +94,10 @@ def clean_name(name: str) -> str:
 def _join(names: Sequence[str], style: str) -> tuple[str, list[tuple[int, int]]]:
     """Caption and each name's (begin, end) in it: `' . '.join(names) + ' .'`, or MMDetection's `name. name. `."""
     sep, caption = (". ", "".join(n + ". " for n in names)) if style == "mmdet" else (SEPARATOR, SEPARATOR.join(names) + " .")
-    spans, pos, step = [], 0, len(sep)
-    for n in names:
-        spans.append((pos, pos + len(n)))
-        pos += len(n) + step
-    return caption, spans
+    lens = list(map(len, names))
+    step = len(sep)
+    starts = list(accumulate([n + step for n in lens[:-1]], initial=0)) if lens else []
+    return caption, list(zip(starts, map(add, starts, lens)))
 
 
 @dataclass(frozen=True)
@@ -108,32 +109,56 @@ class LabelCosts:
     by_cost: tuple[str, ...]
     keys: tuple[str, ...]  # the label map's keys in its order
     specials: int  # tokens the tokenizer adds around a caption ([CLS], [SEP])
+    prefix: tuple[int, ...] = ()  # prefix[i]: the cost of by_cost[:i] (the worst-case bound without a loop)
+    rank: Mapping[str, int] = field(default_factory=dict)  # label -> its position in by_cost
     same_name: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # id -> other ids with its name
 
 
 def label_costs(tokenizer: Any, label_map: Mapping[str, str], trainer: str) -> LabelCosts:
     """One batched tokenizer call over the label map's names."""
-    from nanscope.replay.positive_map import encode
+    from nanscope.scan.tokenizer import backend_of
 
     keys = list(label_map)
     if trainer == "mmdet":
         texts = [clean_name(label_map[k]) + ". " for k in keys]
     else:
         texts = [label_map[k] + " ." for k in keys]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        encs = backend.encode_batch(texts, add_special_tokens=False) if texts else []
-        specials = len(backend.encode("", add_special_tokens=True).ids)
-    else:  # pragma: no cover - slow tokenizers are refused by encode()
-        encs, specials = encode(tokenizer, texts), 2
+    backend = backend_of(tokenizer)
+    encs = backend.encode_batch(texts, add_special_tokens=False) if texts else []
+    specials = len(backend.encode("", add_special_tokens=True).ids)
     cost = {k: len(e.ids) for k, e in zip(keys, encs)}
     position = {k: i for i, k in enumerate(keys)}
     order = tuple(sorted(keys, key=lambda k: (-cost[k], position[k])))
+    prefix = tuple(accumulate((cost[k] for k in order), initial=0))
     by_name: dict[str, list[str]] = {}
     for k in keys:
         by_name.setdefault(label_map[k], []).append(k)
     same = {k: tuple(o for o in ids if o != k) for ids in by_name.values() if len(ids) > 1 for k in ids}
-    return LabelCosts(cost, order, tuple(keys), specials, same)
+    return LabelCosts(cost, order, tuple(keys), specials, prefix=prefix, rank={k: i for i, k in enumerate(order)},
+                      same_name=same)
+
+
+def longest_negatives(costs: LabelCosts, positives: set[str], k: int) -> int:
+    """Token cost of the k costliest labels that are not positives (the worst draw of k negatives)."""
+    if not costs.prefix:
+        total = taken = 0
+        for lb in costs.by_cost:
+            if taken >= k:
+                break
+            if lb not in positives:
+                total += costs.cost[lb]
+                taken += 1
+        return total
+    skipped = 0  # positives among the first k + skipped labels are passed over
+    cut = 0
+    for r in sorted(costs.rank[lb] for lb in positives):
+        if r < k + skipped:
+            skipped += 1
+            cut += costs.cost[costs.by_cost[r]]
+        else:
+            break
+    end = min(k + skipped, len(costs.by_cost))
+    return costs.prefix[end] - cut
 
 
 def _rng(rules: CaptionRules, index: int) -> random.Random:
@@ -154,6 +179,16 @@ def _splitmix(x: Any) -> Any:
     return x ^ (x >> np.uint64(31))
 
 
+def priorities(samples: Sequence[Sample], rules: CaptionRules, n: int) -> tuple[Any, Any]:
+    """`(pick, order)` [B, n] uint64: the draw's two priorities of each sample's n label positions."""
+    import numpy as np
+
+    index = np.array([s.index for s in samples], dtype=np.uint64)[:, None]
+    base = (index * np.uint64(n) + np.arange(n, dtype=np.uint64)[None, :]) * np.uint64(2)
+    seed = np.uint64((rules.seed * 0x2545F4914F6CDD1D) & _MASK)
+    return _splitmix(base ^ seed), _splitmix((base + np.uint64(1)) ^ seed)
+
+
 def draw_negatives(samples: Sequence[Sample], rules: CaptionRules, label_map: Mapping[str, str],
                    costs: LabelCosts) -> list[list[str]]:
     """Open-GroundingDino's OD draw for a chunk, vectorized: each sample's positives plus
@@ -165,39 +200,50 @@ def draw_negatives(samples: Sequence[Sample], rules: CaptionRules, label_map: Ma
     keys = costs.keys
     n = len(keys)
     pos_of = {k: i for i, k in enumerate(keys)}
-    index = np.array([s.index for s in samples], dtype=np.uint64)[:, None]
-    base = (index * np.uint64(n) + np.arange(n, dtype=np.uint64)[None, :]) * np.uint64(2)
-    seed = np.uint64((rules.seed * 0x2545F4914F6CDD1D) & _MASK)
-    pick = _splitmix(base ^ seed)  # [B, n]
-    order = _splitmix((base + np.uint64(1)) ^ seed)
+    pick, order = priorities(samples, rules, n)
     positives = [list(dict.fromkeys(lb for lb in s.labels if lb in label_map)) for s in samples]
+    B = len(samples)
+    lens = [len(pos) for pos in positives]
+    rows = np.repeat(np.arange(B), lens)
+    cols = np.array([pos_of[lb] for pos in positives for lb in pos], dtype=np.int64)
+    pick[rows, cols] = np.uint64(_MASK)  # positives are never drawn as negatives
     ks = []
-    for r, pos in enumerate(positives):
-        pick[r, [pos_of[lb] for lb in pos]] = np.uint64(_MASK)  # never drawn as negatives
-        k = n - len(pos) if rules.max_labels is None else max(0, min(n - len(pos), rules.max_labels - len(pos)))
+    for m in lens:
+        k = n - m if rules.max_labels is None else max(0, min(n - m, rules.max_labels - m))
         ks.append(k if rules.negatives is None else min(k, rules.negatives))
     kmax = max(ks, default=0)
-    if 0 < kmax < n:  # the kmax lowest priorities of each row, in order (no full sort of the rows)
-        part = np.argpartition(pick, kmax - 1, axis=1)[:, :kmax]
-        ranked = np.take_along_axis(part, np.argsort(np.take_along_axis(pick, part, 1), axis=1, kind="stable"), 1)
+    if 0 < kmax < n:  # the kmax lowest priorities of each row (no full sort of the rows)
+        ranked = np.argpartition(pick, kmax - 1, axis=1)[:, :kmax]
     else:
         ranked = np.argsort(pick, axis=1, kind="stable")[:, :kmax]
-    out = []
-    for r, (pos, row) in enumerate(zip(positives, ranked.tolist())):
-        chosen = np.array([pos_of[lb] for lb in pos] + row[:ks[r]], dtype=np.int64)
-        if rules.order == "shuffle":
-            chosen = chosen[np.argsort(order[r, chosen], kind="stable")]
-        else:
-            chosen.sort()
-        out.append([keys[j] for j in chosen.tolist()])
-    return out
+    # the chosen labels of every row at once: positives, then the negatives of rank < k (which kmax lowest
+    # priorities a row takes does not depend on their order, only on k)
+    if kmax:
+        rank = np.argsort(np.take_along_axis(pick, ranked, 1), axis=1, kind="stable")
+        ranked = np.take_along_axis(ranked, rank, 1)
+    chosen = np.zeros((B, n), dtype=bool)
+    chosen[rows, cols] = True
+    take = np.arange(kmax)[None, :] < np.array(ks, dtype=np.int64)[:, None]  # [B, kmax]
+    chosen[np.nonzero(take)[0], ranked[take]] = True
+    width = max((m + k for m, k in zip(lens, ks)), default=0)
+    if rules.order == "shuffle":
+        key = np.where(chosen, order, np.uint64(_MASK))
+    else:
+        key = np.where(chosen, np.arange(n, dtype=np.uint64)[None, :], np.uint64(_MASK))
+    if 0 < width < n:
+        part = np.argpartition(key, width - 1, axis=1)[:, :width]
+        best = np.take_along_axis(part, np.argsort(np.take_along_axis(key, part, 1), axis=1, kind="stable"), 1)
+    else:
+        best = np.argsort(key, axis=1, kind="stable")[:, :width]
+    return [[keys[j] for j in row[:m + k]] for row, m, k in zip(best.tolist(), lens, ks)]
 
 
 def od_prompt(sample: Sample, rules: CaptionRules, label_map: Mapping[str, str], costs: LabelCosts,
               max_text_len: int, *, labels: list[str] | None = None) -> Prompt:
     """A detection sample's caption from its labels, positives and negatives as `rules.trainer` draws them.
     `labels`: this sample's row of `draw_negatives` (drawn here when not given)."""
-    dropped = {j: "label missing from the label map" for j, lb in enumerate(sample.labels) if lb not in label_map}
+    dropped = ({} if label_map.keys() >= set(sample.labels) else
+               {j: "label missing from the label map" for j, lb in enumerate(sample.labels) if lb not in label_map})
     positives = list(dict.fromkeys(lb for lb in sample.labels if lb in label_map))
     if rules.trainer == "mmdet":
         order = {k: i for i, k in enumerate(label_map)} if rules.order == "label-map" else None
@@ -207,17 +253,10 @@ def od_prompt(sample: Sample, rules: CaptionRules, label_map: Mapping[str, str],
         labels = draw_negatives([sample], rules, label_map, costs)[0]
     pos_set = set(positives)
     k = len(labels) - len(positives)
-    names = [label_map[lb] for lb in labels]
+    names = list(map(label_map.__getitem__, labels))
     caption, where = _join(names, "gdino")
-    pos_of = {lb: where[i] for i, lb in enumerate(labels)}
-    worst = costs.specials + sum(costs.cost[lb] for lb in positives)
-    taken = 0
-    for lb in costs.by_cost:
-        if taken >= k:
-            break
-        if lb not in pos_set:
-            worst += costs.cost[lb]
-            taken += 1
+    pos_of = dict(zip(labels, where))
+    worst = costs.specials + sum(costs.cost[lb] for lb in positives) + longest_negatives(costs, pos_set, k)
     pr = _od_result(sample, rules, label_map, caption, pos_of, dropped, worst, names)
     if costs.same_name and rules.match == "find":  # caption.find: one name, one place, whatever the id
         pr.same_name = {j: costs.same_name[lb] for j, lb in enumerate(sample.labels) if lb in costs.same_name}
@@ -263,11 +302,16 @@ def _mmdet_od(sample: Sample, rules: CaptionRules, label_map: Mapping[str, str],
 def _od_result(sample: Sample, rules: CaptionRules, label_map: Mapping[str, str], caption: str,
                pos_of: Mapping[str, tuple[int, int]], dropped: dict[int, str], worst: int | None,
                names: list[str]) -> Prompt:
-    intended: list[tuple[int, int] | None] = [pos_of.get(lb) for lb in sample.labels]
+    intended: list[tuple[int, int] | None] = list(map(pos_of.get, sample.labels))
     if rules.match == "span":
         spans = [((s,) if s is not None else ()) for s in intended]
         return Prompt(caption, None, spans, intended, dropped, worst, names)  # type: ignore[arg-type]
-    phrases = [caption[s[0]:s[1]] if s is not None else label_map.get(lb, "") for s, lb in zip(intended, sample.labels)]
+    if not dropped:  # every label is in the caption: its phrase is the text at its place
+        text = {lb: caption[b:e] for lb, (b, e) in pos_of.items()}
+        phrases = list(map(text.__getitem__, sample.labels))
+    else:
+        phrases = [caption[s[0]:s[1]] if s is not None else label_map.get(lb, "")
+                   for s, lb in zip(intended, sample.labels)]
     return Prompt(caption, phrases, None, intended, dropped, worst, names, reordered=rules.order == "shuffle")
 
 

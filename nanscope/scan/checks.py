@@ -126,8 +126,9 @@ def text_hits(sample: Sample, prompt: Prompt, groups: Sequence[tuple[BoxTokens, 
         first = len(out)
         _box_text_hits(out, sample, prompt, boxes[0], bt, max_text_len, inside)
         found = out[first:]
-        for j in boxes[1:]:
-            out.extend(Hit(h.code, j, h.count, h.where, h.score) for h in found)
+        if found:  # most groups have no hit: no generator per box
+            for j in boxes[1:]:
+                out.extend(Hit(h.code, j, h.count, h.where, h.score) for h in found)
     placed = {h.box for h in out if h.code == "NS106"}
     for j, others in sorted(prompt.same_name.items()):
         if j not in placed and j not in prompt.dropped:
@@ -195,7 +196,9 @@ def _placement(sample: Sample, prompt: Prompt, j: int, bt: BoxTokens, inside: di
                                         "intended": f"{intended[0]}-{intended[1]}", "found_in": _context(cap, b, e)})]
         if prompt.reordered:  # the trainer reorders the names every epoch: is the phrase inside another one?
             if bt.phrase not in inside:
-                inside[bt.phrase] = next((n for n in prompt.names if n != bt.phrase and bt.phrase in n), None)
+                # another name holding the phrase puts it twice in the caption: most phrases skip the scan
+                inside[bt.phrase] = (None if cap.count(bt.phrase) < 2 else
+                                     next((n for n in prompt.names if n != bt.phrase and bt.phrase in n), None))
             other = inside[bt.phrase]
             if other is not None:
                 k = other.find(bt.phrase)
@@ -228,8 +231,23 @@ def image_hits(sample: Sample, images: str | os.PathLike[str]) -> tuple[list[Hit
             w, h = im.size
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         return [Hit("NS208", None, 1, {"kind": "unreadable", "path": str(path), "why": str(exc)[:120]})], None
+    return size_hits(sample, w, h), (w, h)
+
+
+def size_hits(sample: Sample, w: int, h: int) -> list[Hit]:
+    """NS209 when the image's real size (w, h) differs from the annotated one."""
     if sample.width is None or sample.height is None or (w, h) == (sample.width, sample.height):
-        return [], (w, h)
+        return []
     kind = "width and height swapped (EXIF rotation?)" if (w, h) == (sample.height, sample.width) else "size mismatch"
     return [Hit("NS209", None, 1, {"kind": kind, "file_size": f"{w}x{h}",
-                                   "annotation_size": f"{sample.width:g}x{sample.height:g}"})], (w, h)
+                                   "annotation_size": f"{sample.width:g}x{sample.height:g}"})]
+
+
+def member_hits(sample: Sample) -> list[Hit]:
+    """NS208 / NS209 from what a webdataset reader found of the sample's image member (`Sample.image`)."""
+    if sample.image is None:
+        return []
+    if isinstance(sample.image, str):
+        kind = "missing" if sample.image.startswith("no image") else "unreadable"
+        return [Hit("NS208", None, 1, {"kind": kind, "path": sample.file, "why": sample.image})]
+    return size_hits(sample, *sample.image)

@@ -29,6 +29,7 @@ from nanscope.scan.checks import CRASHES
 from nanscope.scan.dataset import Dataset
 from nanscope.scan.engine import ChunkOut, SampleHits, State, parse
 from nanscope.scan.sample import OD, Sample
+from nanscope.scan.tokenizer import backend_of
 
 DROP_BOX = ("NS201", "NS205", "NS206", "NS207", "NS106", "NS103")
 DROP_SAMPLE = ("NS208", "NS209")
@@ -46,7 +47,7 @@ class Plan:
 
 
 def _tokens_of(state: State, texts: list[str]) -> list[int]:
-    backend = getattr(state.tokenizer, "backend_tokenizer", None)
+    backend = backend_of(state.tokenizer)
     return [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)] if texts else []
 
 
@@ -116,7 +117,7 @@ def plan_sample(state: State, smp: Sample, sh: SampleHits) -> Plan:
                            for g in groups]
         return plan
     cap = smp.caption or ""
-    enc = state.tokenizer.backend_tokenizer.encode(cap)
+    enc = backend_of(state.tokenizer).encode(cap)
     last = state.max_text_len - 2  # the last kept token before [SEP]
     end = enc.offsets[last][1] if last < len(enc.offsets) else len(cap)
     cut = cap.rfind(" ", 0, end + 1) if end < len(cap) and cap[end:end + 1].isalnum() else end
@@ -187,6 +188,15 @@ def _odvg_lines(raw: bytes, smp: Sample, plan: Plan) -> list[str]:
                 e["grounding"]["caption"] = e["grounding"]["caption"][:plan.cut_caption]
         out.append(odvg.dump_line(e))
     return out
+
+
+def check_cleanable(ds: Dataset) -> None:
+    """--write-clean rewrites ODVG lines and JSON documents; shards of other formats are refused up front."""
+    from nanscope.errors import InputError
+
+    if ds.format not in ("odvg", "coco", "grounding"):
+        raise InputError(f"--write-clean writes ODVG JSONL and COCO-style JSON; {ds.path!r} is {ds.format}: scan it "
+                         "without --write-clean")
 
 
 class CleanWriter:
@@ -280,3 +290,20 @@ class CleanWriter:
         out["images"] = [img for k, img in enumerate(images) if k not in self.drop_images] + extra
         out["annotations"] = [a for k, a in enumerate(anns) if k not in self.drop_annotations]
         self.tmp.write_text(json.dumps(out, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder: str | os.PathLike[str], run: Any) -> Path:
+    """--engine ray --write-clean: the parts in dataset order (concatenated, they are the cleaned copy) and the
+    units not written."""
+    path = Path(folder) / MANIFEST
+    doc = {"source": run.dataset.path, "format": run.dataset.format,
+           "parts": [{"unit": u, "file": f, "changes": c, "changes_file": f + ".changes.json"} for u, f, c in run.parts],
+           "not_written": [{"unit": u, "why": why} for u, why in run.failed]}
+    try:
+        path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"--write-clean {str(path)!r} cannot be written: {exc.strerror or exc}") from None
+    return path

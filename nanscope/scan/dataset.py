@@ -16,7 +16,7 @@ from nanscope.errors import DataError, InputError
 from nanscope.scan import coco, odvg
 from nanscope.scan.sample import OD
 
-FORMATS = ("coco", "odvg", "grounding")
+FORMATS = ("coco", "odvg", "grounding", "webdataset", "parquet")
 CHUNK = 256  # samples per chunk: one batched tokenizer call, one unit of work for a worker
 
 
@@ -33,6 +33,7 @@ class Dataset:
     document: Any = None  # the parsed JSON document (coco / grounding)
     by_image: Any = None
     orphans: int = 0
+    files: tuple[str, ...] = ()  # webdataset / parquet: the shards, in order
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -40,6 +41,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     import json
 
     p = Path(path)
+    shards = _shard_format(p)
+    if shards is not None:
+        return shards
     if not p.is_file():
         raise DataError(f"dataset {str(p)!r} does not exist; expected a COCO JSON, an ODVG .jsonl or a grounding JSON")
     for _, raw in odvg.iter_lines(p):
@@ -53,10 +57,41 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     return "odvg" if p.suffix.lower() in (".jsonl", ".odvg") else "json"
 
 
+def _shard_format(p: Path) -> str | None:
+    """webdataset for .tar files (or a folder of them), parquet for .parquet files (or a folder of them)."""
+    if p.is_dir():
+        if any(p.glob("*.tar")):
+            return "webdataset"
+        return "parquet" if any(p.glob("*.parquet")) else None
+    return {".tar": "webdataset", ".parquet": "parquet"}.get(p.suffix.lower())
+
+
+def shard_files(path: str | os.PathLike[str], fmt: str) -> tuple[str, ...]:
+    """A shard file, or a folder's shards in name order (a folder of img2dataset output holds NNNNN.tar and
+    NNNNN.parquet with the same records: the tars are read)."""
+    p = Path(path)
+    ext = ".tar" if fmt == "webdataset" else ".parquet"
+    files = sorted(str(f) for f in p.glob(f"*{ext}")) if p.is_dir() else [str(p)]
+    if not files or not all(Path(f).is_file() for f in files):
+        raise DataError(f"dataset {str(p)!r} holds no {ext} file; expected a {fmt} shard or a folder of them")
+    return tuple(files)
+
+
 def open_dataset(path: str | os.PathLike[str], *, format: str | None = None, label_map: str | None = None) -> Dataset:
     if format is not None and format not in FORMATS:
         raise InputError(f"--format {format!r} is not known; expected one of {', '.join(FORMATS)}")
     fmt = format or detect_format(path)
+    if fmt in ("webdataset", "parquet"):
+        from nanscope.scan import parquet, wds
+
+        if label_map:
+            raise InputError("--label-map is for ODVG detection files; GRIT-style records are grounding data")
+        files = shard_files(path, fmt)
+        total = sum(wds.count(f) if fmt == "webdataset" else parquet.count(f) for f in files)
+        if fmt == "parquet":
+            for f in files:
+                parquet.columns(f)  # a file without GRIT's columns fails here, naming the file and its columns
+        return Dataset(str(path), fmt, "vg", None, None, total, files=files)
     if fmt == "odvg":
         if format is not None and not Path(path).is_file():
             raise DataError(f"dataset {str(path)!r} does not exist")
@@ -81,6 +116,10 @@ def iter_chunks(ds: Dataset, shard: tuple[int, int], size: int = CHUNK) -> Itera
     if ds.format == "odvg":
         items: Iterable[tuple[int, int | None, Any]] = (
             (index, line, raw) for index, (line, raw) in enumerate(odvg.iter_lines(ds.path)))
+    elif ds.files:
+        from nanscope.scan.units import iter_unit, plan
+
+        items = (item for unit in plan(ds) for item in iter_unit(ds, unit))
     else:
         items = ((index, None, item) for index, item in coco.iter_items(ds.document, ds.by_image))
     for index, line, payload in items:

@@ -8,20 +8,23 @@ the dataset.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from nanscope.replay.positive_map import box_tokens, encode
-from nanscope.scan import checks, coco, odvg
+from nanscope.replay.positive_map import BoxTokens, box_tokens, encode
+from nanscope.scan import checks, chunk_boxes, coco, grit, odvg
 from nanscope.scan.captions import CaptionRules, LabelCosts, Prompt, prompts as make_prompts
 from nanscope.scan.sample import OD, Sample
 
+SMALL_CHUNK = 64  # chunks under this many samples take the per-box Python path (when numpy is not loaded yet)
 TOKEN_BIN = 8  # caption-length histogram: bins of 8 tokens up to 1024, then one overflow bin
 TOKEN_BINS = 1024 // TOKEN_BIN + 1
 BOX_COUNT_BINS = 102  # boxes per image 0..100, then one bin for more
-SIZE_BINS = 15  # sqrt(box area) in px: < 1, [1, 2), [2, 4) ... [4096, 8192), >= 8192
+SIZE_BINS = chunk_boxes.SIZE_BINS
 
 
 @dataclass
@@ -91,6 +94,17 @@ class Stats:
             if b is not None:
                 self.size_hist[b] += 1
 
+    def add_counts(self, n_tokens: int, over: bool, n_boxes: int) -> None:
+        """`add_sample` without the size histogram (a chunk adds it at once: `chunk_boxes.size_histogram`)."""
+        self.samples += 1
+        self.boxes += n_boxes
+        self.tokens_sum += n_tokens
+        self.tokens_min = n_tokens if self.tokens_min is None else min(self.tokens_min, n_tokens)
+        self.tokens_max = max(self.tokens_max, n_tokens)
+        self.over += over
+        self.token_hist[min(n_tokens // TOKEN_BIN, TOKEN_BINS - 1)] += 1
+        self.box_count_hist[min(n_boxes, BOX_COUNT_BINS - 1)] += 1
+
 
 @dataclass
 class ChunkOut:
@@ -111,6 +125,9 @@ def _size_bin(w: float, h: float) -> int | None:
 def parse(state: State, index: int, line: int | None, payload: Any) -> Sample:
     if state.format == "odvg":
         return odvg.parse_line(payload, index, line or 0, state.source, od=state.mode == OD)
+    if state.format in grit.FORMATS:
+        return grit.parse_record(payload["record"], index, payload["source"], key=payload["key"],
+                                 file=payload["file"], image=payload["image"])
     return coco.parse_item(payload, index, state.source, state.format)
 
 
@@ -121,7 +138,7 @@ def prepare(state: State, smp: Sample) -> Prompt:
 
 def prepare_all(state: State, samples: list[Sample]) -> list[Prompt]:
     return make_prompts(samples, state.rules, state.label_map, state.costs, state.max_text_len,
-                        grounding_json=state.format == "grounding")
+                        grounding_json=state.format in ("grounding", *grit.FORMATS))
 
 
 def box_groups(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[tuple[Any, list[int]]]:
@@ -129,18 +146,28 @@ def box_groups(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[tuple[An
     the tokens are computed once per distinct text, not once per box. Boxes the trainer drops are left out."""
     groups: dict[Any, list[int]] = {}
     span_mode = pr.spans is not None
-    for j in range(len(smp.boxes)):
-        if j in pr.dropped:
+    if span_mode:
+        ph = smp.phrases
+        keys: Iterable[Any] = ((sp, it, ph[j] if j < len(ph) else None)
+                               for j, (sp, it) in enumerate(zip(pr.spans, pr.intended)))  # type: ignore[arg-type]
+    else:
+        keys = zip(pr.phrases, pr.intended)  # type: ignore[arg-type]
+    dropped = pr.dropped
+    for j, key in enumerate(keys):
+        if dropped and j in dropped:
             continue
-        text = pr.spans[j] if span_mode else pr.phrases[j]  # type: ignore[index]
-        key = (text, pr.intended[j], smp.phrases[j] if span_mode and j < len(smp.phrases) else None)
-        groups.setdefault(key, []).append(j)
+        g = groups.get(key)
+        if g is None:
+            groups[key] = [j]
+        else:
+            g.append(j)
     T = state.max_text_len
     out = []
-    for (text, _, _), boxes in groups.items():
+    for key, boxes in groups.items():
+        text = key[0]
         bt = (box_tokens(enc, pr.caption, spans=[text], max_text_len=T) if span_mode
               else box_tokens(enc, pr.caption, phrases=[text], max_text_len=T))[0]
-        out.append((bt._replace(box=boxes[0]), boxes))
+        out.append((BoxTokens(boxes[0], *bt[1:]), boxes))  # a namedtuple's _replace costs several times more
     return out
 
 
@@ -169,20 +196,61 @@ def check_chunk(state: State, samples: list[Sample], prompts: list[Prompt], encs
     """Positive-map tokens and every check of one tokenized chunk."""
     out = ChunkOut()
     T = state.max_text_len
-    for smp, pr, enc in zip(samples, prompts, encs):
-        n_tok = len(enc.ids)
+    small = len(samples) < SMALL_CHUNK and "numpy" not in sys.modules  # a few samples: no numpy import for them
+    if small:
+        need_box = [True] * len(samples)
+    else:
+        boxes, owner, counts = chunk_boxes.box_array(samples)
+        need_box = chunk_boxes.needs_box_checks(samples, boxes, owner, counts)
+        for k, v in enumerate(chunk_boxes.size_histogram(boxes)):
+            out.stats.size_hist[k] += v
+    for smp, pr, enc, nb in zip(samples, prompts, encs, need_box):
+        n_tok = len(enc)  # no Python list of ids
         words_cut = n_tok > T and any(t not in state.separators for t in enc.tokens[T:])
-        out.stats.add_sample(n_tok, words_cut, smp.boxes)
-        groups = box_groups(state, smp, pr, enc)
-        hits = checks.box_hits(smp) + checks.text_hits(smp, pr, groups, n_tok, T, words_cut=words_cut)
+        if small:
+            out.stats.add_sample(n_tok, words_cut, smp.boxes)
+        else:
+            out.stats.add_counts(n_tok, words_cut, len(smp.boxes))
+        if FAST_TEXT and n_tok <= T and _text_is_clean(pr, enc, T):
+            hits = checks.box_hits(smp) if nb else []
+        else:
+            groups = box_groups(state, smp, pr, enc)
+            hits = (checks.box_hits(smp) if nb else []) + checks.text_hits(smp, pr, groups, n_tok, T,
+                                                                              words_cut=words_cut)
         if state.images is not None:
             hits += checks.image_hits(smp, state.images)[0]
+        elif smp.image is not None:
+            hits += checks.member_hits(smp)
         if hits:
             out.stats.flagged += 1
             out.hits.append(SampleHits(smp.index, smp.id, smp.file, smp.line, list(smp.annotations), hits))
         if state.keep and str(smp.id) in state.keep:
             out.kept.append((smp, pr))
     return out
+
+
+FAST_TEXT = True  # the shortcut below (tests compare the results with it off)
+
+
+def _text_is_clean(pr: Prompt, enc: Any, max_text_len: int) -> bool:
+    """Whether `checks.text_hits` must find nothing, decided without building the boxes' tokens: a caption.find
+    prompt (the tokenizer kept every token: the caller checks n_tokens <= max_text_len) with no box dropped, no
+    possible overflow in another draw, no loader crash, no two ids of one name, and every distinct phrase found
+    first where it was put, only once in the caption (so inside no other name) and with a token at its first and
+    last character. Anything else goes through the full checks."""
+    if pr.phrases is None or pr.dropped or (pr.worst_tokens is not None and pr.worst_tokens > max_text_len):
+        return False
+    if pr.crash is not None or pr.same_name:  # the trainer's loader raises, or ids share a name: text_hits says so
+        return False
+    cap = pr.caption
+    c2t = enc.char_to_token
+    for phrase, it in set(zip(pr.phrases, pr.intended)):
+        if it is None or not phrase:
+            return False
+        b = cap.find(phrase)
+        if b != it[0] or cap.count(phrase) > 1 or c2t(b) is None or c2t(b + len(phrase) - 1) is None:
+            return False
+    return True
 
 
 def _pipelined(state: State, chunks: Iterable[list[tuple[int, int | None, Any]]]
@@ -203,6 +271,23 @@ def _pipelined(state: State, chunks: Iterable[list[tuple[int, int | None, Any]]]
         if pending is not None:
             items0, s0, p0, f0 = pending
             yield items0, check_chunk(state, s0, p0, f0.result())
+
+
+@contextlib.contextmanager
+def quiet_gc(threshold: int = 50_000) -> Iterator[None]:
+    """The scan loop with the objects that exist before it frozen (`gc.freeze`) and the first generation's threshold
+    raised: the collector no longer walks every live object each few hundred allocations (14% of the loop), yet
+    still collects cycles, so memory stays flat. The thresholds and the frozen set are restored on exit."""
+    import gc
+
+    old = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(threshold, old[1], old[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
 
 
 def _for_workers(state: State) -> State:
@@ -231,7 +316,8 @@ def _init(state: State) -> None:
 
 def _work(items: list[tuple[int, int | None, Any]]) -> ChunkOut:
     assert _STATE is not None
-    return process_chunk(_STATE, items)
+    with quiet_gc():
+        return process_chunk(_STATE, items)
 
 
 Progress = Callable[[int, "int | None"], None]
@@ -251,7 +337,8 @@ def run_chunks(state: State, chunks: Iterable[list[tuple[int, int | None, Any]]]
         return items, res
 
     if workers <= 1:
-        yield from (finished(items, out) for items, out in _pipelined(state, chunks))
+        with quiet_gc():
+            yield from (finished(items, out) for items, out in _pipelined(state, chunks))
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor

@@ -34,6 +34,7 @@ class Sample:
     phrases: list[str] = field(default_factory=list)  # VG: phrase per box ("" when the format has none)
     spans: list[tuple[tuple[int, int], ...] | None] = field(default_factory=list)  # VG: tokens_positive per box
     caption: str | None = None  # VG: the caption in the file
+    image: Any = None  # webdataset: the image member's (width, height), or why it is missing / unreadable
 
 
 def where_of(source: str, line: int | None, fld: str) -> str:

@@ -1,0 +1,152 @@
+"""The chunk-wide (vectorised) scan code against the per-item Python it replaces: the box filter and size histogram
+(`checks.box_hits`, `engine._size_bin`, on random boxes with planted bad ones), the worst-draw bound, the
+negative draw, and the clean-text shortcut (whole results with it on and off)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from nanscope.scan import checks, chunk_boxes
+from nanscope.scan.engine import _size_bin
+from nanscope.scan.sample import OD, Sample
+
+
+def _samples(seed: int = 0, n: int = 400) -> list[Sample]:
+    rng = random.Random(seed)
+    odd = [math.nan, math.inf, -math.inf, -5.0, 0.0, 0.4, 1e6, 1e300]
+    out = []
+    for i in range(n):
+        W = rng.choice([640.0, 1024.0, None])
+        boxes, labels = [], []
+        for _ in range(rng.choice([0, 1, 3, 8])):
+            x1, y1 = rng.uniform(-20, 700), rng.uniform(-20, 700)
+            b = [x1, y1, x1 + rng.choice([0.5, 2, 30, 300]), y1 + rng.choice([0.5, 2, 30, 300])]
+            if rng.random() < 0.1:
+                b[rng.randrange(4)] = rng.choice(odd)
+            boxes.append(tuple(b))
+            labels.append(str(rng.randrange(3)))
+        if boxes and rng.random() < 0.1:
+            boxes.append(boxes[0])
+            labels.append(labels[0])
+        out.append(Sample(i, i, f"{i}.jpg", i + 1, W, W and 480.0, OD, boxes, list(range(len(boxes))), labels))
+    return out
+
+
+def test_the_filter_never_hides_a_box_hit():
+    samples = _samples()
+    boxes, owner, counts = chunk_boxes.box_array(samples)
+    need = chunk_boxes.needs_box_checks(samples, boxes, owner, counts)
+    with_hits = [bool(checks.box_hits(s)) for s in samples]
+    assert all(n for n, h in zip(need, with_hits) if h)
+    assert sum(need) < len(samples)  # and it does skip the clean ones
+
+
+def test_the_size_histogram_equals_the_per_box_bins():
+    samples = _samples(1)
+    boxes, _, _ = chunk_boxes.box_array(samples)
+    want = [0] * chunk_boxes.SIZE_BINS
+    for s in samples:
+        for x1, y1, x2, y2 in s.boxes:
+            try:
+                b = _size_bin(x2 - x1, y2 - y1)
+            except OverflowError:  # the per-box code fails on an infinite area; the array puts it in the last bin
+                b = chunk_boxes.SIZE_BINS - 1
+            if b is not None:
+                want[b] += 1
+    assert chunk_boxes.size_histogram(boxes) == want
+
+
+def test_the_worst_negatives_bound_equals_the_loop_over_labels():
+    from nanscope.scan.captions import LabelCosts, longest_negatives
+
+    rng = random.Random(3)
+    for _ in range(300):
+        n = rng.randrange(1, 40)
+        keys = [str(i) for i in range(n)]
+        cost = {k: rng.randrange(1, 6) for k in keys}
+        order = tuple(sorted(keys, key=lambda k: (-cost[k], int(k))))
+        loop = LabelCosts(cost, order, tuple(keys), 2)  # no prefix: the plain loop
+        fast = LabelCosts(cost, order, tuple(keys), 2, tuple(__import__("itertools").accumulate(
+            (cost[k] for k in order), initial=0)), {k: i for i, k in enumerate(order)})
+        pos = set(rng.sample(keys, rng.randrange(0, n + 1)))
+        k = rng.randrange(0, n + 3)
+        assert longest_negatives(fast, pos, k) == longest_negatives(loop, pos, k)
+
+
+def test_the_clean_text_shortcut_changes_no_result(monkeypatch, tmp_path):
+    """The planted fixtures and a synthetic O365-like file, with `engine._text_is_clean` on and off."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from nanscope.report.json_io import result_files
+    from nanscope.scan import CaptionRules, engine, scan
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("scan_speed", root / "benchmarks" / "scan_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    te = bench.tokenizer_folder(tmp_path)
+    names = bench.names365()
+    (tmp_path / "lm.json").write_text(json.dumps({str(i): n for i, n in enumerate(names)}))
+    bench.write_dataset(tmp_path / "o365.jsonl", 600, names)
+    fix = root / "fixtures" / "scan"
+    cases = [(tmp_path / "o365.jsonl", tmp_path / "lm.json"), (fix / "od.jsonl", fix / "label_map.json"),
+             (fix / "vg.jsonl", None)]
+    for data, lm in cases:
+        for trainer in ("open-groundingdino", "mmdet"):
+            kw = dict(text_encoder=str(te), rules=CaptionRules.preset(trainer), label_map=str(lm) if lm else None)
+            monkeypatch.setattr(engine, "FAST_TEXT", True)
+            fast = result_files(scan(data, **kw).result)[0]
+            monkeypatch.setattr(engine, "FAST_TEXT", False)
+            assert result_files(scan(data, **kw).result)[0] == fast, (data.name, trainer)
+
+
+def _draw_reference(samples, rules, label_map, costs):
+    """The row-by-row draw the chunk-wide `draw_negatives` replaced (nanscope before the scan-at-scale change)."""
+    import numpy as np
+
+    from nanscope.scan.captions import _MASK, priorities
+
+    keys = costs.keys
+    n = len(keys)
+    pos_of = {k: i for i, k in enumerate(keys)}
+    pick, order = priorities(samples, rules, n)  # unchanged: the priorities are not what this test compares
+    positives = [list(dict.fromkeys(lb for lb in s.labels if lb in label_map)) for s in samples]
+    ks = []
+    for r, pos in enumerate(positives):
+        pick[r, [pos_of[lb] for lb in pos]] = np.uint64(_MASK)
+        k = n - len(pos) if rules.max_labels is None else max(0, min(n - len(pos), rules.max_labels - len(pos)))
+        ks.append(k if rules.negatives is None else min(k, rules.negatives))
+    kmax = max(ks, default=0)
+    if 0 < kmax < n:
+        part = np.argpartition(pick, kmax - 1, axis=1)[:, :kmax]
+        ranked = np.take_along_axis(part, np.argsort(np.take_along_axis(pick, part, 1), axis=1, kind="stable"), 1)
+    else:
+        ranked = np.argsort(pick, axis=1, kind="stable")[:, :kmax]
+    out = []
+    for r, (pos, row) in enumerate(zip(positives, ranked.tolist())):
+        chosen = np.array([pos_of[lb] for lb in pos] + row[:ks[r]], dtype=np.int64)
+        if rules.order == "shuffle":
+            chosen = chosen[np.argsort(order[r, chosen], kind="stable")]
+        else:
+            chosen.sort()
+        out.append([keys[j] for j in chosen.tolist()])
+    return out
+
+
+def test_the_chunk_wide_draw_equals_the_row_by_row_draw():
+    from nanscope.scan.captions import CaptionRules, LabelCosts, draw_negatives
+
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.choice([1, 3, 40, 365])
+        lm = {str(i): f"n{i}" for i in range(n)}
+        costs = LabelCosts({k: 1 for k in lm}, tuple(lm), tuple(lm), 2)
+        rules = CaptionRules(max_labels=rng.choice([None, 5, 50]), negatives=rng.choice([None, 0, 3, 85]),
+                             order=rng.choice(["shuffle", "label-map"]), seed=rng.randrange(5))
+        samples = [Sample(rng.randrange(10 ** 6), 0, "", 1, None, None, OD, [], [],
+                          [str(rng.randrange(n + 2)) for _ in range(rng.randrange(0, 8))])
+                   for _ in range(rng.randrange(1, 30))]
+        assert draw_negatives(samples, rules, lm, costs) == _draw_reference(samples, rules, lm, costs)
