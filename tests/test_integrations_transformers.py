@@ -9,49 +9,12 @@ import torch
 
 from nanscope.cli import main
 from nanscope.integrations.transformers import NanscopeCallback
-from nanscope.stacks.transformers.demo import write_hf_model
 from nanscope.stacks.transformers.loading import load_tokenizer
 from nanscope.watch.report import NonFiniteStepError
 
+from _hf_training import PLANT, collate, examples, hf_folder, nan_logits_at
+
 transformers = pytest.importorskip("transformers")
-CAPTION = "cat . dog ."
-PLANT = 1  # the optimizer step whose batch (or logits) goes bad
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_hf_model(tmp_path_factory.mktemp("hf") / "model", num_queries=50)  # 50 fit 64 px
-
-
-def examples(tok, n: int, nan_pixel_at: int | None = None) -> "InOrder":
-    out = []
-    for i in range(n):
-        g = torch.Generator().manual_seed(i)
-        enc = tok(CAPTION, return_tensors="pt")
-        pv = torch.randn(3, 64, 64, generator=g)
-        if i == nan_pixel_at:
-            pv[2, 7, 9] = float("nan")
-        out.append({"pixel_values": pv, "input_ids": enc["input_ids"][0], "attention_mask": enc["attention_mask"][0],
-                    "labels": {"class_labels": torch.tensor([0, 1]),
-                               "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.25, 0.35]])}})
-    return InOrder(out)
-
-
-class InOrder(torch.utils.data.IterableDataset):
-    """The examples in order (the Trainer shuffles a map-style dataset): the planted one is at a known step."""
-
-    def __init__(self, items: list[dict]) -> None:
-        self.items = items
-
-    def __iter__(self):
-        return iter(self.items)
-
-
-def collate(items: list[dict]) -> dict:
-    return {"pixel_values": torch.stack([x["pixel_values"] for x in items]),
-            "input_ids": torch.stack([x["input_ids"] for x in items]),
-            "attention_mask": torch.stack([x["attention_mask"] for x in items]),
-            "labels": [x["labels"] for x in items]}
 
 
 class Recorder(transformers.TrainerCallback):
@@ -76,16 +39,6 @@ def trainer_for(folder, tmp_path, data, callback, steps: int = 3, **args):
 
 def logged(trainer) -> list[dict]:
     return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Recorder)).logs
-
-
-def nan_logits_at(model, step_of, step: int):
-    """Plant a NaN in the last decoder layer's class logits at one optimizer step (boxes stay finite)."""
-    def hook(_m, _args, out):
-        if model.training and step_of() == step:
-            c = torch.ones_like(out)
-            c[0, 0, 0] = float("nan")
-            return out * c  # the NaN reaches the gradients too, as a real one would
-    return model.class_embed[-1].register_forward_hook(hook)
 
 
 def test_a_nan_pixel_dumps_that_step_and_the_dump_replays_to_the_pixel(folder, tmp_path, capsys):
