@@ -20,9 +20,7 @@ from typing import Any
 from lightning.pytorch import Callback
 
 from nanscope.errors import InputError
-from nanscope.integrations.trackers import alert_trackers
-from nanscope.watch.attachment import Attachment, Policy, attach
-from nanscope.watch.report import NonFiniteStepError, WatchReport
+from nanscope.integrations._adapter import Adapter
 
 
 def _attribute(module: Any, path: str, role: str) -> Any:
@@ -36,51 +34,26 @@ def _attribute(module: Any, path: str, role: str) -> Any:
     return obj
 
 
-class NanscopeCallback(Callback):
-    """Check every training forward of `module.<attach_to>`; dump, log and stop (or skip) at a non-finite step."""
+class NanscopeCallback(Adapter, Callback):
+    """Check every training forward of `module.<attach_to>`; dump, log and stop (or skip) at a non-finite step.
+
+    attach_to: the attribute path of the criterion (or loss-computing model); model: the trained model's
+    (None: the LightningModule itself). Other arguments: `nanscope.integrations._adapter.Adapter`.
+    """
 
     def __init__(self, dump_dir: str | os.PathLike[str] = "nan-dumps", *, attach_to: str = "criterion",
-                 model: str | None = "model", on_nonfinite: Policy = "stop", max_skips: int = 10,
-                 raise_on_stop: bool = True, trackers: Any = "auto", **attach_kwargs: Any) -> None:
-        self.dump_dir = dump_dir
+                 model: str | None = "model", **settings: Any) -> None:
+        super().__init__(dump_dir, **settings)
         self.attach_to = attach_to
         self.model_attr = model
-        self.on_nonfinite = on_nonfinite
-        self.max_skips = max_skips
-        self.raise_on_stop = raise_on_stop
-        self.trackers = trackers
-        self.attach_kwargs = attach_kwargs
-        self.attachment: Attachment | None = None
-        self._loggers: list[Any] = []
-
-    @property
-    def report(self) -> Any:
-        return None if self.attachment is None else self.attachment.report
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         obj = _attribute(pl_module, self.attach_to, "attach_to")
         model = pl_module if self.model_attr is None else _attribute(pl_module, self.model_attr, "model")
-        self._loggers = list(trainer.loggers)
-        self.attachment = attach(obj, self.dump_dir, model=model, step=lambda: trainer.global_step,
-                                 on_nonfinite=self.on_nonfinite, max_skips=self.max_skips, raise_on_stop=False,
-                                 trackers=self.trackers, **self.attach_kwargs)
-        self.attachment.add_listener(self._alert_loggers)
-
-    def _alert_loggers(self, rep: WatchReport) -> None:
-        handles = []
-        for lg in self._loggers:
-            exp = getattr(lg, "experiment", None)
-            if hasattr(exp, "add_text"):  # TensorBoardLogger: its SummaryWriter
-                handles.append(exp)
-            elif getattr(lg, "run_id", None) is not None and hasattr(exp, "set_tag"):  # MLFlowLogger: its client
-                handles.append(lg)
-        problems = alert_trackers(rep, handles, nonfinite_steps=len(self.report.nonfinite_steps)) if handles else []
-        if problems:
-            raise RuntimeError("; ".join(problems))
+        self._attach(obj, model, lambda: trainer.global_step, lambda: _tracker_handles(trainer.loggers))
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if self.attachment is not None:
-            self.attachment.drop_pending_step()  # a bad step's update is never applied
+        self._drop_pending_step()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.attachment is None:
@@ -95,8 +68,16 @@ class NanscopeCallback(Callback):
             self.attachment.__exit__(type(exception), exception, exception.__traceback__)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.attachment is None:
-            return
-        rep = self.attachment.detach()
-        if rep.stopped and self.raise_on_stop and rep.reports:
-            raise NonFiniteStepError(rep.reports[-1])
+        self._finish()
+
+
+def _tracker_handles(loggers: list[Any]) -> list[Any]:
+    """TensorBoardLogger's SummaryWriter, MLFlowLogger itself (client + run_id); W&B's run is found as active."""
+    handles = []
+    for lg in loggers:
+        exp = getattr(lg, "experiment", None)
+        if hasattr(exp, "add_text"):
+            handles.append(exp)
+        elif getattr(lg, "run_id", None) is not None and hasattr(exp, "set_tag"):
+            handles.append(lg)
+    return handles

@@ -16,15 +16,12 @@ MLflow runs and to the TensorBoard writer of the Trainer's own callbacks.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 from transformers import TrainerCallback
 
-from nanscope.integrations.trackers import alert_trackers
-from nanscope.watch.attachment import Attachment, Policy, attach
-from nanscope.watch.report import NonFiniteStepError, WatchReport
+from nanscope.integrations._adapter import Adapter
 
 
 def _caller_handler(me: Any) -> Any:
@@ -40,46 +37,29 @@ def _caller_handler(me: Any) -> Any:
     return None
 
 
-class NanscopeCallback(TrainerCallback):
-    """Check every training forward's loss terms; dump, log and stop (or skip) at a non-finite step."""
+class NanscopeCallback(Adapter, TrainerCallback):
+    """Check every training forward's loss terms; dump, log and stop (or skip) at a non-finite step.
 
-    def __init__(self, dump_dir: str | os.PathLike[str] = "nan-dumps", *, on_nonfinite: Policy = "stop",
-                 max_skips: int = 10, raise_on_stop: bool = True, trackers: Any = "auto", **attach_kwargs: Any) -> None:
-        self.dump_dir = dump_dir
-        self.on_nonfinite = on_nonfinite
-        self.max_skips = max_skips
-        self.raise_on_stop = raise_on_stop
-        self.trackers = trackers
-        self.attach_kwargs = attach_kwargs
-        self.attachment: Attachment | None = None
-        self._handler: Any = None
-        self._logged = 0
+    Arguments: `nanscope.integrations._adapter.Adapter` (dump_dir, on_nonfinite, max_skips, raise_on_stop,
+    trackers, and `nanscope.watch.attach`'s keywords).
+    """
 
-    @property
-    def report(self) -> Any:
-        """The run's `AttachReport` (None before training began)."""
-        return None if self.attachment is None else self.attachment.report
+    _handler: Any = None
+    _logged = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self._handler = _caller_handler(self)
         if self._handler is not None:  # first: the report_to loggers then see what on_log adds
             self._handler.callbacks.remove(self)
             self._handler.callbacks.insert(0, self)
-        self.attachment = attach(model, self.dump_dir, step=lambda: state.global_step, on_nonfinite=self.on_nonfinite,
-                                 max_skips=self.max_skips, raise_on_stop=False, trackers=self.trackers,
-                                 **self.attach_kwargs)
-        self.attachment.add_listener(self._alert_tensorboard)
+        self._attach(model, model, lambda: state.global_step, self._tensorboard_writers)
 
-    def _alert_tensorboard(self, rep: WatchReport) -> None:
-        writers = [cb.tb_writer for cb in getattr(self._handler, "callbacks", [])
-                   if getattr(cb, "tb_writer", None) is not None]
-        problems = alert_trackers(rep, writers, nonfinite_steps=len(self.report.nonfinite_steps)) if writers else []
-        if problems:
-            raise RuntimeError("; ".join(problems))
+    def _tensorboard_writers(self) -> list[Any]:
+        return [cb.tb_writer for cb in getattr(self._handler, "callbacks", [])
+                if getattr(cb, "tb_writer", None) is not None]
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.attachment is not None:
-            self.attachment.drop_pending_step()  # a bad step's update is never applied
+        self._drop_pending_step()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.attachment is None:
@@ -100,8 +80,4 @@ class NanscopeCallback(TrainerCallback):
         self._logged = len(rep.nonfinite_steps)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.attachment is None:
-            return
-        rep = self.attachment.detach()
-        if rep.stopped and self.raise_on_stop and rep.reports:
-            raise NonFiniteStepError(rep.reports[-1])
+        self._finish()
