@@ -17,6 +17,11 @@ from _hf_training import PLANT, collate, examples, hf_folder, nan_logits_at
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return hf_folder(tmp_path_factory)
+
+
 class Recorder(transformers.TrainerCallback):
     """What a report_to logger is given in on_log (it comes before NanscopeCallback in the list)."""
 
