@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import gc
 import json
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from _spawn import spawn_or_fail
 
 WORLD = 2
 PLANT_RANK = 1
@@ -80,14 +80,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp_path = tmp_path_factory.mktemp("attach-ddp")
     for policy in ("skip", "stop"):
         (tmp_path / policy).mkdir()
-    ctx = mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"ranks did not finish within {TIMEOUT_S} s (a hang)")
-    assert [p.exitcode for p in ctx.processes] == [0] * WORLD
+    spawn_or_fail(_worker, (str(tmp_path),), WORLD, TIMEOUT_S)
     return tmp_path
 
 
