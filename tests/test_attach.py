@@ -188,3 +188,7 @@ def test_bad_arguments_name_what_was_given(tmp_path):
         nanscope.watch.attach(nn.Linear(1, 1), tmp_path, on_nonfinite="skip")
     with pytest.raises(InputError, match="attach\\(\\) got a int"):
         nanscope.watch.attach(3, tmp_path)
+    model = nn.Linear(1, 1)
+    with pytest.raises(InputError, match="optimizer= is a str"):
+        nanscope.watch.attach(model, tmp_path, optimizer="sgd")
+    assert not model._forward_pre_hooks and not model._forward_hooks  # nothing left behind by a refused attach

@@ -91,6 +91,10 @@ class Attachment:
         if model is None and not isinstance(obj, nn.Module):
             raise InputError(f"attach() to the function {getattr(obj, '__qualname__', obj)!r} needs model=: the "
                              "nn.Module being trained, whose weights and inputs a dump holds")
+        opt = _torch_optimizer(optimizer)  # checked before any hook is placed
+        if opt is None and on_nonfinite == "skip" and raise_on_stop:
+            raise InputError("on_nonfinite='skip' needs optimizer=: the skip drops the gradients right before "
+                             "optimizer.step() (the framework adapters do this themselves)")
         self.obj = obj
         self.model: nn.Module = model if model is not None else obj
         if not isinstance(self.model, nn.Module):
@@ -121,15 +125,8 @@ class Attachment:
             self._handles.append(obj.register_forward_hook(self._post_forward, with_kwargs=True, always_call=True))
         if obj is not self.model:  # a criterion: the model's inputs give the dump its images and captions
             self._handles.append(self.model.register_forward_pre_hook(self._model_pre, with_kwargs=True))
-        if optimizer is not None:
-            inner = getattr(optimizer, "optimizer", None)  # Accelerate's / Lightning's wrappers hold the torch one
-            opt = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
-            if not isinstance(opt, torch.optim.Optimizer):
-                raise InputError(f"optimizer= is a {type(optimizer).__name__}; expected a torch.optim.Optimizer")
+        if opt is not None:
             self._handles.append(opt.register_step_pre_hook(self._before_optimizer_step))
-        elif on_nonfinite == "skip" and raise_on_stop:
-            raise InputError("on_nonfinite='skip' needs optimizer=: the skip drops the gradients right before "
-                             "optimizer.step() (the framework adapters do this themselves)")
 
     def _new_watcher(self) -> Watcher:
         kw = dict(self._watch_kwargs)
@@ -305,6 +302,18 @@ class Attachment:
             self._handles = []
             self._watcher.__exit__(exc_type, exc, tb)  # dumps the step the exception came from, as watch() does
         return False
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer itself, also inside Accelerate's, Lightning's and MMEngine's wrappers (`.optimizer`)."""
+    if optimizer is None:
+        return None
+    inner = getattr(optimizer, "optimizer", None)
+    opt = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise InputError(f"optimizer= is a {type(optimizer).__name__}; expected a torch.optim.Optimizer (or a wrapper "
+                         "holding one as .optimizer)")
+    return opt
 
 
 def _too_many(rep: WatchReport, max_skips: int) -> NonFiniteStepError:
