@@ -126,6 +126,7 @@ def test_skip_drops_exactly_the_bad_step_and_counts_it(model, tmp_path):
     assert [r.dump.name for r in rep.reports] == [f"step{PLANT:08d}-rank0"]
 
 
+@pytest.mark.slow  # one more full run; keeps the quick set of these tests near its CPU budget
 def test_dump_and_continue_goes_on_and_max_skips_stops(model, tmp_path):
     crit = Criterion()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -143,6 +144,7 @@ def test_dump_and_continue_goes_on_and_max_skips_stops(model, tmp_path):
     assert b.report.skipped_steps == (0,) and b.report.nonfinite_steps == (0, 1) and b.report.stopped
 
 
+@pytest.mark.slow  # one more full run; keeps the quick set of these tests near its CPU budget
 def test_function_criterion_is_called_through_the_attachment(model, tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     crit = nanscope.watch.attach(masked_terms, tmp_path / "d", model=model)

@@ -65,6 +65,7 @@ def test_a_nan_loss_term_stops_or_skips_at_that_step(folder, tmp_path, policy):
     assert not module.model._forward_hooks and not module.model._forward_pre_hooks
 
 
+@pytest.mark.slow  # one more full run; keeps the quick set of these tests near its CPU budget
 def test_a_nan_pixel_is_dumped_and_replays_to_the_pixel(folder, tmp_path, capsys):
     cb = NanscopeCallback(tmp_path / "dumps", attach_to="model")
     module, trainer, run = fit(folder, tmp_path, cb, examples(load_tokenizer(folder), 3, nan_pixel_at=PLANT))

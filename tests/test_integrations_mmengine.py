@@ -73,6 +73,7 @@ def test_a_nan_loss_term_stops_or_skips_at_that_iteration(folder, tmp_path, poli
     assert manifest["step"] == PLANT and manifest["stack"]["stack"] == "transformers"  # the detector inside
 
 
+@pytest.mark.slow  # one more full run; keeps the quick set of these tests near its CPU budget
 def test_a_nan_pixel_is_dumped_and_replays_to_the_pixel(folder, tmp_path, capsys):
     runner = runner_for(folder, tmp_path, examples(load_tokenizer(folder), 3, nan_pixel_at=PLANT), {})
     with pytest.raises(ValueError, match="x0, y0, x1, y1"), pytest.warns(RuntimeWarning, match="dumped"):
