@@ -40,6 +40,7 @@ _EXPORTS = {
     "TraceResult": "nanscope.trace.tracer",
     "Origin": "nanscope.trace.tracer",
     "watch": "nanscope.watch.sentinel",
+    "attach": "nanscope.watch.attachment",
     "Watcher": "nanscope.watch.sentinel",
     "WatchOptions": "nanscope.watch.sentinel",
     "WatchReport": "nanscope.watch.report",

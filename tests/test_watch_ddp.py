@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import gc
 import json
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from _spawn import spawn_or_fail
 
 from nanscope.watch.ranks import Agreement, merge_rank_dumps
 
@@ -70,14 +70,7 @@ def _train(rank: int, out: Path, sync_every: int) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp_path = tmp_path_factory.mktemp("ddp")
-    ctx = mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"ranks did not finish within {TIMEOUT_S} s (a hang)")
-    assert [p.exitcode for p in ctx.processes] == [0] * WORLD
+    spawn_or_fail(_worker, (str(tmp_path),), WORLD, TIMEOUT_S)
     return tmp_path
 
 
