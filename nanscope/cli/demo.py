@@ -92,6 +92,18 @@ def _write_marker(out: Path) -> None:
         write_atomic(out / MARKER, json.dumps(_files(out), indent=1, sort_keys=True) + "\n")
 
 
+def shell_words(*words: Any) -> str:
+    """Paths and options as one shell line that pastes (quoted where a path needs it)."""
+    import shlex
+
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def show_command(console: Any, command: str) -> None:
+    """`$ COMMAND` on one line, never wrapped at the console's width: a pasted wrapped line loses arguments."""
+    console.print(f"$ {command}", soft_wrap=True, markup=False, highlight=False)
+
+
 def _demo(args: argparse.Namespace, console: Any, out: Path, html: str | None) -> int:
     from nanscope.replay.diagnose import inspect_replay
     from nanscope.replay.session import prepare
@@ -103,14 +115,14 @@ def _demo(args: argparse.Namespace, console: Any, out: Path, html: str | None) -
     if args.stack == "groundingdino-py":
         files = write_demo(out)
         replay = prepare(files.checkpoint, files.batch, config=files.config)  # built once, shared by both steps
-        model_args = f"{files.checkpoint} {files.batch} --config {files.config}"
+        model_args = shell_words(files.checkpoint, files.batch, "--config", files.config)
     else:
         from nanscope.stacks.transformers.demo import write_hf_demo
 
         hf_files = write_hf_demo(out)
         replay = prepare(hf_files.model, hf_files.batch)
-        model_args = f"{hf_files.model} {hf_files.batch}"
-    console.print(f"$ nanscope inspect {model_args} --criterion {DEMO_CRITERION}")
+        model_args = shell_words(hf_files.model, hf_files.batch)
+    show_command(console, f"nanscope inspect {model_args} --criterion {DEMO_CRITERION}")
     result = inspect_replay(replay, criterion=DEMO_CRITERION)
     render(result, console)
     if html:
@@ -120,7 +132,7 @@ def _demo(args: argparse.Namespace, console: Any, out: Path, html: str | None) -
         return EXIT_OK
     from nanscope.verify.pipeline import verify_replay
 
-    console.print(f"$ nanscope verify-fix {model_args} --steps {DEMO_VERIFY_STEPS}")
+    show_command(console, f"nanscope verify-fix {model_args} --steps {DEMO_VERIFY_STEPS}")
     verified = verify_replay(replay, steps=DEMO_VERIFY_STEPS)
     render(verified, console)
     if html:
