@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from nanscope.causes import Group
+from nanscope.causes import Group, split_notes
 from nanscope.findings import Finding
 from nanscope.report.terminal_scan import scan_plain_lines, scan_rich
 from nanscope.result import Result
@@ -38,12 +38,14 @@ def verdict_line(result: Result) -> str:
 
 
 def causes_text(groups: list[Group]) -> str:
-    """`2 cause(s): 2 error(s), 0 warning(s)`: causes counted by their severity; `no findings`."""
+    """`2 cause(s): 2 error(s), 0 warning(s)`: causes counted by their severity, then `, 1 note(s)` for
+    info-only groups (notes, not causes); `no findings`."""
     if not groups:
         return "no findings"
-    sev = [g.severity.value for g in groups]
-    infos = f", {sev.count('info')} info" if "info" in sev else ""
-    return f"{len(groups)} cause(s): {sev.count('error')} error(s), {sev.count('warning')} warning(s){infos}"
+    causes, notes = split_notes(groups)
+    sev = [g.severity.value for g in causes]
+    infos = f", {len(notes)} note(s)" if notes else ""
+    return f"{len(causes)} cause(s): {sev.count('error')} error(s), {sev.count('warning')} warning(s){infos}"
 
 
 def _one_line(s: Any) -> str:
@@ -116,9 +118,13 @@ def _printed_block(text: str, who: str) -> list[str]:
 def render_plain(result: Result) -> str:
     """The plain report as text: one fact per line, no colour, no wrapping."""
     lines = [verdict_line(result)] + scan_plain_lines(result)
-    for n, g in enumerate(result.groups, 1):
+    causes, notes = split_notes(result.groups)
+    for n, g in enumerate(causes, 1):
         lines.append(_one_line(f"cause {n}: {finding_line(g.cause)}"))
         lines.append(_one_line(f"cause {n} fix: {g.cause.hint}"))
+        lines.extend(_one_line(f"  {finding_line(f)}") for f in g.effects)
+    for g in notes:
+        lines.append(_one_line(f"note: {finding_line(g.cause)}"))
         lines.extend(_one_line(f"  {finding_line(f)}") for f in g.effects)
     for c in result.checks:
         lines.append(_one_line(f"check {c.id} {'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}"))
@@ -157,7 +163,8 @@ def render(result: Result, console: Console, *, plain: bool | None = None) -> No
     show(Text(verdict_line(result), style=VERDICT_STYLE.get(result.verdict, "bold")))
     for x in scan_rich(result):
         show(x)
-    groups = result.groups
+    causes, notes = split_notes(result.groups)
+    groups = causes + notes
     if groups:
         t = Table(show_lines=False, expand=False, pad_edge=False, width=None)
         t.add_column("cause", justify="right", no_wrap=True)
@@ -166,15 +173,18 @@ def render(result: Result, console: Console, *, plain: bool | None = None) -> No
         t.add_column("count", justify="right", no_wrap=True)
         t.add_column("where", overflow="fold")
         for n, g in enumerate(groups, 1):
+            label = str(n) if n <= len(causes) else "note"
             for f in g.findings:
-                t.add_row(str(n) if f is g.cause else "", f.code if f is g.cause else f"{EXPLAINED} {f.code}",
+                t.add_row(label if f is g.cause else "", f.code if f is g.cause else f"{EXPLAINED} {f.code}",
                           Text(f.severity.value, style=STYLE[f.severity.value]), str(f.count),
                           Text(_one_line(f.where_text(2))))
         show(t)
         for n, g in enumerate(groups, 1):
             sev = g.severity.value
-            show(Text(f"cause {n}: {g.cause.code} ", style=STYLE[sev]) + Text(_one_line(g.cause.message)))
-            show(Text("  fix: ", style="bold") + Text(_one_line(g.cause.hint)))
+            head = f"cause {n}" if n <= len(causes) else "note"
+            show(Text(f"{head}: {g.cause.code} ", style=STYLE[sev]) + Text(_one_line(g.cause.message)))
+            if n <= len(causes):
+                show(Text("  fix: ", style="bold") + Text(_one_line(g.cause.hint)))
             for f in g.effects:
                 show(Text(f"  {EXPLAINED} {f.code} ", style=STYLE[f.severity.value]) + Text(_one_line(f.message),
                                                                                           style="dim"))

@@ -199,8 +199,7 @@ def verdict_detail(checks: list[Any], preset: str) -> str:
     ref = next((c for c in failed if c.id == 4), None)
     if ref is not None:
         closest = ref.numbers.get("closest", preset)
-        why = ref.numbers.get("why") or "its terms"
-        parts.append(f"differs from the {closest} reference by {why}")
+        parts.append(ref.numbers.get("why") or f"differs from the {closest} reference")
     others = [str(c.id) for c in failed if c.id in EQUIVALENCE and c.id != 4]
     if others:
         parts.append(f"and from before (check{'s' if len(others) > 1 else ''} {', '.join(others)})")
