@@ -1,5 +1,6 @@
 """The terminal report: a verdict line, the findings, the checks and the worst image's lost phrases.
 
+Rich mode repeats the verdict line last (a tall report scrolls its first line off the screen).
 Findings come grouped by cause (`nanscope.causes`): each cause with its fix, then the findings it
 explains, whose fix is the cause's. Two modes. Rich (a colour terminal): tables and colour, never
 wider than 80 columns. Plain (output is not a terminal, NO_COLOR is set, TERM=dumb, CI logs): no
@@ -223,6 +224,8 @@ def render(result: Result, console: Console, *, plain: bool | None = None) -> No
             show(Text(block[-1], style="bold"))
     if result.timings:  # rich mode only: off a terminal the stage lines on stderr say it, stdout stays the same
         show(Text(timings_line(result), style="dim"))
+    # the verdict again, last: a report taller than the terminal has scrolled its first line away
+    show(Text(verdict_line(result), style=VERDICT_STYLE.get(result.verdict, "bold")))
 
 
 def timings_line(result: Result, slowest: int = 3) -> str:
