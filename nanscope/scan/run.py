@@ -92,14 +92,14 @@ def prepare_scan(
     if images is not None and not os.path.isdir(images):
         raise InputError(f"--images {str(images)!r} is not a folder; expected the folder the image file names are relative to")
     tokenizer_given = tokenizer
+    with progress.stage(f"reading {os.path.basename(str(data))}") as st:  # before the tokenizer: data errors first
+        ds = open_dataset(data, format=format, label_map=label_map)
+        st.done = f"opened {os.path.basename(str(data))} ({ds.format}, {ds.mode})"
     if tokenizer is None:
         stack = stack or DEFAULT_STACK
         with progress.stage("loading the tokenizer", "loaded the tokenizer"):
             tokenizer, mtl = load_tokenizer(config=config, text_encoder=text_encoder, stack=stack)
         max_text_len = max_text_len or mtl
-    with progress.stage(f"reading {os.path.basename(str(data))}") as st:
-        ds = open_dataset(data, format=format, label_map=label_map)
-        st.done = f"opened {os.path.basename(str(data))} ({ds.format}, {ds.mode})"
     costs = label_costs(tokenizer, ds.label_map, rules.trainer) if ds.mode == OD and ds.label_map else None
     state = State(tokenizer, int(max_text_len or 256), rules, ds.format, ds.mode, ds.path, ds.label_map, costs,
                   str(images) if images is not None else None, frozenset(str(k) for k in keep),

@@ -37,7 +37,6 @@ from nanscope.user_code import (
     call_criterion,
     collect_model_stdout,
     collect_user_stdout,
-    load_criterion,
     user_frame,
 )
 from nanscope.terms import term_layer
@@ -220,12 +219,9 @@ def resolve_criteria(before: Any, after: Any, preset: str | None,
     if steps < 2:
         raise InputError(f"--steps {steps} given; at least 2 are needed to compare the first and last loss")
 
-    def one(spec: Any) -> Any:
-        if isinstance(spec, str) and ":" in spec.replace(":\\", ""):
-            return load_criterion(spec)
-        return spec
+    from nanscope.preflight import criterion
 
-    return one(before), one(after)
+    return criterion(before, "--before"), criterion(after, "--after")
 
 
 def _resolve(replay: Replay, spec: Any, default: tuple[Criterion, str]) -> tuple[Criterion, str]:
