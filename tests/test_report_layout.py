@@ -80,3 +80,80 @@ def test_scan_report_fits_1280_px(tmp_path):
                  str(FIX / "text_encoder"), "--html", str(page), "--quiet"])
     assert code in (0, 1)
     _assert_fits(geometry(page, tmp_path))
+
+
+# ---------------------------------------------------------------- the scan figures, by matplotlib's extents
+
+
+@pytest.fixture(scope="module")
+def scan_tables(tmp_path_factory):
+    """The histograms and per-code rows of real scans of the fixtures (detection and grounding data)."""
+    out = {}
+    for name, extra in (("od", ["--label-map", str(FIX / "label_map.json")]), ("vg", []), ("coco", [])):
+        data = FIX / ("coco.json" if name == "coco" else f"{name}.jsonl")
+        path = tmp_path_factory.mktemp("scan_fig") / "r.json"
+        code = main(["scan", str(data), *extra, "--text-encoder", str(FIX / "text_encoder"), "--json", str(path),
+                     "--quiet"])
+        assert code in (0, 1)
+        out[name] = json.loads(path.read_text())["tables"]
+    return out
+
+
+def _figures(tables: dict) -> list:
+    from nanscope.scan import figures
+
+    hist = tables["histograms"]
+    figs = [figures.tokens_figure(hist["tokens"], 256), figures.boxes_figure(hist["boxes_per_image"]),
+            figures.box_sizes_figure(hist["box_size"])]
+    if tables.get("codes"):
+        figs.append(figures.codes_figure(tables["codes"]))
+    return figs
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 - 0.5 and b.x0 < a.x1 - 0.5 and a.y0 < b.y1 - 0.5 and b.y0 < a.y1 - 0.5
+
+
+@pytest.mark.parametrize("name", ["od", "vg", "coco"])
+def test_scan_figures_have_no_overlapping_tick_labels_and_no_legend_over_a_bar(scan_tables, name):
+    import matplotlib.pyplot as plt
+
+    for fig in _figures(scan_tables[name]):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        title = ax.get_title()
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t for t in axis.get_ticklabels() if t.get_visible() and t.get_text()]
+            boxes = [t.get_window_extent(renderer) for t in labels]
+            for i in range(len(boxes)):
+                for j in range(i + 1, len(boxes)):
+                    assert not _overlap(boxes[i], boxes[j]), \
+                        f"{title}: tick labels {labels[i].get_text()!r} and {labels[j].get_text()!r} overlap"
+        legend = ax.get_legend()
+        if legend is not None:
+            lb = legend.get_window_extent(renderer)
+            bars = [p for p in ax.patches if p.get_height() and p.get_width()]
+            for p in bars:
+                assert not _overlap(lb, p.get_window_extent(renderer)), f"{title}: the legend covers a bar"
+            for t in ax.texts:  # the value written at each bar's end
+                assert not _overlap(lb, t.get_window_extent(renderer)), f"{title}: the legend covers {t.get_text()!r}"
+        plt.close(fig)
+
+
+def test_the_legend_never_covers_a_bar_whatever_the_counts(scan_tables):
+    """Counts where any legend inside the axes would sit on a bar: the longest bars where a legend goes."""
+    rows = [dict(r) for r in scan_tables["od"]["codes"]] or [{"code": "NS102", "title": "cut", "severity": "error"}]
+    rows = [{**r, "samples": 5 + k} for k, r in enumerate(rows)]
+    rows.append({"code": "NS204", "title": "image without boxes", "severity": "warning", "samples": 950})
+    rows.append({"code": "NS306", "title": "info", "severity": "info", "samples": 900})
+    hist = dict(scan_tables["od"]["histograms"])
+    full = {k: dict(v) for k, v in hist.items()}
+    for h in full.values():  # every bin as tall as the tallest: no empty corner anywhere
+        h["counts"] = [1000] * len(h["counts"])
+    test_scan_figures_have_no_overlapping_tick_labels_and_no_legend_over_a_bar(
+        {"x": {"histograms": full, "codes": rows}}, "x")
+    for h in full.values():  # counts over three decades: the log axes
+        h["counts"] = [1 if k % 2 else 1000 for k in range(len(h["counts"]))]
+    test_scan_figures_have_no_overlapping_tick_labels_and_no_legend_over_a_bar(
+        {"x": {"histograms": full, "codes": rows}}, "x")
