@@ -43,6 +43,10 @@ class CriterionError(NanscopeError):
     """A user criterion could not be imported, or raised while computing the loss."""
 
 
+class SpecError(CriterionError, InputError):
+    """A `MODULE:ATTR(...)` criterion spec holds something other than literals and calls of MODULE's names."""
+
+
 class MatchingError(NanscopeError):
     """The Hungarian matcher was given a non-finite cost (scipy would raise an opaque error)."""
 

@@ -25,15 +25,16 @@ GROUNDINGDINO_SUFFIXES = (".py", ".yaml", ".yml")  # groundingdino's config form
 GROUNDINGDINO, TRANSFORMERS = "groundingdino-py", "transformers"
 
 
-def criterion(spec: Any, option: str = "--criterion") -> Any:
+def criterion(spec: Any, option: str = "--criterion", saved_args: Any = None) -> Any:
     """A `MODULE:ATTR` spec loaded now, as `(criterion, name)` (so an import error or a missing attribute
-    fails before the replay); a short name the stacks ship, or anything already loaded, unchanged."""
+    fails before the replay); a short name the stacks ship, or anything already loaded, unchanged.
+    saved_args: `nanscope.user_code.load_criterion`'s (the checkpoint's saved args, read only when asked for)."""
     if not isinstance(spec, str):
         return spec
     if ":" in spec.replace(":\\", ""):
         from nanscope.user_code import load_criterion
 
-        return load_criterion(spec)
+        return load_criterion(spec, saved_args=saved_args)
     if spec not in SHIPPED_CRITERIA:
         shipped = ", ".join(f"{k!r} (the {v} stack)" for k, v in SHIPPED_CRITERIA.items())
         raise CriterionError(f"{option} {spec!r} is not MODULE:ATTR (e.g. 'mypkg.losses:SetCriterion' or "

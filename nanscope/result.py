@@ -141,6 +141,8 @@ def environment(device: str = "cpu") -> dict[str, Any]:
 
     import torch
 
+    from nanscope.stacks.groundingdino.provider import environment_fields
+
     def version(pkg: str) -> str | None:
         try:
             return md.version(pkg)
@@ -151,7 +153,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "nanscope": version("nanscope"),
         "torch": torch.__version__,
         "torchvision": version("torchvision"),
-        "groundingdino": version("groundingdino-py"),
+        **environment_fields(),  # the version of whichever distribution provides `groundingdino`, and its name
         "transformers": version("transformers"),
         "python": platform.python_version(),
         "cuda": torch.version.cuda,

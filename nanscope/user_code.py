@@ -2,7 +2,9 @@
 
 `MODULE` is a dotted module or a path to a .py file. `ATTR` is a class (instantiated with no
 arguments), a factory taking no arguments (called once), or the criterion itself; `ATTR(k=v, ...)`
-calls it with literal keyword arguments (read with `ast.literal_eval`, nothing is evaluated). A
+calls it with literal arguments and nested calls of MODULE's own names (`nanscope.user_spec`: read
+with `ast`, nothing else is evaluated); a parameter `args` left out gets the checkpoint's saved
+`argparse.Namespace` (Open-GroundingDino's). A
 callable is the criterion itself when its first two parameters can take (outputs, targets) and
 every other required parameter is a name nanscope fills (`EXTRA_NAMES`); one whose parameters name
 its configuration (`num_classes`, `matcher`, `args`, ...) is a factory and needs `ATTR(...)`.
@@ -33,7 +35,7 @@ import torch
 
 from nanscope.errors import CriterionError
 from nanscope.replay.criterion_inputs import EXTRA_NAMES
-from nanscope.user_spec import call_with_literals, parse_spec
+from nanscope.user_spec import ArgsProvider, Spec, call_checked, evaluate, parse_spec
 
 Criterion = Callable[..., Mapping[str, torch.Tensor]]
 
@@ -139,10 +141,14 @@ def _import(module: str) -> Any:
     return importlib.import_module(module)
 
 
-def load_criterion(spec: str) -> tuple[Criterion, str]:
-    """`'pkg.losses:SetCriterion'`, `'path/losses.py:make'` or `'losses.py:build(num_classes=3)'`
-    -> (callable criterion, display name)."""
-    module, attr, kwargs = parse_spec(spec)
+def load_criterion(spec: str, *, saved_args: ArgsProvider | None = None) -> tuple[Criterion, str]:
+    """`'pkg.losses:SetCriterion'`, `'path/losses.py:make'`, `'losses.py:build(num_classes=3)'` or
+    `'main.py:SetCriterion(matcher=HungarianMatcher(cost_class=2.0), ...)'` -> (callable criterion, display name).
+
+    saved_args: () -> the checkpoint's saved `argparse.Namespace` (or None), given to any callable of the
+    spec that takes a parameter named `args` the spec leaves out (`nanscope.user_spec`)."""
+    parsed = parse_spec(spec)
+    module, attr = parsed.module, parsed.attr
     try:
         with user_call(f"criterion module {module!r}"):
             mod = _import(module)
@@ -159,7 +165,7 @@ def load_criterion(spec: str) -> tuple[Criterion, str]:
         obj = getattr(obj, part)
     try:
         with user_call(f"criterion {spec!r} (while being created)"):
-            crit = _create(obj, spec, attr, kwargs)
+            crit = _create(obj, parsed, mod, saved_args)
     except CriterionError:
         raise
     except Exception as exc:
@@ -170,9 +176,12 @@ def load_criterion(spec: str) -> tuple[Criterion, str]:
     return crit, spec
 
 
-def _create(obj: Any, spec: str, attr: str, kwargs: dict[str, Any] | None) -> Any:
-    if kwargs is not None:
-        return call_with_literals(obj, kwargs, spec, defined_at(obj))
+def _create(obj: Any, parsed: Spec, module: Any, saved_args: ArgsProvider | None) -> Any:
+    spec = parsed.text
+    if parsed.call is not None:
+        return evaluate(parsed, obj, module, defined_at, saved_args)
+    if saved_args is not None and _required(obj) == ["args"] and (inspect.isclass(obj) or not _is_criterion(obj)):
+        return call_checked(obj, [], {}, spec, defined_at(obj), saved_args)  # build_criterion(args)
     if inspect.isclass(obj):
         need = _required(obj)
         if need:
@@ -268,7 +277,7 @@ def _keys_note(outputs: Mapping[str, Any], targets: Any, extras: Mapping[str, An
     tkeys = sorted({str(k) for t in targets if isinstance(t, Mapping) for k in t})
     return (f"nanscope's targets carry {', '.join(tkeys) or 'nothing'}; its outputs carry "
             f"{', '.join(sorted(map(str, outputs)))}; parameters it fills by name: "
-            f"{', '.join(sorted(extras)) or 'none'} (README, 'Criterion protocol')")
+            f"{', '.join(sorted(extras)) or 'none'} (docs/criterion-protocol.md)")
 
 
 def _invoke(fn: Any, outputs: Mapping[str, Any], targets: Any, extras: Mapping[str, Any] | None,

@@ -27,10 +27,37 @@ TRANSFORMERS4_SUBSET = (
 )
 
 
+# The subset .ci/run runs on the core install (`-m core`), where no `groundingdino` module exists: the
+# transformers stack end to end and the messages that say how to install a provider.
+CORE_SUBSET = (
+    "test_providers.py",
+    "test_stack_transformers.py",
+    "test_stack_transformers_cli.py",
+    "test_hf_batch.py",
+    "test_imports.py",
+    "test_cli_startup.py",
+)
+
+# The subset .ci/run runs with rf-groundingdino 0.3.0 instead of groundingdino-py (`-m rf`): the
+# groundingdino-py stack's build, capture, replay, demo and BERT replacement, its outputs against
+# groundingdino-py's, and its cached image features.
+RF_SUBSET = (
+    "test_providers.py",
+    "test_image_cache.py",
+    "test_stacks.py",
+    "test_capture.py",
+    "test_demo.py",
+    "test_bert_compat.py",
+)
+
+SUBSETS = {"transformers4": TRANSFORMERS4_SUBSET, "core": CORE_SUBSET, "rf": RF_SUBSET}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name in TRANSFORMERS4_SUBSET:
-            item.add_marker(pytest.mark.transformers4)
+        for marker, files in SUBSETS.items():
+            if item.path.name in files:
+                item.add_marker(getattr(pytest.mark, marker))
 
 
 def _load_fixture_builder():

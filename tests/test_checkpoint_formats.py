@@ -49,7 +49,7 @@ def test_any_other_pickled_object_is_still_refused(tmp_path):
     assert set(read_state_dict(p, trust=True)) == {"a"}
 
 
-def test_mmengine_objects_are_named_with_what_to_keep(tmp_path, monkeypatch):
+def test_mmengine_objects_load_as_records_without_their_module(tmp_path, monkeypatch):
     import sys
     import types
 
@@ -68,8 +68,14 @@ def test_mmengine_objects_are_named_with_what_to_keep(tmp_path, monkeypatch):
     p = tmp_path / "epoch_12.pth"
     torch.save({"meta": {"epoch": 12}, "state_dict": {"a": torch.ones(1)},
                 "message_hub": {"log_scalars": {"train/loss": HistoryBuffer()}}}, p)
-    with pytest.raises(CheckpointError, match=r"mmengine\.logging\.history_buffer\.HistoryBuffer.*'state_dict'"):
-        read_state_dict(p)
+    for name in ("mmengine", "mmengine.logging", mod.__name__):  # read without mmengine: nothing of it runs
+        monkeypatch.delitem(sys.modules, name)
+    assert set(read_state_dict(p)) == {"a"}
+    from nanscope.stacks.formats.checkpoint import read_checkpoint
+    from nanscope.stacks.formats.mmengine_records import HistoryBufferRecord
+
+    buf = read_checkpoint(p)["message_hub"]["log_scalars"]["train/loss"]
+    assert isinstance(buf, HistoryBufferRecord) and buf.data == [1.0, 2.0]
 
 
 def test_random_bytes_are_not_a_torch_file_and_never_ask_for_trust(tmp_path):
@@ -267,7 +273,9 @@ def test_mm_grounding_dino_is_refused_naming_what_is_missing(demo_sd, tmp_path, 
     p = tmp_path / "mm_gdino.pth"
     torch.save({"state_dict": mm}, p)
     with pytest.raises(CheckpointError, match=r"MM-GroundingDINO.*cls_branches.0.bias.*MMGroundingDinoForObjectDetection"):
-        prepare(p, demo_files.batch, config=demo_files.config, hash_checkpoint=False)
+        prepare(p, demo_files.batch, config=demo_files.config, hash_checkpoint=False, stack="groundingdino-py")
+    with pytest.raises(CheckpointError, match=r"learned logit scale.*cls_branches.0.log_scale"):
+        prepare(p, demo_files.batch, config=demo_files.config, hash_checkpoint=False)  # found as an MM checkpoint
 
 
 def test_untied_box_heads_are_built_untied(demo_files, fixture_files, tmp_path):

@@ -139,11 +139,11 @@ def test_a_factory_with_required_parameters_is_not_taken_for_the_criterion(short
 
 def test_wrong_or_non_literal_arguments_are_refused_without_running_them(tmp_path) -> None:
     marker = tmp_path / "ran"
-    with pytest.raises(CriterionError, match="not a Python literal"):
+    with pytest.raises(CriterionError, match="'open' .*is not a callable that MODULE defines"):
         load_criterion(spec(f"build_token_criterion(num_classes=open({str(marker)!r}, 'w'))"))
     assert not marker.exists()
-    with pytest.raises(CriterionError, match="positional arguments are not accepted"):
-        load_criterion(spec("build_token_criterion(2)"))
+    with pytest.raises(CriterionError, match="it takes no colour"):
+        load_criterion(spec("build_token_criterion(2, colour=1)"))
     with pytest.raises(CriterionError, match="takes no colour") as info:
         load_criterion(spec("build_token_criterion(num_classes=2, colour=1)"))
     assert "num_classes, eos_coef" in str(info.value)

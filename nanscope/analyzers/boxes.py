@@ -40,9 +40,10 @@ def target_box_problems(boxes: list[Tensor]) -> dict[tuple[int, int], tuple[str,
     """(image, box) -> (kind, why) for every box that is not a valid normalized cxcywh box.
 
     boxes: one [N_i, 4] tensor per image. kind is one of 'non-finite', 'absolute pixels', 'width or
-    height <= 0', 'outside [0, 1]', 'xyxy'. Whether boxes look like xyxy is decided over the whole
-    batch: most boxes read as cxcywh have w > cx and h > cy (what x2 > x1, y2 > y1 gives) and some
-    reach past the image by more than EDGE_TOL.
+    height <= 0', 'outside [0, 1]', 'xyxy', 'past the image'. Each box is judged on its own: a box whose
+    cxcywh extent reaches past the image by more than EDGE_TOL is invalid whatever the others do ('xyxy'
+    when, read as x1, y1, x2, y2, it is a valid box: w > cx and h > cy); the message adds the batch's
+    share of xyxy-like boxes when most are.
     """
     out: dict[tuple[int, int], tuple[str, str]] = {}
     candidates: list[tuple[int, int, float]] = []  # in range, but reaching past the image edge
@@ -66,10 +67,16 @@ def target_box_problems(boxes: list[Tensor]) -> dict[tuple[int, int], tuple[str,
                 reach = max(w / 2 - cx, cx + w / 2 - 1, h / 2 - cy, cy + h / 2 - 1)
                 if reach > EDGE_TOL:
                     candidates.append((i, j, reach))
-    if candidates and xyxy_like >= XYXY_SHARE * in_range:
-        for i, j, reach in candidates:
+    batch_xyxy = xyxy_like >= XYXY_SHARE * in_range
+    share = f"; {xyxy_like} of {in_range} boxes have x2 > x1 and y2 > y1" if batch_xyxy else ""
+    for i, j, reach in candidates:  # each box on its own: a cxcywh box reaching past the image is invalid
+        cx, cy, w, h = (float(v) for v in boxes[i][j].detach().float().cpu())
+        if w > cx and h > cy:  # as x1, y1, x2, y2 it is a valid box inside the image
             out[(i, j)] = ("xyxy", f"looks like xyxy (x1, y1, x2, y2): read as cxcywh it reaches {reach:.3g} past the "
-                                   f"image; {xyxy_like} of {in_range} boxes have x2 > x1 and y2 > y1")
+                                   f"image{share}")
+        else:
+            out[(i, j)] = ("past the image", f"read as cxcywh it reaches {reach:.3g} past the image edge; expected a "
+                                             f"box inside [0, 1]{share}")
     return out
 
 

@@ -14,7 +14,8 @@ def replay_arguments(p: argparse.ArgumentParser) -> None:
     """CHECKPOINT [BATCH] and the model options, shared by every command that replays a batch."""
     p.add_argument("checkpoint", help="checkpoint file, a transformers save_pretrained folder, or a nanscope.watch "
                                       "dump folder")
-    p.add_argument("batch", nargs="?", help="batch file (torch.save of the schema in README); omit for a dump")
+    p.add_argument("batch", nargs="?",
+                   help="batch file (torch.save of the schema in docs/batch-format.md); omit for a dump")
     model_options(p)
     p.add_argument("--trust-config", action="store_true",
                    help="run the .py config an older watch dump names (it runs Python code: only for files you "
@@ -41,7 +42,7 @@ def model_options(p: argparse.ArgumentParser) -> None:
 
 
 def output_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", metavar="PATH", help="write the result as JSON (schema in README)")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON (schema in docs/reports.md)")
     p.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
     p.add_argument("--junit", metavar="PATH", help="write JUnit XML (one case per check and error finding)")
     p.add_argument("--github", action="store_true",

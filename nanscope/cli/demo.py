@@ -18,9 +18,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-html", action="store_true", help="skip the HTML report")
     p.add_argument("--no-verify", action="store_true", help="skip verify-fix")
     quiet_option(p)
-    p.add_argument("--stack", default="groundingdino-py", choices=["groundingdino-py", "transformers", "hf"],
-                   help="the model family of the demo model (default: groundingdino-py; hf: transformers' "
-                        "GroundingDinoForObjectDetection saved with save_pretrained)")
+    p.add_argument("--stack", default=None, choices=["groundingdino-py", "transformers", "hf", "hf-mm"],
+                   help="the model family of the demo model (default: groundingdino-py when a `groundingdino` "
+                        "module is installed, else hf: transformers' GroundingDinoForObjectDetection saved with "
+                        "save_pretrained; hf-mm: its MMGroundingDinoForObjectDetection, MM-GroundingDINO / LLMDet, "
+                        "verified with the mmdet preset)")
     p.set_defaults(command_module=__name__)
 
 
@@ -104,6 +106,15 @@ def show_command(console: Any, command: str) -> None:
     console.print(f"$ {command}", soft_wrap=True, markup=False, highlight=False)
 
 
+def demo_stack(asked: str | None) -> str:
+    """The stack the demo runs: the one asked for, else groundingdino-py when a provider is installed."""
+    if asked is not None:
+        return {"hf": "transformers"}.get(asked, asked)
+    from nanscope.stacks.groundingdino.provider import find_provider
+
+    return "groundingdino-py" if find_provider() is not None else "transformers"
+
+
 def _demo(args: argparse.Namespace, console: Any, out: Path, html: str | None) -> int:
     from nanscope.replay.diagnose import inspect_replay
     from nanscope.replay.session import prepare
@@ -111,15 +122,20 @@ def _demo(args: argparse.Namespace, console: Any, out: Path, html: str | None) -
     from nanscope.report.terminal import render
     from nanscope.stacks.groundingdino.demo import write_demo
 
+    stack = demo_stack(args.stack)
+    if args.stack is None and stack == "transformers":
+        console.print("no `groundingdino` module is installed (nanscope's core install), so this is the "
+                      "transformers demo (--stack hf); `pip install 'nanscope[groundingdino]'` (or any other "
+                      "groundingdino provider) for the groundingdino-py one", markup=False)
     console.print(f"writing the demo model, checkpoint and batch to {out}/ ...")
-    if args.stack == "groundingdino-py":
+    if stack == "groundingdino-py":
         files = write_demo(out)
         replay = prepare(files.checkpoint, files.batch, config=files.config)  # built once, shared by both steps
         model_args = shell_words(files.checkpoint, files.batch, "--config", files.config)
     else:
         from nanscope.stacks.transformers.demo import write_hf_demo
 
-        hf_files = write_hf_demo(out)
+        hf_files = write_hf_demo(out, mm=args.stack == "hf-mm")
         replay = prepare(hf_files.model, hf_files.batch)
         model_args = shell_words(hf_files.model, hf_files.batch)
     show_command(console, f"nanscope inspect {model_args} --criterion {DEMO_CRITERION}")

@@ -38,7 +38,12 @@ def run(args: argparse.Namespace, console: Any) -> int:
 
     dump_paths(args)
     if not args.batch:
-        raise InputError("inspect needs CHECKPOINT BATCH (or a dump folder)")
+        from pathlib import Path
+
+        from nanscope.stacks.formats.peft import adapter_alone_message
+
+        raise InputError(adapter_alone_message(Path(args.checkpoint))
+                         or "inspect needs CHECKPOINT BATCH (or a dump folder)")
     check_paths(args)
     result = inspect(args.checkpoint, args.batch, config=args.config, text_encoder=args.text_encoder,
                      device=args.device, criterion=args.criterion, trust_checkpoint=args.trust_checkpoint,

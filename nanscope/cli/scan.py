@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--text-encoder", help="Hugging Face name or local folder of the tokenizer (default: the config's)")
     p.add_argument("--stack", metavar="NAME", help="the model family whose tokenizer and max_text_len to use "
                                                    "(default: groundingdino-py)")
-    g = p.add_argument_group("caption rules (as the trainer builds captions; see README)")
+    g = p.add_argument_group("caption rules (as the trainer builds captions; see docs/scan.md)")
     g.add_argument("--trainer", choices=["open-groundingdino", "mmdet"], default="open-groundingdino",
                    help="whose caption rules to reproduce (default: open-groundingdino)")
     g.add_argument("--max-labels", type=int, metavar="N",

@@ -1,5 +1,5 @@
 """What nanscope hands a user's criterion besides the outputs: targets under the names public trainers
-read, and the values of the extra parameters their criteria and matchers take (README, "Criterion protocol").
+read, and the values of the extra parameters their criteria and matchers take (docs/criterion-protocol.md).
 
 Targets, per image (the documented keys; the batch's own `extra` keys come first and are overridden):
     boxes [N, 4] cxcywh normalized; positive_map and token_labels [N, T] 0/1 (the same tensor);

@@ -321,13 +321,17 @@ def inspect(
 
     adapter: a PEFT adapter folder or file on top of `checkpoint`; merge_lora merges it before the replay.
     train_mode, rng: see `inspect_replay`; `rng` may be the path of a dump's rng.pt."""
+    from functools import partial
+
     from nanscope.preflight import criterion as checked_criterion
+    from nanscope.stacks.formats.saved_args import saved_args
 
     amp_dtype(amp)  # bad input fails before the model is built
     select = check_codes(select) if select else None
     ignore = check_codes(ignore) if ignore else None
     with collect_user_stdout() as early:  # what the criterion module prints when imported
-        crit = checked_criterion(criterion)  # --config is checked first thing in `prepare`
+        crit = checked_criterion(criterion, "--criterion",  # --config is checked first thing in `prepare`
+                                 partial(saved_args, checkpoint, trust=trust_checkpoint))
     if isinstance(rng, (str, os.PathLike)):
         rng = load_rng(rng)
     with collect_model_stdout() as model_out:  # groundingdino prints `output layer_id 0 is nan`: keep it

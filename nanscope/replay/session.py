@@ -58,6 +58,7 @@ class Replay:
     tokenizer: Any = None  # the stack's fast tokenizer (None: the model's own `tokenizer` attribute)
     train_mode: bool = False  # forwards in training mode (dropout, drop-path on), as the training step ran them
     rng: Mapping[str, Any] | None = None  # generator states set at each training-mode forward (`load_rng`)
+    trust_checkpoint: bool = False  # the checkpoint may be unpickled in full (`--trust-checkpoint`)
 
     def __post_init__(self) -> None:
         if self.stack is None:
@@ -107,7 +108,13 @@ class Replay:
 
             raise CriterionError(f"criterion {spec!r} is not MODULE:ATTR, and the {self.stack.name} stack ships no "
                                  "criterion of that name (the transformers stack ships 'transformers')")
-        return load_criterion(spec)
+        return load_criterion(spec, saved_args=self.saved_args)
+
+    def saved_args(self) -> Any:
+        """The checkpoint's saved training `args` (an argparse.Namespace, as Open-GroundingDino saves), or None."""
+        from nanscope.stacks.formats.saved_args import saved_args
+
+        return saved_args(self.inputs.get("checkpoint"), trust=self.trust_checkpoint)
 
     def mode(self) -> contextlib.AbstractContextManager[None]:
         """The mode forwards replay in: eval, or with `train_mode` training mode from the recorded RNG state."""
@@ -201,7 +208,8 @@ def prepare(
               "batch": str(batch) if isinstance(batch, (str, os.PathLike)) else b.source, **loaded.inputs,
               "device": str(dev)}
     return Replay(loaded.model, loaded.cfg, b, texts, loaded.state_dict, loaded.key_fit, dev, inputs,
-                  stack=st, max_text_len=loaded.max_text_len, tokenizer=loaded.tokenizer)
+                  stack=st, max_text_len=loaded.max_text_len, tokenizer=loaded.tokenizer,
+                  trust_checkpoint=trust_checkpoint)
 
 
 def _adapter_options(adapter: str | os.PathLike[str] | None, merge_lora: bool) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from nanscope.findings import CATALOGUE, Finding
+from nanscope.findings import CATALOGUE, Finding, Severity
+from nanscope.scan.checks import CRASHES
 from nanscope.result import Result
 from nanscope.scan.engine import BOX_COUNT_BINS, SIZE_BINS, TOKEN_BIN, TOKEN_BINS, ChunkOut, SampleHits, Stats
 
@@ -91,7 +92,9 @@ class Aggregate:
             data = {"samples": list(agg.samples), "indices": list(agg.indices), "samples_affected": n,
                     "percent": round(pct, 4), "kinds": dict(sorted(agg.kinds.items())),
                     "worst": [{"index": -ni, "score": s, "where": ws} for s, ni, ws in ranked]}
-            out.append(Finding(code, info.severity, agg.count, msg, where, data=data))
+            # A sample the trainer's own loader raises on is an error under its rules, whatever the code's severity.
+            severity = Severity.ERROR if any(k.startswith(CRASHES) for k in agg.kinds) else info.severity
+            out.append(Finding(code, severity, agg.count, msg, where, data=data))
         return out
 
     def tables(self) -> dict[str, Any]:

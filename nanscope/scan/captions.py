@@ -72,6 +72,13 @@ class Prompt:
     worst_tokens: int | None = None  # OD, Open-GroundingDino: the longest caption any draw can make
     names: list[str] = field(default_factory=list)  # the caption's names / unique phrases, in order
     reordered: bool = False  # the trainer draws another order every epoch (rebuilt, shuffled captions)
+    crash: str | None = None  # why the trainer's own loader raises on this sample (None: it loads)
+    same_name: dict[int, tuple[str, ...]] = field(default_factory=dict)  # box -> other label-map ids of its name
+
+
+# Samples a trainer's loader raises on, by its rules (the scan reports them as errors whatever the code's severity).
+OG_EMPTY_VG = ("Open-GroundingDino's ODVGDataset.__getitem__ raises on it: `boxes[:], caption_list[:] = zip(*c)` "
+               "unpacks zip(*[]) (ValueError: not enough values to unpack); training stops at this line")
 
 
 def clean_name(name: str) -> str:
@@ -101,6 +108,7 @@ class LabelCosts:
     by_cost: tuple[str, ...]
     keys: tuple[str, ...]  # the label map's keys in its order
     specials: int  # tokens the tokenizer adds around a caption ([CLS], [SEP])
+    same_name: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # id -> other ids with its name
 
 
 def label_costs(tokenizer: Any, label_map: Mapping[str, str], trainer: str) -> LabelCosts:
@@ -121,7 +129,11 @@ def label_costs(tokenizer: Any, label_map: Mapping[str, str], trainer: str) -> L
     cost = {k: len(e.ids) for k, e in zip(keys, encs)}
     position = {k: i for i, k in enumerate(keys)}
     order = tuple(sorted(keys, key=lambda k: (-cost[k], position[k])))
-    return LabelCosts(cost, order, tuple(keys), specials)
+    by_name: dict[str, list[str]] = {}
+    for k in keys:
+        by_name.setdefault(label_map[k], []).append(k)
+    same = {k: tuple(o for o in ids if o != k) for ids in by_name.values() if len(ids) > 1 for k in ids}
+    return LabelCosts(cost, order, tuple(keys), specials, same)
 
 
 def _rng(rules: CaptionRules, index: int) -> random.Random:
@@ -206,7 +218,10 @@ def od_prompt(sample: Sample, rules: CaptionRules, label_map: Mapping[str, str],
         if lb not in pos_set:
             worst += costs.cost[lb]
             taken += 1
-    return _od_result(sample, rules, label_map, caption, pos_of, dropped, worst, names)
+    pr = _od_result(sample, rules, label_map, caption, pos_of, dropped, worst, names)
+    if costs.same_name and rules.match == "find":  # caption.find: one name, one place, whatever the id
+        pr.same_name = {j: costs.same_name[lb] for j, lb in enumerate(sample.labels) if lb in costs.same_name}
+    return pr
 
 
 def _mmdet_od(sample: Sample, rules: CaptionRules, label_map: Mapping[str, str], costs: LabelCosts,
@@ -256,9 +271,16 @@ def _od_result(sample: Sample, rules: CaptionRules, label_map: Mapping[str, str]
     return Prompt(caption, phrases, None, intended, dropped, worst, names, reordered=rules.order == "shuffle")
 
 
+def empty_vg_crashes(rules: CaptionRules) -> bool:
+    """Whether the trainer's VG loader raises on a line with no regions (Open-GroundingDino's rebuilt captions)."""
+    return rules.trainer == "open-groundingdino" and rules.vg_caption == "rebuild"
+
+
 def vg_prompt(sample: Sample, rules: CaptionRules, *, force_file: bool = False) -> Prompt:
     """A grounding sample: the file's caption, or (Open-GroundingDino) one rebuilt from its unique phrases."""
     if rules.vg_caption == "rebuild" and not force_file:
+        if not sample.boxes and empty_vg_crashes(rules):
+            return Prompt(" .", [], None, [], {}, None, [], crash=OG_EMPTY_VG)
         uniq = list(dict.fromkeys(sample.phrases))
         if rules.order == "shuffle":
             _rng(rules, sample.index).shuffle(uniq)

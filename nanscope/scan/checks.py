@@ -19,6 +19,7 @@ from nanscope.scan.captions import Prompt
 from nanscope.scan.sample import OD, Sample
 
 MIN_BOX_PX = 1.0  # MMDetection's loaders drop boxes narrower or lower than 1 pixel
+CRASHES = "crashes the trainer's loader"  # a hit of this kind is an error whatever its code's severity
 
 
 @dataclass
@@ -62,6 +63,8 @@ def box_hits(sample: Sample) -> list[Hit]:
         elif x2 - x1 < MIN_BOX_PX or y2 - y1 < MIN_BOX_PX:
             out.append(Hit("NS206", j, 1, {"kind": "under 1 px", "value": [_r(v) for v in box],
                                            "why": f"{x2 - x1:.3g} x {y2 - y1:.3g} px"}))
+        elif W is not None and H is not None and (x1 < 0 or y1 < 0 or x2 > W or y2 > H):
+            out.append(_partly_outside(j, box, W, H))
         key = (names[j], box)
         if key in seen:
             out.append(Hit("NS205", j, 1, {"kind": "same label and box", "value": [_r(v) for v in box],
@@ -69,6 +72,21 @@ def box_hits(sample: Sample) -> list[Hit]:
         else:
             seen[key] = j
     return out
+
+
+def _partly_outside(j: int, box: tuple[float, ...], W: float, H: float) -> Hit:
+    """NS206 for a box that overlaps the image but reaches past its edge: Open-GroundingDino trains on it
+    unclipped, MMDetection clips it; `outside` is the share of the box's area past the edge."""
+    x1, y1, x2, y2 = box
+    area = (x2 - x1) * (y2 - y1)
+    inside = (min(x2, W) - max(x1, 0.0)) * (min(y2, H) - max(y1, 0.0))
+    past = {k: _r(v) for k, v in (("left", -x1), ("top", -y1), ("right", x2 - W), ("bottom", y2 - H)) if v > 0}
+    share = 1.0 - inside / area
+    return Hit("NS206", j, 1, {"kind": "partly outside the image", "value": [_r(v) for v in box],
+                               "outside": round(share, 4), "past_edge_px": past,
+                               "why": f"{100 * share:.1f}% of its area lies outside the {W:g}x{H:g} image "
+                                      f"({', '.join(f'{v} px past the {k}' for k, v in past.items())})"},
+               score=share)
 
 
 def _word_char(caption: str, i: int) -> bool:
@@ -98,6 +116,8 @@ def text_hits(sample: Sample, prompt: Prompt, groups: Sequence[tuple[BoxTokens, 
     the caption is longer); a caption that loses only its final ' .' and [SEP] (MMDetection's token budget
     makes such captions) is not NS104."""
     out: list[Hit] = []
+    if prompt.crash is not None:  # counted by box_hits' own NS204 (count 0 here): this adds the severity
+        out.append(Hit("NS204", None, 0, {"kind": CRASHES, "why": prompt.crash}, score=1e9))
     inside: dict[str, str | None] = {}  # phrase -> a longer name of this caption holding it (computed once)
     for j, why in sorted(prompt.dropped.items()):
         if why.startswith("label missing"):
@@ -108,6 +128,16 @@ def text_hits(sample: Sample, prompt: Prompt, groups: Sequence[tuple[BoxTokens, 
         found = out[first:]
         for j in boxes[1:]:
             out.extend(Hit(h.code, j, h.count, h.where, h.score) for h in found)
+    placed = {h.box for h in out if h.code == "NS106"}
+    for j, others in sorted(prompt.same_name.items()):
+        if j not in placed and j not in prompt.dropped:
+            out.append(Hit("NS106", j, 1, {"phrase": prompt.phrases[j] if prompt.phrases else "",
+                                           "kind": "same name as another label-map id", "label": sample.labels[j],
+                                           "same_name_ids": list(others),
+                                           "why": "the trainer finds a name's first occurrence in the caption "
+                                                  "(caption.find) and maps a name to one class index: every box "
+                                                  "of these ids trains on one occurrence's tokens and the other "
+                                                  "occurrence is never positive"}))
     if num_tokens > max_text_len and (words_cut is None or words_cut):
         cut = [bt.phrase for bt, _ in groups if bt.cut]
         out.append(Hit("NS104", None, 1, {"kind": "this draw", "tokens": num_tokens, "max_text_len": max_text_len,

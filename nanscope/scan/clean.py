@@ -9,7 +9,9 @@ What changes, per code (box = one annotation / instance / region box):
   category of one part may then be drawn as a negative of the other part, as with any split prompt.
 - NS102, NS104 on a grounding caption kept from the file: the caption is cut after the last whole word
   that fits and the boxes whose spans fall past the cut are dropped.
-- NS208, NS209: the sample is dropped. NS204 (no boxes) is left as it is.
+- NS208, NS209: the sample is dropped. NS204 (no boxes) is left as it is, except where the trainer's own loader
+  raises on it (Open-GroundingDino: a VG line without regions): then the sample is dropped, as is an ODVG VG
+  sample whose every box is dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 
 from nanscope.errors import OutputError
 from nanscope.scan import odvg
-from nanscope.scan.captions import SEPARATOR
+from nanscope.scan.captions import SEPARATOR, empty_vg_crashes
+from nanscope.scan.checks import CRASHES
 from nanscope.scan.dataset import Dataset
 from nanscope.scan.engine import ChunkOut, SampleHits, State, parse
 from nanscope.scan.sample import OD, Sample
@@ -67,10 +70,13 @@ def plan_sample(state: State, smp: Sample, sh: SampleHits) -> Plan:
     plan = Plan()
     codes = {h.code for h in sh.hits}
     for h in sh.hits:
-        if h.code in DROP_SAMPLE:
+        if h.code in DROP_SAMPLE or h.where.get("kind") == CRASHES:
             plan.drop_sample = plan.drop_sample or h.code
         elif h.code in DROP_BOX and h.box is not None and not str(h.where.get("why", "")).startswith("truncated"):
             plan.drop_boxes.setdefault(h.box, h.code)  # truncated boxes are kept: the split or the cut handles them
+    if (smp.mode != OD and smp.boxes and len(plan.drop_boxes) == len(smp.boxes) and state.format == "odvg"
+            and empty_vg_crashes(state.rules)):
+        plan.drop_sample = plan.drop_sample or next(iter(plan.drop_boxes.values()))  # no region left: OG raises
     if plan.drop_sample or not codes & set(TOO_LONG):
         return plan
     specials = state.costs.specials if state.costs else 2

@@ -6,7 +6,7 @@ report), turn a batch into the model's call, capture what the loss sees per forw
 targets, name its own reference criterion, and write the weights and facts a watch dump needs.
 
 Adding a stack: subclass `Stack`, implement the abstract methods, and add it to `STACKS` in
-`nanscope/stacks/__init__.py` (see README, "Extending: adding a stack").
+`nanscope/stacks/__init__.py` (see docs/extending.md, "Adding a stack").
 """
 
 from __future__ import annotations
@@ -73,6 +73,10 @@ class Stack(abc.ABC):
     @abc.abstractmethod
     def owns(self, model: nn.Module) -> bool:
         """True when `model`, or a module inside it (DDP, PEFT, torch.compile), is of this family."""
+
+    def preset_for(self, model: nn.Module) -> str:
+        """verify-fix's --preset for this model when none is given (a family may hold models of two trainers)."""
+        return self.default_preset
 
     @abc.abstractmethod
     def find_model(self, model: nn.Module) -> nn.Module:

@@ -74,7 +74,7 @@ class ForwardRecord:
         return out
 
     def to_outputs(self) -> dict[str, Any]:
-        """DETR-convention outputs for a criterion (keys: README, "Criterion protocol").
+        """DETR-convention outputs for a criterion (keys: docs/criterion-protocol.md).
 
         `pred_logits`/`pred_boxes` (last layer), `aux_outputs`, `enc_outputs` and its Open-GroundingDino
         name `interm_outputs`, `text_token_mask` [B, L] and `text_mask` [B, T] (padded with False),

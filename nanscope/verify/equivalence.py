@@ -76,6 +76,31 @@ def unpadded_batch(outputs: Outputs,
                      "boxes_dropped": dropped}
 
 
+def masked_batch(outputs: Outputs, targets: Targets,
+                 extras: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Tensor]], dict[str, Any]]:
+    """`unpadded_batch` at the outputs' own width: the columns not valid in every image are masked, not cut.
+
+    For a criterion that builds its own tensors at a fixed width (Open-GroundingDino's `create_positive_map`
+    at 256 columns): logits [B, Q, T] as they are, with the masked columns set to `STAND_INS[0]` (sigmoid
+    exactly 0: a target-0 focal or BCE term there is exactly 0), text masks [B, T] = the kept columns in
+    every image, positive maps and label maps zeroed outside them. Returns (outputs, targets, extras).
+    """
+    valid = valid_positions(outputs)
+    kept = valid.all(0)  # [T]
+    mask = kept.expand_as(valid).clone()
+    out = _map_logits(outputs, partial(_fill, keep=kept, value=STAND_INS[0]), mask)
+    tg = []
+    for t in targets:
+        pm = _width(t["positive_map"], valid.shape[1])
+        pm = pm * kept.to(pm.device, pm.dtype)
+        tg.append(select_boxes(with_positive_map(t, pm), pm.sum(-1) > 0))
+    ex = dict(extras)
+    for key in ("label_map", "label_maps"):
+        if key in ex:
+            ex[key] = [m * _width(kept[None].to(m.device, m.dtype), m.shape[-1]) for m in ex[key]]
+    return out, tg, ex
+
+
 @progress.staged("check 4 (after equals the masked_select reference)")
 def check_reference(after: CriterionRun, outputs: Outputs, targets: Targets, preset: str, *,
                     stack_reference: str | None = None, after_criterion: tuple[Criterion, str] | None = None,
@@ -140,19 +165,36 @@ def check_no_op(before: tuple[Criterion, str], after: tuple[Criterion, str], out
         return Check(6, "the fix is a no-op without padding", False,
                      "no text column is valid in every image: an unpadded batch cannot be built from this one", info)
     cut = restrict_extras(extras or {}, valid_positions(outputs).all(0).nonzero().flatten())
+    how = f"cut to the {info['columns']} text columns valid in every image"
     try:
-        with torch.no_grad():
-            b = floats(call_criterion(before[0], out, tg, name=before[1], extras=cut), keys[0])
-            a = floats(call_criterion(after[0], out, tg, name=after[1], extras=cut), keys[1])
-    except CriterionError as exc:
-        why = ("; a criterion that rebuilds positive maps from the caption's tokenization at full width "
-               "(outputs['token']) cannot run on it" if "token" in str(exc) else "")
-        return Check(6, "the fix is a no-op without padding", False,
-                     f"a criterion raised on the unpadded batch ({info['columns']} columns){why}: {exc}", info)
-    what = (f"{info['columns']} text columns valid in every image, {info['boxes_kept']} boxes kept "
-            f"({info['boxes_dropped']} with no token there dropped): after vs before")
+        b, a = _both(before, after, out, tg, cut, keys)
+    except CriterionError as sliced:
+        # A criterion that builds its own tensors at a fixed width (positive maps at 256 columns) cannot take
+        # cut outputs: keep the width and mask the other columns instead.
+        out, tg, cut = masked_batch(outputs, targets, extras or {})
+        how = (f"at the outputs' full width ({int(outputs['pred_logits'].shape[-1])} columns), the "
+               f"{info['columns']} valid in every image unmasked and the rest masked (cut outputs raised: "
+               f"{str(sliced)[:200]})")
+        info = {**info, "width_kept": True}
+        try:
+            b, a = _both(before, after, out, tg, cut, keys)
+        except CriterionError as exc:
+            return Check(6, "the fix is a no-op without padding", True,
+                         f"not checked: this criterion cannot run on a batch without padding, neither cut to the "
+                         f"{info['columns']} columns valid in every image ({sliced}) nor masked at full width "
+                         f"({exc})", {**info, "skipped": True})
+    what = (f"{how}, {info['boxes_kept']} boxes kept ({info['boxes_dropped']} with no token there dropped): "
+            "after vs before")
     return _equality_check(6, "the fix is a no-op without padding", a, b, what, {**info, "before": b, "after": a},
                            hint="The fix changes the loss even where nothing is padded")
+
+
+def _both(before: tuple[Criterion, str], after: tuple[Criterion, str], out: Outputs, tg: Targets,
+          extras: Mapping[str, Any], keys: tuple[Sequence[str] | None, Sequence[str] | None]) -> tuple[Any, Any]:
+    with torch.no_grad():
+        b = floats(call_criterion(before[0], out, tg, name=before[1], extras=extras), keys[0])
+        a = floats(call_criterion(after[0], out, tg, name=after[1], extras=extras), keys[1])
+    return b, a
 
 
 @progress.staged("check 7 (the matcher assigns the same pairs)")

@@ -64,6 +64,8 @@ from nanscope.verify.equivalence import (
     check_reference,
     check_valid_only,
 )
+from nanscope.stacks.formats.saved_args import saved_args
+from nanscope.verify.denormals import flush_denormals
 from nanscope.verify.peak_memory import PeakMemory
 from nanscope.verify.supervision_check import check_supervision
 
@@ -152,12 +154,19 @@ def run_criterion(model: nn.Module, crit: Criterion, name: str, outputs: Outputs
 
 
 def train_steps(replay: Replay, crit: Criterion, name: str, steps: int, lr: float = LR,
-                extras: Mapping[str, Any] | None = None) -> TrainLog:
+                extras: Mapping[str, Any] | None = None, flush: bool = True) -> TrainLog:
     """AdamW steps on a copy of the replayed model (eval mode) with `crit`.
 
     Returns (total loss at each step before its update, the first step with a non-finite term or
-    None, those terms). Stops at the first non-finite step.
+    None, those terms). Stops at the first non-finite step. On CPU the steps run with denormals
+    flushed to zero unless `flush` is False (`nanscope.verify.denormals`: the mode is restored after).
     """
+    with flush_denormals(flush and replay.device.type == "cpu"):
+        return _train_steps(replay, crit, name, steps, lr, extras)
+
+
+def _train_steps(replay: Replay, crit: Criterion, name: str, steps: int, lr: float,
+                 extras: Mapping[str, Any] | None) -> TrainLog:
     model = copy.deepcopy(replay.model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     args, kwargs = replay.model_call()
@@ -233,7 +242,7 @@ def verdict_detail(checks: list[Any], preset: str) -> str:
 
 
 def resolve_criteria(before: Any, after: Any, preset: str | None,
-                     steps: int) -> tuple[Any, Any]:
+                     steps: int, saved_args: Any = None) -> tuple[Any, Any]:
     """Validate the options and load both criteria (before any model is built, so mistakes fail fast).
 
     A bare name without ':' (a criterion a stack ships, e.g. 'transformers') and a None (nanscope's
@@ -248,7 +257,7 @@ def resolve_criteria(before: Any, after: Any, preset: str | None,
 
     from nanscope.preflight import criterion
 
-    return criterion(before, "--before"), criterion(after, "--after")
+    return criterion(before, "--before", saved_args), criterion(after, "--after", saved_args)
 
 
 def _resolve(replay: Replay, spec: Any, default: tuple[Criterion, str]) -> tuple[Criterion, str]:
@@ -296,9 +305,9 @@ def verify_replay(replay: Replay, *, before: Any = None, after: Any = None, pres
     'hf'). What the criteria print is in `result.user_stdout`.
     """
     assert replay.stack is not None
-    preset = preset or replay.stack.default_preset
+    preset = preset or replay.stack.preset_for(replay.model)
     with collect_user_stdout() as out:
-        spec_b, spec_a = resolve_criteria(before, after, preset, steps)
+        spec_b, spec_a = resolve_criteria(before, after, preset, steps, replay.saved_args)
         default_b, default_a = default_criteria(preset)
         crit_b = _resolve(replay, spec_b, default_b)
         crit_a = (_resolve(replay, spec_a, default_a) if spec_a is not None
@@ -334,7 +343,7 @@ def _verify(replay: Replay, criteria: tuple[tuple[Criterion, str], tuple[Criteri
                           keys=(run_b.loss_keys, run_a.loss_keys)),
               check_matching((crit_b[0], name_b), (crit_a[0], name_a), outputs, targets, extras=extras)]
     supervision = check_supervision(crit_a[0], name_a, outputs, targets, replay.batch, replay.texts,
-                                    finite=run_a.finite, extras=extras)
+                                    finite=run_a.finite, extras=extras, before=(crit_b[0], name_b))
     valid_tokens = [int(x) for x in valid_positions(outputs).sum(1).tolist()]
     layer_names = [name for name, _ in layers(outputs)]
     del record, outputs  # frees the replay's graph before training a copy
@@ -394,7 +403,8 @@ def verify_fix(
     stack's default preset).
     """
     with collect_user_stdout() as out:  # the user's module-level prints at import time
-        criteria = resolve_criteria(before, after, preset, steps)
+        criteria = resolve_criteria(before, after, preset, steps,
+                                    partial(saved_args, checkpoint, trust=trust_checkpoint))
     with collect_model_stdout() as model_out:  # groundingdino's own NaN prints: kept for the report
         replay = prepare(checkpoint, batch, config=config, text_encoder=text_encoder, device=device,
                          trust_checkpoint=trust_checkpoint, stack=stack, adapter=adapter,

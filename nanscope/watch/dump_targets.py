@@ -1,9 +1,10 @@
 """The targets of a watch dump: nanscope's schema keys, the trainer's own keys, and what a replay would lack.
 
 A trainer's target dict carries the schema keys (`boxes`, `phrases` or `tokens_positive`) and its own
-(`labels`, `size`, `token_labels`, ...). The dump keeps the schema keys, the trainer's positive map
-as `positive_map` when the target has neither phrases nor spans (from `positive_map` or
-`token_labels`, [N, T]), and every other key under `extra` in a form `torch.load(weights_only=True)`
+(`labels`, `size`, `token_labels`, ...). The dump keeps the schema keys; a target with neither phrases
+nor spans gets its phrases from `labels` indexing its `cap_list` (Open-GroundingDino's targets:
+`cap_list[labels[j]]` is box j's name, found in the caption as its criterion finds it), else the
+trainer's positive map as `positive_map` (from `positive_map` or `token_labels`, [N, T]); every other key under `extra` in a form `torch.load(weights_only=True)`
 reads (tensors on the CPU, numpy arrays as tensors, numbers, strings, lists, dicts); anything else
 is dropped and named in the notes. `replay_gaps` says, from keys and shapes only (no device read),
 what a dump of a step would lack for `nanscope inspect DUMP`.
@@ -52,6 +53,21 @@ def user_positive_map(t: Mapping[str, Any]) -> Tensor | None:
     return None
 
 
+def phrases_from_labels(t: Mapping[str, Any]) -> list[str] | None:
+    """`[cap_list[l] for l in labels]` of an Open-GroundingDino-shaped target (`labels` [N] indexing its own
+    `cap_list`, a list of names), or None when it has no such pair or a label falls outside the list."""
+    names, labels = t.get("cap_list"), t.get("labels")
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names) or labels is None:
+        return None
+    if isinstance(labels, Tensor):
+        if labels.dim() != 1 or labels.is_floating_point():
+            return None
+        labels = labels.tolist()
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(x, int) and 0 <= x < len(names) for x in labels):
+        return None
+    return [names[x] for x in labels]
+
+
 def dump_target(t: Mapping[str, Any], i: int, notes: list[str]) -> dict[str, Any]:
     """One target of the dump (see the module docstring); notes say what was moved or dropped."""
     d: dict[str, Any] = {}
@@ -65,6 +81,11 @@ def dump_target(t: Mapping[str, Any], i: int, notes: list[str]) -> dict[str, Any
             d[k] = [str(p) for p in v]
         else:
             d[k] = [[[int(a), int(b)] for a, b in spans] for spans in v]
+    named = phrases_from_labels(t) if "phrases" not in d and "tokens_positive" not in d else None
+    if named is not None:
+        d["phrases"] = named
+        notes.append(f"targets[{i}]: no phrases or tokens_positive; its phrases are cap_list[labels] (the names its "
+                     "labels index, as Open-GroundingDino's criterion reads them)")
     pm = user_positive_map(t)
     if pm is not None and "phrases" not in d and "tokens_positive" not in d:
         d["positive_map"] = pm.detach().cpu().float()
@@ -100,9 +121,10 @@ def _target_gaps(targets: Any) -> list[str]:
             n = int(boxes.shape[0]) if boxes.dim() >= 1 else 0
         else:
             n = len(boxes) if hasattr(boxes, "__len__") else 0
-        if n and not any(t.get(k) is not None for k in ("phrases", "tokens_positive")) and user_positive_map(t) is None:
-            gaps.append(f"targets[{i}] has {n} boxes but no phrases, tokens_positive, positive_map or token_labels "
-                        f"(its keys: {', '.join(sorted(map(str, t)))})")
+        if n and not any(t.get(k) is not None for k in ("phrases", "tokens_positive")) \
+                and user_positive_map(t) is None and phrases_from_labels(t) is None:
+            gaps.append(f"targets[{i}] has {n} boxes but no phrases, tokens_positive, positive_map, token_labels or "
+                        f"labels indexing a cap_list (its keys: {', '.join(sorted(map(str, t)))})")
     return gaps
 
 

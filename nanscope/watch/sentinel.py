@@ -255,7 +255,7 @@ class Watcher(DumpWriter):
         if gaps:
             warnings.warn("nanscope.watch: a dump of this loop could not be replayed by `nanscope inspect DUMP`: "
                           + "; ".join(gaps[:4]) + (f" (+{len(gaps) - 4} more)" if len(gaps) > 4 else "")
-                          + ". Pass the batch in nanscope's schema to check() (README, 'The batch file'); "
+                          + ". Pass the batch in nanscope's schema to check() (docs/batch-format.md); "
                           "this is said once", RuntimeWarning, stacklevel=3)
 
     def _collect(self, loss_dict: Mapping[str, Tensor | float] | Tensor,

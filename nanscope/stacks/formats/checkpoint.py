@@ -74,29 +74,33 @@ def _unsafe_globals(p: Path) -> list[str]:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(p)
     except Exception:  # an older torch, or a file it cannot scan: the first refused name is still known
         return []
-    allowed = {f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS}
+    from nanscope.stacks.formats.mmengine_records import safe_global_names
+
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS} | safe_global_names()
     return [n for n in names if n not in allowed]
 
 
 def _torch_load(p: Path, *, trust: bool) -> Any:
+    from nanscope.stacks.formats.mmengine_records import mmengine_safe_globals
+
     try:
         if trust:
             return torch.load(p, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        with torch.serialization.safe_globals([*SAFE_GLOBALS, *mmengine_safe_globals()]):
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         name = _refused_global(exc)
         if not trust and name is not None:
             names = _unsafe_globals(p) or [name]
-            mmengine = any(n.startswith("mmengine.") for n in names)
             raise CheckpointError(
                 f"checkpoint {str(p)!r} holds pickled objects besides the weights ({', '.join(names[:4])}"
                 f"{', ...' if len(names) > 4 else ''}), and unpickling them can run code; nanscope loads tensors, "
-                "containers and argparse.Namespace only. If you trust this file, pass --trust-checkpoint, or "
-                "re-save its weights as {'model': model.state_dict()}"
-                + (" (an MMEngine checkpoint: keep only its 'state_dict', as mmdet's publish_model.py does)."
-                   if mmengine else ".")
+                "containers, argparse.Namespace and MMEngine's HistoryBuffer/ConfigDict/numpy records only. If you "
+                "trust this file, pass --trust-checkpoint, or re-save its weights as {'model': model.state_dict()}."
             ) from None
+        if (m := re.search(r"getattr\(.*?\) in the pickle[^\n]*", str(exc))) is not None:  # mmengine_records
+            raise CheckpointError(f"checkpoint {str(p)!r} holds {m.group(0)}; pass --trust-checkpoint if you "
+                                  "trust this file") from None
         raise CheckpointError(f"checkpoint {str(p)!r} is not a readable torch file ({_first_line(exc)})") from None
     except Exception as exc:  # truncated zip, ...
         raise CheckpointError(

@@ -202,6 +202,29 @@ def base_checkpoint_of(folder: Path, config: Mapping[str, Any]) -> Path:
     )
 
 
+def adapter_alone_message(folder: Path, command: str = "inspect") -> str | None:
+    """What `nanscope inspect ADAPTER_DIR` with nothing else needs, or None when `folder` is no adapter folder
+    (a folder holding adapter_config.json, as PEFT's save_pretrained and trainers' save_lora_adapters write)."""
+    cfg_file = folder / ADAPTER_CONFIG
+    if not folder.is_dir() or not cfg_file.is_file():
+        return None
+    cfg = read_adapter_config(cfg_file)
+    name = str(cfg.get("base_model_name_or_path") or "")
+    local = next((c for c in (Path(name), folder / name) if name and c.is_file()), None)
+    base = (f"its base checkpoint {str(local)!r} (adapter_config.json's base_model_name_or_path) is found and read "
+            f"with it" if local is not None else
+            f"the base checkpoint it was trained from as CHECKPOINT and this folder as --adapter {folder} "
+            f"(adapter_config.json names base_model_name_or_path {name or None!r}, which is not a local file)")
+    weights = [w for w in ADAPTER_WEIGHTS if (folder / w).is_file()]
+    return (f"{str(folder)!r} is a PEFT adapter folder ({', '.join([ADAPTER_CONFIG, *weights])}): it holds only the "
+            f"LoRA weights (r={cfg.get('r')}, lora_alpha={cfg.get('lora_alpha')}), not the model or the data. "
+            f"{command} needs a batch too: pass `nanscope {command} {folder} BATCH`, where {base}"
+            if local is not None else
+            f"{str(folder)!r} is a PEFT adapter folder ({', '.join([ADAPTER_CONFIG, *weights])}): it holds only the "
+            f"LoRA weights (r={cfg.get('r')}, lora_alpha={cfg.get('lora_alpha')}), not the model or the data. "
+            f"{command} needs {base}, and a batch: `nanscope {command} BASE_CHECKPOINT BATCH --adapter {folder}`")
+
+
 def trainable_only_error(source: str, split: SplitState, fraction: float, n_model: int,
                          config: Mapping[str, Any] | None = None) -> CheckpointError:
     """The message for a file of LoRA (and unfrozen) weights given without its base checkpoint."""

@@ -1,4 +1,7 @@
-"""groundingdino-py 0.4.0's BERT wrapper on transformers 4.x and 5.x: one replacement, bitwise equal to the original.
+"""groundingdino's BERT wrapper on transformers 4.x and 5.x: one replacement, bitwise equal to the original.
+
+Applied to whichever distribution provides the `groundingdino` module (groundingdino-py 0.4.0, rf-groundingdino
+0.3.0, IDEA-Research's repository: the same `bertwarper.py`, see `provider.py`), when its wrapper is that one.
 
 groundingdino wraps its text encoder in `groundingdino.models.GroundingDINO.bertwarper.BertModelWarper`.
 Its `__init__` copies `get_extended_attention_mask`, `invert_attention_mask` and `get_head_mask` off the
@@ -142,6 +145,17 @@ def _is_groundingdinos(fn: Any) -> bool:
     return getattr(fn, "__module__", None) == "groundingdino.models.GroundingDINO.bertwarper"
 
 
+REMOVED_IN_5 = ("get_extended_attention_mask", "invert_attention_mask", "get_head_mask")  # what __init__ copies
+
+
+def needs_replacement(cls: type) -> bool:
+    """True for the wrapper groundingdino-py 0.4.0 ships, byte-identical in rf-groundingdino 0.3.0 and
+    IDEA-Research's repository: its `__init__` copies BertModel methods transformers 5 removed. A provider
+    whose wrapper no longer does is left as it is."""
+    code = getattr(cls.__dict__.get("__init__"), "__code__", None)
+    return code is not None and not set(REMOVED_IN_5).isdisjoint(code.co_names)
+
+
 def installed() -> bool:
     """True when BertModelWarper runs this module's `__init__` and `forward`."""
     cls = _warper_class()
@@ -154,7 +168,7 @@ def install() -> bool:
     cls = _warper_class()
     if installed():
         return True
-    if not (_is_groundingdinos(cls.__init__) and _is_groundingdinos(cls.forward)):
+    if not (_is_groundingdinos(cls.__init__) and _is_groundingdinos(cls.forward)) or not needs_replacement(cls):
         return False
     _ORIGINAL.setdefault("__init__", cls.__init__)
     _ORIGINAL.setdefault("forward", cls.forward)

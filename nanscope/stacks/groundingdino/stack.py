@@ -24,6 +24,7 @@ from nanscope.errors import BatchError, ConfigError
 from nanscope.stacks.base import LoadedModel, Stack, find_wrapped
 from nanscope.stacks.capture import Capture
 from nanscope.stacks.formats.safe_config import BASE_KEY, ConfigValues, read_values
+from nanscope.stacks.groundingdino.provider import require as require_provider
 
 DEFAULT_CONFIG = "SwinT_OGC"  # groundingdino's GroundingDINO_SwinT_OGC.py, shipped inside the package
 DEFAULT_TEXT_ENCODER = "bert-base-uncased"
@@ -31,12 +32,8 @@ ConfigSource = str | os.PathLike[str] | ConfigValues | None  # a file, a dump's 
 
 
 def default_config_path() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("groundingdino")
-    if spec is None or spec.origin is None:
-        raise ConfigError("groundingdino-py is not installed; `pip install groundingdino-py==0.4.0`")
-    return Path(spec.origin).parent / "config" / "GroundingDINO_SwinT_OGC.py"
+    """groundingdino's SwinT-OGC config inside whichever distribution provides the module."""
+    return require_provider().location / "config" / "GroundingDINO_SwinT_OGC.py"
 
 
 def load_config(config: ConfigSource, *, trust_py: bool = True) -> Any:
@@ -45,6 +42,7 @@ def load_config(config: ConfigSource, *, trust_py: bool = True) -> Any:
     JSON and YAML are read with safe loaders (`nanscope.stacks.formats.safe_config`); a `.py` config (or a
     `.py` `_base_`) runs only when `trust_py`, the default for a file the caller names.
     """
+    require_provider()  # none installed, or two mixed in one folder: say so before groundingdino's ImportError
     from groundingdino.util.slconfig import SLConfig
 
     if isinstance(config, ConfigValues):
@@ -179,6 +177,9 @@ class GroundingDinoPy(Stack):
     """IDEA-Research's groundingdino-py (and Open-GroundingDino, whose model code and keys are the same)."""
 
     name = "groundingdino-py"
+
+    def __init__(self) -> None:
+        self.provider = require_provider()  # NoProviderError (also an ImportError: detection skips the family)
 
     def owns(self, model: nn.Module) -> bool:
         try:
@@ -316,9 +317,13 @@ class GroundingDinoPy(Stack):
         return call_captions(args, kwargs)
 
     def capture(self, model: nn.Module, *, detach: bool = True) -> ContextManager[Capture]:
+        """Every replayed forward runs under this: image features a provider cached on the model
+        (rf-groundingdino's `set_image_tensor`) are dropped first, so the forward computes its own batch's."""
         from nanscope.stacks.groundingdino.capture import capture_groundingdino
+        from nanscope.stacks.groundingdino.image_cache import fresh_image_features
 
-        return capture_groundingdino(self.find_model(model), detach=detach)
+        gd = self.find_model(model)
+        return _chained(fresh_image_features(gd), capture_groundingdino(gd, detach=detach))
 
     def dump_meta(self, model: nn.Module) -> dict[str, Any]:
         from nanscope.stacks.formats.peft import live_adapter_config
@@ -332,6 +337,12 @@ class GroundingDinoPy(Stack):
         if lora is not None:
             meta["peft"] = lora
         return meta
+
+
+@contextlib.contextmanager
+def _chained(outer: ContextManager[Any], inner: ContextManager[Capture]) -> Iterator[Capture]:
+    with outer, inner as cap:
+        yield cap
 
 
 def _peft_split(state: dict[str, torch.Tensor], ckpt: Path, adapter: Path | None, *, trust: bool) -> tuple[Any, Any, Any]:
@@ -363,9 +374,9 @@ def _groundingdino_names(state: dict[str, torch.Tensor], source: str) -> tuple[d
         raise CheckpointError(
             f"{source} is an MM-GroundingDINO checkpoint: its contrastive heads have a learned bias per layer and "
             f"a logit scale ({', '.join(mm[:3])}{', ...' if len(mm) > 3 else ''}), which groundingdino-py's "
-            "ContrastiveEmbed does not have, so replaying it here would change every logit. Convert it with "
-            "transformers' convert_mm_grounding_dino_to_hf.py and inspect the save_pretrained folder: the "
-            "transformers stack replays it as MMGroundingDinoForObjectDetection"
+            "ContrastiveEmbed does not have, so replaying it here would change every logit. Leave out --stack "
+            "(or pass --stack hf): the transformers stack maps its keys onto MMGroundingDinoForObjectDetection, "
+            "no conversion step needed"
         )
     if not mmdet_keys.is_mmdet_state(state):
         return state, []

@@ -100,7 +100,11 @@ class TransformersHF(Stack):
                     ("grounding-dino", "mm-grounding-dino")
             except (OSError, ValueError, AttributeError):
                 return False
-        return p.is_file() and _manifest_meta(p).get("stack") == self.name
+        if p.is_file() and _manifest_meta(p).get("stack") == self.name:
+            return True
+        from nanscope.stacks.transformers.mm_loading import is_mm_checkpoint
+
+        return is_mm_checkpoint(p)  # an MMDetection MM-GroundingDINO / LLMDet .pth, mapped onto transformers' class
 
     def _config_data(self, checkpoint: Path, config: Any) -> dict[str, Any]:
         from nanscope.stacks.transformers.loading import check_model_type, config_dict
@@ -128,11 +132,19 @@ class TransformersHF(Stack):
         from nanscope.stacks.formats.checkpoint import file_sha256
         from nanscope.stacks.transformers.loading import load_folder, load_state_file
 
+        from nanscope.stacks.transformers.mm_loading import is_mm_checkpoint, load_mm_file
+
         path = Path(checkpoint)
         if path.is_dir():
             model, cfg, fit, weights = load_folder(path, config=config)
             loaded = set(fit.matched)
             state = {k: v for k, v in model.state_dict().items() if k in loaded}
+        elif path.is_file() and (is_mm_checkpoint(path) or str(config or "").endswith(".py")):
+            mm = load_mm_file(path, config=config, trust=trust)
+            model, cfg, fit, weights = mm.model, mm.config, mm.fit, path
+            state = {k: mm.state[k] for k in fit.matched}
+            if text_encoder is None and mm.text_encoder is not None:
+                text_encoder = mm.text_encoder  # the mmdet config's language_model.name
         elif path.is_file():
             model, cfg, fit, raw = load_state_file(path, self._config_data(path, config), trust=trust)
             state, weights = {k: raw[k] for k in fit.matched}, path
@@ -143,7 +155,7 @@ class TransformersHF(Stack):
         set_tokenizer(model, tok)
         inputs = {"checkpoint": str(path), "checkpoint_sha256": file_sha256(weights) if hash_checkpoint and
                   weights.suffix != ".json" else None, "config": str(config) if config is not None else
-                  ("config.json in the folder" if path.is_dir() else "the dump manifest"),
+                  ("config.json in the folder" if path.is_dir() else "the checkpoint (shapes and meta)"),
                   "text_encoder": te, "stack": self.name, "model_class": type(model).__name__,
                   "transformers": transformers.__version__,
                   # a state-dict file's own dtypes (read into the float32 model); a folder loads as transformers does
@@ -165,6 +177,10 @@ class TransformersHF(Stack):
                 return load_tokenizer(folder), str(folder)
         raise ConfigError(f"{str(checkpoint)!r} holds no tokenizer (tokenizer.json or vocab.txt); pass --text-encoder "
                           "with the folder or name the processor was loaded from (e.g. IDEA-Research/grounding-dino-tiny)")
+
+    def preset_for(self, model: nn.Module) -> str:
+        """MM-GroundingDINO / LLMDet train with MMDetection's head: its loss is the reference ('mmdet')."""
+        return "mmdet" if type(find_detector(model)).__name__.startswith("MM") else self.default_preset
 
     def load_tokenizer(self, *, config: Any = None, text_encoder: str | None = None) -> tuple[Any, int]:
         from nanscope.stacks.transformers.loading import config_dict, load_tokenizer
