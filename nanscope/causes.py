@@ -251,6 +251,13 @@ def group(findings: Iterable[Finding]) -> list[Group]:
     return sorted(groups, key=lambda g: _order(g.cause))
 
 
+def split_notes(groups: Sequence[Group]) -> tuple[list[Group], list[Group]]:
+    """(causes, notes): a group whose cause is only `info` (after `_raised`, so nothing under it is worse)
+    is a note about the run, never a cause with a fix to apply."""
+    causes = [g for g in groups if g.severity is not Severity.INFO]
+    return causes, [g for g in groups if g.severity is Severity.INFO]
+
+
 def finding_ids(findings: Sequence[Finding]) -> list[str]:
     """Ids unique within one result: the code, or `CODE-n` (n-th in report order) when it repeats."""
     total = Counter(f.code for f in findings)

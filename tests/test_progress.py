@@ -221,7 +221,7 @@ def test_verify_fix_reports_each_check_and_training_step(demo_files, capsys):
                          "replayed the batch (3 images)"]
 
 
-def test_rich_report_ends_with_the_time_per_stage_plain_does_not():
+def test_rich_report_ends_with_the_time_per_stage_then_the_verdict_plain_does_not():
     from io import StringIO
 
     from rich.console import Console
@@ -235,7 +235,8 @@ def test_rich_report_ends_with_the_time_per_stage_plain_does_not():
     buf = StringIO()
     render(r, Console(file=buf, force_terminal=True, width=80, color_system=None))
     words = buf.getvalue().split()  # rich wraps at 80 columns
-    tail = "time: 5.8 s in 2 stage(s); slowest: built the model 4.2 s, replayed the batch (3 images) 1.5 s"
+    tail = ("time: 5.8 s in 2 stage(s); slowest: built the model 4.2 s, replayed the batch (3 images) 1.5 s "
+            "nanscope inspect: CLEAN - no findings")  # the verdict is repeated last (a tall report scrolls)
     assert words[-len(tail.split()):] == tail.split()  # the outermost stages: the step is not one
     buf = StringIO()
     render(r, Console(file=buf, width=80))
@@ -273,3 +274,35 @@ def test_counts_show_done_total_rate_and_eta(monkeypatch):
     shown = buf.getvalue()
     status.pause()
     assert "scanning the dataset" in shown and "2/8 samples" in shown and "samples/s" in shown and "ETA" in shown
+
+
+@pytest.mark.parametrize("width", [100, 80, 60])
+def test_the_live_count_line_keeps_its_eta_within_the_terminal_width(monkeypatch, width):
+    """A long file name and a big count: the status is one line no wider than the terminal, and the
+    numbers (done/total, the whole ETA, the rate where it fits) are on it; the stage name gives way first."""
+    import io
+
+    from rich.console import Console
+
+    from nanscope.cli import _progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(_progress.time, "perf_counter", lambda: clock[0])
+    status = _progress.LiveStatus(io.StringIO())
+    status.console = Console(file=io.StringIO(), width=width)
+    status.started("reading coyo_0_snappy.parquet", 0)
+    status.started("scanning grit-20m/coyo_0_snappy-annotations-with-noun-chunks.parquet", 1)
+    status.advanced(0, 20_000_000, "samples")
+    clock[0] += 40.0
+    status.advanced(123_456, 20_000_000, "samples")
+    rate = 123_456 / 40.0
+    eta = (20_000_000 - 123_456) / rate
+    expected_eta = f"ETA {int(eta // 60)} min {eta % 60:02.0f} s"
+    buf = io.StringIO()
+    Console(file=buf, width=width, color_system=None).print(status._renderable())
+    lines = buf.getvalue().rstrip("\n").split("\n")
+    status.pause()
+    assert len(lines) == 1 and len(lines[0]) <= width, lines
+    assert "123456/20000000 samples" in lines[0] and expected_eta in lines[0], lines
+    if width >= 80:  # at 60 columns the rate gives way before the ETA
+        assert f"{rate:,.0f} samples/s" in lines[0] and "scanning" in lines[0], lines

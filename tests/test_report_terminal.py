@@ -135,3 +135,12 @@ def test_verify_fix_checks_and_terms():
                      "  loss_ce: nan -> 0.5"]
     rich = _render(r, width=80, force_terminal=True)
     assert max(Text.from_ansi(ln).cell_len for ln in rich.splitlines()) <= 80
+
+
+def test_rich_mode_repeats_the_verdict_last_so_a_30_row_terminal_shows_it(demo):
+    """The demo's report is taller than a 30-row terminal: its verdict must be on the screen at the end."""
+    out = _render(demo, width=80, height=30, force_terminal=True, color_system="truecolor")
+    plain = [ANSI.sub("", ln) for ln in out.splitlines()]
+    verdict = _render(demo, width=80).splitlines()[0]  # the plain report's first line
+    assert len(plain) > 30 and plain[0] == verdict
+    assert verdict in plain[-29:] and plain[-1] == verdict  # 29 rows + the shell prompt

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nanscope",
         description="Find out why a GroundingDINO loss went NaN, apply the fix, and prove it worked.",
     )
+    from nanscope import __version__
+
+    parser.add_argument("--version", action="version", version=f"nanscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -131,26 +131,35 @@ class LiveStatus(_Stages):
         self.live.refresh()
 
     def _renderable(self) -> Any:
+        return _FitToWidth(self._line)
+
+    def _line(self, width: int) -> Any:
+        """The status as one grid row no wider than `width` (see `fit_status`)."""
         from rich.progress_bar import ProgressBar
         from rich.table import Table
         from rich.text import Text
 
         now = time.perf_counter()
         opened, count = list(self.open), self.count  # the refresh thread reads while the main thread writes
-        grid = Table.grid(padding=(0, 1))
-        cells: list[Any] = [self.spinner, Text(self.current(opened), style="bold")]
+        stage_s = now - (opened[-1][1] if opened else self.last)
+        elapsed = f"{_seconds(stage_s)} (total {_seconds(now - self.t0)})"
+        stats: list[str] = []
         if count is not None:
             done, total, unit, _ = count
             rate, eta = self.rate_eta(count)
-            cells.append(ProgressBar(total=total, completed=done, width=24, pulse=total is None))
-            stats = f"{done}{f'/{total}' if total is not None else ''} {unit}"
-            if rate:
-                stats += f" · {rate:,.0f} {unit}/s"
-            if eta is not None:
-                stats += f" · ETA {_seconds(eta)}"
-            cells.append(Text(stats))
-        stage_s = now - (opened[-1][1] if opened else self.last)
-        cells.append(Text(f"{_seconds(stage_s)} (total {_seconds(now - self.t0)})", style="dim"))
+            stats.append(f"{done}{f'/{total}' if total is not None else ''} {unit}")
+            stats.append(f"ETA {_seconds(eta)}" if eta is not None else "")
+            stats.insert(1, f"{rate:,.0f} {unit}/s" if rate else "")
+        name, bar, stats_text, shown_elapsed = fit_status(width, self.current(opened), [x for x in stats if x],
+                                                          elapsed)
+        grid = Table.grid(padding=(0, 1))
+        cells: list[Any] = [self.spinner, Text(name, style="bold")]
+        if count is not None and bar:
+            cells.append(ProgressBar(total=count[1], completed=count[0], width=bar, pulse=count[1] is None))
+        if stats_text:
+            cells.append(Text(stats_text))
+        if shown_elapsed:
+            cells.append(Text(shown_elapsed, style="dim"))
         for _ in cells:
             grid.add_column(no_wrap=True)
         grid.add_row(*cells)
@@ -174,6 +183,49 @@ class LiveStatus(_Stages):
         if self.live is not None:
             live, self.live = self.live, None
             live.stop()
+
+
+BAR_WIDTH, MIN_BAR, MIN_NAME = 24, 8, 12  # the count's bar, the narrowest bar worth drawing, the stage name's floor
+SEP = " · "
+
+
+class _FitToWidth:
+    """A renderable made for the width it is drawn at (the terminal's, read at each refresh)."""
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        yield self.make(options.max_width)
+
+
+def fit_status(width: int, name: str, stats: list[str], elapsed: str) -> tuple[str, int, str, str]:
+    """(stage name, bar width or 0, stats text, elapsed text or "") that fit one line of `width` columns
+    beside the spinner. `stats` = [done/total, rate, ETA] (rate and ETA when known): done/total and the
+    ETA are always whole. What gives way, in order: the stage name down to MIN_NAME (outer stages first,
+    then the end of the innermost, with an ellipsis), the elapsed time, the bar down to MIN_BAR then away, the rate, then the rest of the name."""
+    def used(name: str, bar: int, text: str, el: str) -> int:  # spinner + a 1-column gap between cells
+        return 1 + sum(len(c) + 1 for c in (name, " " * bar, text, el) if c)
+
+    def short(n: int) -> str:  # the innermost stage first: outer stages give way, then its end
+        parts = name.split(" > ")
+        while len(parts) > 1 and len(" > ".join(parts)) > n:
+            parts.pop(0)
+        inner = " > ".join(parts)
+        return inner if len(inner) <= n else (inner[: n - 1] + "\u2026" if n > 1 else "")
+
+    room = width - 1  # a line that fills the last column wraps on some terminals
+    text = SEP.join(stats)
+    bar = BAR_WIDTH if stats else 0
+    for el in (elapsed, ""):
+        free = room - used("", bar, text, el) - 1
+        if free >= min(MIN_NAME, len(name)):
+            return short(free), bar, text, el
+    bar = max(room - used("", 0, text, "") - 1 - MIN_NAME - 1, 0)
+    bar = min(bar, BAR_WIDTH) if bar >= MIN_BAR else 0
+    if len(stats) == 3 and used("", bar, text, "") > room:
+        text = SEP.join((stats[0], stats[2]))  # the rate gives way before the ETA
+    return short(room - used("", bar, text, "") - 1), bar, text, ""
 
 
 class _PauseOnPrint(RenderHook):

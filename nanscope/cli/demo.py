@@ -94,6 +94,18 @@ def _write_marker(out: Path) -> None:
         write_atomic(out / MARKER, json.dumps(_files(out), indent=1, sort_keys=True) + "\n")
 
 
+def shell_words(*words: Any) -> str:
+    """Paths and options as one shell line that pastes (quoted where a path needs it)."""
+    import shlex
+
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def show_command(console: Any, command: str) -> None:
+    """`$ COMMAND` on one line, never wrapped at the console's width: a pasted wrapped line loses arguments."""
+    console.print(f"$ {command}", soft_wrap=True, markup=False, highlight=False)
+
+
 def demo_stack(asked: str | None) -> str:
     """The stack the demo runs: the one asked for, else groundingdino-py when a provider is installed."""
     if asked is not None:
@@ -119,14 +131,14 @@ def _demo(args: argparse.Namespace, console: Any, out: Path, html: str | None) -
     if stack == "groundingdino-py":
         files = write_demo(out)
         replay = prepare(files.checkpoint, files.batch, config=files.config)  # built once, shared by both steps
-        model_args = f"{files.checkpoint} {files.batch} --config {files.config}"
+        model_args = shell_words(files.checkpoint, files.batch, "--config", files.config)
     else:
         from nanscope.stacks.transformers.demo import write_hf_demo
 
         hf_files = write_hf_demo(out, mm=args.stack == "hf-mm")
         replay = prepare(hf_files.model, hf_files.batch)
-        model_args = f"{hf_files.model} {hf_files.batch}"
-    console.print(f"$ nanscope inspect {model_args} --criterion {DEMO_CRITERION}")
+        model_args = shell_words(hf_files.model, hf_files.batch)
+    show_command(console, f"nanscope inspect {model_args} --criterion {DEMO_CRITERION}")
     result = inspect_replay(replay, criterion=DEMO_CRITERION)
     render(result, console)
     if html:
@@ -136,7 +148,7 @@ def _demo(args: argparse.Namespace, console: Any, out: Path, html: str | None) -
         return EXIT_OK
     from nanscope.verify.pipeline import verify_replay
 
-    console.print(f"$ nanscope verify-fix {model_args} --steps {DEMO_VERIFY_STEPS}")
+    show_command(console, f"nanscope verify-fix {model_args} --steps {DEMO_VERIFY_STEPS}")
     verified = verify_replay(replay, steps=DEMO_VERIFY_STEPS)
     render(verified, console)
     if html:

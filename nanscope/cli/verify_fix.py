@@ -14,9 +14,15 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "verify-fix", help="prove a fixed criterion removes the NaN and nothing else (ten checks)",
         description="Replay one batch, compute the before and after criteria on the same outputs, backpropagate "
-                    "each, and check: before reproduces the NaN, after and its gradients are finite, after equals "
-                    "the masked_select reference and before on valid positions, the fix is a no-op without "
-                    "padding, matching is unchanged, a few training steps stay finite, memory is within 1.5x.")
+                    "each, and run ten checks: (1) before reproduces the bug (a non-finite term, or a loss that "
+                    "raises on the batch); (2) every after term is finite and none is 0 while boxes exist; (3) "
+                    "after's gradients are finite for every layer's logits and boxes and every parameter; (4) after "
+                    "equals nanscope's masked_select reference for the preset; (5) after equals before on valid "
+                    "text positions; (6) on a batch without padding after equals before (the fix is a no-op where "
+                    "nothing is wrong); (7) before's and after's matchers assign the same pairs; (8) a few training "
+                    "steps with after stay finite and lower the loss; (9) after's peak memory is within 1.5x of "
+                    "before's; (10) after supervises what it should (no NS401/NS402/NS403). FIXED needs checks 1, 2, "
+                    "3, 8, 9 and 10; 4-7 say whether after also equals the reference and before.")
     replay_arguments(p)
     p.add_argument("--before", metavar="MODULE:ATTR",
                    help="the criterion that NaNs (class, factory or function), or 'transformers' on that stack; "

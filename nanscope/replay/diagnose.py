@@ -183,7 +183,7 @@ def figure_artifacts(ctx: AnalysisContext) -> dict[str, Any]:
 def inspect_replay(
     replay: Replay,
     *,
-    criterion: str | None = None,
+    criterion: Any = None,
     select: Iterable[str] | None = None,
     ignore: Iterable[str] | None = None,
     trace: bool = False,
@@ -272,7 +272,7 @@ def inspect_replay(
                   artifacts=figure_artifacts(ctx))
 
 
-def run_trace(replay: Replay, criterion: str | None) -> Any:
+def run_trace(replay: Replay, criterion: Any) -> Any:
     """The op-level origin trace of forward + loss + backward (NS301/NS302)."""
     from nanscope.trace.tracer import trace_nonfinite
 
@@ -305,7 +305,7 @@ def inspect(
     config: str | os.PathLike[str] | None = None,
     text_encoder: str | None = None,
     device: str | None = "cpu",
-    criterion: str | None = None,
+    criterion: Any = None,
     trust_checkpoint: bool = False,
     stack: str | None = None,
     select: Iterable[str] | None = None,
@@ -321,9 +321,17 @@ def inspect(
 
     adapter: a PEFT adapter folder or file on top of `checkpoint`; merge_lora merges it before the replay.
     train_mode, rng: see `inspect_replay`; `rng` may be the path of a dump's rng.pt."""
+    from functools import partial
+
+    from nanscope.preflight import criterion as checked_criterion
+    from nanscope.stacks.formats.saved_args import saved_args
+
     amp_dtype(amp)  # bad input fails before the model is built
     select = check_codes(select) if select else None
     ignore = check_codes(ignore) if ignore else None
+    with collect_user_stdout() as early:  # what the criterion module prints when imported
+        crit = checked_criterion(criterion, "--criterion",  # --config is checked first thing in `prepare`
+                                 partial(saved_args, checkpoint, trust=trust_checkpoint))
     if isinstance(rng, (str, os.PathLike)):
         rng = load_rng(rng)
     with collect_model_stdout() as model_out:  # groundingdino prints `output layer_id 0 is nan`: keep it
@@ -331,8 +339,8 @@ def inspect(
                          trust_checkpoint=trust_checkpoint, stack=stack, adapter=adapter,
                          merge_lora=merge_lora)
         with collect_user_stdout() as out:  # the criterion's prints go in their own block of the report
-            result = inspect_replay(replay, criterion=criterion, select=select, ignore=ignore, trace=trace, amp=amp,
+            result = inspect_replay(replay, criterion=crit, select=select, ignore=ignore, trace=trace, amp=amp,
                                     train_mode=train_mode, rng=rng)
-    result.user_stdout = out.text
+    result.user_stdout = early.text + out.text
     result.model_stdout = model_out.text
     return result

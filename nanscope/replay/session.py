@@ -189,6 +189,9 @@ def prepare(
     stack: the model family by name ('groundingdino-py', ...); None detects it from `checkpoint`.
     adapter: a PEFT adapter folder or file applied on top of `checkpoint`; merge_lora merges it.
     """
+    from nanscope.preflight import config_stack
+
+    stack = config_stack(config, stack)  # a wrong --config fails before the batch is read
     dev = resolve_device(device)
     with progress.stage("reading the batch", "read the batch"):
         b = read_batch(batch) if isinstance(batch, (str, os.PathLike)) else batch  # a Batch, or the HF form

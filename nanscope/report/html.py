@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from nanscope import progress
-from nanscope.causes import explains_text
+from nanscope.causes import explains_text, split_notes
 from nanscope.findings import Finding, format_where
 from nanscope.report.html_parts import (CSP, CSS, MAX_WHERE, cell, e, figure, fmt, is_nonfinite, kv_table, long_text,
                                         records_table, table)
@@ -37,12 +37,15 @@ def _verdict(result: Result) -> str:
         "not fixed": "At least one required verify-fix check fails.",
     }.get(v, "")
     causes = []
-    for n, g in enumerate(result.groups, 1):
+    cause_groups, note_groups = split_notes(result.groups)
+    for n, g in enumerate(cause_groups, 1):
         sev = g.severity.value
         explains = f' <span class="hint">explains {e(explains_text(g))}</span>' if g.effects else ""
         causes.append(f'<li><span class="sev {sev}">{e(sev)}</span> <span class="mono">{e(g.cause.code)}</span> '
                       f'{e(g.cause.message)}{explains}<br><span class="fix">Fix: {e(g.cause.hint)}</span></li>')
     listed = f'<ol class="causes">{"".join(causes)}</ol>' if causes else ""
+    listed += "".join(f'<p class="note">Note: <span class="mono">{e(g.cause.code)}</span> {e(g.cause.message)}</p>'
+                      for g in note_groups)
     return (f'<div class="verdict {e(v.replace(" ", "-"))}" id="verdict"><span class="label">{e(v.upper())}</span> '
             f'<span class="mono">{e(verdict_line(result))}</span><br><span>{e(explain)}</span> '
             f'<span class="hint">exit code {result.exit_code}</span>{listed}</div>')
@@ -80,13 +83,16 @@ def _findings(result: Result) -> str:
         return '<h2 id="findings">Findings</h2><p>No findings.</p>'
     head = "".join(f"<th>{h}</th>" for h in ("cause", "code", "severity", "title", "count", "where", "what", "fix"))
     bodies = []
-    for n, g in enumerate(result.groups, 1):
+    causes, notes = split_notes(result.groups)
+    for n, g in enumerate(causes + notes, 1):
         rows = []
+        label = str(n) if n <= len(causes) else "note"
         for f in g.findings:
             sev, is_cause = f.severity.value, f is g.cause
-            fix = (f'<td class="fix">{e(f.hint)}</td>' if is_cause
+            fix = (f'<td class="fix">{e(f.hint)}</td>' if is_cause and n <= len(causes)
+                   else '<td class="hint">a note: nothing to fix</td>' if is_cause
                    else f'<td class="hint">explained by cause {n} ({e(g.cause.code)}): its fix applies</td>')
-            rows.append(f'<tr class="{"cause" if is_cause else "effect"}"><td class="num">{n if is_cause else ""}</td>'
+            rows.append(f'<tr class="{"cause" if is_cause else "effect"}"><td class="num">{label if is_cause else ""}</td>'
                         f'<td class="mono code">{e(f.code)}</td><td><span class="sev {sev}">{e(sev)}</span></td>'
                         f'<td>{e(f.title)}</td><td class="num">{f.count}</td><td>{_where_list(f)}</td>'
                         f"<td>{e(f.message)}</td>{fix}</tr>")

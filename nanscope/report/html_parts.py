@@ -30,7 +30,8 @@ pre { white-space: pre-wrap; word-break: break-word; }
 .verdict .label { font-size: 1.5em; font-weight: 700; letter-spacing: .04em; }
 .verdict.broken, .verdict.not-fixed { border-color: var(--bad); background: var(--bad-bg); }
 .verdict.clean, .verdict.fixed { border-color: var(--good); background: var(--good-bg); }
-table { border-collapse: collapse; margin: .4em 0 1em; }
+table { border-collapse: collapse; margin: .4em 0 1em; max-width: 100%; }
+td { overflow-wrap: anywhere; } /* long paths and module names wrap: no table wider than the window */
 th, td { border: 1px solid var(--line); padding: .3em .55em; text-align: left; vertical-align: top; }
 th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .sev { font-weight: 700; padding: 0 .35em; border-radius: 3px; }

@@ -1,5 +1,6 @@
 """The terminal report: a verdict line, the findings, the checks and the worst image's lost phrases.
 
+Rich mode repeats the verdict line last (a tall report scrolls its first line off the screen).
 Findings come grouped by cause (`nanscope.causes`): each cause with its fix, then the findings it
 explains, whose fix is the cause's. Two modes. Rich (a colour terminal): tables and colour, never
 wider than 80 columns. Plain (output is not a terminal, NO_COLOR is set, TERM=dumb, CI logs): no
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from nanscope.causes import Group
+from nanscope.causes import Group, split_notes
 from nanscope.findings import Finding
 from nanscope.report.terminal_scan import scan_plain_lines, scan_rich
 from nanscope.result import Result
@@ -38,12 +39,14 @@ def verdict_line(result: Result) -> str:
 
 
 def causes_text(groups: list[Group]) -> str:
-    """`2 cause(s): 2 error(s), 0 warning(s)`: causes counted by their severity; `no findings`."""
+    """`2 cause(s): 2 error(s), 0 warning(s)`: causes counted by their severity, then `, 1 note(s)` for
+    info-only groups (notes, not causes); `no findings`."""
     if not groups:
         return "no findings"
-    sev = [g.severity.value for g in groups]
-    infos = f", {sev.count('info')} info" if "info" in sev else ""
-    return f"{len(groups)} cause(s): {sev.count('error')} error(s), {sev.count('warning')} warning(s){infos}"
+    causes, notes = split_notes(groups)
+    sev = [g.severity.value for g in causes]
+    infos = f", {len(notes)} note(s)" if notes else ""
+    return f"{len(causes)} cause(s): {sev.count('error')} error(s), {sev.count('warning')} warning(s){infos}"
 
 
 def _one_line(s: Any) -> str:
@@ -116,9 +119,13 @@ def _printed_block(text: str, who: str) -> list[str]:
 def render_plain(result: Result) -> str:
     """The plain report as text: one fact per line, no colour, no wrapping."""
     lines = [verdict_line(result)] + scan_plain_lines(result)
-    for n, g in enumerate(result.groups, 1):
+    causes, notes = split_notes(result.groups)
+    for n, g in enumerate(causes, 1):
         lines.append(_one_line(f"cause {n}: {finding_line(g.cause)}"))
         lines.append(_one_line(f"cause {n} fix: {g.cause.hint}"))
+        lines.extend(_one_line(f"  {finding_line(f)}") for f in g.effects)
+    for g in notes:
+        lines.append(_one_line(f"note: {finding_line(g.cause)}"))
         lines.extend(_one_line(f"  {finding_line(f)}") for f in g.effects)
     for c in result.checks:
         lines.append(_one_line(f"check {c.id} {'PASS' if c.passed else 'FAIL'} {c.name}: {c.detail}"))
@@ -157,7 +164,8 @@ def render(result: Result, console: Console, *, plain: bool | None = None) -> No
     show(Text(verdict_line(result), style=VERDICT_STYLE.get(result.verdict, "bold")))
     for x in scan_rich(result):
         show(x)
-    groups = result.groups
+    causes, notes = split_notes(result.groups)
+    groups = causes + notes
     if groups:
         t = Table(show_lines=False, expand=False, pad_edge=False, width=None)
         t.add_column("cause", justify="right", no_wrap=True)
@@ -166,15 +174,18 @@ def render(result: Result, console: Console, *, plain: bool | None = None) -> No
         t.add_column("count", justify="right", no_wrap=True)
         t.add_column("where", overflow="fold")
         for n, g in enumerate(groups, 1):
+            label = str(n) if n <= len(causes) else "note"
             for f in g.findings:
-                t.add_row(str(n) if f is g.cause else "", f.code if f is g.cause else f"{EXPLAINED} {f.code}",
+                t.add_row(label if f is g.cause else "", f.code if f is g.cause else f"{EXPLAINED} {f.code}",
                           Text(f.severity.value, style=STYLE[f.severity.value]), str(f.count),
                           Text(_one_line(f.where_text(2))))
         show(t)
         for n, g in enumerate(groups, 1):
             sev = g.severity.value
-            show(Text(f"cause {n}: {g.cause.code} ", style=STYLE[sev]) + Text(_one_line(g.cause.message)))
-            show(Text("  fix: ", style="bold") + Text(_one_line(g.cause.hint)))
+            head = f"cause {n}" if n <= len(causes) else "note"
+            show(Text(f"{head}: {g.cause.code} ", style=STYLE[sev]) + Text(_one_line(g.cause.message)))
+            if n <= len(causes):
+                show(Text("  fix: ", style="bold") + Text(_one_line(g.cause.hint)))
             for f in g.effects:
                 show(Text(f"  {EXPLAINED} {f.code} ", style=STYLE[f.severity.value]) + Text(_one_line(f.message),
                                                                                           style="dim"))
@@ -213,6 +224,8 @@ def render(result: Result, console: Console, *, plain: bool | None = None) -> No
             show(Text(block[-1], style="bold"))
     if result.timings:  # rich mode only: off a terminal the stage lines on stderr say it, stdout stays the same
         show(Text(timings_line(result), style="dim"))
+    # the verdict again, last: a report taller than the terminal has scrolled its first line away
+    show(Text(verdict_line(result), style=VERDICT_STYLE.get(result.verdict, "bold")))
 
 
 def timings_line(result: Result, slowest: int = 3) -> str:

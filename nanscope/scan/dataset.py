@@ -77,6 +77,21 @@ def shard_files(path: str | os.PathLike[str], fmt: str) -> tuple[str, ...]:
     return tuple(files)
 
 
+def _first_line_is_grounding(path: Path) -> None:
+    """An ODVG file scanned without --label-map is grounding (VG): its first line says at once when it is
+    detection (OD) instead, rather than after the tokenizer is loaded."""
+    import json
+
+    for line, raw in odvg.iter_lines(path):
+        try:
+            first = json.loads(raw)
+        except ValueError:
+            return  # the scan reports a line that is not JSON where it reads it
+        if isinstance(first, dict) and "detection" in first and "grounding" not in first:
+            raise DataError(f"{str(path)!r} line {line} is a detection (OD) line; pass its label map with --label-map")
+        return
+
+
 def open_dataset(path: str | os.PathLike[str], *, format: str | None = None, label_map: str | None = None) -> Dataset:
     if format is not None and format not in FORMATS:
         raise InputError(f"--format {format!r} is not known; expected one of {', '.join(FORMATS)}")
@@ -96,6 +111,8 @@ def open_dataset(path: str | os.PathLike[str], *, format: str | None = None, lab
         if format is not None and not Path(path).is_file():
             raise DataError(f"dataset {str(path)!r} does not exist")
         lm = odvg.load_label_map(label_map) if label_map else None
+        if lm is None:
+            _first_line_is_grounding(Path(path))
         return Dataset(str(path), "odvg", OD if lm else "vg", lm, label_map, odvg.count_lines(path))
     doc = coco.load_document(path)
     kind = coco.kind_of(doc) if fmt == "json" else fmt

@@ -20,6 +20,11 @@ def _mpl() -> tuple[Any, Any]:
     return Patch, MaxNLocator
 
 
+def _legend_outside(ax: Any, **kw: Any) -> None:
+    """The legend right of the axes: inside, some counts always put a bar under it."""
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kw)
+
+
 def _trim(counts: Sequence[int]) -> int:
     """Index past the last non-empty bin (at least 1)."""
     last = max((k for k, c in enumerate(counts) if c), default=0)
@@ -27,6 +32,10 @@ def _trim(counts: Sequence[int]) -> int:
 
 
 def tokens_png(hist: Mapping[str, Any], max_text_len: int) -> bytes:
+    return _png(tokens_figure(hist, max_text_len))
+
+
+def tokens_figure(hist: Mapping[str, Any], max_text_len: int) -> Any:
     """Caption length histogram with the max_text_len line; bars past it in vermillion."""
     plt = _pyplot()
     Patch, MaxNLocator = _mpl()
@@ -42,21 +51,27 @@ def tokens_png(hist: Mapping[str, Any], max_text_len: int) -> bytes:
     ax.bar(xs, over, width, align="edge", color=NAN, edgecolor="black", linewidth=0.3, hatch="//",
            label="bins reaching past max_text_len")
     ax.axvline(max_text_len, color="black", linestyle="--", linewidth=1.2, label=f"max_text_len = {max_text_len}")
-    if any(counts) and max(counts) / max(min(c for c in counts if c), 1) > 100:
+    log = any(counts) and max(counts) / max(min(c for c in counts if c), 1) > 100
+    if log:
         ax.set_yscale("log")
     last = n * width
     ax.set_xlabel(f"caption tokens with [CLS]/[SEP] (bins of {width}{'; the last bin holds all longer' if n == len(counts) else ''})",
                   fontsize=8)
     ax.set_ylabel("samples", fontsize=8)
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if not log:  # a log axis keeps its own locator
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(0, max(last, max_text_len + width))
     ax.set_title("caption length as the trainer builds it", fontsize=9)
-    ax.legend(fontsize=7, frameon=False)
+    _legend_outside(ax)
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def boxes_png(hist: Mapping[str, Any]) -> bytes:
+    return _png(boxes_figure(hist))
+
+
+def boxes_figure(hist: Mapping[str, Any]) -> Any:
     plt = _pyplot()
     Patch, MaxNLocator = _mpl()
     counts = list(hist.get("counts") or [])
@@ -71,30 +86,46 @@ def boxes_png(hist: Mapping[str, Any]) -> bytes:
     ax.set_xlabel("boxes per image" + (" (the last bar: more than 100)" if n == len(counts) else ""), fontsize=8)
     ax.set_ylabel("images", fontsize=8)
     ax.set_title("boxes per image", fontsize=9)
-    ax.legend(fontsize=7, frameon=False)
+    _legend_outside(ax)
     fig.tight_layout()
-    return _png(fig)
+    return fig
+
+
+def _short(n: int) -> str:
+    """1, 512, 1k, 8k: a tick label a few characters wide."""
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def box_sizes_png(hist: Mapping[str, Any]) -> bytes:
+    return _png(box_sizes_figure(hist))
+
+
+def box_sizes_figure(hist: Mapping[str, Any]) -> Any:
     plt = _pyplot()
     Patch, MaxNLocator = _mpl()
     counts = list(hist.get("counts") or [])
-    labels = ["<1"] + [f"{2 ** (k - 1)}-{2 ** k}" for k in range(1, len(counts) - 1)] + [f">={2 ** (len(counts) - 2)}"]
     fig, ax = plt.subplots(figsize=(5.2, 3.2))
     ax.bar(range(len(counts)), counts, 0.9, color=AFTER, edgecolor="black", linewidth=0.3, label="boxes")
-    ax.set_xticks(range(len(counts)))
-    ax.set_xticklabels(labels, fontsize=6, rotation=45, ha="right")
-    ax.set_xlabel("box size: sqrt(width x height) in pixels", fontsize=8)
+    # bin k holds [2^(k-1), 2^k) (bin 0: < 1, the last: all larger): one short, level label per bin edge
+    edges = range(1, len(counts))
+    ax.set_xticks([k - 0.5 for k in edges])
+    ax.set_xticklabels([_short(2 ** (k - 1)) for k in edges], fontsize=7)
+    ax.set_xlim(-0.6, len(counts) - 0.4)
+    ax.set_xlabel("box size: sqrt(width x height) in pixels (bin edges; the first bar: under 1, the last: "
+                  f"{_short(2 ** (len(counts) - 2))} and more)", fontsize=8)
     ax.set_ylabel("boxes", fontsize=8)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("box sizes (boxes with width or height <= 0 not counted)", fontsize=9)
-    ax.legend(fontsize=7, frameon=False)
+    _legend_outside(ax)
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def codes_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    return _png(codes_figure(rows))
+
+
+def codes_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
     """Samples affected per code, coloured by severity."""
     plt = _pyplot()
     Patch, MaxNLocator = _mpl()
@@ -112,10 +143,11 @@ def codes_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
     ax.set_yticklabels(names, fontsize=7)
     ax.invert_yaxis()
     if vals and min(vals) > 0 and max(vals) / min(vals) > 100:
-        ax.set_xscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xscale("log")  # its own locator: integer steps on a log axis crowd the labels
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("samples affected", fontsize=8)
     ax.set_title("data bugs per code", fontsize=9)
-    ax.legend(handles=handles, fontsize=7, frameon=False, loc="lower right")
+    _legend_outside(ax, handles=handles)
     fig.tight_layout()
-    return _png(fig)
+    return fig

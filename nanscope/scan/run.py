@@ -128,6 +128,9 @@ def prepare_scan(
     from nanscope.scan import tokenizer as tk
 
     tokenizer_given = tokenizer
+    with progress.stage(f"reading {os.path.basename(str(data))}") as st:  # before the tokenizer: data errors first
+        ds = open_dataset(data, format=format, label_map=label_map)
+        st.done = f"opened {os.path.basename(str(data))} ({ds.format}, {ds.mode})"
     if tokenizer is None:
         stack = stack or DEFAULT_STACK
         with progress.stage("loading the tokenizer", "loaded the tokenizer"):
@@ -137,9 +140,6 @@ def prepare_scan(
     else:
         backend, specials = tk.unpadded(tokenizer), tk.special_tokens(tokenizer)
         te = str(text_encoder) if text_encoder else getattr(tokenizer, "name_or_path", None)
-    with progress.stage(f"reading {os.path.basename(str(data))}") as st:
-        ds = open_dataset(data, format=format, label_map=label_map)
-        st.done = f"opened {os.path.basename(str(data))} ({ds.format}, {ds.mode})"
     costs = label_costs(backend, ds.label_map, rules.trainer) if ds.mode == OD and ds.label_map else None
     state = State(backend, int(max_text_len or 256), rules, ds.format, ds.mode, ds.path, ds.label_map, costs,
                   str(images) if images is not None else None, frozenset(str(k) for k in keep),

@@ -1,6 +1,8 @@
 """The checks of `nanscope verify-fix`, each a function returning a `Check` (PASS or FAIL with numbers).
 
-1. before is non-finite (the bug is reproduced), or a note that it was already finite (PASS);
+1. before is non-finite or raises the way the bug makes it raise (transformers' class-offset IndexError,
+   NS111; a matcher refusing non-finite costs): the bug is reproduced; or a note that it was already
+   finite (PASS);
 2. every after term is finite, and none is exactly 0 while target boxes exist;
 3. after's gradients are finite for every layer's logits and boxes and every model parameter
    (before's first non-finite parameter gradient, in the order autograd accumulated them, is named);
@@ -67,6 +69,8 @@ class CriterionRun:
     peak: int  # bytes, forward + backward
     metrics: dict[str, float] | None = None  # returned tensors that are not loss terms (class_error, ...)
     loss_keys: tuple[str, ...] = ()  # which returned keys are loss terms (see `loss_keys`)
+    raised: str | None = None  # before only: the criterion raised on the batch the way the bug makes it
+    # (transformers' class-offset IndexError, NS111; a matcher refusing non-finite costs): no terms, no gradients
 
     @property
     def finite(self) -> bool:
@@ -136,8 +140,10 @@ def _mb(n: int) -> str:
 @progress.staged("check 1 (before reproduces the bug)")
 def check_reproduced(before: CriterionRun, name: str) -> Check:
     bad = [k for k, v in before.terms.items() if not math.isfinite(v)]
-    numbers = {"nonfinite_terms": bad, "total": before.total}
-    if bad or not math.isfinite(before.total):
+    numbers = {"nonfinite_terms": bad, "total": before.total, "raised": before.raised}
+    if before.raised:
+        detail = f"before ({name}) raised on this batch: {before.raised}: the bug is reproduced"
+    elif bad or not math.isfinite(before.total):
         shown = _fmt_terms(before.terms, bad) or f"total={before.total}"
         detail = f"before ({name}) is non-finite: {shown}: the bug is reproduced"
     else:
@@ -175,7 +181,9 @@ def check_gradients(before: CriterionRun, after: CriterionRun) -> Check:
         if after.nonfinite_params:
             detail += f" (first: {after.nonfinite_params[0]})"
     before_out = sum(v for v in before.output_grads.values() if v)
-    if before.nonfinite_params:
+    if before.raised:
+        detail += "; before raised, so it has no gradients"
+    elif before.nonfinite_params:
         detail += (f"; before: {before_out} non-finite output-gradient values, "
                    f"{len(before.nonfinite_params)}/{before.params_with_grad} parameter gradients non-finite, "
                    f"first {before.nonfinite_params[0]}")
@@ -218,8 +226,11 @@ def check_training(after_steps: TrainLog, before_steps: TrainLog, steps: int, lr
         detail = (f"after: total {totals[0]:.6g} -> {totals[-1]:.6g} over {steps} steps ({change:+.2%}), "
                   f"every term finite" + ("" if ok else "; the loss did not go down"))
     b_totals, b_step, b_terms = before_steps
-    detail += (f"; before went non-finite at step {b_step} ({', '.join(b_terms)})" if b_step is not None
-               else f"; before stayed finite for {len(b_totals)} steps")
+    if b_step is not None and b_terms and b_terms[0].startswith("raised "):
+        detail += f"; before {b_terms[0]} at step {b_step}"
+    else:
+        detail += (f"; before went non-finite at step {b_step} ({', '.join(b_terms)})" if b_step is not None
+                   else f"; before stayed finite for {len(b_totals)} steps")
     return Check(8, "training steps with after stay finite and lower the loss", ok, detail,
                  {"after": totals, "after_nonfinite_step": bad_step, "before": b_totals,
                   "before_nonfinite_step": b_step, "before_nonfinite_terms": b_terms, "lr": lr})
@@ -227,6 +238,12 @@ def check_training(after_steps: TrainLog, before_steps: TrainLog, steps: int, lr
 
 @progress.staged("check 9 (peak memory)")
 def check_memory(before: CriterionRun, after: CriterionRun, method: str) -> Check:
+    if before.raised:  # nothing to compare: before stopped part-way
+        return Check(9, "after's peak memory is within the limit", True,
+                     f"before raised, so there is no peak to compare with; after: loss + backward {_mb(after.peak)}, "
+                     f"loss alone {_mb(after.loss_peak)}",
+                     {"ratio": None, "limit": MEMORY_LIMIT, "before_bytes": None, "after_bytes": after.peak,
+                      "before_loss_bytes": None, "after_loss_bytes": after.loss_peak, "method": method})
     ratio = after.peak / before.peak if before.peak else (1.0 if not after.peak else math.inf)
     detail = (f"loss + backward peak: after {_mb(after.peak)} vs before {_mb(before.peak)} ({ratio:.2f}x, limit "
               f"{MEMORY_LIMIT:g}x); loss alone {_mb(after.loss_peak)} vs {_mb(before.loss_peak)}")

@@ -37,7 +37,6 @@ from nanscope.user_code import (
     call_criterion,
     collect_model_stdout,
     collect_user_stdout,
-    load_criterion,
     user_frame,
 )
 from nanscope.terms import term_layer
@@ -99,9 +98,19 @@ def _differentiable_tensors(outputs: Outputs) -> dict[str, Tensor]:
             if isinstance(d.get(k), Tensor) and d[k].requires_grad}
 
 
+def reproduces_bug(exc: CriterionError) -> bool:
+    """A criterion raising this on the batch is the bug reproduced, not bad input: transformers' loss indexing
+    another image's phrases (NS111), a matcher refusing non-finite costs (NS203)."""
+    from nanscope.replay.diagnose import is_label_failure, is_matching_failure
+
+    return is_label_failure(exc) or is_matching_failure(exc)
+
+
 def run_criterion(model: nn.Module, crit: Criterion, name: str, outputs: Outputs, targets: Targets,
-                  extras: Mapping[str, Any] | None = None) -> CriterionRun:
-    """Compute `crit` on `outputs`, backpropagate its total into `model` (grads reset first; graph kept)."""
+                  extras: Mapping[str, Any] | None = None, *, may_raise: bool = False) -> CriterionRun:
+    """Compute `crit` on `outputs`, backpropagate its total into `model` (grads reset first; graph kept).
+
+    may_raise: an exception that `reproduces_bug` gives a run with `raised` set (no terms, total NaN)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for _, p in params:
         p.grad = None
@@ -113,7 +122,14 @@ def run_criterion(model: nn.Module, crit: Criterion, name: str, outputs: Outputs
         handles += [t.register_hook(partial(_tap_output, grads, k)) for k, t in tensors.items()]
         handles += [p.register_post_accumulate_grad_hook(partial(_tap_param, order, n)) for n, p in params]
         with PeakMemory(outputs["pred_logits"].device) as mem:
-            terms = call_criterion(crit, outputs, targets, name=name, extras=extras)
+            try:
+                terms = call_criterion(crit, outputs, targets, name=name, extras=extras)
+            except CriterionError as exc:
+                if not (may_raise and reproduces_bug(exc)):
+                    raise
+                return CriterionRun(terms={}, total=math.nan, differentiable=False,
+                                    output_grads={k: None for k in tensors}, nonfinite_params=[], params_with_grad=0,
+                                    params_total=len(params), loss_peak=0, peak=0, raised=_raised_text(exc))
             keys = loss_keys(crit, terms)
             total = weighted_total(crit, terms, keys)
             loss_peak = mem.peak_so_far()
@@ -174,7 +190,17 @@ def _train_steps(replay: Replay, crit: Criterion, name: str, steps: int, lr: flo
     return totals, None, []
 
 
+def _raised_text(exc: CriterionError) -> str:
+    """`transformers' GroundingDino loss raised IndexError: ...` without nanscope's own frame."""
+    text = str(exc)
+    inner = text.split(" raised ", 1)[1] if " raised " in text else text
+    inner = inner.split(": ", 1)[1] if inner.startswith(("TransformersLabelError", "MatchingError")) else inner
+    return inner.rsplit(" (at /", 1)[0] if "nanscope/" in inner.rsplit(" (at /", 1)[-1] else inner
+
+
 def _nonfinite_at_zero(run: CriterionRun) -> TrainLog:
+    if run.raised:
+        return [], 0, ["raised " + run.raised.split(":", 1)[0].rsplit(" ", 1)[-1]]
     return [run.total], 0, [k for k, v in run.terms.items() if not math.isfinite(v)] or ["total"]
 
 
@@ -208,8 +234,7 @@ def verdict_detail(checks: list[Any], preset: str) -> str:
     ref = next((c for c in failed if c.id == 4), None)
     if ref is not None:
         closest = ref.numbers.get("closest", preset)
-        why = ref.numbers.get("why") or "its terms"
-        parts.append(f"differs from the {closest} reference by {why}")
+        parts.append(ref.numbers.get("why") or f"differs from the {closest} reference")
     others = [str(c.id) for c in failed if c.id in EQUIVALENCE and c.id != 4]
     if others:
         parts.append(f"and from before (check{'s' if len(others) > 1 else ''} {', '.join(others)})")
@@ -230,16 +255,44 @@ def resolve_criteria(before: Any, after: Any, preset: str | None,
     if steps < 2:
         raise InputError(f"--steps {steps} given; at least 2 are needed to compare the first and last loss")
 
-    def one(spec: Any) -> Any:
-        if isinstance(spec, str) and ":" in spec.replace(":\\", ""):
-            return load_criterion(spec, saved_args=saved_args)
-        return spec
+    from nanscope.preflight import criterion
 
-    return one(before), one(after)
+    return criterion(before, "--before", saved_args), criterion(after, "--after", saved_args)
 
 
 def _resolve(replay: Replay, spec: Any, default: tuple[Criterion, str]) -> tuple[Criterion, str]:
     return default if spec is None else replay.criterion(spec)
+
+
+def term_families(crit: Any) -> tuple[bool, bool] | None:
+    """(auxiliary decoder terms `loss_*_0`.., encoder terms `loss_*_enc`) a criterion computes, read from its
+    `weight_dict` (DETR convention: the keys are the terms); None when it has none to read."""
+    import re
+
+    weights = getattr(crit, "weight_dict", None)
+    keys = list(weights) if isinstance(weights, Mapping) else []
+    if not keys:
+        return None
+    return (any(re.search(r"_\d+$", k) for k in keys), any(k.endswith(("_enc", "_interm")) for k in keys))
+
+
+def default_after_like(before: Criterion, preset: str, default: tuple[Criterion, str]) -> tuple[Criterion, str]:
+    """nanscope's SetCriterion for `preset`, computing the term families `before` computes (its auxiliary and
+    encoder terms) besides the preset's own, so checks 5 and 6 compare like with like; `default` when
+    before's families cannot be read or the default already has them."""
+    from nanscope.criterion.set_criterion import SetCriterion
+
+    fam = term_families(before)
+    crit = default[0]
+    if fam is None:
+        return default
+    # only added: a weight_dict may list just the base terms of a criterion that computes more, and after's
+    # extra terms are not compared (checks 5 and 6 compare before's terms)
+    aux, enc = crit.aux_loss or fam[0], crit.enc_loss or fam[1]
+    if (aux, enc) == (crit.aux_loss, crit.enc_loss):
+        return default
+    return (SetCriterion(preset, aux_loss=aux, enc_loss=enc),
+            f"nanscope SetCriterion(preset={preset!r}, aux_loss={aux}, enc_loss={enc}) (the term families of before)")
 
 
 def verify_replay(replay: Replay, *, before: Any = None, after: Any = None, preset: str | None = None,
@@ -256,7 +309,10 @@ def verify_replay(replay: Replay, *, before: Any = None, after: Any = None, pres
     with collect_user_stdout() as out:
         spec_b, spec_a = resolve_criteria(before, after, preset, steps, replay.saved_args)
         default_b, default_a = default_criteria(preset)
-        criteria = (_resolve(replay, spec_b, default_b), _resolve(replay, spec_a, default_a))
+        crit_b = _resolve(replay, spec_b, default_b)
+        crit_a = (_resolve(replay, spec_a, default_a) if spec_a is not None
+                  else default_after_like(crit_b[0], preset, default_a) if spec_b is not None else default_a)
+        criteria = (crit_b, crit_a)
         result = _verify(replay, criteria, preset, steps)
     result.user_stdout = out.text + result.user_stdout
     return result
@@ -275,7 +331,7 @@ def _verify(replay: Replay, criteria: tuple[tuple[Criterion, str], tuple[Criteri
         record = replay.forward(detach=False, grad=True)
     outputs = record.to_outputs()
     with progress.stage("backpropagating before", "backpropagated before"):
-        run_b = run_criterion(replay.model, crit_b[0], name_b, outputs, targets, extras)
+        run_b = run_criterion(replay.model, crit_b[0], name_b, outputs, targets, extras, may_raise=True)
     with progress.stage("backpropagating after", "backpropagated after"):
         run_a = run_criterion(replay.model, crit_a[0], name_a, outputs, targets, extras)
     checks = [check_reproduced(run_b, crit_b[1]), check_after_finite(run_a, num_boxes),

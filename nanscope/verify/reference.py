@@ -138,16 +138,20 @@ def compare_presets(after: Mapping[str, float], outputs: Mapping[str, Any],
     if unexplained:
         detail += ("; not explained by a normalizer: " + ", ".join(
             f"{k} {got[k]:.6g} vs {refs[closest][k]:.6g}" for k in unexplained[:4]))
+    missing = cmps[closest]["missing"]
     if cmps[closest]["equal"] and closest != preset:
         why_short = f"it equals the {closest} reference instead (pass --preset {closest})"
         detail += f". After equals the {closest} reference: pass --preset {closest}"
-    elif reasons:
-        why_short = "; ".join(reasons)
     elif cm["equal"]:
         why_short = ""
     else:
-        bad = cmps[closest]["mismatched"] + cmps[closest]["missing"]
-        why_short = f"{len(bad)} terms ({', '.join(bad[:4])}) not explained by a normalizer"
+        clauses = [f"differs from the {closest} reference by " + "; ".join(reasons)] if reasons else []
+        if unexplained:
+            clauses.append(f"differs from the {closest} reference in {len(unexplained)} term(s) not explained by "
+                           f"a normalizer ({', '.join(unexplained)})")
+        if missing:
+            clauses.append(f"lacks {len(missing)} term(s) of the {closest} reference ({', '.join(missing)})")
+        why_short = "; ".join(clauses)
     numbers = {**cm, "reference": refs[preset], "presets": {n: {k: cmps[n][k] for k in
                ("equal", "max_rel_diff", "mismatched", "missing", "compared")} for n in PRESETS},
                "closest": closest, "normalizers": {expr: terms for (expr, _), terms in groups.items()},

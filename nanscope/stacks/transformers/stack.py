@@ -15,6 +15,7 @@ transformers' own loss built from the model's config; for `--preset hf` verify-f
 from __future__ import annotations
 
 import json
+import os
 import weakref
 from pathlib import Path
 from typing import Any, ClassVar, ContextManager
@@ -168,7 +169,10 @@ class TransformersHF(Stack):
 
         if text_encoder is not None:
             return load_tokenizer(text_encoder), str(text_encoder)
-        for folder in (checkpoint, Path(config) if config is not None else None):
+        config_folder = None
+        if isinstance(config, (str, os.PathLike)):  # a config.json's folder holds the tokenizer save_pretrained wrote
+            config_folder = Path(config) if Path(config).is_dir() else Path(config).parent
+        for folder in (checkpoint, config_folder):
             if folder is not None and has_tokenizer(folder):
                 return load_tokenizer(folder), str(folder)
         raise ConfigError(f"{str(checkpoint)!r} holds no tokenizer (tokenizer.json or vocab.txt); pass --text-encoder "
