@@ -257,7 +257,8 @@ class AtomicFile:
             self.abort()
 
 
-def _fill(f: AtomicFile, data: bytes) -> None:
+def write_into(f: AtomicFile, data: bytes) -> None:
+    """`data` into `f` (in two halves: the test-only pause hook sits between them)."""
     view, half = memoryview(data), len(data) // 2
     f.write(view[:half])
     _pause_hook(f.path)
@@ -268,7 +269,7 @@ def write_atomic(path: PathLike, data: bytes | str, *, name: str = "output") -> 
     """Write `data` to `path` through a temporary file in the same folder and a rename."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
     with AtomicFile(path, name=name) as f:
-        _fill(f, raw)
+        write_into(f, raw)
 
 
 @contextlib.contextmanager
@@ -298,7 +299,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 def _written(f: AtomicFile, data: bytes) -> AtomicFile:
     """`f` with `data` in it, flushed to disk and closed (not yet renamed)."""
-    _fill(f, data)
+    write_into(f, data)
     try:
         f.file.flush()
         os.fsync(f.file.fileno())

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanscope.safe_io import AtomicFile, write_atomic
+from nanscope.safe_io import AtomicFile, write_into
 from nanscope.scan import odvg
 from nanscope.scan.captions import SEPARATOR
 from nanscope.scan.dataset import Dataset
@@ -232,14 +232,21 @@ class CleanWriter:
             self.cut_captions[index] = plan.cut_caption
 
     def finish(self) -> list[Change]:
-        """Commit the copy, then its change list (each complete or absent: `safe_io.AtomicFile`)."""
-        if self.f is not None:
+        """Write the change list, then commit the copy and the list (each complete or absent: `safe_io.AtomicFile`)."""
+        text = json.dumps({"source": self.ds.path, "changes": [c.to_dict() for c in self.changes]},
+                          indent=1, sort_keys=True) + "\n"
+        if self.f is None:
+            self.f = AtomicFile(self.out, name="--write-clean")
+            self.f.write(self._json_text().encode("utf-8"))
+        changes = AtomicFile(self.out.with_name(self.out.name + ".changes.json"), name="--write-clean's change list")
+        try:
+            write_into(changes, text.encode("utf-8"))
             self.f.commit()
-        else:
-            write_atomic(self.out, self._json_text(), name="--write-clean")
-        changes = self.out.with_name(self.out.name + ".changes.json")
-        write_atomic(changes, json.dumps({"source": self.ds.path, "changes": [c.to_dict() for c in self.changes]},
-                                         indent=1, sort_keys=True) + "\n", name="--write-clean's change list")
+        except BaseException:  # a full disk, Ctrl-C: neither file is left, nor a temporary one
+            changes.abort()
+            self.f.abort()
+            raise
+        changes.commit()
         return self.changes
 
     def abort(self) -> None:

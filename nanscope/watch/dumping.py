@@ -90,7 +90,7 @@ def dump_failure(folder: Path, exc: BaseException) -> str:
         free = None
     if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < (1 << 20)):
         left = f" ({free} bytes free in {str(where)!r})" if free is not None else ""
-        return f"{folder}: no space left on device{left}; free some space or pass another dump_dir= ({detail})"
+        return f"{folder}: no space left on device{left}; free some space or pass another dump_dir="
     if code == errno.EFBIG:
         return f"{folder}: file too large for the file-size limit (ulimit -f) ({detail})"
     return f"{folder}: {detail}"
