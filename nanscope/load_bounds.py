@@ -26,9 +26,9 @@ def _tensor_problem(t: Any) -> str | None:
     numel = 1
     for s in t.shape:
         numel *= int(s)
-    if numel > MAX_ELEMENTS:
-        return f"is a tensor of shape {list(t.shape)} ({numel:.3g} elements); expected at most {MAX_ELEMENTS:.3g}"
     expanded = any(st == 0 and s > 1 for s, st in zip(t.shape, t.stride()))
+    if numel > MAX_ELEMENTS and not expanded:
+        return f"is a tensor of shape {list(t.shape)} ({numel:.3g} elements); expected at most {MAX_ELEMENTS:.3g}"
     if expanded and numel > MAX_EXPANDED_ELEMENTS:
         stored = t.untyped_storage().nbytes() // max(t.element_size(), 1)
         return (f"is a tensor of logical shape {list(t.shape)} ({numel:.3g} elements) expanded with stride 0 from "
@@ -46,7 +46,7 @@ def check_loaded(obj: Any, source: str, *, error: type[InputError] = InputError)
     stack: list[tuple[Any, str, int, bool]] = [(obj, "", 0, False)]
     while stack:
         x, where, depth, done = stack.pop()
-        name = f"{source}{where}" if where else source
+        name = f"{source} field {where.lstrip('.')}" if where else source
         is_container = isinstance(x, (Mapping, list, tuple))
         if not is_container:
             if isinstance(x, torch.Tensor):
