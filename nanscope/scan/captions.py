@@ -72,6 +72,7 @@ class Prompt:
     worst_tokens: int | None = None  # OD, Open-GroundingDino: the longest caption any draw can make
     names: list[str] = field(default_factory=list)  # the caption's names / unique phrases, in order
     reordered: bool = False  # the trainer draws another order every epoch (rebuilt, shuffled captions)
+    clipped_from: int | None = None  # characters of a caption past MAX_CAPTION_FACTOR x max_text_len, cut before tokenizing
 
 
 def clean_name(name: str) -> str:

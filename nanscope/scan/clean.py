@@ -216,7 +216,7 @@ class CleanWriter:
             self.f.write(raw if raw.endswith(b"\n") else raw + b"\n")  # untouched: byte for byte (CRLF stays)
         elif not plan.drop_sample:
             end = b"\r\n" if raw.endswith(b"\r\n") else b"\n"
-            self.f.write(b"".join(line.encode("utf-8", "surrogatepass").rstrip(b"\n") + end
+            self.f.write(b"".join(line.encode("utf-8", "backslashreplace").rstrip(b"\n") + end
                                   for line in _odvg_lines(raw, smp, plan)))
 
     def _plan_json(self, index: int, item: dict[str, Any], smp: Sample, plan: Plan) -> None:
