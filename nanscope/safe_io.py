@@ -42,6 +42,7 @@ _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0
 _INPUTS: dict[tuple[int, int], str] = {}  # identities of the inputs guard_outputs saw (this process)
 _LIVE: set[Path] = set()  # temporary files open now: removed on SIGTERM
 _LOCK = threading.Lock()
+_OWNER = [0]  # the process that installed the handler (forked children inherit it, not the temporaries)
 _PREVIOUS_TERM: object = None  # the SIGTERM handler before the first temporary file was opened
 
 
@@ -143,7 +144,12 @@ def guard_outputs(outputs: Sequence[tuple[str, PathLike | None]], inputs: Iterab
 
 
 def _on_term(signum: int, frame: object) -> None:
-    """SIGTERM while temporary files are open: remove them, then exit 143 (finally blocks still run)."""
+    """SIGTERM while temporary files are open: remove them, then exit 143 (finally blocks still run).
+    A forked child (a scan worker ended by its pool) owns none of them: it dies by SIGTERM as before."""
+    if os.getpid() != _OWNER[0]:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     for tmp in list(_LIVE):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -155,6 +161,7 @@ def _track(tmp: Path) -> None:
     with _LOCK:
         if not _LIVE and threading.current_thread() is threading.main_thread() \
                 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            _OWNER[0] = os.getpid()
             _PREVIOUS_TERM = signal.signal(signal.SIGTERM, _on_term)
         _LIVE.add(tmp)
 
