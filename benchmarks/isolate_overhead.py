@@ -1,7 +1,7 @@
 """Cost of `--isolate` (the default): each user criterion / matcher call runs once more, first, in a forked child.
 
 Runs `nanscope verify-fix` (in this process, through `nanscope.cli.main`) on the demo with a user
-after-criterion (fixtures/criteria/losses.py), with `--isolate` and `--no-isolate`, interleaved round by
+after-criterion (fixtures/criteria/trainers.py), with `--isolate` and `--no-isolate`, interleaved round by
 round so that a shared machine's load falls on both; prints the median wall time of each, their ratio,
 and how many user calls forked (counted by wrapping `os.fork`).
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-CRITERION = f"{ROOT / 'fixtures' / 'criteria' / 'losses.py'}:build_token_criterion(num_classes=2, eos_coef=0.1)"
+CRITERION = f"{ROOT / 'fixtures' / 'criteria' / 'trainers.py'}:build_token_criterion(num_classes=2, eos_coef=0.1)"
 
 
 def main() -> None:
@@ -51,8 +51,8 @@ def main() -> None:
     os.fork = counting_fork  # type: ignore[assignment]
     times: dict[str, list[float]] = {"--isolate": [], "--no-isolate": []}
     calls: dict[str, int] = {}
-    for _ in range(a.rounds):
-        for flag in times:
+    for r in range(a.rounds):
+        for flag in (list(times) if r % 2 else list(times)[::-1]):  # alternate which goes first
             forks[0] = 0
             argv = ["verify-fix", str(demo.checkpoint), str(batch), "--config", str(demo.config), "--steps",
                     str(a.steps), "--after", CRITERION, "--quiet", flag]

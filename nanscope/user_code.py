@@ -46,6 +46,7 @@ MAX_STDOUT = 64 * 1024  # characters of the user's output kept for the report
 
 _STDOUT: ContextVar[io.StringIO | None] = ContextVar("nanscope_user_stdout", default=None)
 _ISOLATE: ContextVar[bool] = ContextVar("nanscope_isolate_user_code", default=False)
+_PROBED: ContextVar[set[int] | None] = ContextVar("nanscope_probed_user_code", default=None)  # ids already probed
 
 
 class UserStdout:
@@ -120,23 +121,32 @@ def isolated_user_code(on: bool = True) -> Iterator[None]:
     (`--isolate`, the CLI's default): a child that ends without answering (`os._exit`, a signal, a C-level
     abort) becomes a `CriterionError` in the parent, which then never runs that call. A child that answers
     (returned or raised) lets the parent run the call itself, so gradients and errors are the parent's own.
-    Costs one more run of each user call (a fork is ~ms); skipped for CUDA tensors (a forked child cannot
-    use CUDA) and outside the main thread."""
+    Costs one more run of the first call of each user callable (later calls of it run directly: an exit that
+    depends on the data of a later call is not caught); skipped for CUDA tensors (a forked child cannot use
+    CUDA) and outside the main thread."""
     token = _ISOLATE.set(on)
+    probed = _PROBED.set(set())
     try:
         yield
     finally:
+        _PROBED.reset(probed)
         _ISOLATE.reset(token)
 
 
-def _ends_process(call: Callable[[], Any], what: str, tensors: Any = ()) -> None:
-    """Run `call()` in a forked child; raise CriterionError when the child ends without answering."""
+def _ends_process(call: Callable[[], Any], what: str, tensors: Any = (), key: Any = None) -> None:
+    """Run `call()` in a forked child; raise CriterionError when the child ends without answering.
+    With `key` (the user's callable), only its first call is probed: later calls run directly."""
     import os
     import signal
     import threading
 
     if not _ISOLATE.get() or not hasattr(os, "fork") or threading.current_thread() is not threading.main_thread():
         return
+    seen = _PROBED.get()
+    if key is not None and seen is not None:
+        if id(key) in seen:
+            return
+        seen.add(id(key))
     if any(isinstance(t, torch.Tensor) and t.is_cuda for t in _leaves(tensors)):
         return
     r, w = os.pipe()
@@ -366,7 +376,7 @@ def _invoke(fn: Any, outputs: Mapping[str, Any], targets: Any, extras: Mapping[s
     targets = [dict(t) if isinstance(t, Mapping) else t for t in targets]
     label = f"{what} {name!r}" if name != what else what
     _ends_process(lambda: fn(fresh_outputs(outputs), [dict(t) if isinstance(t, Mapping) else t for t in targets],
-                             *args, **kwargs), label, (outputs, targets))
+                             *args, **kwargs), label, (outputs, targets), key=fn)
     try:
         with user_call(label):
             return fn(outputs, targets, *args, **kwargs)
