@@ -305,15 +305,18 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 
 def _written(f: AtomicFile, data: bytes) -> AtomicFile:
-    """`f` with `data` in it, flushed to disk and closed (not yet renamed)."""
-    write_into(f, data)
+    """`f` with `data` in it, flushed to disk and closed (not yet renamed); removed on any failure (Ctrl-C too)."""
     try:
+        write_into(f, data)
         f.file.flush()
         os.fsync(f.file.fileno())
         f.file.close()
     except OSError as exc:
         f.abort()
         raise output_error(f.name, f.path, exc) from None
+    except BaseException:
+        f.abort()
+        raise
     return f
 
 
