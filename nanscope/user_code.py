@@ -47,6 +47,8 @@ CONSTRUCTION_NAMES = frozenset({"args", "cfg", "config", "num_classes", "matcher
 MAX_STDOUT = 64 * 1024  # characters of the user's output kept for the report
 
 _STDOUT: ContextVar[io.StringIO | None] = ContextVar("nanscope_user_stdout", default=None)
+_ISOLATE: ContextVar[bool] = ContextVar("nanscope_isolate_user_code", default=False)
+_PROBED: ContextVar[set[int] | None] = ContextVar("nanscope_probed_user_code", default=None)  # ids already probed
 
 
 class UserStdout:
@@ -95,15 +97,103 @@ def user_io() -> contextlib.AbstractContextManager[Any]:
 @contextlib.contextmanager
 def user_call(what: str) -> Iterator[None]:
     """Run user code (`what` names it): its stdout goes to the active collector, and a `SystemExit` it raises
-    (`sys.exit(0)` in a criterion) becomes a `CriterionError`: user code never chooses nanscope's exit code.
-    KeyboardInterrupt passes through unchanged (Ctrl-C: the CLI exits 130)."""
+    (`sys.exit(0)` in a criterion) or any other `BaseException` that is not an `Exception` becomes a
+    `CriterionError`: user code never chooses nanscope's exit code. KeyboardInterrupt passes through
+    unchanged (Ctrl-C: the CLI exits 130). `os._exit` is only caught by `isolated_user_code`."""
     try:
         with user_io():
             yield
+    except KeyboardInterrupt:
+        raise
     except SystemExit as exc:
         raise CriterionError(f"your {what} exited: it raised SystemExit({exc.code!r}) (sys.exit) at "
                              f"{user_frame(exc)}; user code cannot choose nanscope's exit code, so this is an "
                              "error in that code") from None
+    except Exception:
+        raise
+    except BaseException as exc:  # GeneratorExit, a user's own BaseException subclass, ...
+        raise CriterionError(f"your {what} raised {type(exc).__name__}: {exc} (a BaseException, not an Exception) "
+                             f"at {user_frame(exc)}; user code cannot end nanscope, so this is an error in that "
+                             "code") from None
+
+
+@contextlib.contextmanager
+def isolated_user_code(on: bool = True) -> Iterator[None]:
+    """While active, user code (criterion imports, criteria, matchers) first runs in a forked child process
+    (`--isolate`, the CLI's default): a child that ends without answering (`os._exit`, a signal, a C-level
+    abort) becomes a `CriterionError` in the parent, which then never runs that call. A child that answers
+    (returned or raised) lets the parent run the call itself, so gradients and errors are the parent's own.
+    Costs one more run of the first call of each user callable (later calls of it run directly: an exit that
+    depends on the data of a later call is not caught); skipped for CUDA tensors (a forked child cannot use
+    CUDA) and outside the main thread."""
+    token = _ISOLATE.set(on)
+    probed = _PROBED.set(set())
+    try:
+        yield
+    finally:
+        _PROBED.reset(probed)
+        _ISOLATE.reset(token)
+
+
+def _ends_process(call: Callable[[], Any], what: str, tensors: Any = (), key: Any = None) -> None:
+    """Run `call()` in a forked child; raise CriterionError when the child ends without answering.
+    With `key` (the user's callable), only its first call is probed: later calls run directly."""
+    import os
+    import signal
+    import threading
+
+    if not _ISOLATE.get() or not hasattr(os, "fork") or threading.current_thread() is not threading.main_thread():
+        return
+    seen = _PROBED.get()
+    if key is not None and seen is not None:
+        if id(key) in seen:
+            return
+        seen.add(id(key))
+    if any(isinstance(t, torch.Tensor) and t.is_cuda for t in _leaves(tensors)):
+        return
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: answer b"r" (returned) or b"e" (raised), never run anything else
+        answer = b"e"
+        try:
+            os.close(r)
+            torch.set_num_threads(1)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                call()
+            answer = b"r"
+        except BaseException:  # noqa: BLE001 (the parent runs the call again and reports what it raises)
+            pass
+        finally:
+            try:
+                os.write(w, answer)
+            finally:
+                os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        answer = f.read()
+    _, status = os.waitpid(pid, 0)
+    if answer in (b"r", b"e"):
+        return
+    if os.WIFSIGNALED(status):
+        how = f"was killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
+    else:
+        how = f"ended the process itself with exit code {os.WEXITSTATUS(status)} (os._exit, or a C-level exit)"
+    raise CriterionError(f"your {what} {how} when nanscope ran it in a child process (--isolate); it never "
+                         "returned, so nanscope did not run it in its own process. User code cannot end nanscope "
+                         "or choose its exit code: this is an error in that code")
+
+
+def _leaves(x: Any) -> Iterator[Any]:
+    if isinstance(x, Mapping):
+        for v in x.values():
+            yield from _leaves(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _leaves(v)
+    else:
+        yield x
 
 
 def user_frame(exc: BaseException) -> str:
@@ -151,6 +241,7 @@ def load_criterion(spec: str, *, saved_args: ArgsProvider | None = None) -> tupl
     module, attr = parsed.module, parsed.attr
     try:
         with user_call(f"criterion module {module!r}"):
+            _ends_process(lambda: _import(module), f"criterion module {module!r} (while being imported)")
             mod = _import(module)
     except CriterionError:
         raise
@@ -165,6 +256,7 @@ def load_criterion(spec: str, *, saved_args: ArgsProvider | None = None) -> tupl
         obj = getattr(obj, part)
     try:
         with user_call(f"criterion {spec!r} (while being created)"):
+            _ends_process(lambda: _create(obj, parsed, mod, saved_args), f"criterion {spec!r} (while being created)")
             crit = _create(obj, parsed, mod, saved_args)
     except CriterionError:
         raise
@@ -291,8 +383,11 @@ def _invoke(fn: Any, outputs: Mapping[str, Any], targets: Any, extras: Mapping[s
             f"{', '.join(sorted(extras)) or 'nothing'} by name. Give them defaults, or wrap it")
     outputs = fresh_outputs(outputs)
     targets = [dict(t) if isinstance(t, Mapping) else t for t in targets]
+    label = f"{what} {name!r}" if name != what else what
+    _ends_process(lambda: fn(fresh_outputs(outputs), [dict(t) if isinstance(t, Mapping) else t for t in targets],
+                             *args, **kwargs), label, (outputs, targets), key=fn)
     try:
-        with user_call(f"{what} {name!r}" if name != what else what):
+        with user_call(label):
             return fn(outputs, targets, *args, **kwargs)
     except KeyError as exc:
         raise CriterionError(f"{name} raised KeyError {exc} (at {user_frame(exc)}): "

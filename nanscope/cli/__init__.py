@@ -10,6 +10,7 @@ Each subcommand is a module of this package with `register(subparsers)` (adds it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -43,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _isolation(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
+    if not getattr(args, "isolate", False):  # commands without user code (scan, report) never import torch for it
+        return contextlib.nullcontext()
+    from nanscope.user_code import isolated_user_code
+
+    return isolated_user_code()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -56,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with reporting(console, quiet=getattr(args, "quiet", False)):  # ended before any message below
-            return int(importlib.import_module(args.command_module).run(args, console))
+            with _isolation(args):  # --isolate: user code cannot end nanscope
+                return int(importlib.import_module(args.command_module).run(args, console))
     except NanscopeError as exc:
         print(f"nanscope: error: {exc}", file=sys.stderr)
         return EXIT_INPUT

@@ -17,6 +17,9 @@ def replay_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("batch", nargs="?",
                    help="batch file (torch.save of the schema in docs/batch-format.md); omit for a dump")
     model_options(p)
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="run your criterion/matcher once in a child process first, so os._exit or a crash in it "
+                        "cannot end nanscope or choose its exit code (default: on; costs one more criterion call)")
     p.add_argument("--trust-config", action="store_true",
                    help="run the .py config an older watch dump names (it runs Python code: only for files you "
                         "trust); a dump's recorded config values and your own --config need no flag")

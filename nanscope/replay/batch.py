@@ -41,6 +41,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_IMAGE_SIDE = 64  # the backbone's four stride-2 stages and the deformable levels need at least this
 # Peak memory grows with the pixels: the demo model replayed 4000x4000 at ~620 bytes per pixel (9.9 GB).
 # Above this side nanscope refuses before allocating; groundingdino's own transforms cap the long side at 1333.
+MAX_BOXES = 10_000  # boxes per image (datasets have at most a few hundred; V3Det's densest images ~ 1000)
+MAX_CAPTION_CHARS = 65_536  # 256 tokens are ~1-2k characters; captions past this are refused before tokenizing
 MAX_IMAGE_SIDE = int(os.environ.get("NANSCOPE_MAX_IMAGE_SIDE", "2048"))
 BYTES_PER_PIXEL = 620  # measured peak of the demo model's replay per input pixel; larger backbones use more
 
@@ -179,11 +181,32 @@ def _memory_bytes() -> int | None:
         return None
 
 
+def _check_counts(raw: Any, source: str) -> None:
+    """Boxes per image and caption lengths, before any matcher or tokenizer sees them (its cost grows with both)."""
+    if not isinstance(raw, Mapping):
+        return
+    caps = raw.get("captions")
+    for i, c in enumerate(caps if isinstance(caps, (list, tuple)) else []):
+        if isinstance(c, str) and len(c) > MAX_CAPTION_CHARS:
+            raise BatchError(f"{source}: captions[{i}] has {len(c)} characters; expected at most {MAX_CAPTION_CHARS} "
+                             f"(the model reads 256 tokens, a few thousand characters; tokenizing more costs "
+                             "memory quadratic in its length)")
+    tgts = raw.get("targets")
+    for i, t in enumerate(tgts if isinstance(tgts, (list, tuple)) else []):
+        boxes = t.get("boxes") if isinstance(t, Mapping) else None
+        n = int(boxes.shape[0]) if isinstance(boxes, torch.Tensor) and boxes.dim() else (
+            len(boxes) if isinstance(boxes, (list, tuple)) else 0)
+        if n > MAX_BOXES:
+            raise BatchError(f"{source}: targets[{i}].boxes has {n} boxes; expected at most {MAX_BOXES} per image "
+                             "(the matcher's cost matrix is queries x boxes)")
+
+
 def check_replayable(raw: Any, source: str) -> None:
     """Refuse a batch file no model can replay, before anything large is allocated: no images, images
     below MIN_IMAGE_SIDE or above MAX_IMAGE_SIDE, or an estimated peak memory above the machine's.
     `raw`: the loaded dict, nanscope's form (images) or the Hugging Face one (pixel_values); other
     shapes are left to the schema check."""
+    _check_counts(raw, source)
     images = raw.get("images", raw.get("pixel_values")) if isinstance(raw, Mapping) else None
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         return
@@ -316,6 +339,9 @@ def read_raw(path: str | os.PathLike[str]) -> Any:
             f"batch file {str(p)!r} could not be read as a torch file of plain tensors, strings and lists "
             f"({first[:200]}); expected a dict saved with torch.save"
         ) from None
+    from nanscope.load_bounds import check_loaded
+
+    check_loaded(raw, f"batch file {str(p)!r}", error=BatchError)  # sizes, nesting, expanded tensors: before any pass
     return raw
 
 

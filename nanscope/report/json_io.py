@@ -200,6 +200,9 @@ def read_artifacts(path: str | os.PathLike[str]) -> dict[str, Any]:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:
         raise InputError(f"sidecar {str(p)!r} cannot be loaded with weights_only=True: {exc}") from None
+    from nanscope.load_bounds import check_loaded
+
+    check_loaded(payload, f"sidecar {str(p)!r}")
     if not isinstance(payload, dict) or payload.get("format") != SIDECAR_FORMAT:
         got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise InputError(f"sidecar {str(p)!r} has format {got!r}; expected {SIDECAR_FORMAT!r}")

@@ -11,6 +11,7 @@ same positive maps. Boxes the trainer drops (a label missing from the label map)
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -89,17 +90,11 @@ def write_batch(path: str | os.PathLike[str], kept: Sequence[tuple[Any, Any]], i
     import torch
 
     from nanscope.replay.batch import validate_batch
-    from nanscope.errors import OutputError
+    from nanscope.safe_io import write_atomic
 
     raw = build_batch(kept, ids, images, image_size=image_size)
     validate_batch(raw, source="--batch-out")
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(raw, tmp)
-        os.replace(tmp, p)
-    except OSError as exc:
-        if tmp.exists():
-            tmp.unlink()
-        raise OutputError(f"--batch-out {str(p)!r} cannot be written: {exc.strerror or exc}") from None
-    return p
+    buf = io.BytesIO()  # serialized in memory (a batch of a few images): a full disk fails in our writer, named
+    torch.save(raw, buf)
+    write_atomic(path, buf.getvalue(), name="--batch-out")  # random temporary name, O_EXCL | O_NOFOLLOW, renamed
+    return Path(path)

@@ -76,6 +76,7 @@ class Prompt:
     reordered: bool = False  # the trainer draws another order every epoch (rebuilt, shuffled captions)
     crash: str | None = None  # why the trainer's own loader raises on this sample (None: it loads)
     same_name: dict[int, tuple[str, ...]] = field(default_factory=dict)  # box -> other label-map ids of its name
+    clipped_from: int | None = None  # characters of a caption past MAX_CAPTION_FACTOR x max_text_len, cut before tokenizing
 
 
 # Samples a trainer's loader raises on, by its rules (the scan reports them as errors whatever the code's severity).

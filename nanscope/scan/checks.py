@@ -139,7 +139,11 @@ def text_hits(sample: Sample, prompt: Prompt, groups: Sequence[tuple[BoxTokens, 
                                                   "(caption.find) and maps a name to one class index: every box "
                                                   "of these ids trains on one occurrence's tokens and the other "
                                                   "occurrence is never positive"}))
-    if num_tokens > max_text_len and (words_cut is None or words_cut):
+    if prompt.clipped_from is not None:  # checked before tokenizing: only the first characters were tokenized
+        out.append(Hit("NS104", None, 1, {"kind": "too long to tokenize", "characters": prompt.clipped_from,
+                                          "max_text_len": max_text_len, "why": f"over {len(prompt.caption)} "
+                                          "characters: only those were tokenized"}, score=prompt.clipped_from))
+    elif num_tokens > max_text_len and (words_cut is None or words_cut):
         cut = [bt.phrase for bt, _ in groups if bt.cut]
         out.append(Hit("NS104", None, 1, {"kind": "this draw", "tokens": num_tokens, "max_text_len": max_text_len,
                                           "phrases_cut": sorted(set(cut))}, score=num_tokens))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanscope.errors import OutputError
+from nanscope.safe_io import AtomicFile, write_atomic, write_into
 from nanscope.scan import odvg
 from nanscope.scan.captions import SEPARATOR, empty_vg_crashes
 from nanscope.scan.checks import CRASHES
@@ -204,16 +204,13 @@ class CleanWriter:
 
     def __init__(self, ds: Dataset, state: State, out: str | os.PathLike[str]) -> None:
         self.ds, self.state, self.out = ds, state, Path(out)
-        self.tmp = self.out.with_name(f".{self.out.name}.tmp-{os.getpid()}")
         self.changes: list[Change] = []
         self.drop_annotations: set[int] = set()  # JSON: positions in `annotations`
         self.drop_images: set[int] = set()
         self.new_images: list[tuple[int, list[list[int]]]] = []  # JSON: (image position, annotation positions per part)
         self.cut_captions: dict[int, int] = {}
-        try:
-            self.f = open(self.tmp, "w", encoding="utf-8") if ds.format == "odvg" else None
-        except OSError as exc:
-            raise OutputError(f"--write-clean {str(out)!r} cannot be written: {exc.strerror or exc}") from None
+        # ODVG streams into the temporary file (random name, O_EXCL | O_NOFOLLOW); JSON is written at the end
+        self.f = AtomicFile(self.out, name="--write-clean") if ds.format == "odvg" else None
         self._line = 0
 
     def on_chunk(self, items: list[tuple[int, int | None, Any]], out: ChunkOut) -> None:
@@ -232,9 +229,11 @@ class CleanWriter:
     def _write_odvg(self, raw: bytes, smp: Sample | None, plan: Plan) -> None:
         assert self.f is not None
         if smp is None or not (plan.drop_boxes or plan.groups or plan.cut_caption is not None or plan.drop_sample):
-            self.f.write(raw.decode("utf-8").rstrip("\r\n") + "\n")
+            self.f.write(raw if raw.endswith(b"\n") else raw + b"\n")  # untouched: byte for byte (CRLF stays)
         elif not plan.drop_sample:
-            self.f.writelines(_odvg_lines(raw, smp, plan))
+            end = b"\r\n" if raw.endswith(b"\r\n") else b"\n"
+            self.f.write(b"".join(line.encode("utf-8", "backslashreplace").rstrip(b"\n") + end
+                                  for line in _odvg_lines(raw, smp, plan)))
 
     def _plan_json(self, index: int, item: dict[str, Any], smp: Sample, plan: Plan) -> None:
         positions = [k for k, _ in item["annotations"]]
@@ -249,27 +248,28 @@ class CleanWriter:
             self.cut_captions[index] = plan.cut_caption
 
     def finish(self) -> list[Change]:
+        """Write the change list, then commit the copy and the list (each complete or absent: `safe_io.AtomicFile`)."""
+        text = json.dumps({"source": self.ds.path, "changes": [c.to_dict() for c in self.changes]},
+                          indent=1, sort_keys=True) + "\n"
+        if self.f is None:
+            self.f = AtomicFile(self.out, name="--write-clean")
+            self.f.write(self._json_text().encode("utf-8"))
+        changes = AtomicFile(self.out.with_name(self.out.name + ".changes.json"), name="--write-clean's change list")
         try:
-            if self.f is not None:
-                self.f.close()
-            else:
-                self._write_json()
-            os.replace(self.tmp, self.out)
-            changes = self.out.with_name(self.out.name + ".changes.json")
-            changes.write_text(json.dumps({"source": self.ds.path, "changes": [c.to_dict() for c in self.changes]},
-                                          indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        except OSError as exc:
-            self.abort()
-            raise OutputError(f"--write-clean {str(self.out)!r} cannot be written: {exc.strerror or exc}") from None
+            write_into(changes, text.encode("utf-8"))
+            self.f.commit()
+        except BaseException:  # a full disk, Ctrl-C: neither file is left, nor a temporary one
+            changes.abort()
+            self.f.abort()
+            raise
+        changes.commit()
         return self.changes
 
     def abort(self) -> None:
-        if self.f is not None and not self.f.closed:
-            self.f.close()
-        if self.tmp.exists():
-            self.tmp.unlink()
+        if self.f is not None:
+            self.f.abort()
 
-    def _write_json(self) -> None:
+    def _json_text(self) -> str:
         doc = self.ds.document
         images = [dict(img) for img in doc["images"]]
         anns = [dict(a) for a in doc["annotations"]]
@@ -289,7 +289,7 @@ class CleanWriter:
         out = dict(doc)
         out["images"] = [img for k, img in enumerate(images) if k not in self.drop_images] + extra
         out["annotations"] = [a for k, a in enumerate(anns) if k not in self.drop_annotations]
-        self.tmp.write_text(json.dumps(out, ensure_ascii=False) + "\n", encoding="utf-8")
+        return json.dumps(out, ensure_ascii=False) + "\n"
 
 
 MANIFEST = "manifest.json"
@@ -297,13 +297,10 @@ MANIFEST = "manifest.json"
 
 def write_manifest(folder: str | os.PathLike[str], run: Any) -> Path:
     """--engine ray --write-clean: the parts in dataset order (concatenated, they are the cleaned copy) and the
-    units not written."""
+    units not written (complete or absent, through the one atomic writer)."""
     path = Path(folder) / MANIFEST
     doc = {"source": run.dataset.path, "format": run.dataset.format,
            "parts": [{"unit": u, "file": f, "changes": c, "changes_file": f + ".changes.json"} for u, f, c in run.parts],
            "not_written": [{"unit": u, "why": why} for u, why in run.failed]}
-    try:
-        path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise OutputError(f"--write-clean {str(path)!r} cannot be written: {exc.strerror or exc}") from None
+    write_atomic(path, json.dumps(doc, indent=1) + "\n", name="--write-clean's manifest")
     return path

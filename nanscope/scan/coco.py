@@ -90,7 +90,8 @@ def parse_item(item: dict[str, Any], index: int, source: str, kind: str) -> S.Sa
     height = S.size(img.get("height"), source, None, f"images[{k0}].height")
     smp = S.Sample(index, img["id"], file, None, width, height, S.OD if kind == COCO else S.VG, [], [])
     if kind == GROUNDING:
-        smp.caption = S.get(img, "caption", source, None, f"images[{k0}].caption", str)
+        smp.caption = S.text(S.get(img, "caption", source, None, f"images[{k0}].caption", str), source, None,
+                             f"images[{k0}].caption")
     for k, a in item["annotations"]:
         fld = f"annotations[{k}]"
         smp.boxes.append(S.bbox(S.get(a, "bbox", source, None, f"{fld}.bbox", list), source, None, f"{fld}.bbox",

@@ -136,7 +136,22 @@ def prepare(state: State, smp: Sample) -> Prompt:
     return prepare_all(state, [smp])[0]
 
 
+MAX_CAPTION_FACTOR = 64  # a caption past 64 x max_text_len characters (a token is >= 1 character) is cut before
+# tokenizing: the model reads max_text_len tokens, and the Rust tokenizer's memory grows with the whole caption
+
+
 def prepare_all(state: State, samples: list[Sample]) -> list[Prompt]:
+    return [_bounded(p, MAX_CAPTION_FACTOR * state.max_text_len) for p in _prompts(state, samples)]
+
+
+def _bounded(pr: Prompt, limit: int) -> Prompt:
+    if len(pr.caption) <= limit:
+        return pr
+    pr.clipped_from, pr.caption = len(pr.caption), pr.caption[:limit]
+    return pr
+
+
+def _prompts(state: State, samples: list[Sample]) -> list[Prompt]:
     return make_prompts(samples, state.rules, state.label_map, state.costs, state.max_text_len,
                         grounding_json=state.format in ("grounding", *grit.FORMATS))
 
@@ -240,7 +255,7 @@ def _text_is_clean(pr: Prompt, enc: Any, max_text_len: int) -> bool:
     last character. Anything else goes through the full checks."""
     if pr.phrases is None or pr.dropped or (pr.worst_tokens is not None and pr.worst_tokens > max_text_len):
         return False
-    if pr.crash is not None or pr.same_name:  # the trainer's loader raises, or ids share a name: text_hits says so
+    if pr.crash is not None or pr.same_name or pr.clipped_from is not None:  # text_hits reports each of these
         return False
     cap = pr.caption
     c2t = enc.char_to_token

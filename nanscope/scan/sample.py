@@ -82,6 +82,12 @@ def spans(value: Any, source: str, line: int | None, fld: str) -> tuple[tuple[in
 def text(value: Any, source: str, line: int | None, fld: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{where_of(source, line, fld)} is {value!r}; expected a string")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" in the JSON): no tokenizer can read it
+            raise DataError(f"{where_of(source, line, fld)} holds a lone surrogate {value[exc.start]!r} at character "
+                            f"{exc.start}; expected valid Unicode text (the trainer's tokenizer fails on it too)") from None
     return value
 
 

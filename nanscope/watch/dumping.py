@@ -70,6 +70,32 @@ def write_dump_atomically(folder: Path, **parts: Any) -> Path:
     return folder
 
 
+def dump_failure(folder: Path, exc: BaseException) -> str:
+    """'folder: why' for a dump that could not be written. A full disk is said as such: torch.save reports it
+    as `RuntimeError: [enforce fail at inline_container.cc] ... file write failed`, so the folder's free
+    space decides when the error itself does not say."""
+    import errno
+    import re
+
+    first = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc)).strip().splitlines()
+    detail = f"{type(exc).__name__}: {(first[0] if first else '')[:200]}"
+    code = getattr(exc, "errno", None)
+    where = folder.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        st = os.statvfs(where)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < (1 << 20)):
+        left = f" ({free} bytes free in {str(where)!r})" if free is not None else ""
+        return f"{folder}: no space left on device{left}; free some space or pass another dump_dir="
+    if code == errno.EFBIG:
+        return f"{folder}: file too large for the file-size limit (ulimit -f) ({detail})"
+    return f"{folder}: {detail}"
+
+
 def criterion_spec(criterion: Any) -> str | None:
     """'module:QualName' of a criterion, when it can be imported again (not from __main__)."""
     if criterion is None:
@@ -130,8 +156,7 @@ class DumpWriter:
         try:
             write_dump_atomically(folder, state_dict=weights, batch=batch, rng=rng, manifest=meta)
         except Exception as exc:  # noqa: BLE001 (disk full, read-only, size limit, ...: never lose the step)
-            self._report = bad.report(self._checks, None, dump_error=f"{folder}: {type(exc).__name__}: "
-                                                                     f"{str(exc)[:300]}")
+            self._report = bad.report(self._checks, None, dump_error=dump_failure(folder, exc))
             return
         self._report = bad.report(self._checks, folder)
 

@@ -125,8 +125,12 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Any
     if not p.is_file():
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
     kind = file_kind(p)
+    from nanscope.load_bounds import check_loaded
+
     if kind == "safetensors":
-        return _safetensors_load(p)
+        obj = _safetensors_load(p)
+        check_loaded(obj, f"checkpoint {str(p)!r}", error=CheckpointError)
+        return obj
     if kind == "unknown":
         with open(p, "rb") as f:
             head = f.read(8)
@@ -135,7 +139,9 @@ def read_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> Any
             "neither a torch.save zip (50 4b 03 04), a legacy torch.save pickle (80 ..) nor a safetensors header; "
             "expected a file written by torch.save or safetensors"
         )
-    return _torch_load(p, trust=trust)
+    obj = _torch_load(p, trust=trust)
+    check_loaded(obj, f"checkpoint {str(p)!r}", error=CheckpointError)  # expanded tensors, nesting: before any pass
+    return obj
 
 
 def read_state_dict(path: str | os.PathLike[str], *, trust: bool = False) -> dict[str, torch.Tensor]:

@@ -23,6 +23,9 @@ BASE_KEY = "_base_"
 DELETE_KEY = "_delete_"
 SUFFIXES = (".py", ".json", ".yml", ".yaml")
 MAX_BASE_DEPTH = 16  # `_base_` chains deeper than this are a loop
+MAX_BASE_FILES = 64  # files one config's `_base_` graph may read in all (groundingdino's configs read 1-3)
+MAX_CONFIG_BYTES = 4 << 20  # a config file larger than this is not a model config
+MAX_CONFIG_VALUES = 100_000  # values of a YAML config once its aliases are expanded (a billion-laughs bomb: 1e9)
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,16 @@ def py_refused(path: Path, why: str) -> ConfigError:
                        "--trust-config if you trust this file")
 
 
-def read_values(path: str | os.PathLike[str], *, trust_py: bool, _depth: int = 0) -> dict[str, Any]:
-    """The config's values with every `_base_` merged in (child values win, `_delete_` drops the base's)."""
+def read_values(path: str | os.PathLike[str], *, trust_py: bool, _depth: int = 0,
+                _reads: list[str] | None = None) -> dict[str, Any]:
+    """The config's values with every `_base_` merged in (child values win, `_delete_` drops the base's).
+    A `_base_` graph may read at most MAX_BASE_FILES files in all (a fan-out of repeated bases is refused)."""
     p = Path(path)
+    reads = [] if _reads is None else _reads
+    reads.append(str(p))
+    if len(reads) > MAX_BASE_FILES:
+        raise ConfigError(f"config {reads[0]!r}: its `_base_` files reach more than {MAX_BASE_FILES} files in all "
+                          f"(the last: {str(p)!r}, read {reads.count(str(p))} times); expected a few base files")
     if _depth > MAX_BASE_DEPTH:
         raise ConfigError(f"config {str(p)!r}: `_base_` files nest deeper than {MAX_BASE_DEPTH}; is there a loop?")
     if not p.is_file():
@@ -67,7 +77,7 @@ def read_values(path: str | os.PathLike[str], *, trust_py: bool, _depth: int = 0
     for base in bases if isinstance(bases, list) else [bases]:
         if not isinstance(base, str):
             raise ConfigError(f"config {str(p)!r}: `_base_` holds a {type(base).__name__}; expected file names")
-        values = read_values(p.parent / base, trust_py=trust_py, _depth=_depth + 1)
+        values = read_values(p.parent / base, trust_py=trust_py, _depth=_depth + 1, _reads=reads)
         dup = sorted(merged.keys() & values.keys())
         if dup:
             raise ConfigError(f"config {str(p)!r}: its `_base_` files both set {', '.join(dup[:5])}")
@@ -79,7 +89,12 @@ def _read_data(p: Path) -> dict[str, Any]:
     import yaml
 
     try:
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {str(p)!r} is {size} bytes; a model config is at most {MAX_CONFIG_BYTES}")
         text = p.read_text(encoding="utf-8")
+        if p.suffix.lower() != ".json":
+            _check_yaml_size(p, text)
         # yaml's safe loader: a `!!python/...` tag is an error, never a call
         data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
     except (OSError, ValueError, yaml.YAMLError) as exc:
@@ -88,6 +103,42 @@ def _read_data(p: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} holds a {type(data).__name__}; expected a mapping of names")
     return data
+
+
+def _check_yaml_size(p: Path, text: str) -> None:
+    """Refuse a YAML whose aliases expand past MAX_CONFIG_VALUES values, counted on the node graph
+    (each node once: memory stays that of the file) before anything is built from it."""
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return  # safe_load reports it, naming the line
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+
+    def size(node: Any) -> int:
+        stack = [(node, False)]
+        while stack:
+            n, done = stack.pop()
+            if id(n) in sizes:
+                continue
+            if not done and id(n) in visiting:  # a recursive alias: no finite expansion
+                sizes[id(n)] = MAX_CONFIG_VALUES + 1
+                continue
+            visiting.add(id(n))
+            kids = ([c for kv in n.value for c in kv] if isinstance(n, yaml.MappingNode)
+                    else list(n.value) if isinstance(n, yaml.SequenceNode) else [])
+            if done:
+                sizes[id(n)] = min(1 + sum(sizes[id(c)] for c in kids), MAX_CONFIG_VALUES + 1)
+            else:
+                stack.append((n, True))
+                stack.extend((c, False) for c in kids if id(c) not in sizes)
+        return sizes[id(node)]
+
+    if root is not None and size(root) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"config file {str(p)!r}: its YAML aliases (*name) expand to more than {MAX_CONFIG_VALUES} "
+                          "values (an alias bomb); a model config holds a few hundred")
 
 
 def _run_py(p: Path) -> dict[str, Any]:

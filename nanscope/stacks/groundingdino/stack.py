@@ -52,6 +52,9 @@ def load_config(config: ConfigSource, *, trust_py: bool = True) -> Any:
     else:
         path = Path(config) if config is not None else default_config_path()
         values, name = read_values(path, trust_py=trust_py or config is None), f"config file {str(path)!r}"
+    from nanscope.stacks.config_bounds import check_model_dims
+
+    check_model_dims(values, name)  # before anything is built: hidden_dim=1e9 is refused here, not by torch
     try:
         cfg = SLConfig(values, filename=None)
     except (KeyError, TypeError) as exc:  # reserved names (filename, text, ...)
@@ -119,13 +122,37 @@ def build_model(
         with contextlib.redirect_stdout(io.StringIO()), _swin_size(dict(spec) if spec else None), \
                 quiet_progress_bars():
             model = gd_build(cfg)
-    except OSError as exc:  # transformers cannot find the text encoder
+    except Exception as exc:  # noqa: BLE001 (transformers wraps torch's refusal in several types)
+        if not isinstance(exc, OSError) and _unsafe_weights(exc) is None:
+            raise
+        unsafe = _unsafe_weights(exc)
+        if unsafe is not None:
+            raise ConfigError(f"text encoder {cfg.text_encoder_type!r}: the weights cannot be read safely: {unsafe}; "
+                              "nanscope loads weights only as tensors (torch's weights_only=True) and never unpickles "
+                              "code. Save the text encoder again with save_pretrained (model.safetensors)") from None
         raise ConfigError(
             f"text encoder {cfg.text_encoder_type!r} could not be loaded ({str(exc).splitlines()[0]}); "
             "pass --text-encoder with a local folder holding the tokenizer and BERT weights"
         ) from None
     model.eval()
     return model, cfg
+
+
+def _unsafe_weights(exc: BaseException) -> str | None:
+    """What torch's weights_only load refused (a pickled class), read from the error chain; None when the error
+    is something else. torch's own advice (retry with weights_only=False) is never passed on."""
+    import pickle
+    import re
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if isinstance(seen, pickle.UnpicklingError) or "weights_only" in text:
+            text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            return f"it pickles {m.group(1)}" if m else "it holds pickled Python objects, not plain tensors"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def swin_positions(h: int, w: int, out_indices: tuple[int, ...], levels: int) -> int:
