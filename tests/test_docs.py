@@ -159,12 +159,8 @@ def _docs_hook():
 def test_codes_page_agrees_with_nanscope_codes() -> None:
     proc = subprocess.run([sys.executable, "-m", "nanscope", "codes"], env=_env(), capture_output=True, text=True,
                           timeout=120, check=True)
-    entries: list[str] = []
-    for line in proc.stdout.splitlines():  # off a terminal rich wraps at 80 columns: rejoin continuations
-        if re.match(r"NS\d{3} ", line):
-            entries.append(line.strip())
-        elif line.strip():
-            entries[-1] += " " + line.strip()
+    entries = proc.stdout.splitlines()
+    assert all(re.match(r"NS\d{3} ", line) for line in entries)  # one line per code, also off a terminal
     printed = [tuple(re.split(r"\s{2,}", e, maxsplit=2)) for e in entries]
     table = _docs_hook().codes_markdown().splitlines()[2:]
     rows = [tuple(c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row)[1:4]) for row in table]

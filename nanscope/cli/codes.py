@@ -17,5 +17,6 @@ def run(args: argparse.Namespace, console: Any) -> int:
     from nanscope.findings import CATALOGUE
 
     for c in CATALOGUE.values():
-        console.print(f"{c.code}  {c.severity.value:<7}  {c.title}", highlight=False)
+        # one line per code, whatever the width (a pipe gets 80 columns): `grep NS1` and scripts read it
+        console.print(f"{c.code}  {c.severity.value:<7}  {c.title}", highlight=False, soft_wrap=True)
     return EXIT_OK
