@@ -53,7 +53,7 @@ def test_junit_one_failed_case_per_error_finding():
     assert fail.get("type") == "NS102" and fail.get("message") == "6 positives on padding <b>&</b>"  # \x01 dropped
     assert "image 2 box 1 'small | red\\nbird'" in fail.text and "fix: " in fail.text  # phrases as repr()
     out = ET.fromstring(junit_xml(r)).find("testsuite/system-out").text
-    assert "NS104 warning" in out and "NS204 info" in out
+    assert "NS104 warning" in out and "note NS204" in out  # an info finding is a note, not a cause
 
 
 def test_junit_one_case_per_check():
@@ -142,3 +142,15 @@ def test_ci_outputs_report_each_cause_once_with_what_it_explains(demo_files, tmp
     assert rows == [["| 1", "NS104"], ["| ", "└ NS102"], ["| ", "└ NS103"], ["| ", "└ NS203"], ["| 2", "NS101"],
                     ["| ", "└ NS001"]]
     assert md[0] == "## ❌ nanscope inspect: BROKEN - 2 cause(s): 2 error(s), 0 warning(s)"
+
+
+def test_info_findings_are_notes_not_causes_in_the_step_summary():
+    from nanscope.findings import Finding, Severity
+    from nanscope.result import Result
+
+    err = Finding("NS103", Severity.ERROR, 1, "an empty row", ({"image": 0, "box": 1},))
+    info = Finding("NS204", Severity.INFO, 1, "an image without boxes", ({"image": 1},))
+    md = github_markdown(Result(kind="inspect", findings=[err, info]))
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "NS" in line]
+    assert rows[0].startswith("| 1 | NS103 |") and rows[1].startswith("| note | NS204 |")
+    assert rows[1].endswith("| - |")  # no fix for a note

@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 from typing import Any, Mapping
 
 from nanscope.errors import OutputError
-from nanscope.causes import Group, explains_text
+from nanscope.causes import Group, explains_text, split_notes
 from nanscope.findings import Finding, format_where
 from nanscope.result import Result
 
@@ -79,10 +79,12 @@ def junit_xml(result: Result) -> str:
             (f"environment.{k}", v) for k, v in result.environment.items()):
         ET.SubElement(props, "property", name=_x(k), value=_x(v))
     suite.extend(cases)
-    others = [g for g in groups if g.severity.value != "error"]
-    if others:
+    causes, notes = split_notes(groups)
+    others = [g for g in causes if g.severity.value != "error"]
+    if others or notes:
         out = ET.SubElement(suite, "system-out")
-        out.text = _x("".join(f"{g.cause.code} {g.severity.value}: {_group_text(g)}" for g in others))
+        out.text = _x("".join(f"{g.cause.code} {g.severity.value}: {_group_text(g)}" for g in others)
+                      + "".join(f"note {g.cause.code}: {_group_text(g)}" for g in notes))
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
@@ -143,12 +145,17 @@ def github_markdown(result: Result) -> str:
     lines = [f"## {'✅' if ok else '❌'} {_md(verdict_line(result))}", ""]
     if result.findings:
         lines += ["| cause | code | severity | count | where | what | fix |", "|---:|---|---|---:|---|---|---|"]
-        for n, g in enumerate(result.groups, 1):
+        causes, notes = split_notes(result.groups)
+        for n, g in enumerate(causes, 1):
             for f in g.findings:
                 first = f is g.cause
                 lines.append(f"| {n if first else ''} | {f.code if first else '└ ' + f.code} | {f.severity.value} "
                              f"| {f.count} | {_md(f.where_text(3))} | {_md(f.message)} "
                              f"| {_md(f.hint) if first else f'see cause {n}'} |")
+        for g in notes:  # info: a note about the run, with nothing to fix
+            for f in g.findings:
+                lines.append(f"| note | {f.code} | {f.severity.value} | {f.count} | {_md(f.where_text(3))} "
+                             f"| {_md(f.message)} | - |")
         lines.append("")
     if result.checks:
         lines += ["| # | check | result | detail |", "|---:|---|---|---|"]
