@@ -105,10 +105,13 @@ class CallFlags:
         self.calls.append(call)
         self._open.append(call)
 
-    def _post(self, mod: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+    def _post(self, mod: nn.Module, args: Any, *rest: Any) -> None:
         if id(mod) not in self._names or not self._open or self._open[-1].module is not mod:
             return
         call = self._open.pop()
+        if len(rest) != 2:  # torch calls an always_call hook as (module, args, result) when the forward raised
+            return
+        kwargs, out = rest
         call.end = self._ends
         self._ends += 1
         busy, self.busy = self.busy, True
@@ -256,8 +259,11 @@ class OutsideOps(TorchDispatchMode):
         return (f.any_nan(outs) and not f.any_nan(ins)) or (f.any_inf(outs) and not f.any_inf(ins))
 
 
-class Started(Exception):
-    """Raised through `run()` when NaN or inf starts outside the modules and the flags are read at once."""
+class Started(BaseException):
+    """Raised through `run()` when NaN or inf starts outside the modules and the flags are read at once.
+
+    A BaseException, like KeyboardInterrupt: a criterion wrapper's `except Exception` must not turn it into an error.
+    """
 
 
 def rng_states() -> tuple[torch.Tensor, ...]:
