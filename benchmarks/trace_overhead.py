@@ -29,6 +29,8 @@ from nanscope.stacks.groundingdino.demo import demo_batch, write_demo  # noqa: E
 from nanscope.stacks.groundingdino.stack import build_model  # noqa: E402
 from nanscope.trace.tracer import trace_nonfinite  # noqa: E402
 
+from criterion_speed import count_syncs  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -100,7 +102,7 @@ def main() -> None:
     print(f"healthy batch: {r.module_calls} module calls, {r.ops_seen} ops replayed op by op in {list(r.replayed)}; "
           f"full trace: {r.full_trace_reason or 'not needed'}")
     print(f"NaN batch: full trace: {rn.full_trace_reason or 'not needed'}")
-    syncs = {k: _syncs(f) for k, f in cases.items()} if dev.type == "cuda" else {}
+    syncs = {k: count_syncs(f) for k, f in cases.items()} if dev.type == "cuda" else {}
 
     def row(label: str, key: str, base: str) -> None:
         extra = f"   {syncs[key]} host syncs" if syncs else ""
@@ -114,19 +116,6 @@ def main() -> None:
     row("NaN batch: plain", "plain_nan", "plain_nan")
     row("NaN batch: trace_nonfinite", "trace_nan", "plain_nan")
     row("NaN batch: op-level trace", "op_level_nan", "plain_nan")
-
-
-def _syncs(f: Callable[[], object]) -> int:
-    """Host syncs of one call, counted from the warnings of `torch.cuda.set_sync_debug_mode("warn")`."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            f()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 if __name__ == "__main__":
