@@ -7,14 +7,15 @@ not. GroundingDINO writes `-inf` on purpose (ContrastiveEmbed's `masked_fill_` a
 `torch.full(..., -inf)`), so NaN and inf are followed separately and such writes are kept as
 `intentional_inf_sources`, not origins. A NaN made from one of them names it in `Origin.inf_from`.
 
-A diagnostic replay, not for the training hot path. Cost: one aminmax per floating op output and
-~15-25 us of Python per aten op; about 1.3x a plain forward + loss + backward of the demo model on
-CPU (benchmarks/trace_overhead.py); a launch-bound GPU step pays more (5.7x on a 25 ms H100 step,
-where detect_anomaly costs 4.5x). Device syncs: one per 256 ops or 128 MiB of held outputs, plus one
-for the loss and one per origin found. Gradients come from `torch.autograd.grad`, so `.grad` is left
-as it was; the global module hooks, the dispatch mode stack and the grad mode are restored on exit,
-also when `run()` raises. Not supported: torch.compile'd modules (trace `model._orig_mod`) and
-forwards split over threads (DataParallel).
+Two phases (docs/trace.md): a module-level pass (`_calls`: one aminmax per module output and per
+gradient at a module output, flags only for the ops outside every module call and in the backward),
+then the op-level mode only inside the module calls it flagged, replayed from their saved inputs
+(`_replay`). Where that cannot answer (`TraceResult.full_trace_reason`), the whole step runs again under
+the op-level mode: one aminmax per floating op output and ~15-25 us of Python per aten op; device
+syncs one per 256 ops or 128 MiB of held outputs, plus one for the loss and one per origin found.
+Gradients come from `torch.autograd.grad`, so `.grad` is left as it was; the global module hooks,
+the dispatch mode stack and the grad mode are restored on exit, also when `run()` raises. Not
+supported: torch.compile'd modules (trace `model._orig_mod`) and forwards split over threads (DataParallel).
 """
 
 from __future__ import annotations
@@ -218,7 +219,8 @@ def trace_findings(result: TraceResult) -> list[Finding]:
             code=code, severity=Severity.ERROR, count=len(found), message=describe(first),
             where=tuple(_where(o) for o in found),
             data={"origins": [_origin_data(o) for o in found], "loss_finite": result.loss_finite,
-                  "ops_seen": result.ops_seen,
+                  "ops_seen": result.ops_seen, "module_calls": result.module_calls,
+                  "replayed": list(result.replayed), "full_trace_reason": result.full_trace_reason,
                   "intentional_inf": [_source_text(s) for s in result.intentional_inf_sources]},
         ))
     return findings
