@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode, _push_mode
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode
 from torch.utils._pytree import tree_leaves
 
 from nanscope.replay.module_stats import dense_flat
@@ -74,6 +75,8 @@ class CallFlags:
         self._closed = False
         self._ends = 0
         self.busy = False  # inside our own bookkeeping: `OutsideOps` lets its ops through
+        self.outside: OutsideOps | None = None  # set by OutsideOps: taken off the mode stack inside module calls
+        self._lifted = False
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "CallFlags":
@@ -88,6 +91,9 @@ class CallFlags:
             h.remove()
         self._handles = []
         self._open.clear()
+        if self._lifted:  # a BaseException left a module call: put the mode back for its own exit
+            _push_mode(self.outside)  # type: ignore[arg-type]
+            self._lifted = False
 
     def close(self) -> None:
         """Gradient hooks left on tensors the caller still holds do nothing from now on."""
@@ -102,6 +108,9 @@ class CallFlags:
         call.arg_versions = tuple(_version(a) if isinstance(a, torch.Tensor) else None for a in args)
         if mod.training:
             call.rng = rng_states()
+        if not self._open and self.outside is not None and _current_mode() is self.outside:
+            _pop_mode()  # the model's own ops run without any Python dispatch; CallFlags covers them
+            self._lifted = True
         self.calls.append(call)
         self._open.append(call)
 
@@ -109,6 +118,9 @@ class CallFlags:
         if id(mod) not in self._names or not self._open or self._open[-1].module is not mod:
             return
         call = self._open.pop()
+        if not self._open and self._lifted:
+            _push_mode(self.outside)  # type: ignore[arg-type]
+            self._lifted = False
         if len(rest) != 2:  # torch calls an always_call hook as (module, args, result) when the forward raised
             return
         kwargs, out = rest
@@ -228,6 +240,7 @@ class OutsideOps(TorchDispatchMode):
     def __init__(self, flags: CallFlags) -> None:
         super().__init__()
         self._flags = flags
+        flags.outside = self
         self._ops: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
 
     def __torch_dispatch__(self, func: Any, types_: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:

@@ -72,7 +72,7 @@ def _two_phase(model: nn.Module, run: Callable[[], Loss], backward: bool) -> tup
     outside = OutsideOps(flags)
     grad_recs: list[int] = []
     try:
-        with torch.enable_grad(), flags, outside:
+        with torch.enable_grad(), outside, flags:  # flags exits first: it may have to put the mode back
             total = _total(run())
             loss_rec = flags.reduce(total)
             params = [p for p in model.parameters() if p.requires_grad]
