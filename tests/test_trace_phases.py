@@ -183,3 +183,19 @@ def test_backward_inf_inside_a_module_is_still_found(backward):
         assert r.backward.grad_fn == "SqrtBackward0" and r.backward.module == "1"
     else:
         assert r.clean and r.full_trace_reason is None and r.replayed == ()
+
+
+def test_an_interrupt_inside_a_module_leaves_no_mode_and_no_hook():
+    """A BaseException skips torch's always-called hooks: the phase-1 mode taken off the stack must still go."""
+    from torch.nn.modules import module as m
+
+    class Stop(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise KeyboardInterrupt
+
+    model = nn.Sequential(nn.Linear(2, 2), Stop())
+    hooks = tuple(len(d) for d in (m._global_forward_pre_hooks, m._global_forward_hooks))
+    with pytest.raises(KeyboardInterrupt):
+        trace_nonfinite(model, lambda: model(torch.ones(1, 2)).sum())
+    assert torch._C._len_torch_dispatch_stack() == 0
+    assert tuple(len(d) for d in (m._global_forward_pre_hooks, m._global_forward_hooks)) == hooks
