@@ -137,7 +137,9 @@ def test_inf_origin_and_backward_origin_in_a_module(device):
         model[0].weight.copy_(torch.eye(3))
         model[0].bias.zero_()
     x = torch.tensor([[1.0, -2.0, 0.5]], device=device)  # relu -> [1, 0, 0.5]
-    r = trace_nonfinite(model, lambda: model(x).sum())
+    # The inf is masked again by relu's backward inside the module: only the op-level trace of the whole
+    # step sees it (docs/trace.md, "Not supported"; tests/test_trace_phases.py covers the two-phase side).
+    r = trace_nonfinite(model, lambda: model(x).sum(), two_phase=False)
     assert r.forward is None and r.loss_finite
     assert r.backward is not None and r.backward.kind == "inf"
     assert r.backward.module == "1" and r.backward.module_type == "Act"

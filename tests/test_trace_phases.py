@@ -154,7 +154,7 @@ def test_nan_in_the_loss_code_falls_back_and_leaves_nothing_on():
     model = nn.Linear(3, 2)
     hooks = tuple(len(d) for d in (m._global_forward_pre_hooks, m._global_forward_hooks))
     r = trace_nonfinite(model, lambda: (model(torch.ones(1, 3)) * 0).sum() / 0)
-    assert r.full_trace_reason == "NaN or inf started in the loss code or in the backward"
+    assert r.full_trace_reason == "NaN or inf started in the loss code"
     assert r.forward.op == "aten.div.Tensor" and r.forward.module is None and r.module_calls == 1
     assert torch._C._len_torch_dispatch_stack() == 0
     assert tuple(len(d) for d in (m._global_forward_pre_hooks, m._global_forward_hooks)) == hooks
@@ -166,23 +166,33 @@ def _line(frame) -> str:
     return linecache.getline(frame.file, frame.line)
 
 
-@pytest.mark.parametrize("backward", [True, False])
-def test_backward_inf_inside_a_module_is_still_found(backward):
-    """sqrt'(0) = inf inside one module, masked again by relu's backward before any module output sees it."""
+class _Sqrt(nn.Module):
+    def __init__(self, relu: bool) -> None:
+        super().__init__()
+        self.relu = relu
 
-    class Act(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.sqrt(torch.relu(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(torch.relu(x) if self.relu else x)  # sqrt'(0) = inf in the backward
 
-    model = nn.Sequential(nn.Linear(3, 3), Act())
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_a_backward_inf_is_named_once_it_reaches_a_module_output(relu):
+    """Without relu the inf gradient reaches the Linear's output: phase 1 sees it and the whole step is traced op
+    by op. With relu it is masked again inside `_Sqrt`'s backward, reaches no gradient that training uses, and
+    phase 1 (module granularity) does not see it; `two_phase=False` does."""
+    model = nn.Sequential(nn.Linear(3, 3), _Sqrt(relu))
     with torch.no_grad():
         model[0].weight.copy_(torch.eye(3))
         model[0].bias.zero_()
-    r = trace_nonfinite(model, lambda: model(torch.tensor([[1.0, -2.0, 0.5]])).sum(), backward=backward)
-    if backward:
-        assert r.backward.grad_fn == "SqrtBackward0" and r.backward.module == "1"
+    x = torch.tensor([[1.0, -2.0 if relu else 0.0, 0.5]])
+    r = trace_nonfinite(model, lambda: model(x).sum())
+    full = trace_nonfinite(model, lambda: model(x).sum(), two_phase=False)
+    assert full.backward.grad_fn == "SqrtBackward0" and full.backward.module == "1" and full.backward.kind == "inf"
+    if relu:
+        assert r.clean and r.full_trace_reason is None
     else:
-        assert r.clean and r.full_trace_reason is None and r.replayed == ()
+        assert r.full_trace_reason.startswith("a gradient at a module output")
+        assert (r.backward.grad_fn, r.backward.module, r.backward.frame) == ("SqrtBackward0", "1", full.backward.frame)
 
 
 def test_an_interrupt_inside_a_module_leaves_no_mode_and_no_hook():

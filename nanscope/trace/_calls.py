@@ -230,7 +230,8 @@ class CallFlags:
 
 
 class OutsideOps(TorchDispatchMode):
-    """The ops that run outside every module call of the root (the loss code) and in the backward.
+    """The ops that run outside every module call of the root (the loss code); the tracer exits it before the
+    backward.
 
     Flags only, no names: an op whose floating output holds NaN (or inf) while none of its floating inputs
     does is counted in `started` once its flags are read. Ops inside a module call pass straight through:
@@ -246,7 +247,7 @@ class OutsideOps(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types_: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         flags = self._flags
-        if flags.busy or (flags._open and torch._C._current_graph_task_id() == -1):
+        if flags.busy or flags._open:
             return func(*args, **kwargs)
         flags.busy = True
         try:
@@ -256,7 +257,7 @@ class OutsideOps(TorchDispatchMode):
                 outs = tuple(flags._fresh(t) for t in _floats(out))  # an in-place op's output is a new value
                 if outs:
                     self._ops.append((ins, outs))
-                    if not flags._queue and torch._C._current_graph_task_id() == -1 and self._starts(ins, outs):
+                    if not flags._queue and self._starts(ins, outs):
                         # Flags read at once (CPU): the op-level trace of the whole step will be needed, stop now.
                         raise Started()
         finally:

@@ -72,9 +72,12 @@ def _two_phase(model: nn.Module, run: Callable[[], Loss], backward: bool) -> tup
     outside = OutsideOps(flags)
     grad_recs: list[int] = []
     try:
-        with torch.enable_grad(), outside, flags:  # flags exits first: it may have to put the mode back
-            total = _total(run())
-            loss_rec = flags.reduce(total)
+        with torch.enable_grad():
+            with outside, flags:  # flags exits first: it may have to put the mode back
+                total = _total(run())
+                loss_rec = flags.reduce(total)
+            # The backward at module granularity: the gradient arriving at each module output (tensor hooks
+            # registered in the forward) and the parameter gradients, one reduction each.
             params = [p for p in model.parameters() if p.requires_grad]
             backward_traced = backward and total.requires_grad and bool(params)
             if backward_traced:
@@ -83,13 +86,15 @@ def _two_phase(model: nn.Module, run: Callable[[], Loss], backward: bool) -> tup
             del total
         flags.flush()
     except Started:
-        return None, "NaN or inf started in the loss code or in the backward", len(flags.calls)
+        return None, "NaN or inf started in the loss code", len(flags.calls)
     finally:
         flags.close()
     n = len(flags.calls)
     grad_recs += flags.grad_recs
-    if flags.any_nan(grad_recs) or flags.any_inf(grad_recs) or outside.started():
-        return None, "NaN or inf started in the loss code or in the backward", n
+    if outside.started():
+        return None, "NaN or inf started in the loss code", n
+    if flags.any_nan(grad_recs) or flags.any_inf(grad_recs):
+        return None, "a gradient at a module output or of a parameter went NaN or inf in the backward", n
     done = sorted((c for c in flags.calls if c.end >= 0), key=lambda c: c.end)
     targets = []
     nan_calls = [c for c in done if flags.any_nan(c.outs)]
