@@ -22,6 +22,11 @@ Sections (each returns table rows), in fp32, bf16 autocast and fp16 autocast whe
           reaching the loss) must be among them.
   verify  `verify_replay(replay, steps=2)` on the same replay (fp32: verify-fix has no --amp):
           wall time and one row per check, PASS or FAIL.
+  trace   one training step (forward + the sync-free masked loss + backward, fp32) plain, under
+          `trace_nonfinite` (two phases), under the op-level trace of the whole step (`two_phase=False`)
+          and under `detect_anomaly(check_nan=True)`, interleaved, medians, the host syncs of each
+          counted with mode "warn". Target: the trace below detect_anomaly. Then a NaN planted in one
+          decoder weight: the trace must name that module's op from the replay of its call alone.
 
 Exits 0 with a message when there is no CUDA device; exit 1 when a row fails. On one H100 (torch
 2.11) the watch section took 35 s with --steps 3; the capture, inspect and verify sections have
@@ -513,8 +518,80 @@ def section_verify(setup: Setup) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------------------------ section: trace
+
+
+def section_trace(setup: Setup) -> list[Row]:
+    from nanscope.trace.tracer import trace_nonfinite
+
+    model = setup.make_model().train()
+    batch = to_device(make_batch(setup, 0), setup.device)
+
+    def run() -> dict[str, torch.Tensor]:
+        return masked_loss(model(batch["images"], captions=batch["captions"]), batch)
+
+    def plain() -> None:
+        model.zero_grad(set_to_none=True)
+        sum(run().values()).backward()
+
+    def anomaly() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autograd.detect_anomaly(check_nan=True):
+            sum(run().values()).backward()
+
+    cases: dict[str, Callable[[], Any]] = {
+        "plain": plain, "trace": lambda: trace_nonfinite(model, run),
+        "op_level": lambda: trace_nonfinite(model, run, two_phase=False), "anomaly": anomaly}
+    row = Row("trace", "fp32 step")
+    try:
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for i in range(1 + setup.steps):
+            for name, f in cases.items():
+                synchronize()
+                t0 = time.perf_counter()
+                f()
+                synchronize()
+                if i:
+                    times[name].append(time.perf_counter() - t0)
+        syncs: dict[str, list[int]] = {k: [] for k in cases}
+        for name, f in cases.items():
+            with count_syncs(syncs[name]):
+                f()
+            synchronize()
+        med = {k: statistics.median(v) for k, v in times.items()}
+        r = trace_nonfinite(model, run)
+        row.values = {**{f"{k}_s": round(v, 4) for k, v in med.items()},
+                      "trace_ratio": round(med["trace"] / med["plain"], 2),
+                      "op_level_ratio": round(med["op_level"] / med["plain"], 2),
+                      "anomaly_ratio": round(med["anomaly"] / med["plain"], 2),
+                      **{f"syncs_{k}": v[0] for k, v in syncs.items()},
+                      "module_calls": r.module_calls, "replayed": list(r.replayed),
+                      "full_trace_reason": r.full_trace_reason}
+        row.ok = med["trace"] < med["anomaly"] and r.full_trace_reason is None
+    except Exception as exc:
+        row.ok, row.values = False, _error(exc)
+    rows = [row]
+    planted = Row("trace", "planted NaN weight")
+    try:
+        name = "transformer.decoder.layers.0.linear1"
+        with torch.no_grad():
+            model.get_submodule(name).weight[0, 0] = float("nan")
+        t0 = time.perf_counter()
+        r = trace_nonfinite(model, run, backward=False)
+        synchronize()
+        o = r.forward
+        planted.values = {"s": round(time.perf_counter() - t0, 3), "module": o.module if o else None,
+                          "op": o.op if o else None, "source": o.source if o else None,
+                          "replayed": list(r.replayed), "full_trace_reason": r.full_trace_reason}
+        planted.ok = o is not None and o.module == name and o.source == f"parameter {name}.weight"
+    except Exception as exc:
+        planted.ok, planted.values = False, _error(exc)
+    return rows + [planted]
+
+
 SECTIONS: dict[str, Callable[[Setup], list[Row]]] = {"watch": section_watch, "capture": section_capture,
-                                                     "inspect": section_inspect, "verify": section_verify}
+                                                     "inspect": section_inspect, "verify": section_verify,
+                                                     "trace": section_trace}
 
 
 # ------------------------------------------------------------------ main

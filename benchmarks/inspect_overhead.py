@@ -3,8 +3,8 @@
 The bare minimum is a separate Python process that imports torch and groundingdino, builds the model,
 loads the checkpoint and runs one forward without gradients, nothing else. `nanscope inspect` runs as
 `python -m nanscope inspect ... --quiet`. Both are timed as whole processes (wall clock and the child's
-CPU time), interleaved round by round so that the load of a shared machine falls on both; the ratio of
-the medians is printed. First, in one process, a forward with and without the per-module statistics
+CPU time and peak resident memory from `os.wait4`), interleaved round by round so that the load of a
+shared machine falls on both; the ratios of the medians are printed. First, in one process, a forward with and without the per-module statistics
 hooks behind NS303 (interleaved, medians).
 
     python benchmarks/inspect_overhead.py [--rounds 5] [--stats-rounds 5] [--threads 0] [--full] [--full-rounds 2] [--extra "--trace"]
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import resource
 import shlex
 import statistics
 import subprocess
@@ -54,35 +53,35 @@ def _env() -> dict[str, str]:
     return env
 
 
-def timed(cmd: list[str]) -> tuple[float, float, int]:
-    """(wall s, child CPU s, exit code) of one whole process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+def timed(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS MiB) of one whole process, from its own rusage (`os.wait4`)."""
     t = time.perf_counter()
-    proc = subprocess.run(cmd, check=False, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if proc.returncode not in (0, 1):  # 1: inspect found something (the demo batch NaNs on purpose)
-        raise SystemExit(f"{shlex.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-    return wall, cpu, proc.returncode
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t
+        if proc.returncode not in (0, 1):  # 1: inspect found something (the demo batch NaNs on purpose)
+            err.seek(0)
+            raise SystemExit(f"{shlex.join(cmd)} exited {proc.returncode}:\n{err.read()[-2000:].decode()}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # Linux: ru_maxrss in KiB
 
 
 def compare(label: str, ckpt: Path, batch: Path, config: Path | None, te: Path, rounds: int, extra: list[str]) -> None:
     bare = [sys.executable, "-c", BARE, str(ckpt), str(batch), str(config) if config else "-", str(te)]
     insp = [sys.executable, "-m", "nanscope", "inspect", str(ckpt), str(batch), "--text-encoder", str(te), "--quiet",
             *(["--config", str(config)] if config else []), *extra]
-    times: dict[str, list[tuple[float, float]]] = {"bare": [], "inspect": []}
+    times: dict[str, list[tuple[float, float, float]]] = {"bare": [], "inspect": []}
     for _ in range(rounds):
         for name, cmd in (("bare", bare), ("inspect", insp)):
-            wall, cpu, _ = timed(cmd)
-            times[name].append((wall, cpu))
-    wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
-    cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
+            times[name].append(timed(cmd))
+    wall, cpu, rss = ({k: statistics.median(r[i] for r in v) for k, v in times.items()} for i in range(3))
     print(f"{label}: {rounds} interleaved rounds, medians (all rounds: "
-          + "; ".join(f"{k} " + " ".join(f"{w:.1f}" for w, _ in v) for k, v in times.items()) + " s)")
-    print(f"  bare minimum       wall {wall['bare']:6.2f} s   cpu {cpu['bare']:6.2f} s")
+          + "; ".join(f"{k} " + " ".join(f"{w:.1f} s/{m:.0f} MiB" for w, _, m in v) for k, v in times.items()) + ")")
+    print(f"  bare minimum       wall {wall['bare']:6.2f} s   cpu {cpu['bare']:6.2f} s   peak RSS {rss['bare']:7.0f} MiB")
     print(f"  nanscope inspect   wall {wall['inspect']:6.2f} s   cpu {cpu['inspect']:6.2f} s   "
-          f"ratio wall {wall['inspect'] / wall['bare']:.2f}x  cpu {cpu['inspect'] / cpu['bare']:.2f}x")
+          f"peak RSS {rss['inspect']:7.0f} MiB   ratio wall {wall['inspect'] / wall['bare']:.2f}x  "
+          f"cpu {cpu['inspect'] / cpu['bare']:.2f}x  peak RSS {rss['inspect'] / rss['bare']:.2f}x")
 
 
 def stats_pass(label: str, ckpt: Path, batch: Path, config: Path | None, te: Path, rounds: int) -> None:

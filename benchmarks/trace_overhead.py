@@ -1,6 +1,8 @@
 """Cost of `nanscope.trace.trace_nonfinite` against a plain forward + loss + backward on the demo model.
 
-Same process, interleaved rounds, medians. Also times `torch.autograd.detect_anomaly` for comparison.
+Same process, interleaved rounds, medians. Also times `torch.autograd.detect_anomaly` and the op-level trace of
+the whole step (`two_phase=False`) for comparison; on CUDA it counts the host syncs of each case
+(`torch.cuda.set_sync_debug_mode("warn")`).
 
     python benchmarks/trace_overhead.py [--rounds 7] [--threads 1] [--device cpu]
 
@@ -26,6 +28,8 @@ import torchvision  # noqa: E402
 from nanscope.stacks.groundingdino.demo import demo_batch, write_demo  # noqa: E402
 from nanscope.stacks.groundingdino.stack import build_model  # noqa: E402
 from nanscope.trace.tracer import trace_nonfinite  # noqa: E402
+
+from criterion_speed import count_syncs  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def main() -> None:
@@ -74,9 +78,11 @@ def main() -> None:
     cases = {
         "plain": lambda: plain(loss(True)),
         "trace": lambda: trace_nonfinite(model, loss(True)),
+        "op_level": lambda: trace_nonfinite(model, loss(True), two_phase=False),
         "anomaly": lambda: anomaly(loss(True)),
         "plain_nan": lambda: plain(loss(False)),
         "trace_nan": lambda: trace_nonfinite(model, loss(False)),
+        "op_level_nan": lambda: trace_nonfinite(model, loss(False), two_phase=False),
     }
     times: dict[str, list[float]] = {k: [] for k in cases}
     for f in cases.values():  # warm-up
@@ -90,14 +96,26 @@ def main() -> None:
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     r = trace_nonfinite(model, loss(True))
+    rn = trace_nonfinite(model, loss(False))
     print(f"demo GroundingDINO, batch of {len(captions)}, {args.device}, threads={torch.get_num_threads()}, "
-          f"{args.rounds} rounds, {r.ops_seen} ops traced")
-    print(f"plain forward+loss+backward   {med['plain'] * 1e3:8.1f} ms")
-    print(f"trace_nonfinite               {med['trace'] * 1e3:8.1f} ms   ratio {med['trace'] / med['plain']:.2f}x")
-    print(f"detect_anomaly(check_nan)     {med['anomaly'] * 1e3:8.1f} ms   ratio {med['anomaly'] / med['plain']:.2f}x")
-    print(f"NaN batch: plain              {med['plain_nan'] * 1e3:8.1f} ms")
-    print(f"NaN batch: trace_nonfinite    {med['trace_nan'] * 1e3:8.1f} ms   "
-          f"ratio {med['trace_nan'] / med['plain_nan']:.2f}x")
+          f"{args.rounds} rounds, load average {os.getloadavg()[0]:.1f}")
+    print(f"healthy batch: {r.module_calls} module calls, {r.ops_seen} ops replayed op by op in {list(r.replayed)}; "
+          f"full trace: {r.full_trace_reason or 'not needed'}")
+    print(f"NaN batch: full trace: {rn.full_trace_reason or 'not needed'}")
+    syncs = {k: count_syncs(f) for k, f in cases.items()} if dev.type == "cuda" else {}
+
+    def row(label: str, key: str, base: str) -> None:
+        extra = f"   {syncs[key]} host syncs" if syncs else ""
+        ratio = f"   ratio {med[key] / med[base]:.2f}x" if key != base else ""
+        print(f"{label:32s}{med[key] * 1e3:8.1f} ms{ratio}{extra}")
+
+    row("plain forward+loss+backward", "plain", "plain")
+    row("trace_nonfinite (two phases)", "trace", "plain")
+    row("op-level trace of the step", "op_level", "plain")
+    row("detect_anomaly(check_nan)", "anomaly", "plain")
+    row("NaN batch: plain", "plain_nan", "plain_nan")
+    row("NaN batch: trace_nonfinite", "trace_nan", "plain_nan")
+    row("NaN batch: op-level trace", "op_level_nan", "plain_nan")
 
 
 if __name__ == "__main__":

@@ -137,7 +137,9 @@ def test_inf_origin_and_backward_origin_in_a_module(device):
         model[0].weight.copy_(torch.eye(3))
         model[0].bias.zero_()
     x = torch.tensor([[1.0, -2.0, 0.5]], device=device)  # relu -> [1, 0, 0.5]
-    r = trace_nonfinite(model, lambda: model(x).sum())
+    # The inf is masked again by relu's backward inside the module: only the op-level trace of the whole
+    # step sees it (docs/trace.md, "Not supported"; tests/test_trace_phases.py covers the two-phase side).
+    r = trace_nonfinite(model, lambda: model(x).sum(), two_phase=False)
     assert r.forward is None and r.loss_finite
     assert r.backward is not None and r.backward.kind == "inf"
     assert r.backward.module == "1" and r.backward.module_type == "Act"
@@ -365,9 +367,26 @@ def test_demo_masked_loss_is_clean(demo):
         r = trace_nonfinite(model, lambda: {"loss_ce": masked_focal_loss(out := model(images, captions=captions)),
                                             "loss_bbox": out["pred_boxes"].abs().mean()})
     assert r.loss_finite and r.forward is None and r.backward is None and r.origins == () and r.backward_traced
-    assert r.ops_seen > 1000 and trace_findings(r) == []
+    assert r.full_trace_reason is None and r.module_calls == _count_calls(model, images, captions)
+    assert trace_findings(r) == []
     assert {s.module for s in r.intentional_inf_sources} >= {"transformer.decoder.class_embed.0",
                                                              "transformer.enc_out_class_embed"}
     assert torch._C._len_torch_dispatch_stack() == 0
     assert _global_hook_counts() == hooks and _module_hook_counts(model) == module_hooks
     assert all(p.grad is None for p in model.parameters())
+
+
+def _count_calls(model: nn.Module, images: torch.Tensor, captions: list[str]) -> int:
+    """Calls of the model's modules in one plain forward, counted by a hook of the test's own."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    ours = {id(m) for m in model.modules()}
+    seen = []
+    handle = register_module_forward_hook(lambda m, a, o: seen.append(id(m) in ours))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(images, captions=captions)
+    finally:
+        handle.remove()
+    return sum(seen)

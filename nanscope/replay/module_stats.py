@@ -19,7 +19,7 @@ import math
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -47,12 +47,14 @@ class ModuleStats:
 
     def __init__(self, *, check_inputs: bool = False) -> None:
         self.check_inputs = check_inputs
-        self._max: dict[str, Tensor] = {}  # name -> 0-dim float32, on the output's device
-        self._bad: dict[str, Tensor] = {}  # name -> 0-dim int64
-        self._new: dict[str, Tensor] = {}  # name -> 0-dim int64 (only with check_inputs)
+        # name -> largest finite |value|, NaN/inf count, calls that started non-finite values (check_inputs):
+        # Python numbers on the CPU, 0-dim tensors on the output's device elsewhere
+        self._max: dict[str, Number] = {}
+        self._bad: dict[str, Number] = {}
+        self._new: dict[str, Number] = {}
         self._meta: dict[str, list[Any]] = {}  # name -> [kind, order, calls, dtype]
         # id(output) -> (weak reference, version, max, bad): outputs handed on unchanged are reduced once
-        self._seen: dict[int, tuple[weakref.ref[Tensor], int | None, Tensor, Tensor]] = {}
+        self._seen: dict[int, tuple[weakref.ref[Tensor], int | None, Number, Number]] = {}
 
     def update(self, name: str, kind: str, inputs: Any, output: Any) -> None:
         tensors = _floats(output)
@@ -61,23 +63,28 @@ class ModuleStats:
         meta = self._meta.setdefault(name, [kind, len(self._meta), 0, ""])
         meta[2] += 1
         meta[3] = str(tensors[-1].dtype)
-        call_bad: Tensor | None = None
+        call_bad: Number | None = None
         for t in tensors:
             biggest, bad = self._reduce(t)
-            call_bad = bad if call_bad is None else call_bad + bad.to(call_bad.device)
+            call_bad = bad if call_bad is None else call_bad + _on(bad, call_bad)
             if name in self._max:
-                self._max[name] = torch.maximum(self._max[name], biggest.to(self._max[name].device))
-                self._bad[name] = self._bad[name] + bad.to(self._bad[name].device)
+                prev = self._max[name]
+                both_numbers = not isinstance(prev, Tensor) and not isinstance(biggest, Tensor)
+                self._max[name] = (max(prev, biggest) if both_numbers  # type: ignore[type-var]
+                                   else torch.maximum(_t(prev), _t(biggest).to(_t(prev).device)))
+                self._bad[name] = self._bad[name] + _on(bad, self._bad[name])
             else:
                 self._max[name], self._bad[name] = biggest, bad
         if self.check_inputs and call_bad is not None:
-            fresh = call_bad > 0
+            fresh: Number = call_bad > 0
             for x in _floats(inputs):
-                fresh = fresh & _all_finite(x.detach()).to(fresh.device)
-            prev = self._new.get(name)
-            self._new[name] = fresh.long() if prev is None else prev + fresh.long()
+                ok = _all_finite(x.detach())
+                fresh = (fresh and ok) if not isinstance(fresh, Tensor) and not isinstance(ok, Tensor) \
+                    else _t(fresh) & _t(ok).to(_t(fresh).device)
+            prev_new = self._new.get(name, 0)
+            self._new[name] = prev_new + (int(fresh) if not isinstance(fresh, Tensor) else _on(fresh.long(), prev_new))
 
-    def _reduce(self, t: Tensor) -> tuple[Tensor, Tensor]:
+    def _reduce(self, t: Tensor) -> tuple[Number, Number]:
         """`_max_and_bad(t)`, reused when `t` is the very tensor an inner module already returned
         (a container, Identity or an eval-mode Dropout hands its child's output on unchanged)."""
         key = id(t)
@@ -94,38 +101,75 @@ class ModuleStats:
         names = sorted(self._meta, key=lambda n: self._meta[n][1])
         if not names:
             return []
-        dev = self._max[names[0]].device
-        maxes = torch.stack([self._max[n].to(dev) for n in names]).cpu().tolist()
-        bads = torch.stack([self._bad[n].to(dev) for n in names]).cpu().tolist()
-        zero = torch.zeros((), dtype=torch.long, device=dev)
-        news = torch.stack([self._new.get(n, zero).to(dev) for n in names]).cpu().tolist()
+        maxes, bads, news = (_read([d.get(n, 0) for n in names]) for d in (self._max, self._bad, self._new))
         return [ModuleStat(n, self._meta[n][0], self._meta[n][1], self._meta[n][2], float(m), int(b), self._meta[n][3],
                            int(k)) for n, m, b, k in zip(names, maxes, bads, news)]
 
 
-def _max_and_bad(t: Tensor) -> tuple[Tensor, Tensor]:
-    """(largest finite |value| as 0-dim float32, number of NaN/inf values as 0-dim int64) of `t`.
+Number = Union[float, int, bool, Tensor]  # a Python number on the CPU, a 0-dim tensor on an accelerator
 
-    On the CPU one `aminmax` pass (no temporary tensor) answers both when `t` is finite, which is
-    nearly always; reading its two numbers costs nothing there. Only a non-finite `t` pays the masked
-    reductions. On an accelerator the masked path runs always: no host read during the forward.
+
+def _t(x: Number) -> Tensor:
+    return x if isinstance(x, Tensor) else torch.tensor(x)
+
+
+def _on(x: Number, like: Number) -> Number:
+    """`x` where it can be added to `like` (a tensor moves to `like`'s device)."""
+    if isinstance(x, Tensor) and isinstance(like, Tensor):
+        return x.to(like.device)
+    return x
+
+
+def _read(values: list[Number]) -> list[float]:
+    """Python numbers as they are; the device tensors among them in one host read per device."""
+    out = [float(v) if not isinstance(v, Tensor) else 0.0 for v in values]
+    by_dev: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, Tensor):
+            by_dev.setdefault(v.device, []).append(i)
+    for idx in by_dev.values():
+        stacked = torch.stack([values[i].float() for i in idx])  # type: ignore[union-attr]
+        for i, x in zip(idx, stacked.cpu().tolist()):
+            out[i] = x
+    return out
+
+
+def _max_and_bad(t: Tensor) -> tuple[Number, Number]:
+    """(largest finite |value|, number of NaN/inf values) of `t`: Python numbers on the CPU, 0-dim float32 and
+    int64 tensors on an accelerator (no host read during the forward).
+
+    On the CPU one `aminmax` pass (no temporary tensor) answers both when `t` is finite, which is nearly
+    always, and nothing is allocated: small tensors kept for the whole forward between the large activations
+    fragment the heap and raised inspect's peak memory at full size. A non-finite `t` is read in chunks of
+    `_CHUNK` values, so its masked copies stay small.
     """
     if t.device.type == "cpu":
         lo, hi = torch.aminmax(dense_flat(t))  # NaN propagates; +-inf shows as an end
         lo_f, hi_f = float(lo), float(hi)
         if math.isfinite(lo_f) and math.isfinite(hi_f):
-            return torch.tensor(max(-lo_f, hi_f), dtype=torch.float32), torch.zeros((), dtype=torch.long)
+            return max(-lo_f, hi_f), 0
+        biggest, bad = 0.0, 0
+        for part in dense_flat(t).reshape(-1).split(_CHUNK):
+            finite = torch.isfinite(part)
+            n_finite = int(finite.sum())
+            bad += part.numel() - n_finite
+            if n_finite:
+                biggest = max(biggest, float(torch.where(finite, part.abs(), 0).amax()))
+        return biggest, bad
     finite = torch.isfinite(t)
     a = t.abs()
-    biggest = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device)).amax().float()
-    return biggest, finite.numel() - finite.sum()
+    biggest_t = torch.where(finite, a, torch.zeros((), dtype=a.dtype, device=a.device)).amax().float()
+    return biggest_t, finite.numel() - finite.sum()
 
 
-def _all_finite(t: Tensor) -> Tensor:
-    """0-dim bool: no NaN or inf in `t` (one aminmax pass on the CPU)."""
+_CHUNK = 1 << 20  # values per chunk of a non-finite CPU tensor
+
+
+def _all_finite(t: Tensor) -> Number:
+    """No NaN or inf in `t`: a bool on the CPU (one aminmax pass), a 0-dim bool tensor elsewhere."""
     if t.device.type == "cpu":
         lo, hi = torch.aminmax(dense_flat(t))
-        return torch.tensor(math.isfinite(float(lo)) and math.isfinite(float(hi)))
+        return math.isfinite(float(lo)) and math.isfinite(float(hi))
     return torch.isfinite(t).all()
 
 

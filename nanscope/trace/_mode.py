@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import sys
-import sysconfig
 import types
 import weakref
 from typing import Any, Iterator
@@ -35,6 +32,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanscope.replay.module_stats import dense_flat as _dense_flat
+from nanscope.trace._frames import user_frame
 from nanscope.trace._rules import CONST, OP, PARAM, REFRESH, Ledger, Op
 
 _FLUSH_OPS = 256  # ops between two reads of the queued flags (one device sync each)
@@ -67,6 +65,10 @@ class NonfiniteMode(TorchDispatchMode):
         self._internal: dict[types.CodeType, bool] = {}
         self._paused = False
         self.ops_seen = 0
+        # The module-level replay (`_replay`) calls one module from its saved inputs: frames above it are the
+        # replay's, so reaching `stop_code` names `outer_frame`, the line that called the module in the real run.
+        self.stop_code: types.CodeType | None = None
+        self.outer_frame: tuple[types.CodeType, int] | None = None
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -189,17 +191,7 @@ class NonfiniteMode(TorchDispatchMode):
         return rec
 
     def _user_frame(self) -> tuple[types.CodeType, int] | None:
-        f = sys._getframe(1)
-        cache = self._internal
-        while f is not None:
-            code = f.f_code
-            internal = cache.get(code)
-            if internal is None:
-                internal = cache[code] = _is_internal(code.co_filename)
-            if not internal:
-                return code, f.f_lineno
-            f = f.f_back
-        return None
+        return user_frame(self._internal, depth=2, stop=self.stop_code, at_stop=self.outer_frame)
 
 
 class _ModuleStack:
@@ -234,31 +226,6 @@ class _ModuleStack:
     def _leave_module(self, mod: nn.Module, args: Any, out: Any) -> None:
         if self.stack:
             self.stack.pop()
-
-
-def _package_dir(name: str) -> str | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return os.path.join(list(spec.submodule_search_locations)[0], "")
-
-
-_INTERNAL_DIRS = tuple(d for d in map(_package_dir, ("torch", "torchvision", "functorch")) if d)
-_STDLIB = os.path.join(sysconfig.get_paths()["stdlib"], "")
-_TRACER_FILES = frozenset(os.path.join(os.path.dirname(os.path.abspath(__file__)), f)
-                          for f in ("__init__.py", "tracer.py", "_mode.py", "_rules.py", "records.py"))
-
-
-def _is_internal(filename: str) -> bool:
-    """Frames never blamed: torch, torchvision, the standard library and the tracer itself.
-
-    The rest of nanscope is not skipped: its criterion is loss code like any other.
-    """
-    if filename.startswith(("<", *_INTERNAL_DIRS)) or filename in _TRACER_FILES:
-        return True
-    return filename.startswith(_STDLIB) and "-packages" not in filename
 
 
 _VIEW, _MUTATING, _UNINITIALIZED, _FUNCTIONAL = 0, 1, 2, 3

@@ -74,6 +74,9 @@ class TraceResult:
     origins: tuple[Origin, ...] = ()  # every origin found: first NaN and first inf per phase, in op order
     intentional_inf_sources: tuple[InfSource, ...] = ()  # deliberate -inf writes (forward), first seen first
     backward_traced: bool = False  # False: asked not to, the loss has no graph, or no parameter trains
+    module_calls: int = 0  # module calls seen by the module-level pass (0: it did not run)
+    replayed: tuple[str, ...] = ()  # modules whose flagged calls were replayed under the op-level mode
+    full_trace_reason: str | None = None  # why the whole step was traced op by op (None: two phases sufficed)
 
     @property
     def clean(self) -> bool:

@@ -1,0 +1,304 @@
+"""Phase 1 of the origin trace: one finiteness reduction per module output and per gradient, no op-level work.
+
+`CallFlags(root)` is a context manager. While it is on, global forward hooks note every call of a module of
+`root`: the user line that made it, one `aminmax` per floating output (NaN propagates through min/max, so
+one reduction tells NaN, inf and finite apart) and, from a cache keyed by tensor identity and version, the
+same flags for its inputs (an input another module returned costs nothing; anything else one reduction).
+The reductions stay on their device: on an accelerator they are read in batches of `_FLUSH_CALLS` calls
+(one device->host copy per batch and dtype), on the CPU at once (reading a CPU scalar is no sync).
+
+For the backward, a tensor hook on each floating output that requires grad reduces the gradient that
+arrives there, and `reduce` takes the parameter gradients: a gradient that goes non-finite anywhere
+between two module outputs shows up at the next one. Tensor hooks rather than full backward hooks: those
+wrap every module's inputs and outputs in a custom autograd Function, which changes the forward (in-place
+ops on a module's output raise) and costs more.
+
+Calls whose output went non-finite keep references to their inputs (args, kwargs, the CPU and CUDA
+generator states when the module trains, the inputs' version counters) for `nanscope.trace._replay`;
+every other call's references are dropped when its flags are read.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode, _push_mode
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode
+from torch.utils._pytree import tree_leaves
+
+from nanscope.replay.module_stats import dense_flat
+from nanscope.trace._frames import FrameKey, user_frame
+
+_FLUSH_CALLS = 512  # accelerator: module calls between two reads of the queued flags (one sync each)
+
+
+@dataclass(slots=True)
+class Call:
+    """One call of one module, in the order calls started (`seq`) and completed (`end`)."""
+
+    seq: int
+    name: str
+    module: nn.Module
+    frame: FrameKey | None  # the user line that called it
+    end: int = -1
+    ins: tuple[int, ...] = ()  # flag records of its floating inputs
+    outs: tuple[int, ...] = ()  # flag records of its floating outputs
+    args: tuple[Any, ...] | None = None  # kept only while it may be replayed
+    kwargs: dict[str, Any] | None = None
+    versions: tuple[tuple[torch.Tensor, int], ...] = ()
+    rng: tuple[torch.Tensor, ...] | None = None  # generator states before the call (training modules only)
+    arg_versions: tuple[int | None, ...] = field(default=())
+    moved: bool = False  # it changed one of its inputs in place: input flags read after the fact, no replay
+
+
+class CallFlags:
+    """Module-level finiteness flags of one forward (+ backward). Enter before `run()`; `flush()` reads them."""
+
+    def __init__(self, root: nn.Module, *, grads: bool = True) -> None:
+        self._names = {id(m): n for n, m in root.named_modules()}
+        self._grads = grads
+        self.calls: list[Call] = []
+        self._open: list[Call] = []
+        self.nan: list[bool] = []
+        self.inf: list[bool] = []
+        self.tracked: list[bool] = []  # a module of root returned it
+        self.grad_recs: list[int] = []
+        self._known: dict[int, tuple[weakref.ref[torch.Tensor], int | None, int]] = {}
+        self._queue: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[torch.Tensor]]] = {}
+        self._unread: list[Call] = []
+        self._frames: dict[Any, bool] = {}
+        self._handles: list[Any] = []
+        self._closed = False
+        self._ends = 0
+        self.busy = False  # inside our own bookkeeping: `OutsideOps` lets its ops through
+        self.outside: OutsideOps | None = None  # set by OutsideOps: taken off the mode stack inside module calls
+        self._lifted = False
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> "CallFlags":
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self._handles = [register_module_forward_pre_hook(self._pre),
+                         register_module_forward_hook(self._post, with_kwargs=True, always_call=True)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._open.clear()
+        if self._lifted:  # a BaseException left a module call: put the mode back for its own exit
+            _push_mode(self.outside)  # type: ignore[arg-type]
+            self._lifted = False
+
+    def close(self) -> None:
+        """Gradient hooks left on tensors the caller still holds do nothing from now on."""
+        self._closed = True
+
+    # ------------------------------------------------------------------ hooks
+    def _pre(self, mod: nn.Module, args: Any) -> None:
+        name = self._names.get(id(mod))
+        if name is None:
+            return
+        call = Call(seq=len(self.calls), name=name, module=mod, frame=user_frame(self._frames, depth=2))
+        call.arg_versions = tuple(_version(a) if isinstance(a, torch.Tensor) else None for a in args)
+        if mod.training:
+            call.rng = rng_states()
+        if not self._open and self.outside is not None and _current_mode() is self.outside:
+            _pop_mode()  # the model's own ops run without any Python dispatch; CallFlags covers them
+            self._lifted = True
+        self.calls.append(call)
+        self._open.append(call)
+
+    def _post(self, mod: nn.Module, args: Any, *rest: Any) -> None:
+        if id(mod) not in self._names or not self._open or self._open[-1].module is not mod:
+            return
+        call = self._open.pop()
+        if not self._open and self._lifted:
+            _push_mode(self.outside)  # type: ignore[arg-type]
+            self._lifted = False
+        if len(rest) != 2:  # torch calls an always_call hook as (module, args, result) when the forward raised
+            return
+        kwargs, out = rest
+        call.end = self._ends
+        self._ends += 1
+        busy, self.busy = self.busy, True
+        try:
+            with torch.no_grad():
+                call.ins = tuple(self._flags(t, tracked=False) for t in _floats((args, kwargs)))
+                outs = _floats(out)
+                call.outs = tuple(self._flags(t, tracked=True) for t in outs)
+        finally:
+            self.busy = busy
+        if self._grads and torch.is_grad_enabled():
+            for t in outs:
+                if t.requires_grad:
+                    t.register_hook(self._grad_hook)
+        call.moved = any(isinstance(a, torch.Tensor) and v is not None and _version(a) != v
+                         for a, v in zip(args, call.arg_versions))
+        if not call.moved:  # an input the module changed in place cannot be replayed
+            call.args, call.kwargs = tuple(args), dict(kwargs)
+            call.versions = tuple((t, v) for t in tree_leaves((args, kwargs))
+                                  if isinstance(t, torch.Tensor) and (v := _version(t)) is not None)
+        self._unread.append(call)
+        if not self._queue:
+            self._release()
+        elif len(self._unread) >= _FLUSH_CALLS:
+            self.flush()
+
+    def _grad_hook(self, grad: torch.Tensor) -> None:
+        if not self._closed and grad.is_floating_point() and grad.numel():
+            self.grad_recs.append(self.reduce(grad))
+
+    # ------------------------------------------------------------------ flags
+    def reduce(self, t: torch.Tensor) -> int:
+        """A flag record for `t` (the loss, a parameter gradient)."""
+        busy, self.busy = self.busy, True
+        try:
+            with torch.no_grad():
+                return self._reduce(t.detach())
+        finally:
+            self.busy = busy
+
+    def _fresh(self, t: torch.Tensor) -> int:
+        rec = self._reduce(t.detach())
+        self._known[id(t)] = (weakref.ref(t), _version(t), rec)
+        return rec
+
+    def _flags(self, t: torch.Tensor, *, tracked: bool) -> int:
+        known = self._known.get(id(t))
+        version = _version(t)
+        if known is not None and known[0]() is t and known[1] == version and version is not None:
+            rec = known[2]
+            if tracked:
+                self.tracked[rec] = True
+            return rec
+        rec = self._reduce(t.detach(), tracked=tracked)
+        self._known[id(t)] = (weakref.ref(t), version, rec)
+        return rec
+
+    def _reduce(self, t: torch.Tensor, *, tracked: bool = False) -> int:
+        rec = len(self.nan)
+        self.nan.append(False)
+        self.inf.append(False)
+        self.tracked.append(tracked)
+        if not t.numel():
+            return rec
+        mn, mx = torch.aminmax(dense_flat(t))
+        if t.device.type == "cpu":
+            self._set(rec, float(mn), float(mx))
+        else:
+            recs, vals = self._queue.setdefault((t.device, t.dtype), ([], []))
+            recs.append(rec)
+            vals.append(torch.stack([mn, mx]))
+        return rec
+
+    def _set(self, rec: int, mn: float, mx: float) -> None:
+        nan = mn != mn or mx != mx
+        self.nan[rec] = nan
+        self.inf[rec] = not nan and (abs(mn) == float("inf") or abs(mx) == float("inf"))
+
+    def flush(self) -> None:
+        """Read the queued flags (one device->host copy per device and dtype); drop clean calls' inputs."""
+        for recs, vals in self._queue.values():
+            for rec, (mn, mx) in zip(recs, torch.stack(vals).float().cpu().tolist()):
+                self._set(rec, mn, mx)
+        self._queue = {}
+        self._release()
+
+    def _release(self) -> None:
+        for call in self._unread:
+            if not any(self.nan[r] or self.inf[r] for r in call.outs):
+                call.args = call.kwargs = call.rng = None
+                call.versions = ()
+        self._unread = []
+
+    # ------------------------------------------------------------------ answers
+    def any_nan(self, recs: tuple[int, ...] | list[int]) -> bool:
+        return any(self.nan[r] for r in recs)
+
+    def any_inf(self, recs: tuple[int, ...] | list[int]) -> bool:
+        return any(self.inf[r] for r in recs)
+
+    def replayable(self, call: Call) -> bool:
+        """Its inputs are kept and none changed in place since the call."""
+        return call.args is not None and all(_version(t) == v for t, v in call.versions)
+
+
+class OutsideOps(TorchDispatchMode):
+    """The ops that run outside every module call of the root (the loss code); the tracer exits it before the
+    backward.
+
+    Flags only, no names: an op whose floating output holds NaN (or inf) while none of its floating inputs
+    does is counted in `started` once its flags are read. Ops inside a module call pass straight through:
+    `CallFlags` covers those.
+    """
+
+    def __init__(self, flags: CallFlags) -> None:
+        super().__init__()
+        self._flags = flags
+        flags.outside = self
+        self._ops: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func: Any, types_: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        flags = self._flags
+        if flags.busy or flags._open:
+            return func(*args, **kwargs)
+        flags.busy = True
+        try:
+            ins = tuple(flags._flags(t, tracked=False) for t in _floats((args, kwargs)))
+            out = func(*args, **kwargs)
+            if not getattr(func, "is_view", False):
+                outs = tuple(flags._fresh(t) for t in _floats(out))  # an in-place op's output is a new value
+                if outs:
+                    self._ops.append((ins, outs))
+                    if not flags._queue and self._starts(ins, outs):
+                        # Flags read at once (CPU): the op-level trace of the whole step will be needed, stop now.
+                        raise Started()
+        finally:
+            flags.busy = False
+        return out
+
+    def started(self) -> int:
+        """Ops whose output went NaN or inf from inputs without it (read after `CallFlags.flush`)."""
+        return sum(1 for ins, outs in self._ops if self._starts(ins, outs))
+
+    def _starts(self, ins: tuple[int, ...], outs: tuple[int, ...]) -> bool:
+        f = self._flags
+        return (f.any_nan(outs) and not f.any_nan(ins)) or (f.any_inf(outs) and not f.any_inf(ins))
+
+
+class Started(BaseException):
+    """Raised through `run()` when NaN or inf starts outside the modules and the flags are read at once.
+
+    A BaseException, like KeyboardInterrupt: a criterion wrapper's `except Exception` must not turn it into an error.
+    """
+
+
+def rng_states() -> tuple[torch.Tensor, ...]:
+    states = [torch.random.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.append(torch.cuda.get_rng_state())
+    return tuple(states)
+
+
+def set_rng_states(states: tuple[torch.Tensor, ...]) -> None:
+    torch.random.set_rng_state(states[0])
+    if len(states) > 1:
+        torch.cuda.set_rng_state(states[1])
+
+
+def _floats(x: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(x) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None

@@ -1,0 +1,211 @@
+"""The two-phase trace (module-level flags, then the op-level mode inside the flagged calls only) names what the
+op-level trace of the whole step names, replays dropout with the same masks, and falls back where a replay
+cannot be trusted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nanscope.trace.tracer import trace_nonfinite
+
+
+class _Overflow(nn.Module):
+    """exp of a large activation overflows to inf; inf - inf is NaN: both start inside this module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        e = torch.exp(h * 100.0)
+        return e - e
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 4)
+        self.block = _Overflow()
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.block(torch.relu(self.inp(x))))
+
+
+class _Masked(nn.Module):
+    """ContrastiveEmbed's pattern: -inf written on purpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).masked_fill(~mask, float("-inf"))
+
+
+class _Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.masked = _Masked()
+        self.box = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.masked(x, mask), "boxes": self.box(x)}
+
+
+def _key(o) -> tuple:
+    return (o.phase, o.op, o.module, o.module_type, o.kind, o.nan_count, o.inf_count, o.shape, o.first_indices,
+            o.source, (o.frame.file, o.frame.line) if o.frame else None)
+
+
+def _both(model: nn.Module, run, **kw):
+    quick = trace_nonfinite(model, run, **kw)
+    full = trace_nonfinite(model, run, two_phase=False, **kw)
+    assert full.full_trace_reason is not None and full.module_calls == 0
+    return quick, full
+
+
+def test_overflow_inside_a_module_is_named_from_its_replay_alone():
+    torch.manual_seed(0)
+    model = _Net()
+    with torch.no_grad():
+        model.block.lin.weight.fill_(1.0)
+    x = torch.ones(2, 4)
+    quick, full = _both(model, lambda: model(x).sum(), backward=False)
+    assert quick.full_trace_reason is None and quick.replayed == ("block",)
+    assert [_key(o) for o in quick.origins] == [_key(o) for o in full.origins]
+    assert {(o.kind, o.op, o.module) for o in quick.origins} == {("inf", "aten.exp.default", "block"),
+                                                                ("nan", "aten.sub.Tensor", "block")}
+    assert quick.forward.frame.function == "forward" and quick.forward.frame.file == __file__
+    assert quick.ops_seen < full.ops_seen
+
+
+def test_a_nan_parameter_in_a_torch_module_names_the_line_that_called_it():
+    torch.manual_seed(0)
+    model = _Net()
+    with torch.no_grad():
+        model.block.lin.weight.fill_(0.01)
+        model.out.weight[1, 2] = float("nan")
+    x = torch.ones(2, 4)
+    quick, full = _both(model, lambda: model(x).sum(), backward=False)
+    assert quick.full_trace_reason is None and quick.replayed == ("out",)
+    assert _key(quick.forward) == _key(full.forward)
+    assert quick.forward.source == "parameter out.weight" and quick.forward.op == "aten.addmm.default"
+    assert "self.out(self.block" in _line(quick.forward.frame)  # nn.Linear's caller, as in the real run
+
+
+def test_intentional_inf_sources_match_and_the_backward_is_checked():
+    torch.manual_seed(0)
+    model = _Head()
+    x, mask = torch.randn(3, 4), torch.tensor([True, True, False, False])
+
+    def run() -> torch.Tensor:
+        out = model(x, mask)
+        return torch.where(torch.isfinite(out["logits"]), out["logits"], 0.0).sum() + out["boxes"].sum()
+
+    quick, full = _both(model, run)
+    assert quick.full_trace_reason is None and quick.replayed == ("masked",) and quick.backward_traced
+    assert quick.clean and full.clean
+    assert [(s.op, s.module, s.frame) for s in quick.intentional_inf_sources] == \
+        [(s.op, s.module, s.frame) for s in full.intentional_inf_sources]
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _Dropped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.drop(x))  # log(0) = -inf where dropout zeroed
+
+
+def test_the_replay_draws_the_same_dropout_masks_and_leaves_the_generator_as_one_run_would():
+    model = nn.Sequential(nn.Identity(), _Dropped()).train()
+    x = torch.ones(4, 64)
+    torch.manual_seed(7)
+    dropped = int((model(x) == float("-inf")).sum())  # the masks a plain run draws
+    after_plain = torch.random.get_rng_state()
+    torch.manual_seed(7)
+    r = trace_nonfinite(model, lambda: model(x).sum(), backward=False)
+    assert r.full_trace_reason is None and r.replayed == ("1",)
+    assert r.forward.kind == "inf" and r.forward.op == "aten.log.default" and r.forward.inf_count == dropped
+    assert torch.equal(torch.random.get_rng_state(), after_plain)
+
+
+class _InPlace(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sub_(x).div_(0.0)  # 0 / 0 written into its own input
+
+
+def test_a_module_that_changes_its_input_in_place_is_traced_op_by_op():
+    model = nn.Sequential(nn.Linear(3, 3), _InPlace())
+    r = trace_nonfinite(model, lambda: model(torch.ones(2, 3)).sum(), backward=False)
+    assert r.full_trace_reason is not None and "in place" in r.full_trace_reason
+    assert r.forward.module == "1" and r.forward.op.startswith("aten.div_.") and r.forward.nan_count == 6
+
+
+def test_nan_in_the_loss_code_falls_back_and_leaves_nothing_on():
+    from torch.nn.modules import module as m
+
+    model = nn.Linear(3, 2)
+    hooks = tuple(len(d) for d in (m._global_forward_pre_hooks, m._global_forward_hooks))
+    r = trace_nonfinite(model, lambda: (model(torch.ones(1, 3)) * 0).sum() / 0)
+    assert r.full_trace_reason == "NaN or inf started in the loss code"
+    assert r.forward.op == "aten.div.Tensor" and r.forward.module is None and r.module_calls == 1
+    assert torch._C._len_torch_dispatch_stack() == 0
+    assert tuple(len(d) for d in (m._global_forward_pre_hooks, m._global_forward_hooks)) == hooks
+
+
+def _line(frame) -> str:
+    import linecache
+
+    return linecache.getline(frame.file, frame.line)
+
+
+class _Sqrt(nn.Module):
+    def __init__(self, relu: bool) -> None:
+        super().__init__()
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(torch.relu(x) if self.relu else x)  # sqrt'(0) = inf in the backward
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_a_backward_inf_is_named_once_it_reaches_a_module_output(relu):
+    """Without relu the inf gradient reaches the Linear's output: phase 1 sees it and the whole step is traced op
+    by op. With relu it is masked again inside `_Sqrt`'s backward, reaches no gradient that training uses, and
+    phase 1 (module granularity) does not see it; `two_phase=False` does."""
+    model = nn.Sequential(nn.Linear(3, 3), _Sqrt(relu))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(3))
+        model[0].bias.zero_()
+    x = torch.tensor([[1.0, -2.0 if relu else 0.0, 0.5]])
+    r = trace_nonfinite(model, lambda: model(x).sum())
+    full = trace_nonfinite(model, lambda: model(x).sum(), two_phase=False)
+    assert full.backward.grad_fn == "SqrtBackward0" and full.backward.module == "1" and full.backward.kind == "inf"
+    if relu:
+        assert r.clean and r.full_trace_reason is None
+    else:
+        assert r.full_trace_reason.startswith("a gradient at a module output")
+        assert (r.backward.grad_fn, r.backward.module, r.backward.frame) == ("SqrtBackward0", "1", full.backward.frame)
+
+
+def test_an_interrupt_inside_a_module_leaves_no_mode_and_no_hook():
+    """A BaseException skips torch's always-called hooks: the phase-1 mode taken off the stack must still go."""
+    from torch.nn.modules import module as m
+
+    class Stop(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise KeyboardInterrupt
+
+    model = nn.Sequential(nn.Linear(2, 2), Stop())
+    hooks = tuple(len(d) for d in (m._global_forward_pre_hooks, m._global_forward_hooks))
+    with pytest.raises(KeyboardInterrupt):
+        trace_nonfinite(model, lambda: model(torch.ones(1, 2)).sum())
+    assert torch._C._len_torch_dispatch_stack() == 0
+    assert tuple(len(d) for d in (m._global_forward_pre_hooks, m._global_forward_hooks)) == hooks
