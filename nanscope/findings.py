@@ -83,7 +83,8 @@ CATALOGUE: dict[str, CodeInfo] = {
            "scipy's linear_sum_assignment raises on such costs: mask padded tokens in the class cost, guard "
            "empty positive rows, and fix non-finite boxes.", 50),
         _c("NS204", "image with no boxes", I,
-           "Fine when loss normalizers are clamped to at least 1 (nanscope's criterion does this).", 95),
+           "Fine when loss normalizers are clamped to at least 1 (nanscope's criterion does this). A grounding "
+           "line with no regions crashes Open-GroundingDino's loader: drop it (nanscope scan --write-clean).", 95),
         _c("NS205", "duplicate boxes", W,
            "Remove the repeated annotation: two targets with the same label and box compete for one query "
            "in the Hungarian matching.", 96),

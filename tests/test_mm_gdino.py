@@ -278,7 +278,7 @@ def test_demo_on_mm_grounding_dino(tmp_path, capsys):
     verdicts = [line for line in text.splitlines() if line.startswith("nanscope ")]
     assert verdicts[0].startswith("nanscope inspect: BROKEN")
     assert verdicts[1].startswith("nanscope verify-fix: FIXED")
-    findings = {m.group(1) for m in (re.match(r"\s*(?:cause \d+: )?(NS\d{3}) ", ln) for ln in text.splitlines()) if m}
+    findings = {m.group(1) for m in (re.match(r"\s*(?:cause \d+: |note: )?(NS\d{3}) ", ln) for ln in text.splitlines()) if m}
     assert {"NS110", "NS102", "NS101", "NS001", "NS111", "NS113"} <= findings  # as on GroundingDino
     cfg = json.loads((out / "model" / "config.json").read_text())
     assert cfg["model_type"] == "mm-grounding-dino" and cfg["architectures"] == ["MMGroundingDinoForObjectDetection"]

@@ -263,7 +263,7 @@ BAD = {
         "images", torch.zeros(1, 3, 2100, 2100, dtype=torch.uint8)))], "above the limit of 2048 pixels a side"),
     "more pixels than memory": (lambda d: inspect_argv(d)[:2] + [_batch(d, "many.pt", lambda b: b.__setitem__(
         "images", torch.zeros(1, 3, 64, 64, dtype=torch.uint8).expand(2**18, 3, 64, 64)))],  # a stride-0 view: 12 KB
-        "more than this machine's"),
+        "expanded with stride 0 from 12288 stored elements"),  # refused on load, before any estimate or pass
     "no images": (lambda d: inspect_argv(d)[:2] + [_batch(d, "b0.pt", lambda b: b.update(
         images=b["images"][:0], captions=[], targets=[]))], "no images"),
     "box holding a string": (lambda d: inspect_argv(d)[:2] + [_batch(d, "str.pt", lambda b: b["targets"][0].__setitem__(

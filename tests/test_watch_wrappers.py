@@ -132,5 +132,5 @@ def test_a_dump_that_could_not_be_replayed_is_warned_once_at_check(demo: Any, tm
                 assert w.check(step, terms, batch)
     msgs = [str(r.message) for r in record if "could not be replayed" in str(r.message)]
     assert len(msgs) == 1  # once, not per step
-    assert "targets[0] has 2 boxes but no phrases, tokens_positive, positive_map or token_labels" in msgs[0]
+    assert "targets[0] has 2 boxes but no phrases, tokens_positive, positive_map, token_labels or labels indexing a cap_list" in msgs[0]
     assert "labels, size" in msgs[0] and "no captions" not in msgs[0]  # the detector's call had the captions

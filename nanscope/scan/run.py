@@ -71,8 +71,10 @@ def environment() -> dict[str, Any]:
             torch_version = m.group(1) if m else torch_version
         except OSError:
             pass
+    from nanscope.stacks.groundingdino.provider import environment_fields  # metadata only, no import
+
     return {"nanscope": version("nanscope"), "torch": torch_version, "torchvision": version("torchvision"),
-            "groundingdino": version("groundingdino-py"), "transformers": version("transformers"),
+            **environment_fields(), "transformers": version("transformers"),
             "python": platform.python_version(), "cuda": cuda, "device": "cpu"}
 
 
