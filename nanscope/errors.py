@@ -53,3 +53,8 @@ class MatchingError(NanscopeError):
 
 class UnknownCodeError(NanscopeError):
     """A finding code that is not in the catalogue was asked for."""
+
+
+class Interrupt(BaseException):
+    """nanscope's own signal raised through user code (e.g. the trace stopping a run where NaN starts): a
+    BaseException so a user's `except Exception` cannot swallow it, and never turned into a CriterionError."""

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from nanscope.errors import CriterionError
+from nanscope.errors import CriterionError, Interrupt
 from nanscope.replay.criterion_inputs import EXTRA_NAMES
 from nanscope.user_spec import ArgsProvider, Spec, call_checked, evaluate, parse_spec
 
@@ -103,7 +103,7 @@ def user_call(what: str) -> Iterator[None]:
     try:
         with user_io():
             yield
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupt):  # Ctrl-C, or nanscope's own signal through the user's code
         raise
     except SystemExit as exc:
         raise CriterionError(f"your {what} exited: it raised SystemExit({exc.code!r}) (sys.exit) at "

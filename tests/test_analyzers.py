@@ -274,8 +274,10 @@ def test_amp_fp16_replay_names_the_module_that_overflows(replay):
 def test_fp16_overflow_under_autocast_is_an_error_at_its_first_module(replay):
     """module_stats under real CPU autocast on a small stack; the analyzer names where inf starts."""
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
-    with torch.no_grad():
-        model[2][0].weight.mul_(1e5)
+    with torch.no_grad():  # deterministic: relu(0.8 + 1) = 1.8 per unit, then 8 x 1.8 x 1e4 = 1.44e5 > 65504
+        model[0].weight.fill_(0.1)
+        model[0].bias.fill_(1.0)
+        model[2][0].weight.fill_(1e4)
     with torch.autocast("cpu", dtype=torch.float16), module_stats(model, check_inputs=True) as stats:
         model(torch.ones(4, 8))
     rows = stats.result()

@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode, _push_mod
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode
 from torch.utils._pytree import tree_leaves
 
+from nanscope.errors import Interrupt
 from nanscope.replay.module_stats import dense_flat
 from nanscope.trace._frames import FrameKey, user_frame
 
@@ -273,7 +274,7 @@ class OutsideOps(TorchDispatchMode):
         return (f.any_nan(outs) and not f.any_nan(ins)) or (f.any_inf(outs) and not f.any_inf(ins))
 
 
-class Started(BaseException):
+class Started(Interrupt):
     """Raised through `run()` when NaN or inf starts outside the modules and the flags are read at once.
 
     A BaseException, like KeyboardInterrupt: a criterion wrapper's `except Exception` must not turn it into an error.
