@@ -49,3 +49,19 @@ def test_a_lone_surrogate_is_a_data_error_naming_the_field(tmp_path, capsys, fmt
     assert main(["scan", str(path), "--text-encoder", TE, "--quiet", *extra]) == 2
     err = capsys.readouterr().err
     assert where in err and "lone surrogate" in err and "internal error" not in err, err
+
+
+def test_a_line_longer_than_the_limit_is_refused_without_holding_it(tmp_path):
+    """Memory stays bounded on any input: a 3 MiB line with a 1 MiB limit is refused after reading 1 MiB of it."""
+    from nanscope.errors import DataError
+    from nanscope.scan import odvg
+
+    path = tmp_path / "huge.jsonl"
+    big = b'{"filename": "a.jpg", "grounding": {"caption": "' + b"a" * (3 << 20) + b'", "regions": []}}\n'
+    path.write_bytes(b'{"filename": "b.jpg"}\n' + big + b'{"filename": "c.jpg"}\n')
+    got = []
+    with pytest.raises(DataError, match=r"line 2 is longer than 1 MiB"):
+        for n, raw in odvg.iter_lines(path, max_line=1 << 20):
+            got.append((n, len(raw)))
+    assert got == [(1, len(b'{"filename": "b.jpg"}\n'))]  # the line before it was read whole
+    assert [n for n, _ in odvg.iter_lines(path, max_line=4 << 20)] == [1, 2, 3]  # under a larger limit: every line

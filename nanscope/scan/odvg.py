@@ -27,11 +27,20 @@ except ImportError:  # pragma: no cover - the scan extra installs it
     _fast_loads = None
 
 
-def iter_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) of every non-blank line."""
+MAX_LINE = 64 << 20  # bytes of one JSONL line: a longer one is refused before it is held in memory
+
+
+def iter_lines(path: str | os.PathLike[str], *, max_line: int = MAX_LINE) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of every non-blank line. A line longer than `max_line` bytes is a
+    DataError naming it, raised after reading at most `max_line` bytes of it: memory stays bounded on any file."""
     try:
         with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
+            n = 0
+            while raw := f.readline(max_line + 1):
+                n += 1
+                if len(raw) > max_line and not raw.endswith(b"\n"):
+                    raise DataError(f"{str(path)!r} line {n} is longer than {max_line >> 20} MiB; expected one "
+                                    "JSON object per line (a caption that long cannot be a training sample)")
                 if raw.strip():
                     yield n, raw
     except OSError as exc:
