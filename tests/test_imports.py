@@ -77,8 +77,9 @@ def test_no_import_circles() -> None:
 @pytest.mark.parametrize("module", sorted(m for m in _modules() if not m.endswith("__main__")))  # those run the CLI
 def test_every_module_imports(module: str) -> None:
     try:
-        importlib.import_module(module)
+        imported = importlib.import_module(module)
     except ModuleNotFoundError as exc:  # an optional framework or provider that is not installed here
         if (exc.name or "").split(".")[0] == "nanscope":
             raise
         pytest.skip(f"{module} needs {exc.name}, not installed in this environment")
+    assert imported.__name__ == module and Path(imported.__file__).resolve() == _modules()[module].resolve()
