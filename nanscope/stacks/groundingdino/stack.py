@@ -232,6 +232,7 @@ class GroundingDinoPy(Stack):
         adapter folder given as `checkpoint`, or LoRA keys in the checkpoint); `merge_lora` merges it."""
         from nanscope.stacks.formats import peft as ps
         from nanscope.stacks.formats.checkpoint import file_sha256, load_into, read_state_dict
+        from nanscope.stacks.formats.shared_state import share_with_model
 
         ckpt = Path(checkpoint)
         adapter_path = Path(adapter) if adapter is not None else None
@@ -267,6 +268,7 @@ class GroundingDinoPy(Stack):
             "checkpoint_dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in state.values()
                                          if isinstance(v, torch.Tensor) and v.is_floating_point()}),
         }
+        state = share_with_model(model, state)  # the file's copy of every weight the model holds is freed
         if adapter_path is not None:
             inputs["adapter"] = str(adapter_path)
         if fit.adapter is not None:

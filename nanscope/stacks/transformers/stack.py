@@ -130,6 +130,7 @@ class TransformersHF(Stack):
                               "adapters yet; merge it first (PeftModel.merge_and_unload(), then save_pretrained)")
 
         from nanscope.stacks.formats.checkpoint import file_sha256
+        from nanscope.stacks.formats.shared_state import share_with_model
         from nanscope.stacks.transformers.loading import load_folder, load_state_file
 
         from nanscope.stacks.transformers.mm_loading import is_mm_checkpoint, load_mm_file
@@ -162,6 +163,7 @@ class TransformersHF(Stack):
                   "checkpoint_dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in state.values()
                                                if isinstance(v, torch.Tensor) and v.is_floating_point()})
                   if path.is_file() else []}
+        state = share_with_model(model, state)  # the file's copy of every weight the model holds is freed
         return LoadedModel(self, model, cfg, tok, int(cfg.max_text_len), state, fit, inputs)
 
     def _tokenizer(self, checkpoint: Path, config: Any, text_encoder: str | None) -> tuple[Any, str]:
