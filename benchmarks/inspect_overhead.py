@@ -7,10 +7,12 @@ CPU time and peak resident memory from `os.wait4`), interleaved round by round s
 shared machine falls on both; the ratios of the medians are printed. First, in one process, a forward with and without the per-module statistics
 hooks behind NS303 (interleaved, medians).
 
-    python benchmarks/inspect_overhead.py [--rounds 5] [--stats-rounds 5] [--threads 0] [--full] [--full-rounds 2] [--extra "--trace"]
+    python benchmarks/inspect_overhead.py [--rounds 5] [--stats-rounds 5] [--threads 0] [--full] [--full-rounds 2]
+        [--full-size 224] [--against /work/main] [--extra "--trace"]
 
 --full adds the default SwinT-OGC config (random weights, the tiny local BERT; 30-45 s per inspect on
-a 2-core CPU), run --full-rounds times.
+a 2-core CPU at 224 px), run --full-rounds times on a batch of 2 images of --full-size pixels (issue 28
+measured 800: ~1 min and ~3 GB peak per process on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -45,19 +47,20 @@ with torch.no_grad():
 THREADS = "0"  # OMP_NUM_THREADS of both processes (--threads); "0": torch's default, as a user runs it
 
 
-def _env() -> dict[str, str]:
+def _env(root: Path = ROOT) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     if THREADS != "0":
         env["OMP_NUM_THREADS"] = THREADS
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
 
-def timed(cmd: list[str]) -> tuple[float, float, float]:
-    """(wall s, CPU s, peak RSS MiB) of one whole process, from its own rusage (`os.wait4`)."""
+def timed(cmd: list[str], root: Path = ROOT) -> tuple[float, float, float]:
+    """(wall s, CPU s, peak RSS MiB) of one whole process, from its own rusage (`os.wait4`); `root`: the
+    nanscope checkout it imports."""
     t = time.perf_counter()
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, env=_env(root), stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t
@@ -67,21 +70,30 @@ def timed(cmd: list[str]) -> tuple[float, float, float]:
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # Linux: ru_maxrss in KiB
 
 
-def compare(label: str, ckpt: Path, batch: Path, config: Path | None, te: Path, rounds: int, extra: list[str]) -> None:
+def compare(label: str, ckpt: Path, batch: Path, config: Path | None, te: Path, rounds: int, extra: list[str],
+            against: Path | None = None) -> None:
+    """Whole processes, interleaved round by round: the bare minimum, `nanscope inspect` of this checkout
+    and, with `against`, the same command importing another checkout (e.g. main, for a before/after)."""
     bare = [sys.executable, "-c", BARE, str(ckpt), str(batch), str(config) if config else "-", str(te)]
     insp = [sys.executable, "-m", "nanscope", "inspect", str(ckpt), str(batch), "--text-encoder", str(te), "--quiet",
             *(["--config", str(config)] if config else []), *extra]
-    times: dict[str, list[tuple[float, float, float]]] = {"bare": [], "inspect": []}
+    runs = [("bare", bare, ROOT), ("inspect", insp, ROOT)]
+    if against is not None:
+        runs.append((f"inspect @{against}", insp, against))
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _, _ in runs}
     for _ in range(rounds):
-        for name, cmd in (("bare", bare), ("inspect", insp)):
-            times[name].append(timed(cmd))
+        for name, cmd, root in runs:
+            times[name].append(timed(cmd, root))
     wall, cpu, rss = ({k: statistics.median(r[i] for r in v) for k, v in times.items()} for i in range(3))
     print(f"{label}: {rounds} interleaved rounds, medians (all rounds: "
           + "; ".join(f"{k} " + " ".join(f"{w:.1f} s/{m:.0f} MiB" for w, _, m in v) for k, v in times.items()) + ")")
-    print(f"  bare minimum       wall {wall['bare']:6.2f} s   cpu {cpu['bare']:6.2f} s   peak RSS {rss['bare']:7.0f} MiB")
-    print(f"  nanscope inspect   wall {wall['inspect']:6.2f} s   cpu {cpu['inspect']:6.2f} s   "
-          f"peak RSS {rss['inspect']:7.0f} MiB   ratio wall {wall['inspect'] / wall['bare']:.2f}x  "
-          f"cpu {cpu['inspect'] / cpu['bare']:.2f}x  peak RSS {rss['inspect'] / rss['bare']:.2f}x")
+    print(f"  {'bare minimum':<24} wall {wall['bare']:6.2f} s   cpu {cpu['bare']:6.2f} s   "
+          f"peak RSS {rss['bare']:7.0f} MiB")
+    for name in list(times)[1:]:
+        shown = "nanscope " + name
+        print(f"  {shown:<24} wall {wall[name]:6.2f} s   cpu {cpu[name]:6.2f} s   "
+              f"peak RSS {rss[name]:7.0f} MiB   ratio wall {wall[name] / wall['bare']:.2f}x  "
+              f"cpu {cpu[name] / cpu['bare']:.2f}x  peak RSS {rss[name] / rss['bare']:.2f}x")
 
 
 def stats_pass(label: str, ckpt: Path, batch: Path, config: Path | None, te: Path, rounds: int) -> None:
@@ -118,7 +130,11 @@ def main() -> None:
                     help="in-process rounds of forward vs forward + module_stats (0: skip)")
     ap.add_argument("--full", action="store_true", help="also the full-size SwinT-OGC config (slow on CPU)")
     ap.add_argument("--full-rounds", type=int, default=2)
+    ap.add_argument("--full-size", type=int, default=224,
+                    help="image size (pixels, square) of the --full batch's 2 images (issue 28: 800)")
     ap.add_argument("--threads", default="0", help="OMP_NUM_THREADS of both processes (default 0: torch's default)")
+    ap.add_argument("--against", type=Path, metavar="DIR",
+                    help="also run inspect importing another nanscope checkout (e.g. /work/main), interleaved")
     ap.add_argument("--extra", default="", help="more inspect options, e.g. '--trace' or '--amp fp16'")
     args = ap.parse_args()
     global THREADS
@@ -137,20 +153,21 @@ def main() -> None:
         if args.stats_rounds:
             stats_pass("demo", files.checkpoint, files.batch, files.config, files.text_encoder, args.stats_rounds)
         if args.rounds:
-            compare("demo", files.checkpoint, files.batch, files.config, files.text_encoder, args.rounds, extra)
+            compare("demo", files.checkpoint, files.batch, files.config, files.text_encoder, args.rounds, extra,
+                    args.against)
         if args.full:
             model, _ = build_model(None, text_encoder=files.text_encoder, seed=0)
             ckpt = Path(tmp) / "swint_ogc_random.pth"
             torch.save({"model": model.state_dict()}, ckpt)
             del model
-            batch = demo_batch(0, long=False)
+            batch = demo_batch(0, long=False, image_size=args.full_size)
             batch["images"] = batch["images"][:2]
             bp = Path(tmp) / "batch2.pt"
             torch.save(batch, bp)
-            label = "SwinT-OGC (full size, tiny BERT)"
+            label = f"SwinT-OGC (full size, tiny BERT), 2 images at {args.full_size} px"
             if args.stats_rounds:
                 stats_pass(label, ckpt, bp, None, files.text_encoder, max(1, args.stats_rounds // 2))
-            compare(label, ckpt, bp, None, files.text_encoder, args.full_rounds, extra)
+            compare(label, ckpt, bp, None, files.text_encoder, args.full_rounds, extra, args.against)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
