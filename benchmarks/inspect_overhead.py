@@ -96,6 +96,25 @@ def compare(label: str, ckpt: Path, batch: Path, config: Path | None, te: Path, 
               f"cpu {cpu[name] / cpu['bare']:.2f}x  peak RSS {rss[name] / rss['bare']:.2f}x")
 
 
+def write_full_size(folder: Path, text_encoder: Path, size: int) -> tuple[Path, Path]:
+    """The default SwinT-OGC config with random weights (seed 0) saved as groundingdino saves it, and a batch
+    of 2 images of `size` pixels: (checkpoint, batch) paths in `folder`."""
+    import torch
+
+    from nanscope.stacks.groundingdino.demo import demo_batch
+    from nanscope.stacks.groundingdino.stack import build_model
+
+    model, _ = build_model(None, text_encoder=text_encoder, seed=0)
+    ckpt = folder / "swint_ogc_random.pth"
+    torch.save({"model": model.state_dict()}, ckpt)
+    del model
+    batch = demo_batch(0, long=False, image_size=size)
+    batch["images"] = batch["images"][:2]
+    bp = folder / "batch2.pt"
+    torch.save(batch, bp)
+    return ckpt, bp
+
+
 def stats_pass(label: str, ckpt: Path, batch: Path, config: Path | None, te: Path, rounds: int) -> None:
     """In-process: one forward with and without the per-module statistics hooks (NS303), interleaved."""
     import torch
@@ -140,10 +159,7 @@ def main() -> None:
     global THREADS
     THREADS = args.threads
     sys.path.insert(0, str(ROOT))
-    import torch
-
-    from nanscope.stacks.groundingdino.demo import demo_batch, write_demo
-    from nanscope.stacks.groundingdino.stack import build_model
+    from nanscope.stacks.groundingdino.demo import write_demo
 
     extra = shlex.split(args.extra)
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs; "
@@ -156,14 +172,7 @@ def main() -> None:
             compare("demo", files.checkpoint, files.batch, files.config, files.text_encoder, args.rounds, extra,
                     args.against)
         if args.full:
-            model, _ = build_model(None, text_encoder=files.text_encoder, seed=0)
-            ckpt = Path(tmp) / "swint_ogc_random.pth"
-            torch.save({"model": model.state_dict()}, ckpt)
-            del model
-            batch = demo_batch(0, long=False, image_size=args.full_size)
-            batch["images"] = batch["images"][:2]
-            bp = Path(tmp) / "batch2.pt"
-            torch.save(batch, bp)
+            ckpt, bp = write_full_size(Path(tmp), files.text_encoder, args.full_size)
             label = f"SwinT-OGC (full size, tiny BERT), 2 images at {args.full_size} px"
             if args.stats_rounds:
                 stats_pass(label, ckpt, bp, None, files.text_encoder, max(1, args.stats_rounds // 2))
