@@ -60,7 +60,8 @@ def timed(cmd: list[str], root: Path = ROOT) -> tuple[float, float, float]:
     nanscope checkout it imports."""
     t = time.perf_counter()
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, env=_env(root), stdout=subprocess.DEVNULL, stderr=err)
+        # cwd=root: `python -m` and `-c` put the working directory first on sys.path, before PYTHONPATH
+        proc = subprocess.Popen(cmd, env=_env(root), cwd=root, stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t

@@ -40,6 +40,8 @@ def mark(what):
 
 mark("interpreter")
 import torch
+import nanscope
+print(f"  (nanscope imported from {nanscope.__file__})", file=sys.__stderr__)
 mark("import torch")
 if case == "bare":
     from nanscope.stacks.groundingdino.stack import build_model
@@ -71,7 +73,7 @@ def run(case: str, root: Path, ckpt: Path, batch: Path, te: Path, ignore: str) -
                PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     print(f"{case} ({root}):", flush=True)
     subprocess.run([sys.executable, "-c", CHILD, case, str(ckpt), str(batch), str(te), ignore], env=env,
-                   stdout=subprocess.DEVNULL, check=False)
+                   cwd=root, stdout=subprocess.DEVNULL, check=False)  # cwd: `-c` puts it first on sys.path
 
 
 def main() -> None:

@@ -57,7 +57,9 @@ class LoadedModel:
     cfg: Any  # the stack's own config object
     tokenizer: Any  # a fast tokenizer (char_to_token): positive maps come from its untruncated tokenization
     max_text_len: int  # logits have this many text columns; longer captions are truncated (or rejected)
-    state_dict: dict[str, Tensor]  # what the checkpoint held, under the model's own key names
+    # What the checkpoint held, under the model's own key names; where the model holds the same values the
+    # tensor is the model's own (`formats.shared_state`: one copy of the weights)
+    state_dict: dict[str, Tensor]
     key_fit: KeyFit
     inputs: dict[str, Any] = field(default_factory=dict)  # report metadata: checkpoint, sha256, config, ...
 
