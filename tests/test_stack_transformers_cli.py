@@ -132,3 +132,28 @@ def test_demo_on_the_transformers_stack(tmp_path, capsys):
     findings = [m.group(1) for m in (re.match(r"\s*(?:cause \d+: )?(NS\d{3}) ", ln) for ln in text.splitlines()) if m]
     assert findings[0] == "NS110" and {"NS102", "NS101", "NS001", "NS111"} <= set(findings)
     assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
+
+
+def test_the_weights_file_named_directly_loads_like_its_folder(folder, tmp_path, capsys):
+    """save_pretrained's model.safetensors given as the checkpoint: its tokenizer and config beside it are used,
+    and its keys (renamed and tied when 5.x saves) load as from_pretrained loads them: no NS306 error."""
+    import transformers
+    from safetensors.torch import load_file
+
+    # independently: the file's own names differ from the model's (5.x) or not (4.x); from_pretrained fits all
+    _, info = transformers.GroundingDinoForObjectDetection.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    renamed = set(load_file(str(folder / "model.safetensors"))) != set(
+        transformers.GroundingDinoForObjectDetection.from_pretrained(folder).state_dict())
+    batch = tmp_path / "batch.pt"
+    torch.save(hf_batch(load_tokenizer(folder)), batch)
+    results = {}
+    for name, ckpt in (("file", folder / "model.safetensors"), ("folder", folder)):
+        main(["inspect", str(ckpt), str(batch), "--stack", "hf", "--json", str(tmp_path / f"{name}.json")])
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())["findings"]
+    capsys.readouterr()
+    ns306 = [f for f in results["file"] if f["code"] == "NS306"]
+    assert all(f["severity"] == "info" for f in ns306)
+    assert bool(ns306) == renamed  # the note says the keys were renamed exactly when they were
+    strip = [(f["code"], f["count"]) for f in results["file"] if f["code"] != "NS306"]
+    assert strip == [(f["code"], f["count"]) for f in results["folder"]]

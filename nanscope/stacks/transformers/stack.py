@@ -130,7 +130,7 @@ class TransformersHF(Stack):
                               "adapters yet; merge it first (PeftModel.merge_and_unload(), then save_pretrained)")
 
         from nanscope.stacks.formats.checkpoint import file_sha256
-        from nanscope.stacks.transformers.loading import load_folder, load_state_file
+        from nanscope.stacks.transformers.loading import RENAMED_NOTE, load_folder, load_state_file
 
         from nanscope.stacks.transformers.mm_loading import is_mm_checkpoint, load_mm_file
 
@@ -147,7 +147,8 @@ class TransformersHF(Stack):
                 text_encoder = mm.text_encoder  # the mmdet config's language_model.name
         elif path.is_file():
             model, cfg, fit, raw = load_state_file(path, self._config_data(path, config), trust=trust)
-            state, weights = {k: raw[k] for k in fit.matched}, path
+            # the file's own tensors, by the file's names (they differ from the model's after a rename)
+            state, weights = ({k: raw[k] for k in fit.matched} if RENAMED_NOTE not in fit.notes else raw), path
         else:
             raise CheckpointError(f"checkpoint {str(path)!r} does not exist; expected a save_pretrained folder")
         tok, te = self._tokenizer(path, config, text_encoder)
@@ -172,7 +173,8 @@ class TransformersHF(Stack):
         config_folder = None
         if isinstance(config, (str, os.PathLike)):  # a config.json's folder holds the tokenizer save_pretrained wrote
             config_folder = Path(config) if Path(config).is_dir() else Path(config).parent
-        for folder in (checkpoint, config_folder):
+        own = checkpoint if checkpoint.is_dir() else checkpoint.parent  # save_pretrained put them beside the weights
+        for folder in (own, config_folder):
             if folder is not None and has_tokenizer(folder):
                 return load_tokenizer(folder), str(folder)
         raise ConfigError(f"{str(checkpoint)!r} holds no tokenizer (tokenizer.json or vocab.txt); pass --text-encoder "
