@@ -157,3 +157,24 @@ def test_the_weights_file_named_directly_loads_like_its_folder(folder, tmp_path,
     assert bool(ns306) == renamed  # the note says the keys were renamed exactly when they were
     strip = [(f["code"], f["count"]) for f in results["file"] if f["code"] != "NS306"]
     assert strip == [(f["code"], f["count"]) for f in results["folder"]]
+
+
+def test_a_state_dict_under_a_wrapper_prefix_loads_on_the_transformers_stack(folder, tmp_path, capsys):
+    """A LightningModule's `self.model` (keys under 'model.', on top of the model's own 'model.' prefix)."""
+    import transformers
+
+    model = transformers.GroundingDinoForObjectDetection.from_pretrained(folder)
+    wrapped = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()} | {"loss_w": torch.ones(2)}},
+               wrapped)
+    batch = tmp_path / "batch.pt"
+    torch.save(hf_batch(load_tokenizer(folder)), batch)
+    results = {}
+    for name, ckpt, extra in (("wrapped", wrapped, ["--config", str(folder)]), ("folder", folder, [])):
+        main(["inspect", str(ckpt), str(batch), "--stack", "hf", "--json", str(tmp_path / f"{name}.json"), *extra])
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())["findings"]
+    capsys.readouterr()
+    (note,) = [f for f in results["wrapped"] if f["code"] == "NS306"]
+    assert note["severity"] == "info" and "'model.'" in note["message"]
+    assert [(f["code"], f["count"]) for f in results["wrapped"] if f["code"] != "NS306"] == \
+        [(f["code"], f["count"]) for f in results["folder"]]

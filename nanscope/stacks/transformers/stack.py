@@ -148,7 +148,8 @@ class TransformersHF(Stack):
         elif path.is_file():
             model, cfg, fit, raw = load_state_file(path, self._config_data(path, config), trust=trust)
             # the file's own tensors, by the file's names (they differ from the model's after a rename)
-            state, weights = ({k: raw[k] for k in fit.matched} if RENAMED_NOTE not in fit.notes else raw), path
+            state, weights = ({k: raw[fit.prefix + k] for k in fit.matched} if RENAMED_NOTE not in fit.notes
+                              else raw), path
         else:
             raise CheckpointError(f"checkpoint {str(path)!r} does not exist; expected a save_pretrained folder")
         tok, te = self._tokenizer(path, config, text_encoder)
