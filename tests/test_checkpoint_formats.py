@@ -378,3 +378,25 @@ def test_a_prefix_under_which_too_few_weights_sit_is_still_refused(demo_sd, demo
     torch.save({"state_dict": {f"detector.{k}": v for k, v in few.items()}}, p)
     with pytest.raises(CheckpointError, match="does not look like a checkpoint"):
         prepare(p, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+
+
+def test_accelerate_safetensors_without_shared_tensors_loads_clean(demo_files, fixture_files, tmp_path):
+    """Accelerate's save_state writes model.safetensors without the tied box heads' duplicates (safetensors
+    cannot hold shared tensors): those keys are tied to keys the file holds, not missing."""
+    accelerate = pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+
+    from nanscope.replay.session import prepare
+
+    ref = prepare(demo_files.checkpoint, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+    acc = accelerate.Accelerator(cpu=True)
+    acc.save_model(acc.prepare(ref.model), str(tmp_path / "saved"))
+    path = tmp_path / "saved" / "model.safetensors"
+    dropped = set(ref.model.state_dict()) - set(load_file(str(path)))
+    assert dropped  # the real writer left the shared tensors out
+    got = prepare(path, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+    assert got.key_fit.clean and not got.key_fit.missing
+    assert {k for k, why in got.key_fit.benign if "tied to" in why} == dropped
+    with torch.no_grad():
+        a, b = ref.run(), got.run()
+    assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])

@@ -247,9 +247,15 @@ def key_fit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> KeyFit:
                 matched.append(k)
             else:
                 mismatched.append((k, tuple(v.shape), tuple(own[k].shape)))
-    missing = sorted(k for k in own if k not in state)
-    non_persistent = {k for k, _ in model.named_buffers()} - set(own)
     unexpected, benign = [], []
+    missing = []
+    tied_to = {k: next((o for o in group if o in state), None) for group in tied_groups(model) for k in group}
+    for k in sorted(k for k in own if k not in state):
+        if tied_to.get(k) is not None:  # safetensors writers (Accelerate, save_pretrained) drop shared tensors
+            benign.append((k, f"tied to {tied_to[k]!r}, which the file holds (one tensor in the model)"))
+        else:
+            missing.append(k)
+    non_persistent = {k for k, _ in model.named_buffers()} - set(own)
     for k in sorted(k for k in state if k not in own):
         if k in non_persistent:
             benign.append((k, "a non-persistent buffer of this model (rebuilt at init)"))
