@@ -14,11 +14,12 @@ transformers' own loss built from the model's config; for `--preset hf` verify-f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import weakref
 from pathlib import Path
-from typing import Any, ClassVar, ContextManager
+from typing import Any, ClassVar, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -125,16 +126,15 @@ class TransformersHF(Stack):
              merge_lora: bool = False) -> LoadedModel:
         import transformers
 
-        if adapter is not None:
-            raise ConfigError(f"--adapter {adapter} was given for the transformers stack, which does not apply PEFT "
-                              "adapters yet; merge it first (PeftModel.merge_and_unload(), then save_pretrained)")
-
         from nanscope.stacks.formats.checkpoint import file_sha256
         from nanscope.stacks.transformers.loading import RENAMED_NOTE, load_folder, load_state_file
 
         from nanscope.stacks.transformers.mm_loading import is_mm_checkpoint, load_mm_file
 
         path = Path(checkpoint)
+        adapter_path = Path(adapter) if adapter is not None else None
+        if adapter_path is None and path.is_dir() and (base := _adapter_base_folder(path)) is not None:
+            adapter_path, path = path, base  # an adapter folder whose base_model_name_or_path is a local folder
         if path.is_dir():
             model, cfg, fit, weights = load_folder(path, config=config)
             loaded = set(fit.matched)
@@ -152,6 +152,9 @@ class TransformersHF(Stack):
                               else raw), path
         else:
             raise CheckpointError(f"checkpoint {str(path)!r} does not exist; expected a save_pretrained folder")
+        if adapter_path is not None:
+            model, fit = _apply_peft(model, fit, adapter_path, trust=trust, merge=merge_lora)
+            state = {k: v.detach() for k, v in model.state_dict().items()}  # under PEFT's names when unmerged
         tok, te = self._tokenizer(path, config, text_encoder)
         model.to(device).eval()
         set_tokenizer(model, tok)
@@ -164,6 +167,9 @@ class TransformersHF(Stack):
                   "checkpoint_dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in state.values()
                                                if isinstance(v, torch.Tensor) and v.is_floating_point()})
                   if path.is_file() else []}
+        if adapter_path is not None:
+            inputs["adapter"] = str(adapter_path)
+            inputs["lora"] = "merged" if merge_lora else "unmerged (PEFT layers)"
         return LoadedModel(self, model, cfg, tok, int(cfg.max_text_len), state, fit, inputs)
 
     def _tokenizer(self, checkpoint: Path, config: Any, text_encoder: str | None) -> tuple[Any, str]:
@@ -275,3 +281,54 @@ class TransformersHF(Stack):
         return {"stack": self.name, "model_class": type(det).__name__, "text_encoder": te,
                 "max_text_len": int(det.config.max_text_len), "num_queries": int(det.config.num_queries),
                 "hf_config": json.loads(det.config.to_json_string(use_diff=False))}
+
+
+def _adapter_base_folder(folder: Path) -> Path | None:
+    """The local save_pretrained folder a PEFT adapter folder names as its base_model_name_or_path, or None."""
+    from nanscope.stacks.formats import peft as ps
+
+    if not (folder / ps.ADAPTER_CONFIG).is_file():
+        return None
+    name = str(ps.read_adapter_config(folder / ps.ADAPTER_CONFIG).get("base_model_name_or_path") or "")
+    return next((c for c in (Path(name), folder / name) if name and (c / "config.json").is_file()), None)
+
+
+def _apply_peft(model: nn.Module, fit: Any, adapter: Path, *, trust: bool, merge: bool) -> tuple[nn.Module, Any]:
+    """A PEFT LoRA adapter (save_pretrained folder or file) on the loaded transformers model, through PEFT's own
+    layers (merged on request); heads the trainer saved with it (modules_to_save) replace the base's."""
+    from nanscope.stacks.formats import peft as ps
+    from nanscope.stacks.formats.checkpoint import key_fit
+
+    a_state, cfg, cfg_file = ps.read_adapter(adapter, trust=trust)
+    split = ps.split_state(a_state, modules_to_save=tuple((cfg or {}).get("modules_to_save") or ()))
+    if split.base:
+        over = key_fit(model, split.base)
+        model.load_state_dict({k: split.base[k] for k in over.matched}, strict=False)
+        split.overrides = tuple(over.matched)
+    where = f"adapter {str(adapter)!r}"
+    with input_embeddings_for_peft(model):
+        out, adapter_fit, info = ps.apply_adapter(model, split, cfg, source=where, merge=merge,
+                                                  config_file=str(cfg_file) if cfg_file is not None else None)
+    note = (f"LoRA adapter from {where} applied {'merged' if merge else 'unmerged, through PEFT layers'} "
+            f"(r={info.r}, lora_alpha={info.lora_alpha:g}, {len(info.targets)} modules)")
+    return out, ps.combine_fits(fit, adapter_fit, info, (note,))
+
+
+@contextlib.contextmanager
+def input_embeddings_for_peft(model: nn.Module) -> Iterator[None]:
+    """PEFT (0.21) asks the model for `get_input_embeddings` to find weights tied to them, which transformers'
+    GroundingDino does not answer (NotImplementedError): answer it with the text backbone's word embeddings
+    (none of GroundingDino's ties involve them) while the adapter is applied, then remove the answer."""
+    det = find_detector(model)
+    try:
+        det.get_input_embeddings()
+        yield
+        return
+    except NotImplementedError:
+        pass
+    text = det.model.text_backbone
+    det.get_input_embeddings = text.get_input_embeddings  # an instance attribute, deleted below
+    try:
+        yield
+    finally:
+        del det.get_input_embeddings
