@@ -89,3 +89,33 @@ def test_merged_adapter_and_the_adapter_folder_alone(live, tmp_path, capsys):
     assert code in (0, 1)
     report = json.loads((tmp_path / "a.json").read_text())
     assert report["inputs"]["adapter"] == str(alone) and report["inputs"]["lora"].startswith("unmerged")
+
+
+def test_a_watched_peft_model_dump_replays_through_its_adapter(live, tmp_path, capsys):
+    import nanscope
+
+    pm = live["pm"]
+    batch = torch.load(live["batch"], weights_only=False)
+    batch["pixel_values"] = batch["pixel_values"].clone()
+    batch["pixel_values"][1, :, 5, 6] = float("nan")
+    dumps = tmp_path / "dumps"
+    from nanscope.watch.report import NonFiniteStepError
+
+    with pytest.raises(NonFiniteStepError):
+        with nanscope.watch(pm, dump_dir=dumps) as watcher:
+            with torch.no_grad():
+                try:
+                    out = pm(**batch)
+                    terms = out.loss_dict
+                except ValueError:  # transformers' matcher may raise on NaN boxes: check the logits then
+                    terms = {"loss_ce": torch.tensor(float("nan"))}
+            watcher.check(0, terms, batch)
+    (dump,) = sorted(dumps.glob("step*-rank0"))
+    code = main(["inspect", str(dump), "--json", str(tmp_path / "d.json")])
+    capsys.readouterr()
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert code == 1 and report["findings"][0]["code"] == "NS304"
+    assert not [f for f in report["findings"] if f["code"] == "NS306" and f["severity"] == "error"]
+    assert report["inputs"].get("lora", "").startswith("unmerged")
+    replay = prepare(dump / "checkpoint.pth", live["batch"], text_encoder=str(live["base"]), hash_checkpoint=False)
+    assert replay.key_fit.clean and _close(_out(replay), _out(replay, pm))

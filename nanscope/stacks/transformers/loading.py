@@ -173,6 +173,11 @@ def load_state_file(path: Path, config_data: Mapping[str, Any], *, trust: bool =
             raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file ({exc})") from None
     else:
         state = read_state_dict(path, trust=trust)
+    return _model_for_state(path, state, config_data, seed)
+
+
+def _model_for_state(path: Path, state: dict[str, torch.Tensor], config_data: Mapping[str, Any],
+                     seed: int) -> tuple[nn.Module, Any, KeyFit, dict[str, torch.Tensor]]:
     cfg = build_config(config_data)
     torch.manual_seed(seed)  # weights the file lacks are reported (NS306); make their init reproducible
     with quiet_transformers():

@@ -145,6 +145,10 @@ class TransformersHF(Stack):
             state = {k: mm.state[k] for k in fit.matched}
             if text_encoder is None and mm.text_encoder is not None:
                 text_encoder = mm.text_encoder  # the mmdet config's language_model.name
+        elif path.is_file() and adapter_path is None and _peft_dump(path):  # a watched PeftModel's weights
+            model, cfg, fit, state = _load_peft_state(path, self._config_data(path, config), trust=trust,
+                                                      merge=merge_lora)
+            weights, adapter_path = path, path
         elif path.is_file():
             model, cfg, fit, raw = load_state_file(path, self._config_data(path, config), trust=trust)
             # the file's own tensors, by the file's names (they differ from the model's after a rename)
@@ -152,7 +156,7 @@ class TransformersHF(Stack):
                               else raw), path
         else:
             raise CheckpointError(f"checkpoint {str(path)!r} does not exist; expected a save_pretrained folder")
-        if adapter_path is not None:
+        if adapter_path is not None and adapter_path != path:
             model, fit = _apply_peft(model, fit, adapter_path, trust=trust, merge=merge_lora)
             state = {k: v.detach() for k, v in model.state_dict().items()}  # under PEFT's names when unmerged
         tok, te = self._tokenizer(path, config, text_encoder)
@@ -278,9 +282,15 @@ class TransformersHF(Stack):
         tok = _TOKENIZERS.get(det)
         if te is None and tok is not None and Path(str(getattr(tok, "name_or_path", ""))).is_dir():
             te = str(Path(tok.name_or_path).resolve())
-        return {"stack": self.name, "model_class": type(det).__name__, "text_encoder": te,
+        from nanscope.stacks.formats.peft import live_adapter_config
+
+        meta = {"stack": self.name, "model_class": type(det).__name__, "text_encoder": te,
                 "max_text_len": int(det.config.max_text_len), "num_queries": int(det.config.num_queries),
                 "hf_config": json.loads(det.config.to_json_string(use_diff=False))}
+        lora = live_adapter_config(model)  # a PEFT-wrapped model: the dump replays through the same adapter
+        if lora is not None:
+            meta["peft"] = lora
+        return meta
 
 
 def _adapter_base_folder(folder: Path) -> Path | None:
@@ -305,7 +315,39 @@ def _apply_peft(model: nn.Module, fit: Any, adapter: Path, *, trust: bool, merge
         over = key_fit(model, split.base)
         model.load_state_dict({k: split.base[k] for k in over.matched}, strict=False)
         split.overrides = tuple(over.matched)
-    where = f"adapter {str(adapter)!r}"
+    return _apply_split(model, fit, split, cfg, cfg_file, f"adapter {str(adapter)!r}", merge)
+
+
+def _peft_dump(path: Path) -> bool:
+    """A state-dict file of a PEFT-wrapped model (a watch dump, or `torch.save(peft_model.state_dict())`) with
+    its adapter_config.json beside it; not the adapter's own weights file."""
+    from nanscope.stacks.formats import peft as ps
+
+    return ps.adapter_config_near(path) is not None and path.name not in ps.ADAPTER_WEIGHTS
+
+
+def _load_peft_state(path: Path, config_data: dict[str, Any], *, trust: bool,
+                     merge: bool) -> tuple[nn.Module, Any, Any, dict[str, torch.Tensor]]:
+    """A PeftModel's own state dict (base layers and LoRA weights under PEFT's names): the base weights into
+    the model, then the adapter through PEFT's layers with the adapter_config.json beside the file."""
+    from nanscope.stacks.formats import peft as ps
+    from nanscope.stacks.formats.checkpoint import read_state_dict
+    from nanscope.stacks.transformers.loading import _model_for_state
+
+    cfg_file = ps.adapter_config_near(path)
+    assert cfg_file is not None
+    cfg = ps.read_adapter_config(cfg_file)
+    split = ps.split_state(read_state_dict(path, trust=trust),
+                           modules_to_save=tuple(cfg.get("modules_to_save") or ()))
+    model, hf_cfg, fit, _ = _model_for_state(path, split.base, config_data, 0)
+    model, fit = _apply_split(model, fit, split, cfg, cfg_file, f"checkpoint {str(path)!r}", merge)
+    return model, hf_cfg, fit, {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def _apply_split(model: nn.Module, fit: Any, split: Any, cfg: Any, cfg_file: Any, where: str,
+                 merge: bool) -> tuple[nn.Module, Any]:
+    from nanscope.stacks.formats import peft as ps
+
     with input_embeddings_for_peft(model):
         out, adapter_fit, info = ps.apply_adapter(model, split, cfg, source=where, merge=merge,
                                                   config_file=str(cfg_file) if cfg_file is not None else None)
