@@ -297,7 +297,8 @@ def test_untied_box_heads_are_built_untied(demo_files, fixture_files, tmp_path):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
     torch.save({"model": live.state_dict()}, tmp_path / "gd.pth")
     torch.save({"state_dict": to_mmdet(live.state_dict(), 2)}, tmp_path / "mm.pth")
-    for name in ("gd.pth", "mm.pth"):
+    torch.save({"state_dict": {f"model.{k}": v for k, v in live.state_dict().items()}}, tmp_path / "wrapped.ckpt")
+    for name in ("gd.pth", "mm.pth", "wrapped.ckpt"):  # the last: a LightningModule's `self.model`
         got = prepare(tmp_path / name, fixture_files.healthy, config=config, hash_checkpoint=False)
         assert got.model.bbox_embed[0] is not got.model.bbox_embed[1]
         assert got.key_fit.clean and any("untied" in n for n in got.key_fit.notes)
