@@ -1,0 +1,188 @@
+"""nanscope.watch.attach on a sharded model: two gloo ranks run the demo GroundingDINO under FSDP2 (`fully_shard`)
+and FSDP1 (`FullyShardedDataParallel`), a NaN pixel in rank 1's batch of step 1 only, a criterion attached.
+
+Both ranks stop at step 1 (no hang: the spawn has a timeout); the origin rank's dump holds the FULL weights,
+equal to each rank's shards (recorded by the test before the step) put back together, and under the plain
+model's keys; `nanscope inspect DUMP/` replays it to the same finding as the dump of the same step of an
+unsharded run of the same two steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from _spawn import spawn_or_fail
+from test_attach import CRITERIA, PLANT, Criterion, step_inputs
+
+from nanscope.cli import main
+from nanscope.stacks.groundingdino.stack import build_model
+from nanscope.watch.attachment import attach
+from nanscope.watch.ranks import merge_rank_dumps
+from nanscope.watch.report import NonFiniteStepError
+
+WORLD = 2
+PLANT_RANK = 1
+STEPS = 3
+KINDS = ("fsdp2", "fsdp1")
+TIMEOUT_S = 240  # a hang fails the test; the ranks take ~40 s on a loaded 2-core box
+
+
+def _demo_model(demo: dict) -> torch.nn.Module:
+    m, _ = build_model(demo["config"], text_encoder=demo["text_encoder"], seed=0)
+    m.load_state_dict(torch.load(demo["checkpoint"], weights_only=True)["model"])
+    return m.train()
+
+
+def _local_shards(m: torch.nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    """This rank's part of each parameter, read without FSDP's state-dict code: FSDP2's DTensor local shard
+    (dim 0), FSDP1's (use_orig_params) 1-D slice of the flat parameter."""
+    if kind == "fsdp2":
+        return {n: p.to_local().detach().clone() for n, p in m.named_parameters()}
+    return {n: p.detach().reshape(-1).clone() for n, p in m.named_parameters()}
+
+
+def _shard(m: torch.nn.Module, kind: str) -> torch.nn.Module:
+    if kind == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(m, mesh=init_device_mesh("cpu", (WORLD,)))
+        return m
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel(m, device_id=torch.device("cpu"), use_orig_params=True)
+
+
+def _worker(rank: int, out: str, demo: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=90))
+    try:
+        base = _demo_model(demo)
+        for kind in KINDS:  # one spawn for both: building the model costs more than the steps
+            _train(rank, Path(out) / kind, kind, copy.deepcopy(base), demo)
+            gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(rank: int, out: Path, kind: str, m: torch.nn.Module, demo: dict) -> None:
+    model = _shard(m, kind)
+    inner = m  # FSDP2 shards in place; FSDP1 wraps
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    crit = Criterion()
+    result: dict = {"raised_at": None, "steps_run": []}
+    shards: dict[str, torch.Tensor] = {}
+    torch.manual_seed(0)  # the text encoder's dropout draws the same masks as in the unsharded run
+    with attach(crit, out / "dumps", model=model, config=demo["config"], text_encoder=demo["text_encoder"]) as a:
+        try:
+            for step in range(STEPS):
+                shards = _local_shards(inner, kind)  # the weights a dump of this step must hold
+                b, targets = step_inputs(inner, step, PLANT if rank == PLANT_RANK else None)
+                terms = crit(model(b.images, captions=list(b.captions)), targets)
+                opt.zero_grad()
+                sum(terms.values()).backward()
+                opt.step()
+                result["steps_run"].append(step)
+        except NonFiniteStepError:
+            result["raised_at"] = step
+    result["report"] = a.report.to_dict()
+    torch.save(shards, out / f"shards-rank{rank}.pt")
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def runs(demo_files, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("attach-fsdp")
+    for kind in KINDS:
+        (tmp_path / kind).mkdir()
+    demo = {"config": str(demo_files.config), "text_encoder": str(demo_files.text_encoder),
+            "checkpoint": str(demo_files.checkpoint)}
+    spawn_or_fail(_worker, (str(tmp_path), demo), WORLD, TIMEOUT_S)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def plain_dump(demo_files, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same two steps (rank 1's batches) without sharding, in this process: the dump to compare with."""
+    m = _demo_model({"config": demo_files.config, "text_encoder": demo_files.text_encoder,
+                     "checkpoint": demo_files.checkpoint})
+    opt = torch.optim.SGD(m.parameters(), lr=1e-4)
+    crit = Criterion()
+    torch.manual_seed(0)
+    with pytest.raises(NonFiniteStepError) as info:
+        with attach(crit, tmp_path_factory.mktemp("plain") / "dumps", model=m, config=demo_files.config,
+                    text_encoder=demo_files.text_encoder):
+            for step in range(STEPS):
+                b, targets = step_inputs(m, step, PLANT)
+                terms = crit(m(b.images, captions=list(b.captions)), targets)
+                opt.zero_grad()
+                sum(terms.values()).backward()
+                opt.step()
+    return info.value.report.dump
+
+
+def _first_finding(dump: Path) -> dict:
+    out = dump.parent / f"{dump.name}.json"
+    assert main(["inspect", str(dump), "--criterion", f"{CRITERIA}:masked", "--json", str(out)]) == 1
+    return json.loads(out.read_text())["findings"][0]
+
+
+@pytest.fixture(scope="module")
+def plain_finding(plain_dump: Path) -> dict:
+    return _first_finding(plain_dump)
+
+
+def _gathered(runs: Path, kind: str, shape: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Each parameter from the ranks' shards, concatenated in rank order."""
+    parts = [torch.load(runs / kind / f"shards-rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    if kind == "fsdp2":
+        return {n: torch.cat([p[n] for p in parts], dim=0) for n in parts[0]}
+    return {n: torch.cat([p[n] for p in parts]).view(shape[n]) for n in parts[0]}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_both_ranks_stop_at_the_planted_step_and_the_origin_dump_holds_the_full_weights(
+        runs: Path, plain_dump: Path, plain_finding: dict, demo_files, kind: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    res = {r: json.loads((runs / kind / f"rank{r}.json").read_text()) for r in range(WORLD)}
+    for r in range(WORLD):
+        assert res[r]["raised_at"] == PLANT and res[r]["steps_run"] == list(range(PLANT)), r
+        assert res[r]["report"]["stopped"] and res[r]["report"]["nonfinite_steps"] == [PLANT]
+
+    dumps = runs / kind / "dumps"
+    merged = merge_rank_dumps(dumps)
+    origin = dumps / f"step{PLANT:08d}-rank{PLANT_RANK}"
+    assert merged["step"] == PLANT and merged["origin_ranks"] == [PLANT_RANK] and merged["problems"] == []
+    assert merged["replay"] == str(origin)
+    manifest = json.loads((origin / "manifest.json").read_text())
+    assert manifest["sharding"] == kind and manifest["rank"] == PLANT_RANK and manifest["origin"] is True
+    assert manifest["model"]["class"] == "GroundingDINO" and manifest["stack"]["model_class"] == "GroundingDINO"
+    rank0 = json.loads((dumps / f"step{PLANT:08d}-rank0" / "manifest.json").read_text())
+    assert rank0["files"]["checkpoint"] is None and any(f"rank {PLANT_RANK}'s dump" in n for n in rank0["notes"])
+
+    ckpt = torch.load(origin / "checkpoint.pth", weights_only=True)["model"]
+    plain = torch.load(plain_dump / "checkpoint.pth", weights_only=True)["model"]
+    assert set(ckpt) == set(plain)  # the plain model's keys: no _fsdp_wrapped_module. / _orig_mod. prefixes
+    gathered = _gathered(runs, kind, {k: v.shape for k, v in plain.items()})
+    assert gathered.keys() < ckpt.keys()  # the parameters; the rest are buffers
+    for name, full in gathered.items():
+        assert torch.equal(ckpt[name], full), name  # exactly the shards, put back together
+    initial = torch.load(demo_files.checkpoint, weights_only=True)["model"]
+    assert any(not torch.equal(ckpt[n], initial[n]) for n in gathered)  # step 0's update is in them
+    for name, value in plain.items():  # the unsharded run's weights after the same step 0
+        torch.testing.assert_close(ckpt[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+    sharded = _first_finding(origin)
+    capsys.readouterr()
+    assert sharded["code"] == plain_finding["code"] == "NS304"  # the NaN pixel, found where it is
+    assert sharded["where"] == plain_finding["where"] and {"image": 1, "channel": 2}.items() <= sharded["where"][0].items()
