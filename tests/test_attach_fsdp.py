@@ -76,6 +76,7 @@ def _worker(rank: int, out: str, demo: dict) -> None:
         for kind in KINDS:  # one spawn for both: building the model costs more than the steps
             _train(rank, Path(out) / kind, kind, copy.deepcopy(base), demo)
             gc.collect()
+        _send_odd_tensors(rank, Path(out))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -104,6 +105,25 @@ def _train(rank: int, out: Path, kind: str, m: torch.nn.Module, demo: dict) -> N
     result["report"] = a.report.to_dict()
     torch.save(shards, out / f"shards-rank{rank}.pt")
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def _odd_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {"mask": torch.rand(3, 5, generator=g) > 0.5, "half": torch.randn(7, generator=g).to(torch.bfloat16),
+            "count": torch.tensor(12345678901, dtype=torch.int64), "empty": torch.zeros(0, 4),
+            "scalar": torch.tensor(float("nan")), "strided": torch.arange(12.0).view(3, 4).t()}
+
+
+def _send_odd_tensors(rank: int, out: Path) -> None:
+    """The weights' trip from the rank that gathered them to the origin rank, for dtypes gloo cannot send."""
+    from nanscope.watch.ranks import rank_context
+    from nanscope.watch.sharding import _receive, _send
+
+    ctx = rank_context()
+    if rank == 0:
+        _send(_odd_tensors(), ctx, 1)
+    else:
+        torch.save(_receive(ctx, 0), out / "received.pt")
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +212,11 @@ def test_both_ranks_stop_at_the_planted_step_and_the_origin_dump_holds_the_full_
     capsys.readouterr()
     assert sharded["code"] == plain_finding["code"] == "NS304"  # the NaN pixel, found where it is
     assert sharded["where"] == plain_finding["where"] and {"image": 0, "channel": 2}.items() <= sharded["where"][0].items()
+
+
+def test_the_weights_reach_the_origin_rank_bit_for_bit_in_every_dtype(runs: Path) -> None:
+    got, sent = torch.load(runs / "received.pt", weights_only=True), _odd_tensors()
+    assert list(got) == list(sent)
+    for name, t in sent.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(got[name].view(-1).view(torch.uint8), t.contiguous().view(-1).view(torch.uint8)), name

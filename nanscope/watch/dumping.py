@@ -247,7 +247,11 @@ class DumpWriter:
                                 "itself (the default sync_every=1 under FSDP does that)"]
         writer = agreement.origin_ranks[0] if agreement.origin_ranks else 0
         target = self._stack.find_model(self.model) if self._stack is not None else unwrap(self.model)
-        full = full_weights(self.model, target, self.ctx, writer)
+        try:
+            full = full_weights(self.model, target, self.ctx, writer)
+        except Exception as exc:  # noqa: BLE001 (torch refused this wrapping: the dump keeps the rest)
+            return None, None, [f"no checkpoint: gathering the full weights of the {how} model failed "
+                                f"({type(exc).__name__}: {str(exc)[:300]})"]
         if full is None:
             return None, None, [f"no checkpoint on this rank: the full weights, gathered from every rank's {how} "
                                 f"shards, are in rank {writer}'s dump of step {step}"]
