@@ -23,10 +23,12 @@ from _spawn import spawn_or_fail
 from test_attach import CRITERIA, PLANT, Criterion, step_inputs
 
 from nanscope.cli import main
+from nanscope.errors import InputError
 from nanscope.stacks.groundingdino.stack import build_model
 from nanscope.watch.attachment import attach
 from nanscope.watch.ranks import merge_rank_dumps
 from nanscope.watch.report import NonFiniteStepError
+from nanscope.watch.sentinel import watch
 
 WORLD = 2
 PLANT_RANK = 1
@@ -87,7 +89,11 @@ def _train(rank: int, out: Path, kind: str, m: torch.nn.Module, demo: dict) -> N
     inner = m  # FSDP2 shards in place; FSDP1 wraps
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     crit = Criterion()
-    result: dict = {"raised_at": None, "steps_run": []}
+    result: dict = {"raised_at": None, "steps_run": [], "keep_weights": None}
+    try:  # a weight copy of this rank's shards would be no checkpoint: refused when the watcher is made
+        watch(model, out / "refused", keep_weights=True)
+    except InputError as exc:
+        result["keep_weights"] = str(exc)
     shards: dict[str, torch.Tensor] = {}
     torch.manual_seed(0)  # the text encoder's dropout draws the same masks as in the unsharded run
     with attach(crit, out / "dumps", model=model, config=demo["config"], text_encoder=demo["text_encoder"]) as a:
@@ -184,6 +190,7 @@ def test_both_ranks_stop_at_the_planted_step_and_the_origin_dump_holds_the_full_
     for r in range(WORLD):
         assert res[r]["raised_at"] == PLANT and res[r]["steps_run"] == list(range(PLANT)), r
         assert res[r]["report"]["stopped"] and res[r]["report"]["nonfinite_steps"] == [PLANT]
+        assert f"keep_weights=True with a model sharded by {kind.upper()}" in res[r]["keep_weights"]
 
     dumps = runs / kind / "dumps"
     merged = merge_rank_dumps(dumps)

@@ -473,7 +473,8 @@ def watch(
     """Watch a training loop for non-finite losses; dump the first bad step so `nanscope inspect DUMP` replays it.
 
     Args:
-        model: the trained module (DDP, torch.compile and PEFT wrappers are fine).
+        model: the trained module (DDP, torch.compile and PEFT wrappers are fine; under FSDP2/FSDP1 the dump
+            gathers the full weights at the agreed bad step, see `nanscope.watch.sharding`).
         dump_dir: where `step{N:08d}-rank{R}/` dump folders go.
         criterion: recorded as 'module:QualName' so a replay can use it again.
         scaler: a `torch.amp.GradScaler` (or an object with `get_scale()`/`_scale`): its skips are counted,
