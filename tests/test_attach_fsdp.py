@@ -4,7 +4,8 @@ and FSDP1 (`FullyShardedDataParallel`), a NaN pixel in rank 1's batch of step 1 
 Both ranks stop at step 1 (no hang: the spawn has a timeout); the origin rank's dump holds the FULL weights,
 equal to each rank's shards (recorded by the test before the step) put back together, and under the plain
 model's keys; `nanscope inspect DUMP/` replays it to the same finding as the dump of the same step of an
-unsharded run of the same two steps.
+unsharded run of the same two steps. On an MLP: FSDP1 with flat parameters and nested wrapping, and FSDP2 on
+submodules only, dump the weights kept before sharding.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from _spawn import spawn_or_fail
 from test_attach import CRITERIA, PLANT, Criterion, step_inputs
+from test_attach_ddp import MSE
 
 from nanscope.cli import main
 from nanscope.errors import InputError
@@ -79,6 +81,8 @@ def _worker(rank: int, out: str, demo: dict) -> None:
             _train(rank, Path(out) / kind, kind, copy.deepcopy(base), demo)
             gc.collect()
         _send_odd_tensors(rank, Path(out))
+        for kind in ("fsdp1-flat", "fsdp2-parts"):
+            _small(rank, Path(out), kind)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -130,6 +134,35 @@ def _send_odd_tensors(rank: int, out: Path) -> None:
         _send(_odd_tensors(), ctx, 1)
     else:
         torch.save(_receive(ctx, 0), out / "received.pt")
+
+
+def _small(rank: int, out: Path, kind: str) -> None:
+    """Other wrappings, on an MLP: FSDP1 with flat parameters (use_orig_params=False), nested by an auto-wrap
+    policy; FSDP2 on two submodules only (the root is a plain Sequential). A NaN input on rank 1 at step 0."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(16, 1)))
+    torch.save(net.state_dict(), out / f"{kind}-initial.pt")
+    if kind == "fsdp1-flat":
+        model = FullyShardedDataParallel(net, device_id=torch.device("cpu"),
+                                         auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}))
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        fully_shard(net[0], mesh=mesh)
+        fully_shard(net[2], mesh=mesh)
+        model = net
+    crit = MSE()
+    g = torch.Generator().manual_seed(rank)
+    with pytest.raises(NonFiniteStepError):
+        with attach(crit, out / kind, model=model):
+            x, y = torch.randn(4, 8, generator=g), torch.randn(4, 1, generator=g)
+            if rank == PLANT_RANK:
+                x[0, 0] = float("nan")
+            crit(model(x), y)["loss_mse"].backward()
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +260,13 @@ def test_the_weights_reach_the_origin_rank_bit_for_bit_in_every_dtype(runs: Path
     for name, t in sent.items():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
         assert torch.equal(got[name].view(-1).view(torch.uint8), t.contiguous().view(-1).view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("kind", ["fsdp1-flat", "fsdp2-parts"])
+def test_flat_parameters_and_sharded_submodules_dump_the_plain_models_weights(runs: Path, kind: str) -> None:
+    merged = merge_rank_dumps(runs / kind)
+    assert merged["step"] == 0 and merged["origin_ranks"] == [PLANT_RANK] and merged["problems"] == []
+    ckpt = torch.load(Path(merged["replay"]) / "checkpoint.pth", weights_only=True)["model"]
+    initial = torch.load(runs / f"{kind}-initial.pt", weights_only=True)  # kept before sharding
+    assert list(ckpt) == list(initial) and all(torch.equal(ckpt[k], initial[k]) for k in initial)
+    assert json.loads((Path(merged["replay"]) / "manifest.json").read_text())["sharding"] == kind[:5]
