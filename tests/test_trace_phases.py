@@ -86,16 +86,20 @@ def test_overflow_inside_a_module_is_named_from_its_replay_alone():
     assert quick.ops_seen < full.ops_seen
 
 
-def test_a_nan_parameter_in_a_torch_module_names_the_line_that_called_it():
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_nan_parameter_in_a_torch_module_names_the_line_that_called_it(backward):
+    """With the backward: the NaN gradients come from the NaN forward (the loss code sends them in), not from
+    an origin in the backward, and nothing is traced again."""
     torch.manual_seed(0)
     model = _Net()
     with torch.no_grad():
         model.block.lin.weight.fill_(0.01)
         model.out.weight[1, 2] = float("nan")
     x = torch.ones(2, 4)
-    quick, full = _both(model, lambda: model(x).sum(), backward=False)
-    assert quick.full_trace_reason is None and quick.replayed == ("out",)
-    assert _key(quick.forward) == _key(full.forward)
+    quick, full = _both(model, lambda: model(x).sum(), backward=backward)
+    assert quick.full_trace_reason is None and quick.replayed == ("out",) and quick.replayed_backward == ()
+    assert [_key(o) for o in quick.origins] == [_key(o) for o in full.origins]
+    assert quick.backward_traced == full.backward_traced == backward
     assert quick.forward.source == "parameter out.weight" and quick.forward.op == "aten.addmm.default"
     assert "self.out(self.block" in _line(quick.forward.frame)  # nn.Linear's caller, as in the real run
 

@@ -40,8 +40,9 @@ def model_backward(root: nn.Module, flags: CallFlags, params: list[tuple[torch.T
     """The first NaN and the first inf made in the model's backward (kinds in `skip` are carried in from the loss
     code or named there), or why the whole step must be traced op by op. A kind that never reached a module output
     (inf turned into NaN inside the call that made it) is taken from the replay that named the other."""
-    cache: dict[int, NonfiniteMode] = {}
+    cache: dict[int, tuple[NonfiniteMode, set[str]]] = {}
     found: list[tuple[tuple[int, int], Origin, Call]] = []  # ((where it first showed, op index), origin, call)
+    answered = set(skip)
     ops = 0
     for kind in ("nan", "inf"):
         first = None if kind in skip else first_nonfinite(flags, kind, params)
@@ -49,14 +50,16 @@ def model_backward(root: nn.Module, flags: CallFlags, params: list[tuple[torch.T
             continue
         answer = model_backward_origin(root, flags, kind, first[1], cache)
         ops += answer.ops_seen
-        if answer.origin is None or answer.call is None:
+        if answer.call is None:
             return answer.failed
-        found.append(((first[0], answer.origin.index), answer.origin, answer.call))
+        answered.add(kind)
+        if answer.origin is not None:
+            found.append(((first[0], answer.origin.index), answer.origin, answer.call))
     for kind in ("nan", "inf"):
-        if kind in skip or any(o.kind == kind for _, o, _ in found):
+        if kind in answered:
             continue
         for key, _, call in list(found):
-            other = cache[call.seq].ledger.origins.get(("backward", kind))
+            other = cache[call.seq][0].ledger.origins.get(("backward", kind))
             if other is not None:
                 found.append(((key[0], other.index), other, call))
                 break
@@ -70,8 +73,8 @@ def model_backward(root: nn.Module, flags: CallFlags, params: list[tuple[torch.T
 
 @dataclass
 class BackwardAnswer:
-    origin: Origin | None  # None: nothing of this kind started in the model's backward
-    call: Call | None = None  # the call whose replayed backward made it
+    origin: Origin | None  # None: nothing of this kind started in the model's backward (carried, or `failed`)
+    call: Call | None = None  # the call whose backward made or carried it
     ops_seen: int = 0
     failed: str = ""  # why the candidates could not answer (the caller traces the whole step)
 
@@ -88,21 +91,26 @@ def first_nonfinite(flags: CallFlags, kind: str, params: list[tuple[torch.Tensor
 
 
 def model_backward_origin(root: nn.Module, flags: CallFlags, kind: str, first: tuple[Call, int] | torch.Tensor,
-                          cache: dict[int, NonfiniteMode]) -> BackwardAnswer:
-    """Replay candidate calls' backward until one makes `kind` again (`cache`: replays by call.seq)."""
+                          cache: dict[int, tuple[NonfiniteMode, set[str]]]) -> BackwardAnswer:
+    """Replay candidate calls' backward until one makes `kind` again (`cache`: replays by call.seq).
+
+    A candidate whose forward already returned NaN, or whose replayed backward makes `kind` with no op making it
+    from finite inputs, carries it from non-finite forward values (saved tensors, parameters): no origin."""
     tried, ops = 0, 0
     for call in _candidates(root, flags, first):
         if not _usable(flags, call, kind):
             continue
+        if flags.any_nan(call.outs):
+            return BackwardAnswer(None, call, ops)
         if tried == _MAX_REPLAYS:
             break
         tried += 1
-        mode = cache.get(call.seq)
-        if mode is None:
-            mode = cache[call.seq] = replay_backward(root, call)
-            ops += mode.ops_seen
+        if call.seq not in cache:
+            cache[call.seq] = replay_backward(root, call)
+            ops += cache[call.seq][0].ops_seen
+        mode, made = cache[call.seq]
         origin = mode.ledger.origins.get(("backward", kind))
-        if origin is not None:
+        if origin is not None or kind in made:
             return BackwardAnswer(origin, call, ops)
     where = (f"the output of {first[0].name or 'the root module'}" if isinstance(first, tuple)
              else "a parameter")

@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import _pop_mode, _push_mode
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode
 from torch.utils._pytree import tree_leaves
 
+from nanscope.errors import Interrupt
 from nanscope.replay.module_stats import dense_flat
 from nanscope.trace._frames import FrameKey, user_frame
 
@@ -88,6 +89,7 @@ class CallFlags:
         self._handles: list[Any] = []
         self._closed = False
         self.grads_paused = False  # the loss code's own backward (`nanscope.trace._loss`) runs: hooks do nothing
+        self.stop_at_nan = False  # raise `GradientNaN` from the first NaN gradient whose flags are read at once
         self._ends = 0
         self.busy = False  # inside our own bookkeeping: the loss-code mode lets its ops through
         # the loss-code mode (`nanscope.trace._loss.LossOps`): taken off the mode stack inside module calls
@@ -191,6 +193,8 @@ class CallFlags:
             self._held_bytes -= n
             if i in old.gouts:
                 old.gouts[i] = (old.gouts[i][0], None)
+        if self.stop_at_nan and grad.device.type == "cpu" and self.nan[rec]:
+            raise GradientNaN()
 
     # ------------------------------------------------------------------ flags
     def reduce(self, t: torch.Tensor) -> int:
@@ -268,6 +272,12 @@ class CallFlags:
     def replayable(self, call: Call) -> bool:
         """Its inputs are kept and none changed in place since the call."""
         return call.args is not None and all(_version(t) == v for t, v in call.versions)
+
+
+class GradientNaN(Interrupt):
+    """Raised through the backward from the first gradient at a module output that holds NaN (`stop_at_nan`): from
+    there on NaN flows everywhere and the rest of the backward names nothing new. A BaseException, so that no
+    `except Exception` in a hook of the user's swallows it."""
 
 
 def rng_states() -> tuple[torch.Tensor, ...]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from nanscope.trace._backward import model_backward
-from nanscope.trace._calls import Call, CallFlags
+from nanscope.trace._calls import Call, CallFlags, GradientNaN
 from nanscope.trace._loss import PRUNE, LossOps, swap_inf_from, total_loss
 from nanscope.trace._replay import Replayed, replay_calls
 from nanscope.trace.records import Origin, TraceResult
@@ -41,10 +41,20 @@ def two_phase(model: nn.Module, run: Callable[[], Any], backward: bool) -> tuple
             trainable = [p for p in model.parameters() if p.requires_grad]
             backward_traced = backward and total.requires_grad and bool(trainable)
             if backward_traced:
-                # The loss code's backward alone under the op-level mode, then the whole backward at module level.
+                # The loss code's backward alone under the op-level mode, then the whole backward at module level,
+                # unless the loss code sends NaN into the model: then the model's backward only carries it.
                 sent = [flags.reduce(g) for g in loss.loss_backward(total) if g is not None]
-                grads = torch.autograd.grad(total, trainable, grad_outputs=torch.ones_like(total), allow_unused=True)
-                params = [(p, flags.reduce(g)) for p, g in zip(trainable, grads) if g is not None]
+                flags.flush()
+                if not flags.any_nan(sent):
+                    flags.stop_at_nan = True
+                    try:
+                        grads = torch.autograd.grad(total, trainable, grad_outputs=torch.ones_like(total),
+                                                    allow_unused=True)
+                        params = [(p, flags.reduce(g)) for p, g in zip(trainable, grads) if g is not None]
+                    except GradientNaN:
+                        pass  # the first NaN gradient is known: the rest of the backward carries it
+                    finally:
+                        flags.stop_at_nan = False
             del total, out
         flags.flush()
         loss.flush()

@@ -56,8 +56,9 @@ def replay_calls(root: nn.Module, calls: Sequence[Call]) -> Replayed:
     return done
 
 
-def replay_backward(root: nn.Module, call: Call) -> NonfiniteMode:
-    """`call`'s forward and, from the gradients saved at its outputs, its backward under one op-level mode."""
+def replay_backward(root: nn.Module, call: Call) -> tuple[NonfiniteMode, set[str]]:
+    """`call`'s forward and, from the gradients saved at its outputs, its backward under one op-level mode; and
+    which of "nan", "inf" the gradients it computed (at its inputs and parameters) hold."""
     mode = _mode(root)
     mode.outer_frame = call.frame
     leaves: list[torch.Tensor] = []
@@ -71,6 +72,7 @@ def replay_backward(root: nn.Module, call: Call) -> NonfiniteMode:
     args, kwargs = tree_map(leaf, (call.args or (), call.kwargs or {}))
     params = [p for p in call.module.parameters() if p.requires_grad]
     saved = rng_states()
+    grads: tuple[torch.Tensor | None, ...] = ()
     try:
         with torch.enable_grad(), mode.modules, mode:
             if call.rng is not None:
@@ -79,12 +81,18 @@ def replay_backward(root: nn.Module, call: Call) -> NonfiniteMode:
             pairs = [(outs[i], g) for i, (_, g) in sorted(call.gouts.items())
                      if g is not None and i < len(outs) and outs[i].requires_grad]
             if pairs and (leaves or params):
-                torch.autograd.grad([o for o, _ in pairs], leaves + params, grad_outputs=[g for _, g in pairs],
-                                    allow_unused=True)
+                grads = torch.autograd.grad([o for o, _ in pairs], leaves + params,
+                                            grad_outputs=[g for _, g in pairs], allow_unused=True)
     finally:
         set_rng_states(saved)
     mode.flush()
-    return mode
+    made = set()
+    with torch.no_grad():
+        for g in grads:
+            if g is not None and g.is_floating_point():
+                made |= {"nan"} if bool(torch.isnan(g).any()) else set()
+                made |= {"inf"} if bool(torch.isinf(g).any()) else set()
+    return mode, made
 
 
 def _mode(root: nn.Module) -> NonfiniteMode:
