@@ -83,6 +83,7 @@ class CallFlags:
         self._known: dict[int, tuple[weakref.ref[torch.Tensor], int | None, int]] = {}
         self._queue: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[torch.Tensor]]] = {}
         self._unread: list[Call] = []
+        self._grads_seen: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
         self._held: deque[tuple[Call, int, int]] = deque()  # gradients kept for a backward replay, oldest first
         self._held_bytes = 0
         self._frames: dict[Any, bool] = {}
@@ -181,7 +182,12 @@ class CallFlags:
     def _grad_hook(self, call: Call, index: int, grad: torch.Tensor) -> None:
         if self._closed or self.grads_paused or not grad.is_floating_point() or not grad.numel():
             return
-        rec = self.reduce(grad)
+        seen = self._grads_seen.get(id(grad))
+        if seen is not None and seen[0]() is grad:
+            rec = seen[1]  # the same gradient at an output several nested calls returned: reduced once
+        else:
+            rec = self.reduce(grad)
+            self._grads_seen[id(grad)] = (weakref.ref(grad), rec)
         call.fired = len(self.grad_order)
         self.grad_order.append((call, index, rec))
         call.gouts[index] = (rec, grad)

@@ -36,7 +36,8 @@ class LossOps(NonfiniteMode):
         self._flags = flags
         flags.outside = self
         self.read: list[torch.Tensor] = []  # tensors requiring grad that the loss code read and did not make
-        self._read_ids: set[int] = set()
+        self.read_ids: set[int] = set()
+        self.read_recs: set[int] = set()  # CallFlags records of the module outputs among them
         self.pending: dict[int, tuple[InfSource, Any, int]] = {}  # placeholder index -> (it, autograd node, record)
 
     def __torch_dispatch__(self, func: Any, types_: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
@@ -48,10 +49,12 @@ class LossOps(NonfiniteMode):
         known = self._known.get(id(t))
         if known is not None and known[0]() is t:
             return super()._input_record(t, backward)
-        if not backward and t.requires_grad and id(t) not in self._read_ids:
-            self._read_ids.add(id(t))
-            self.read.append(t)
         model_rec = None if backward else self._flags.returned(t)
+        if not backward and t.requires_grad and id(t) not in self.read_ids:
+            self.read_ids.add(id(t))
+            self.read.append(t)
+            if model_rec is not None:
+                self.read_recs.add(model_rec)
         if model_rec is None:
             return super()._input_record(t, backward)
         rec = self._record(t, OP)
@@ -62,18 +65,19 @@ class LossOps(NonfiniteMode):
             self.ledger.attribute(rec, placeholder)
         return rec
 
-    def loss_backward(self, total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """The loss code's backward alone, traced; the gradients it sends to what it read (graph kept)."""
+    def loss_backward(self, total: torch.Tensor) -> None:
+        """The loss code's backward alone, traced (the graph must have been kept)."""
         inputs = [t for t in self.read if t.requires_grad]
         if not inputs:
-            return ()
+            return
         seed = torch.ones_like(total)
         self._flags.grads_paused = True
         try:
             with self:
-                return torch.autograd.grad(total, inputs, grad_outputs=seed, retain_graph=True, allow_unused=True)
+                torch.autograd.grad(total, inputs, grad_outputs=seed, allow_unused=True)
         finally:
             self._flags.grads_paused = False
+        self.flush()
 
     def placeholders(self) -> set[int]:
         return {id(p) for p, _, _ in self.pending.values()}

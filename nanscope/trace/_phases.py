@@ -1,8 +1,9 @@
 """The two-phase origin trace: module-level flags in the one real run, then op-level replays of single calls.
 
 Phase 1 runs `run()` and its backward once with `CallFlags` (one reduction per module output and per gradient at
-a module output) and `LossOps` (the op-level mode on the loss code only, lifted inside module calls); the loss
-code's backward runs first on its own under `LossOps`, then the model's backward with the gradient hooks.
+a module output) and `LossOps` (the op-level mode on the loss code only, lifted inside module calls). The
+backward runs at module level with the graph kept; where the loss, or a gradient the loss code sent back, is not
+finite, the loss code's backward runs again alone under `LossOps` (a few ops: the model's part is not re-run).
 Phase 2 replays, under the op-level mode, the first call that returned NaN and the innermost calls that made
 inf (`replay_calls`), and, for a gradient that went non-finite inside the model, the backward of the call that
 made it (`_backward`). Where they cannot answer, `two_phase` returns None and why; the caller then traces the
@@ -41,20 +42,25 @@ def two_phase(model: nn.Module, run: Callable[[], Any], backward: bool) -> tuple
             trainable = [p for p in model.parameters() if p.requires_grad]
             backward_traced = backward and total.requires_grad and bool(trainable)
             if backward_traced:
-                # The loss code's backward alone under the op-level mode, then the whole backward at module level,
-                # unless the loss code sends NaN into the model: then the model's backward only carries it.
-                sent = [flags.reduce(g) for g in loss.loss_backward(total) if g is not None]
+                # The whole backward at module level (stopped at the first NaN gradient on the CPU: the rest carries
+                # it), the graph kept; then, where the loss or what it sent back is not finite, the loss code's
+                # backward alone under the op-level mode.
+                flags.stop_at_nan = True
+                try:
+                    grads = torch.autograd.grad(total, trainable, grad_outputs=torch.ones_like(total),
+                                                retain_graph=True, allow_unused=True)
+                    params = [(p, flags.reduce(g)) for p, g in zip(trainable, grads) if g is not None]
+                except GradientNaN:
+                    pass
+                finally:
+                    flags.stop_at_nan = False
                 flags.flush()
-                if not flags.any_nan(sent):
-                    flags.stop_at_nan = True
-                    try:
-                        grads = torch.autograd.grad(total, trainable, grad_outputs=torch.ones_like(total),
-                                                    allow_unused=True)
-                        params = [(p, flags.reduce(g)) for p, g in zip(trainable, grads) if g is not None]
-                    except GradientNaN:
-                        pass  # the first NaN gradient is known: the rest of the backward carries it
-                    finally:
-                        flags.stop_at_nan = False
+                sent = [rec for call, i, rec in flags.grad_order if call.outs[i] in loss.read_recs]
+                sent += [rec for p, rec in params if id(p) in loss.read_ids]
+                loss.flush()
+                if (flags.nan[loss_rec] or flags.inf[loss_rec] or flags.any_nan(sent) or flags.any_inf(sent)
+                        or loss.ledger.origins):
+                    loss.loss_backward(total)
             del total, out
         flags.flush()
         loss.flush()
