@@ -314,3 +314,30 @@ def test_an_interrupt_inside_a_module_leaves_no_mode_and_no_hook():
         trace_nonfinite(model, lambda: model(torch.ones(1, 2)).sum())
     assert torch._C._len_torch_dispatch_stack() == 0
     assert tuple(len(d) for d in (m._global_forward_pre_hooks, m._global_forward_hooks)) == hooks
+
+
+class _Stash(nn.Module):
+    """Keeps an intermediate on itself (as some models keep attention maps): the loss reads it, no module returned it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        self.kept = torch.log(h - h.detach() - 1.0)  # log(-1) = NaN, made by an inline op of this module
+        return h
+
+
+def test_a_nan_the_loss_reads_from_a_tensor_no_module_returned_is_traced_op_by_op():
+    torch.manual_seed(0)
+    model = _Stash()
+    x = torch.randn(2, 3)
+
+    def run() -> torch.Tensor:
+        return model(x).sum() + model.kept.sum()
+
+    quick, full = _both(model, run, backward=False)
+    assert quick.full_trace_reason == "the loss code read a non-finite tensor that the run made but no module returned"
+    assert quick.forward.module == "" and quick.forward.op == "aten.log.default"
+    assert [_key(o) for o in quick.origins] == [_key(o) for o in full.origins]

@@ -121,7 +121,7 @@ class CallFlags:
         self._held.clear()
         for call in self.calls:
             call.args = call.kwargs = call.rng = None
-            call.versions = ()
+            call.versions = call.nodes = ()
             call.gouts = {}
 
     # ------------------------------------------------------------------ hooks

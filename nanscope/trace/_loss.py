@@ -38,6 +38,7 @@ class LossOps(NonfiniteMode):
         self.read: list[torch.Tensor] = []  # tensors requiring grad that the loss code read and did not make
         self.read_ids: set[int] = set()
         self.read_recs: set[int] = set()  # CallFlags records of the module outputs among them
+        self.foreign: list[int] = []  # ledger records of tensors with a graph that no module returned
         self.pending: dict[int, tuple[InfSource, Any, int]] = {}  # placeholder index -> (it, autograd node, record)
 
     def __torch_dispatch__(self, func: Any, types_: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
@@ -56,7 +57,10 @@ class LossOps(NonfiniteMode):
             if model_rec is not None:
                 self.read_recs.add(model_rec)
         if model_rec is None:
-            return super()._input_record(t, backward)
+            rec = super()._input_record(t, backward)
+            if not backward and t.grad_fn is not None:
+                self.foreign.append(rec)  # made in the run, but no module returned it (a tensor the model stashed)
+            return rec
         rec = self._record(t, OP)
         if self._flags.inf[model_rec] or self._flags.nan[model_rec] or t.device.type != "cpu":
             placeholder = InfSource(op="<model output>", module=None, module_type=None, frame=None, index=-1,

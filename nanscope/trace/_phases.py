@@ -108,6 +108,8 @@ def _answer(model: nn.Module, flags: CallFlags, loss: LossOps, loss_rec: int, se
     loss_sources = [s for s in loss.ledger.inf_sources if id(s) not in placeholders]
     found = loss.resolve_inf_from(_source_of(flags, replayed))
     loss_forward = swap_inf_from([o for o in loss.ledger.origins.values() if o.phase == "forward"], found)
+    if any(loss.ledger.nan[r] or loss.ledger.inf[r] is not False for r in loss.foreign):
+        return None, "the loss code read a non-finite tensor that the run made but no module returned", n
     if any(o.inf_from is not None and id(o.inf_from) in placeholders for o in loss_forward):
         return None, "the loss code made NaN from inf the model returned, and no replayed call wrote it", n
     if loss_nan and not nan_calls and not any(o.kind == "nan" for o in loss_forward):
