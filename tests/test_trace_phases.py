@@ -341,3 +341,24 @@ def test_a_nan_the_loss_reads_from_a_tensor_no_module_returned_is_traced_op_by_o
     assert quick.full_trace_reason == "the loss code read a non-finite tensor that the run made but no module returned"
     assert quick.forward.module == "" and quick.forward.op == "aten.log.default"
     assert [_key(o) for o in quick.origins] == [_key(o) for o in full.origins]
+
+
+class _Gate(nn.Module):
+    """The first non-finite gradient is a parameter's: sqrt'(0) = inf for `gate` at 0, and the input is detached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.tensor([0.0, 1.0, 4.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach() * self.gate.sqrt()
+
+
+def test_a_parameter_gradient_made_non_finite_is_named_from_its_modules_backward_replay():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), _Gate(), nn.Linear(3, 1))
+    x = torch.randn(4, 3)
+    quick, full = _both(model, lambda: model(x).sum())
+    assert full.backward is not None and full.backward.module == "1" and full.backward.grad_fn == "SqrtBackward0"
+    assert quick.full_trace_reason is None and quick.replayed_backward == ("1",)
+    assert [_key(o) for o in quick.origins] == [_key(o) for o in full.origins]
