@@ -26,7 +26,15 @@ Sections (each returns table rows), in fp32, bf16 autocast and fp16 autocast whe
           `trace_nonfinite` (two phases), under the op-level trace of the whole step (`two_phase=False`)
           and under `detect_anomaly(check_nan=True)`, interleaved, medians, the host syncs of each
           counted with mode "warn". Target: the trace below detect_anomaly. Then a NaN planted in one
-          decoder weight: the trace must name that module's op from the replay of its call alone.
+          decoder weight: the trace must name that module's op from the replay of its call alone. Then a NaN
+          that starts in one module's backward (`trace_overhead.BadBackward` after a decoder linear1): the
+          two-phase trace (host syncs counted) must name what the op-level trace names, from the replay of
+          that call's backward alone.
+  attach  training steps (fp32, fused AdamW, gradient clipping, the sync-free masked loss as a criterion
+          module) plain and with `nanscope.watch.attach(criterion, model=...)`, interleaved, medians; the
+          criterion call (with attach's hook) runs under sync debug mode "error", and the syncs of one whole
+          plain and one whole attached step are counted with mode "warn" (they must be equal). Target:
+          ratio <= 1.02 (reported as `ratio_within_1.02`, not a failure: a CPU dry run is too noisy).
 
 Exits 0 with a message when there is no CUDA device; exit 1 when a row fails. On one H100 (torch
 2.11) the watch section took 35 s with --steps 3; the capture, inspect and verify sections have
@@ -572,10 +580,11 @@ def section_trace(setup: Setup) -> list[Row]:
         row.ok, row.values = False, _error(exc)
     rows = [row]
     planted = Row("trace", "planted NaN weight")
+    saved = model.transformer.decoder.layers[0].linear1.weight[0, 0].item()
     try:
         name = "transformer.decoder.layers.0.linear1"
         with torch.no_grad():
-            model.get_submodule(name).weight[0, 0] = float("nan")
+            model.get_submodule(name).weight[0, 0] = float("nan")  # put back to `saved` below
         t0 = time.perf_counter()
         r = trace_nonfinite(model, run, backward=False)
         synchronize()
@@ -586,12 +595,133 @@ def section_trace(setup: Setup) -> list[Row]:
         planted.ok = o is not None and o.module == name and o.source == f"parameter {name}.weight"
     except Exception as exc:
         planted.ok, planted.values = False, _error(exc)
-    return rows + [planted]
+    finally:
+        with torch.no_grad():
+            model.transformer.decoder.layers[0].linear1.weight[0, 0] = saved
+    return rows + [planted, _backward_nan(model, run)]
+
+
+def _backward_nan(model: torch.nn.Module, run: Callable[[], Any]) -> Row:
+    """A NaN that starts in one module's backward (forward unchanged): named from the replay of that call's
+    backward alone, as the op-level trace of the whole step names it; one step of each, with the host syncs."""
+    from trace_overhead import BadBackward  # benchmarks/ is on sys.path when run as a script
+
+    from nanscope.trace.tracer import trace_nonfinite
+
+    row = Row("trace", "backward NaN")
+    layer = model.transformer.decoder.layers[0]
+    original = layer.linear1
+    bad = BadBackward()
+    bad.on = True
+    layer.linear1 = torch.nn.Sequential(original, bad)
+    try:
+        values: dict[str, Any] = {}
+        results = {}
+        for name, f in (("trace", lambda: trace_nonfinite(model, run)),
+                        ("op_level", lambda: trace_nonfinite(model, run, two_phase=False))):
+            synchronize()
+            t0 = time.perf_counter()
+            results[name] = f()
+            synchronize()
+            values[f"{name}_s"] = round(time.perf_counter() - t0, 3)
+        syncs: list[int] = []
+        with count_syncs(syncs):
+            trace_nonfinite(model, run)
+        quick, full = results["trace"], results["op_level"]
+
+        def key(o: Any) -> tuple[Any, ...]:
+            return (o.phase, o.op, o.module, o.kind, o.nan_count, o.inf_count, o.grad_fn, o.frame)
+
+        values.update({"syncs_trace": syncs[0], "origin": f"{quick.backward.op} ({quick.backward.grad_fn}) in "
+                       f"{quick.backward.module}" if quick.backward else None,
+                       "replayed_backward": list(quick.replayed_backward), "full_trace_reason": quick.full_trace_reason,
+                       "same_as_op_level": [key(o) for o in quick.origins] == [key(o) for o in full.origins]})
+        row.values = values
+        row.ok = (quick.full_trace_reason is None and values["same_as_op_level"] and quick.backward is not None
+                  and quick.backward.module == "transformer.decoder.layers.0.linear1.1")
+    except Exception as exc:
+        row.ok, row.values = False, _error(exc)
+    finally:
+        layer.linear1 = original
+    return row
+
+
+# ------------------------------------------------------------------ section: attach
+
+
+class _Criterion(torch.nn.Module):
+    """`masked_loss` as a criterion module, what `nanscope.watch.attach` hooks in a loop nanscope does not own."""
+
+    def forward(self, out: dict[str, torch.Tensor], targets: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return masked_loss(out, {"targets": targets})
+
+
+def section_attach(setup: Setup) -> list[Row]:
+    """Training steps (fp32, fused AdamW, gradient clipping) plain and with `attach` on the criterion."""
+    from nanscope.watch.attachment import attach
+
+    dev = setup.device
+    base = setup.make_model()
+    batches = [to_device(make_batch(setup, s), dev) for s in range(2)]
+    row = Row("attach", "fp32 criterion")
+    attachment = None
+    try:
+        loops = {}
+        for name in ("plain", "attached"):
+            model, crit = copy.deepcopy(base).train(), _Criterion()
+            loops[name] = (model, crit, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True))
+        model, crit, _ = loops["attached"]
+        attachment = attach(crit, setup.tmp / "attach-dumps", model=model, trackers=None)
+
+        def step(name: str, batch: dict[str, Any], guard: bool) -> torch.Tensor:
+            model, crit, opt = loops[name]
+            out = model(batch["images"], captions=batch["captions"])
+            with sync_mode("error") if guard else contextlib.nullcontext():  # the criterion and attach's hook
+                terms = crit(out, batch["targets"])
+            loss = sum(terms.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1, foreach=True)
+            opt.step()
+            return loss
+
+        times: dict[str, list[float]] = {"plain": [], "attached": []}
+        for i in range(2 + setup.steps):
+            for name in ("plain", "attached") if i % 2 else ("attached", "plain"):
+                synchronize()
+                t0 = time.perf_counter()
+                float(step(name, batches[i % 2], guard=True))  # the loop's own logging sync
+                synchronize()
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t0)
+        syncs: dict[str, list[int]] = {"plain": [], "attached": []}
+        for name in syncs:
+            with count_syncs(syncs[name]):
+                step(name, batches[0], guard=False)
+            synchronize()
+        rep = attachment.detach()
+        attachment = None
+        mp, ma = statistics.median(times["plain"]), statistics.median(times["attached"])
+        row.values = {"plain_s": round(mp, 4), "attached_s": round(ma, 4), "ratio": round(ma / mp, 3),
+                      "ratio_within_1.02": ma / mp <= 1.02,
+                      "syncs_in_hook": 0 if torch.cuda.is_available() else None,  # a sync under "error" raised
+                      "syncs_plain_step": syncs["plain"][0], "syncs_attached_step": syncs["attached"][0],
+                      "steps_checked": rep.steps_checked, "nonfinite_steps": list(rep.nonfinite_steps)}
+        row.ok = (syncs["plain"][0] == syncs["attached"][0] and rep.steps_checked == 3 + setup.steps
+                  and not rep.nonfinite_steps)
+    except Exception as exc:
+        row.ok, row.values = False, _error(exc)
+    finally:
+        if attachment is not None:
+            attachment.detach()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return [row]
 
 
 SECTIONS: dict[str, Callable[[Setup], list[Row]]] = {"watch": section_watch, "capture": section_capture,
                                                      "inspect": section_inspect, "verify": section_verify,
-                                                     "trace": section_trace}
+                                                     "trace": section_trace, "attach": section_attach}
 
 
 # ------------------------------------------------------------------ main

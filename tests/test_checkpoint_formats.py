@@ -297,7 +297,8 @@ def test_untied_box_heads_are_built_untied(demo_files, fixture_files, tmp_path):
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
     torch.save({"model": live.state_dict()}, tmp_path / "gd.pth")
     torch.save({"state_dict": to_mmdet(live.state_dict(), 2)}, tmp_path / "mm.pth")
-    for name in ("gd.pth", "mm.pth"):
+    torch.save({"state_dict": {f"model.{k}": v for k, v in live.state_dict().items()}}, tmp_path / "wrapped.ckpt")
+    for name in ("gd.pth", "mm.pth", "wrapped.ckpt"):  # the last: a LightningModule's `self.model`
         got = prepare(tmp_path / name, fixture_files.healthy, config=config, hash_checkpoint=False)
         assert got.model.bbox_embed[0] is not got.model.bbox_embed[1]
         assert got.key_fit.clean and any("untied" in n for n in got.key_fit.notes)
@@ -321,3 +322,82 @@ def test_transformers_stack_refuses_an_adapter_saying_what_to_do(tmp_path):
 
     with pytest.raises(ConfigError, match="merge_and_unload"):
         get_stack("hf").load(tmp_path, adapter=tmp_path / "adapter")
+
+
+def _lightning_checkpoint(model: nn.Module, root: pathlib.Path) -> pathlib.Path:
+    """The .ckpt a real Lightning Trainer writes for a LightningModule holding `model` as `self.detector`
+    (and a loss buffer of its own beside it); lr=0, so the weights are the model's."""
+    L = pytest.importorskip("lightning.pytorch")
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.detector = model
+            self.register_buffer("class_weight", torch.ones(3))
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.scale * batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([self.scale], lr=0.0)
+
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(root))
+    trainer.fit(Module(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(1, 1))))
+    (ckpt,) = root.rglob("*.ckpt")
+    return ckpt
+
+
+def test_lightning_and_compiled_checkpoints_load_from_under_their_prefix(demo_files, fixture_files, tmp_path):
+    """Lightning saves the model under its attribute ('detector.'), torch.compile under '_orig_mod.': the
+    weights load from there and the replay equals the plain checkpoint's; the wrapper's own keys are benign."""
+    from nanscope.replay.session import prepare
+
+    ref = prepare(demo_files.checkpoint, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+    ckpt = _lightning_checkpoint(ref.model, tmp_path / "lightning")
+    assert all(k.startswith(("detector.", "class_weight", "scale")) for k in torch.load(ckpt)["state_dict"])
+    compiled = tmp_path / "compiled.pth"
+    torch.save({"model": torch.compile(ref.model).state_dict()}, compiled)  # keys under '_orig_mod.'
+    with torch.no_grad():
+        want = ref.run()
+    for path, prefix, outside in ((ckpt, "detector.", {"class_weight", "scale"}), (compiled, "_orig_mod.", set())):
+        got = prepare(path, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+        fit = got.key_fit
+        assert fit.prefix == prefix and not fit.missing and not fit.unexpected, (path, fit.missing[:3])
+        assert {k for k, _ in fit.benign} >= outside and any(prefix in n for n in fit.notes)
+        with torch.no_grad():
+            out = got.run()
+        assert torch.equal(out["pred_logits"], want["pred_logits"]) and torch.equal(out["pred_boxes"], want["pred_boxes"])
+
+
+def test_a_prefix_under_which_too_few_weights_sit_is_still_refused(demo_sd, demo_files, fixture_files, tmp_path):
+    from nanscope.replay.session import prepare
+
+    few = dict(list(demo_sd.items())[: len(demo_sd) // 3])
+    p = tmp_path / "few.pth"
+    torch.save({"state_dict": {f"detector.{k}": v for k, v in few.items()}}, p)
+    with pytest.raises(CheckpointError, match="does not look like a checkpoint"):
+        prepare(p, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+
+
+def test_accelerate_safetensors_without_shared_tensors_loads_clean(demo_files, fixture_files, tmp_path):
+    """Accelerate's save_state writes model.safetensors without the tied box heads' duplicates (safetensors
+    cannot hold shared tensors): those keys are tied to keys the file holds, not missing."""
+    accelerate = pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+
+    from nanscope.replay.session import prepare
+
+    ref = prepare(demo_files.checkpoint, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+    acc = accelerate.Accelerator(cpu=True)
+    acc.save_model(acc.prepare(ref.model), str(tmp_path / "saved"))
+    path = tmp_path / "saved" / "model.safetensors"
+    dropped = set(ref.model.state_dict()) - set(load_file(str(path)))
+    assert dropped  # the real writer left the shared tensors out
+    got = prepare(path, fixture_files.healthy, config=demo_files.config, hash_checkpoint=False)
+    assert got.key_fit.clean and not got.key_fit.missing
+    assert {k for k, why in got.key_fit.benign if "tied to" in why} == dropped
+    with torch.no_grad():
+        a, b = ref.run(), got.run()
+    assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])

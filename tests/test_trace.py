@@ -326,6 +326,29 @@ def test_demo_unmasked_focal_loss_origin_is_the_loss_line(naive_trace):
     assert f.code == "NS301" and "ContrastiveEmbed" in f.message and f.where[0]["module"] == "(loss code)"
 
 
+def test_demo_nan_in_the_loss_code_is_named_without_tracing_the_model_op_by_op(demo, naive_trace):
+    """The loss code runs under the op-level mode in phase 1 and the -inf it turned into NaN is followed back to the
+    replayed ContrastiveEmbed call: the same answer as the op-level trace of the whole step, which is not run."""
+    model, images, captions = demo
+    assert naive_trace.full_trace_reason is None and naive_trace.module_calls > 0
+    assert "transformer.decoder.class_embed.0" in naive_trace.replayed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = trace_nonfinite(model, lambda: naive_focal_loss(model(images, captions=captions)), two_phase=False)
+
+    def key(o):
+        return (o.phase, o.op, o.module, o.kind, o.nan_count, o.inf_count, o.shape, o.first_indices, o.source,
+                o.grad_fn, o.frame, (o.inf_from.op, o.inf_from.module, o.inf_from.frame, o.inf_from.intentional)
+                if o.inf_from else None)
+
+    assert [key(o) for o in naive_trace.origins] == [key(o) for o in full.origins]
+    # the -inf that reaches a module output; attention masks softmaxed away inside a call are seen op by op only
+    quick_sources = {(s.op, s.module, s.frame) for s in naive_trace.intentional_inf_sources}
+    assert quick_sources <= {(s.op, s.module, s.frame) for s in full.intentional_inf_sources}
+    assert {m for _, m, _ in quick_sources} == {"transformer.decoder.class_embed.0", "transformer.enc_out_class_embed"}
+    assert naive_trace.ops_seen < full.ops_seen / 4
+
+
 def test_demo_detect_anomaly_blames_a_downstream_backward_node(demo, naive_trace):
     """Side by side: detect_anomaly names torchvision's `ce_loss * (1 - p_t) ** gamma` backward;
     nanscope names the BCE in the user's loss and the -inf the model wrote."""

@@ -4,8 +4,11 @@ cannot be trusted."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nanscope.trace.tracer import trace_nonfinite
@@ -83,16 +86,20 @@ def test_overflow_inside_a_module_is_named_from_its_replay_alone():
     assert quick.ops_seen < full.ops_seen
 
 
-def test_a_nan_parameter_in_a_torch_module_names_the_line_that_called_it():
+@pytest.mark.parametrize("backward", [False, True])
+def test_a_nan_parameter_in_a_torch_module_names_the_line_that_called_it(backward):
+    """With the backward: the NaN gradients come from the NaN forward (the loss code sends them in), not from
+    an origin in the backward, and nothing is traced again."""
     torch.manual_seed(0)
     model = _Net()
     with torch.no_grad():
         model.block.lin.weight.fill_(0.01)
         model.out.weight[1, 2] = float("nan")
     x = torch.ones(2, 4)
-    quick, full = _both(model, lambda: model(x).sum(), backward=False)
-    assert quick.full_trace_reason is None and quick.replayed == ("out",)
-    assert _key(quick.forward) == _key(full.forward)
+    quick, full = _both(model, lambda: model(x).sum(), backward=backward)
+    assert quick.full_trace_reason is None and quick.replayed == ("out",) and quick.replayed_backward == ()
+    assert [_key(o) for o in quick.origins] == [_key(o) for o in full.origins]
+    assert quick.backward_traced == full.backward_traced == backward
     assert quick.forward.source == "parameter out.weight" and quick.forward.op == "aten.addmm.default"
     assert "self.out(self.block" in _line(quick.forward.frame)  # nn.Linear's caller, as in the real run
 
@@ -148,16 +155,47 @@ def test_a_module_that_changes_its_input_in_place_is_traced_op_by_op():
     assert r.forward.module == "1" and r.forward.op.startswith("aten.div_.") and r.forward.nan_count == 6
 
 
-def test_nan_in_the_loss_code_falls_back_and_leaves_nothing_on():
+def test_nan_in_the_loss_code_is_named_in_phase_1_and_leaves_nothing_on():
+    """The loss code runs under the op-level mode in the one real run: its NaN (forward) and its backward's inf and
+    NaN are named as the op-level trace of the whole step names them, with no second run."""
     from torch.nn.modules import module as m
 
     model = nn.Linear(3, 2)
     hooks = tuple(len(d) for d in (m._global_forward_pre_hooks, m._global_forward_hooks))
-    r = trace_nonfinite(model, lambda: (model(torch.ones(1, 3)) * 0).sum() / 0)
-    assert r.full_trace_reason == "NaN or inf started in the loss code"
-    assert r.forward.op == "aten.div.Tensor" and r.forward.module is None and r.module_calls == 1
+    quick, full = _both(model, lambda: (model(torch.ones(1, 3)) * 0).sum() / 0)
+    assert quick.full_trace_reason is None and quick.module_calls == 1 and quick.replayed_backward == ()
+    assert quick.forward.op == "aten.div.Tensor" and quick.forward.module is None
+    assert [_key(o) for o in quick.origins] == [_key(o) for o in full.origins]
+    assert {(o.phase, o.kind, o.grad_fn) for o in full.origins} == {
+        ("forward", "nan", None), ("backward", "inf", "DivBackward0"), ("backward", "nan", "MulBackward0")}
     assert torch._C._len_torch_dispatch_stack() == 0
     assert tuple(len(d) for d in (m._global_forward_pre_hooks, m._global_forward_hooks)) == hooks
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _Criterion(nn.Module):
+    """A criterion module outside the model: named `<outside>._Criterion` by both traces."""
+
+    def forward(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        logits = out["logits"]
+        return F.binary_cross_entropy_with_logits(logits, target) + out["boxes"].abs().mean()
+
+
+def test_the_loss_code_names_the_inf_the_model_wrote_on_purpose():
+    """BCE on the -inf a module wrote: NaN in the loss code, made from the module's masked_fill (found by walking the
+    autograd graph from the model output to the replayed call), as in the op-level trace of the whole step."""
+    torch.manual_seed(0)
+    model = _Head()
+    x, mask = torch.randn(3, 4), torch.tensor([True, True, False, False])
+    crit = _Criterion()
+    quick, full = _both(model, lambda: crit(model(x, mask), torch.zeros(3, 4)))
+    assert quick.full_trace_reason is None and quick.replayed == ("masked",)
+    assert [_key(o) for o in quick.origins] == [_key(o) for o in full.origins]
+    assert quick.forward.module == "<outside>._Criterion" and "binary_cross_entropy" in quick.forward.op
+    assert (quick.forward.inf_from.op, quick.forward.inf_from.module, quick.forward.inf_from.frame) == \
+        (full.forward.inf_from.op, full.forward.inf_from.module, full.forward.inf_from.frame)
+    assert quick.forward.inf_from.op == "aten.masked_fill.Scalar" and quick.forward.inf_from.intentional
+    assert quick.ops_seen < full.ops_seen
 
 
 def _line(frame) -> str:
@@ -177,22 +215,89 @@ class _Sqrt(nn.Module):
 
 @pytest.mark.parametrize("relu", [False, True])
 def test_a_backward_inf_is_named_once_it_reaches_a_module_output(relu):
-    """Without relu the inf gradient reaches the Linear's output: phase 1 sees it and the whole step is traced op
-    by op. With relu it is masked again inside `_Sqrt`'s backward, reaches no gradient that training uses, and
-    phase 1 (module granularity) does not see it; `two_phase=False` does."""
+    """Without relu the inf gradient reaches the Linear's output: phase 1 sees it there and the backward of the call
+    that read it (`_Sqrt`) is replayed alone. With relu it is masked again inside `_Sqrt`'s backward, reaches no
+    gradient that training uses, and phase 1 (module granularity) does not see it; `two_phase=False` does."""
     model = nn.Sequential(nn.Linear(3, 3), _Sqrt(relu))
     with torch.no_grad():
         model[0].weight.copy_(torch.eye(3))
         model[0].bias.zero_()
     x = torch.tensor([[1.0, -2.0 if relu else 0.0, 0.5]])
-    r = trace_nonfinite(model, lambda: model(x).sum())
-    full = trace_nonfinite(model, lambda: model(x).sum(), two_phase=False)
+    r, full = _both(model, lambda: model(x).sum())
     assert full.backward.grad_fn == "SqrtBackward0" and full.backward.module == "1" and full.backward.kind == "inf"
+    assert r.full_trace_reason is None
     if relu:
-        assert r.clean and r.full_trace_reason is None
+        assert r.clean and r.replayed_backward == ()
     else:
-        assert r.full_trace_reason.startswith("a gradient at a module output")
-        assert (r.backward.grad_fn, r.backward.module, r.backward.frame) == ("SqrtBackward0", "1", full.backward.frame)
+        # inf made by sqrt's backward in `_Sqrt`, then inf * 0 = NaN in the Linear's backward: two replays
+        assert r.replayed_backward == ("1", "0")
+        assert [_key(o) for o in r.origins] == [_key(o) for o in full.origins]
+        assert "torch.sqrt(" in _line(r.backward.frame)
+
+
+class _ZeroSafe(nn.Module):
+    """Forward finite everywhere; the backward of `op` at zero is not: a hand-written norm (sqrt'(0) = inf, then
+    inf * 0 = NaN), pow(x, 0.5)'(0) = inf, and a custom Function whose backward divides by its input.
+    (`torch.linalg.vector_norm` is not one: its backward masks its own 0/0.)"""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.scale = nn.Linear(1, 4)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.op == "norm":
+            s = torch.sqrt((h * h).sum(-1, keepdim=True))
+        elif self.op == "pow":
+            s = h.pow(0.5).sum(-1, keepdim=True)
+        else:
+            s = _Reciprocal.apply(h).sum(-1, keepdim=True)
+        return self.scale(s)
+
+
+class _Reciprocal(torch.autograd.Function):
+    """x -> x * 2 in the forward; a backward that divides by x (inf at zero)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad / x
+
+
+@pytest.mark.parametrize("op", ["norm", "pow", "function"])
+def test_a_nan_that_starts_in_one_modules_backward_is_named_from_its_backward_replay(op):
+    """The backward of `mid` makes the first non-finite gradient (at the output of `inp`): phase 1 sees it there,
+    the replay of `mid`'s forward and backward alone names op, module and line as the whole-step trace does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), _ZeroSafe(op), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.abs_()
+        model[0].bias.zero_()
+    x = torch.randn(5, 3).abs()
+    x[0] = 0.0  # h[0] = 0: the zero where the backward of `op` is not finite
+
+    def run() -> torch.Tensor:
+        return model(x).square().mean()
+
+    quick, full = _both(model, run)
+    assert quick.forward is None and full.forward is None and quick.loss_finite
+    assert full.backward is not None and full.backward.module == "1"
+    assert quick.full_trace_reason is None and quick.replayed_backward[0] == "1"  # then "0" for inf * 0 = NaN
+    assert [_key(o) for o in quick.origins] == [_key(o) for o in full.origins]
+    assert quick.backward.grad_fn == full.backward.grad_fn and quick.backward.frame.file == __file__
+    assert quick.ops_seen < full.ops_seen
+    if full.backward.kind == "nan":  # detect_anomaly names the same autograd node
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autograd.detect_anomaly(check_nan=True), pytest.raises(RuntimeError) as err:
+                run().backward()
+        model.zero_grad(set_to_none=True)
+        assert full.backward.grad_fn in str(err.value)
 
 
 def test_an_interrupt_inside_a_module_leaves_no_mode_and_no_hook():
@@ -209,3 +314,51 @@ def test_an_interrupt_inside_a_module_leaves_no_mode_and_no_hook():
         trace_nonfinite(model, lambda: model(torch.ones(1, 2)).sum())
     assert torch._C._len_torch_dispatch_stack() == 0
     assert tuple(len(d) for d in (m._global_forward_pre_hooks, m._global_forward_hooks)) == hooks
+
+
+class _Stash(nn.Module):
+    """Keeps an intermediate on itself (as some models keep attention maps): the loss reads it, no module returned it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        self.kept = torch.log(h - h.detach() - 1.0)  # log(-1) = NaN, made by an inline op of this module
+        return h
+
+
+def test_a_nan_the_loss_reads_from_a_tensor_no_module_returned_is_traced_op_by_op():
+    torch.manual_seed(0)
+    model = _Stash()
+    x = torch.randn(2, 3)
+
+    def run() -> torch.Tensor:
+        return model(x).sum() + model.kept.sum()
+
+    quick, full = _both(model, run, backward=False)
+    assert quick.full_trace_reason == "the loss code read a non-finite tensor that the run made but no module returned"
+    assert quick.forward.module == "" and quick.forward.op == "aten.log.default"
+    assert [_key(o) for o in quick.origins] == [_key(o) for o in full.origins]
+
+
+class _Gate(nn.Module):
+    """The first non-finite gradient is a parameter's: sqrt'(0) = inf for `gate` at 0, and the input is detached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.tensor([0.0, 1.0, 4.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach() * self.gate.sqrt()
+
+
+def test_a_parameter_gradient_made_non_finite_is_named_from_its_modules_backward_replay():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), _Gate(), nn.Linear(3, 1))
+    x = torch.randn(4, 3)
+    quick, full = _both(model, lambda: model(x).sum())
+    assert full.backward is not None and full.backward.module == "1" and full.backward.grad_fn == "SqrtBackward0"
+    assert quick.full_trace_reason is None and quick.replayed_backward == ("1",)
+    assert [_key(o) for o in quick.origins] == [_key(o) for o in full.origins]

@@ -45,8 +45,8 @@ def checkpoint_fit(ctx: AnalysisContext) -> list[Finding]:
         where = tuple({"param": k, "why": why} for k, why in fit.benign[:SHOW])
         msg = "every model weight was loaded."
         if fit.benign:
-            msg = (f"{len(fit.benign)} key(s) in the checkpoint are not used by this model and are harmless "
-                   f"({', '.join(k for k, _ in fit.benign[:SHOW])}); {msg}")
+            msg = (f"{len(fit.benign)} key(s) are in the checkpoint or the model only, harmlessly (each one's why "
+                   f"in where: {', '.join(k for k, _ in fit.benign[:SHOW])}); {msg}")
         half = any(a in HALF for a, _, _ in converted)
         count = len(fit.benign) + sum(n for _, _, n in converted) + len(notes)
         return [Finding("NS306", Severity.WARNING if half else Severity.INFO, count, msg + tail, where,

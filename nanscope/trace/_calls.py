@@ -8,25 +8,29 @@ The reductions stay on their device: on an accelerator they are read in batches 
 (one device->host copy per batch and dtype), on the CPU at once (reading a CPU scalar is no sync).
 
 For the backward, a tensor hook on each floating output that requires grad reduces the gradient that
-arrives there, and `reduce` takes the parameter gradients: a gradient that goes non-finite anywhere
-between two module outputs shows up at the next one. Tensor hooks rather than full backward hooks: those
-wrap every module's inputs and outputs in a custom autograd Function, which changes the forward (in-place
-ops on a module's output raise) and costs more.
+arrives there (in `grad_order`, the order they arrive), and `reduce` takes the parameter gradients: a
+gradient that goes non-finite anywhere between two module outputs shows up at the next one. Tensor hooks
+rather than full backward hooks: those wrap every module's inputs and outputs in a custom autograd
+Function, which changes the forward (in-place ops on a module's output raise) and costs more.
 
 Calls whose output went non-finite keep references to their inputs (args, kwargs, the CPU and CUDA
-generator states when the module trains, the inputs' version counters) for `nanscope.trace._replay`;
-every other call's references are dropped when its flags are read.
+generator states when the module trains, the inputs' version counters) for `nanscope.trace._replay`; so do
+calls with an output that requires grad, until the backward has been read, with the most recent
+`_HOLD_BYTES` of the gradients that arrived at their outputs: the replay of one call's backward needs
+both. `close()` drops them all.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode, _pop_mode, _push_mode
+from torch.utils._python_dispatch import _pop_mode, _push_mode
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode
 from torch.utils._pytree import tree_leaves
 
@@ -35,6 +39,7 @@ from nanscope.replay.module_stats import dense_flat
 from nanscope.trace._frames import FrameKey, user_frame
 
 _FLUSH_CALLS = 512  # accelerator: module calls between two reads of the queued flags (one sync each)
+_HOLD_BYTES = 256 * 2**20  # gradients at module outputs kept for a backward replay; the most recent ones
 
 
 @dataclass(slots=True)
@@ -54,6 +59,12 @@ class Call:
     rng: tuple[torch.Tensor, ...] | None = None  # generator states before the call (training modules only)
     arg_versions: tuple[int | None, ...] = field(default=())
     moved: bool = False  # it changed one of its inputs in place: input flags read after the fact, no replay
+    parent: "Call | None" = None  # the call it ran inside
+    tick: int = 0  # loss-code ops seen before it started (orders module calls against the loss code's ops)
+    nodes: tuple[Any, ...] = ()  # the autograd nodes of its floating outputs (None where no grad)
+    grad_out: bool = False  # an output requires grad: inputs kept for the replay of its backward
+    gouts: dict[int, tuple[int, torch.Tensor | None]] = field(default_factory=dict)  # output index -> gradient
+    fired: int = -1  # order of the last gradient that arrived at one of its outputs
 
 
 class CallFlags:
@@ -67,16 +78,23 @@ class CallFlags:
         self.nan: list[bool] = []
         self.inf: list[bool] = []
         self.tracked: list[bool] = []  # a module of root returned it
-        self.grad_recs: list[int] = []
+        # gradients at module outputs, in the order they arrived: (call, output index, flag record)
+        self.grad_order: list[tuple[Call, int, int]] = []
         self._known: dict[int, tuple[weakref.ref[torch.Tensor], int | None, int]] = {}
         self._queue: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[torch.Tensor]]] = {}
         self._unread: list[Call] = []
+        self._grads_seen: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+        self._held: deque[tuple[Call, int, int]] = deque()  # gradients kept for a backward replay, oldest first
+        self._held_bytes = 0
         self._frames: dict[Any, bool] = {}
         self._handles: list[Any] = []
         self._closed = False
+        self.grads_paused = False  # the loss code's own backward (`nanscope.trace._loss`) runs: hooks do nothing
+        self.stop_at_nan = False  # raise `GradientNaN` from the first NaN gradient whose flags are read at once
         self._ends = 0
-        self.busy = False  # inside our own bookkeeping: `OutsideOps` lets its ops through
-        self.outside: OutsideOps | None = None  # set by OutsideOps: taken off the mode stack inside module calls
+        self.busy = False  # inside our own bookkeeping: the loss-code mode lets its ops through
+        # the loss-code mode (`nanscope.trace._loss.LossOps`): taken off the mode stack inside module calls
+        self.outside: Any = None
         self._lifted = False
 
     # ------------------------------------------------------------------ context
@@ -93,19 +111,27 @@ class CallFlags:
         self._handles = []
         self._open.clear()
         if self._lifted:  # a BaseException left a module call: put the mode back for its own exit
-            _push_mode(self.outside)  # type: ignore[arg-type]
+            _push_mode(self.outside)
             self._lifted = False
 
     def close(self) -> None:
-        """Gradient hooks left on tensors the caller still holds do nothing from now on."""
+        """Gradient hooks left on tensors the caller still holds do nothing from now on; held inputs and
+        gradients are dropped."""
         self._closed = True
+        self._held.clear()
+        for call in self.calls:
+            call.args = call.kwargs = call.rng = None
+            call.versions = call.nodes = ()
+            call.gouts = {}
 
     # ------------------------------------------------------------------ hooks
     def _pre(self, mod: nn.Module, args: Any) -> None:
         name = self._names.get(id(mod))
         if name is None:
             return
-        call = Call(seq=len(self.calls), name=name, module=mod, frame=user_frame(self._frames, depth=2))
+        call = Call(seq=len(self.calls), name=name, module=mod, frame=user_frame(self._frames, depth=2),
+                    parent=self._open[-1] if self._open else None,
+                    tick=self.outside.ops_seen if self.outside is not None else 0)
         call.arg_versions = tuple(_version(a) if isinstance(a, torch.Tensor) else None for a in args)
         if mod.training:
             call.rng = rng_states()
@@ -120,7 +146,7 @@ class CallFlags:
             return
         call = self._open.pop()
         if not self._open and self._lifted:
-            _push_mode(self.outside)  # type: ignore[arg-type]
+            _push_mode(self.outside)
             self._lifted = False
         if len(rest) != 2:  # torch calls an always_call hook as (module, args, result) when the forward raised
             return
@@ -136,9 +162,11 @@ class CallFlags:
         finally:
             self.busy = busy
         if self._grads and torch.is_grad_enabled():
-            for t in outs:
+            call.nodes = tuple(t.grad_fn for t in outs)
+            for i, t in enumerate(outs):
                 if t.requires_grad:
-                    t.register_hook(self._grad_hook)
+                    call.grad_out = True
+                    t.register_hook(partial(self._grad_hook, call, i))
         call.moved = any(isinstance(a, torch.Tensor) and v is not None and _version(a) != v
                          for a, v in zip(args, call.arg_versions))
         if not call.moved:  # an input the module changed in place cannot be replayed
@@ -151,9 +179,28 @@ class CallFlags:
         elif len(self._unread) >= _FLUSH_CALLS:
             self.flush()
 
-    def _grad_hook(self, grad: torch.Tensor) -> None:
-        if not self._closed and grad.is_floating_point() and grad.numel():
-            self.grad_recs.append(self.reduce(grad))
+    def _grad_hook(self, call: Call, index: int, grad: torch.Tensor) -> None:
+        if self._closed or self.grads_paused or not grad.is_floating_point() or not grad.numel():
+            return
+        seen = self._grads_seen.get(id(grad))
+        if seen is not None and seen[0]() is grad:
+            rec = seen[1]  # the same gradient at an output several nested calls returned: reduced once
+        else:
+            rec = self.reduce(grad)
+            self._grads_seen[id(grad)] = (weakref.ref(grad), rec)
+        call.fired = len(self.grad_order)
+        self.grad_order.append((call, index, rec))
+        call.gouts[index] = (rec, grad)
+        size = grad.numel() * grad.element_size()
+        self._held.append((call, index, size))
+        self._held_bytes += size
+        while self._held_bytes > _HOLD_BYTES and len(self._held) > 1:  # the most recent ones are the ones needed
+            old, i, n = self._held.popleft()
+            self._held_bytes -= n
+            if i in old.gouts:
+                old.gouts[i] = (old.gouts[i][0], None)
+        if self.stop_at_nan and grad.device.type == "cpu" and self.nan[rec]:
+            raise GradientNaN()
 
     # ------------------------------------------------------------------ flags
     def reduce(self, t: torch.Tensor) -> int:
@@ -165,10 +212,12 @@ class CallFlags:
         finally:
             self.busy = busy
 
-    def _fresh(self, t: torch.Tensor) -> int:
-        rec = self._reduce(t.detach())
-        self._known[id(t)] = (weakref.ref(t), _version(t), rec)
-        return rec
+    def returned(self, t: torch.Tensor) -> int | None:
+        """The flag record of `t` when a module of root returned it (unchanged since), else None."""
+        known = self._known.get(id(t))
+        if known is None or known[0]() is not t or known[1] != _version(t) or not self.tracked[known[2]]:
+            return None
+        return known[2]
 
     def _flags(self, t: torch.Tensor, *, tracked: bool) -> int:
         known = self._known.get(id(t))
@@ -213,7 +262,8 @@ class CallFlags:
 
     def _release(self) -> None:
         for call in self._unread:
-            if not any(self.nan[r] or self.inf[r] for r in call.outs):
+            # A call with a clean output keeps its inputs only while its backward may have to be replayed.
+            if not call.grad_out and not any(self.nan[r] or self.inf[r] for r in call.outs):
                 call.args = call.kwargs = call.rng = None
                 call.versions = ()
         self._unread = []
@@ -230,55 +280,10 @@ class CallFlags:
         return call.args is not None and all(_version(t) == v for t, v in call.versions)
 
 
-class OutsideOps(TorchDispatchMode):
-    """The ops that run outside every module call of the root (the loss code); the tracer exits it before the
-    backward.
-
-    Flags only, no names: an op whose floating output holds NaN (or inf) while none of its floating inputs
-    does is counted in `started` once its flags are read. Ops inside a module call pass straight through:
-    `CallFlags` covers those.
-    """
-
-    def __init__(self, flags: CallFlags) -> None:
-        super().__init__()
-        self._flags = flags
-        flags.outside = self
-        self._ops: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func: Any, types_: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        flags = self._flags
-        if flags.busy or flags._open:
-            return func(*args, **kwargs)
-        flags.busy = True
-        try:
-            ins = tuple(flags._flags(t, tracked=False) for t in _floats((args, kwargs)))
-            out = func(*args, **kwargs)
-            if not getattr(func, "is_view", False):
-                outs = tuple(flags._fresh(t) for t in _floats(out))  # an in-place op's output is a new value
-                if outs:
-                    self._ops.append((ins, outs))
-                    if not flags._queue and self._starts(ins, outs):
-                        # Flags read at once (CPU): the op-level trace of the whole step will be needed, stop now.
-                        raise Started()
-        finally:
-            flags.busy = False
-        return out
-
-    def started(self) -> int:
-        """Ops whose output went NaN or inf from inputs without it (read after `CallFlags.flush`)."""
-        return sum(1 for ins, outs in self._ops if self._starts(ins, outs))
-
-    def _starts(self, ins: tuple[int, ...], outs: tuple[int, ...]) -> bool:
-        f = self._flags
-        return (f.any_nan(outs) and not f.any_nan(ins)) or (f.any_inf(outs) and not f.any_inf(ins))
-
-
-class Started(Interrupt):
-    """Raised through `run()` when NaN or inf starts outside the modules and the flags are read at once.
-
-    A BaseException, like KeyboardInterrupt: a criterion wrapper's `except Exception` must not turn it into an error.
-    """
+class GradientNaN(Interrupt):
+    """Raised through the backward from the first gradient at a module output that holds NaN (`stop_at_nan`): from
+    there on NaN flows everywhere and the rest of the backward names nothing new. A BaseException, so that no
+    `except Exception` in a hook of the user's swallows it."""
 
 
 def rng_states() -> tuple[torch.Tensor, ...]:

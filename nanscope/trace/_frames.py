@@ -27,7 +27,7 @@ _INTERNAL_DIRS = tuple(d for d in map(_package_dir, ("torch", "torchvision", "fu
 _STDLIB = os.path.join(sysconfig.get_paths()["stdlib"], "")
 _TRACER_FILES = frozenset(os.path.join(os.path.dirname(os.path.abspath(__file__)), f)
                           for f in ("__init__.py", "tracer.py", "_mode.py", "_rules.py", "records.py", "_frames.py",
-                                    "_calls.py", "_replay.py"))
+                                    "_calls.py", "_replay.py", "_loss.py", "_phases.py", "_backward.py"))
 
 
 def is_internal(filename: str) -> bool:

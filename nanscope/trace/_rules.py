@@ -77,6 +77,16 @@ class Ledger:
             self._parent[rec] = parent
         return rec
 
+    def written_by(self, rec: int) -> InfSource | None:
+        """The inf source that wrote `rec`'s infinities (None: none known)."""
+        i = self._prov[rec]
+        return self.inf_sources[i] if i >= 0 else None
+
+    def attribute(self, rec: int, source: InfSource) -> None:
+        """`rec`'s infinities were written by `source` (a placeholder its caller replaces once known)."""
+        self._prov[rec] = len(self.inf_sources)
+        self.inf_sources.append(source)
+
     def set_flags(self, rec: int, nan: bool, inf: bool) -> None:
         self.nan[rec] = nan
         self.inf[rec] = None if nan else inf

@@ -76,6 +76,7 @@ class TraceResult:
     backward_traced: bool = False  # False: asked not to, the loss has no graph, or no parameter trains
     module_calls: int = 0  # module calls seen by the module-level pass (0: it did not run)
     replayed: tuple[str, ...] = ()  # modules whose flagged calls were replayed under the op-level mode
+    replayed_backward: tuple[str, ...] = ()  # modules whose call's backward was replayed to name a backward origin
     full_trace_reason: str | None = None  # why the whole step was traced op by op (None: two phases sufficed)
 
     @property

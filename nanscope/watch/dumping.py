@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from nanscope.watch.ranks import Agreement
 from nanscope.watch.records import StepRecord, finite, syncs_allowed
 from nanscope.watch.report import BadStep, NonFiniteStepError, manifest, scaler_state
+from nanscope.watch.sharding import full_weights, plain_class
 from nanscope.watch.snapshot import (
     capture_rng,
     cpu_state_dict,
@@ -110,15 +111,22 @@ def criterion_spec(criterion: Any) -> str | None:
 def stack_meta(model: nn.Module) -> dict[str, Any]:
     """What the model's stack records for a replay (stack name, text encoder, ...); {} for other models."""
     stack = model_stack(model)
-    return stack.dump_meta(model) if stack is not None else {}
+    if stack is None:
+        return {}
+    meta = stack.dump_meta(model)
+    if "model_class" in meta:  # FSDP2's generated FSDP<Name> class is not one a replay builds
+        meta["model_class"] = plain_class(stack.find_model(model)).__name__
+    return meta
 
 
 class DumpWriter:
     """Mixin of `Watcher`: the dump of the agreed bad step (the one deliberate sync of a run)."""
 
     def _write(self, agreement: Agreement, current: int | None, *, pending: StepRecord | None = None,
-               exception: Mapping[str, str] | None = None, notes: list[str] | None = None) -> None:
-        """Write this rank's dump of `agreement.step`; `pending`: the unchecked step the block raised in."""
+               exception: Mapping[str, str] | None = None, notes: list[str] | None = None,
+               collective: bool = True) -> None:
+        """Write this rank's dump of `agreement.step`; `pending`: the unchecked step the block raised in.
+        `collective`: every rank of the group is here too (an agreement), so FSDP's weights can be gathered."""
         self._drain(block=True)  # we stop here anyway: know exactly where the snapshot froze
         step = int(agreement.step)  # type: ignore[arg-type]
         by_step: dict[int, StepRecord] = {}
@@ -128,7 +136,10 @@ class DumpWriter:
         if pending is not None:
             by_step[pending.step] = pending
         rec = by_step.get(step)
-        weights, weights_step, weight_notes = self._weights_for(step, current)
+        if self._sharding is not None:  # a collective: first, before anything this rank alone decides
+            weights, weights_step, weight_notes = self._sharded_weights(agreement, current, collective)
+        else:
+            weights, weights_step, weight_notes = self._weights_for(step, current)
         notes = list(notes or []) + weight_notes
         if agreement.kind == "scale_collapse" and weights_step is not None and weights_step in by_step:
             rec = by_step[weights_step]  # a collapse: pair the weights we have with their own batch
@@ -149,10 +160,13 @@ class DumpWriter:
         rng = {"before_forward": portable_rng(rec.forward["rng"]) if rec is not None and rec.forward else None,
                "at_check": portable_rng(rec.rng_at_check) if rec is not None else None}
         folder = self.dump_dir / f"step{step:08d}-rank{self.ctx.rank}"
-        meta = manifest(bad, model_class=type(unwrap(self.model)).__name__, stack=self.stack_meta, config=self.config,
-                        config_values=self.config_values, text_encoder=self.text_encoder, criterion=self.criterion_spec,
-                        scaler=scaler_state(self.scaler), device=self._device or torch.device("cpu"),
+        meta = manifest(bad, model_class=plain_class(unwrap(self.model)).__name__, stack=self.stack_meta,
+                        config=self.config, config_values=self.config_values, text_encoder=self.text_encoder,
+                        criterion=self.criterion_spec, scaler=scaler_state(self.scaler),
+                        device=self._device or torch.device("cpu"),
                         steps_checked=self._checks, notes=notes + batch_notes)
+        if self._sharding is not None:
+            meta["sharding"] = self._sharding
         try:
             write_dump_atomically(folder, state_dict=weights, batch=batch, rng=rng, manifest=meta)
         except Exception as exc:  # noqa: BLE001 (disk full, read-only, size limit, ...: never lose the step)
@@ -173,7 +187,7 @@ class DumpWriter:
             with syncs_allowed():
                 self._drain(block=True)  # a late read may hold an earlier bad step: that one comes first
                 if self._local is not None:
-                    self._write(self._local_agreement(*self._local), None,
+                    self._write(self._local_agreement(*self._local), None, collective=False,
                                 notes=[f"after this step the watched block raised {what}"])
                 elif self._forward is not None:
                     step = 0 if self._last_step is None else self._last_step + 1
@@ -181,6 +195,7 @@ class DumpWriter:
                                       rng_at_check=capture_rng(), values={}, checked=False)
                     self._local = (step, "exception")
                     self._write(self._local_agreement(step, "exception"), step, pending=pending, exception=raised,
+                                collective=False,
                                 notes=[f"the block raised {raised['type']} (see 'exception') after the model's "
                                        "forward and before check(); the step number is the last checked step + 1"])
                 else:
@@ -216,6 +231,31 @@ class DumpWriter:
             return cpu_state_dict(self.model), current, []
         return None, None, [f"no checkpoint: step {step} was read after later optimizer steps and no weight copy "
                             "was kept (keep_weights=False)"]
+
+    def _sharded_weights(self, agreement: Agreement, current: int | None,
+                         collective: bool) -> tuple[dict[str, Tensor] | None, int | None, list[str]]:
+        """FSDP: the full weights, gathered from every rank's shards at the check of the agreed step itself
+        (`nanscope.watch.sharding`), on the rank whose dump the replay reads (the first origin rank)."""
+        step = int(agreement.step)  # type: ignore[arg-type]
+        how = {"fsdp2": "FSDP2 (fully_shard)", "fsdp1": "FSDP1 (FullyShardedDataParallel)"}[self._sharding]
+        if not collective:
+            return None, None, [f"no checkpoint: the model is sharded with {how}, and gathering its full weights "
+                                "is a collective the other ranks do not join once this rank's block raised"]
+        if current is None or current != step:
+            return None, None, [f"no checkpoint: the model is sharded with {how} and step {step} was read after "
+                                "later optimizer steps; its full weights are gathered at the check of the bad step "
+                                "itself (the default sync_every=1 under FSDP does that)"]
+        writer = agreement.origin_ranks[0] if agreement.origin_ranks else 0
+        target = self._stack.find_model(self.model) if self._stack is not None else unwrap(self.model)
+        try:
+            full = full_weights(self.model, target, self.ctx, writer)
+        except Exception as exc:  # noqa: BLE001 (torch refused this wrapping: the dump keeps the rest)
+            return None, None, [f"no checkpoint: gathering the full weights of the {how} model failed "
+                                f"({type(exc).__name__}: {str(exc)[:300]})"]
+        if full is None:
+            return None, None, [f"no checkpoint on this rank: the full weights, gathered from every rank's {how} "
+                                f"shards, are in rank {writer}'s dump of step {step}"]
+        return full, step, [f"checkpoint.pth holds the full weights gathered from every rank's {how} shards"]
 
     def _dump_batch(self, rec: StepRecord | None) -> tuple[dict[str, Any] | None, list[str]]:
         if rec is None:

@@ -73,15 +73,22 @@ def _encode(step: int | None, kind: str | None) -> list[int]:
     return [NONE if step is None else int(step), NONE if kind is None else KINDS.index(kind)]
 
 
+def backend_device(ctx: RankContext) -> torch.device:
+    """Where the group's collectives take their tensors: the current CUDA device under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend(ctx.group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def agree(ctx: RankContext, step: int | None, kind: str | None) -> Agreement:
     """One `all_gather` of `[step, kind]` (on the backend's device); local only when not distributed."""
     if not ctx.distributed:
         return Agreement(((step, kind),))
     import torch.distributed as dist
 
-    backend = dist.get_backend(ctx.group)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    mine = torch.tensor(_encode(step, kind), dtype=torch.int64, device=device)
+    mine = torch.tensor(_encode(step, kind), dtype=torch.int64, device=backend_device(ctx))
     out = [torch.empty_like(mine) for _ in range(ctx.world_size)]
     dist.all_gather(out, mine, group=ctx.group)
     vals = torch.stack(out).tolist()  # the one host read, at a point the loop chose

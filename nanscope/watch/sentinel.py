@@ -50,6 +50,7 @@ from nanscope.watch.dump_targets import replay_gaps
 from nanscope.watch.dumping import DumpWriter, check_dump_dir, criterion_spec, stack_meta
 from nanscope.watch.ranks import Agreement, RankContext, agree, rank_context
 from nanscope.watch.records import StepRecord, syncs_allowed
+from nanscope.watch.sharding import sharding
 from nanscope.watch.report import NonFiniteStepError, WatchReport
 from nanscope.watch.snapshot import WeightSnapshot, capture_rng, model_stack
 
@@ -60,10 +61,12 @@ MAX_SYNC_EVERY = 1024  # a larger sync_every is capped: the unread steps' batche
 @dataclass(frozen=True)
 class WatchOptions:
     # Read the flags (and agree across ranks) at least every N checks. None: 1 on the CPU, where a
-    # read costs nothing, and 50 on CUDA, where it is a device sync (one per 50 steps is noise).
+    # read costs nothing, and 50 on CUDA, where it is a device sync (one per 50 steps is noise);
+    # 1 under FSDP, whose full weights can only be gathered at the bad step's own check.
     sync_every: int | None = None
     # Keep a device copy of the weights, frozen at the first bad step (one extra copy of the model
-    # in device memory). None: on when a read can come after optimizer.step(), i.e. sync_every > 1.
+    # in device memory). None: on when a read can come after optimizer.step(), i.e. sync_every > 1
+    # (never under FSDP: a copy would hold this rank's shards only).
     keep_weights: bool | None = None
     # A GradScaler scale below this is a collapse (NS307): with a scale under 1 the fp16 gradients
     # overflow even unscaled, and torch's own default starts at 2**16.
@@ -99,6 +102,11 @@ class Watcher(DumpWriter):
         if text_encoder is not None and Path(text_encoder).is_dir():
             self.text_encoder = str(Path(text_encoder).resolve())
         self.ctx: RankContext = rank_context(process_group)
+        self._sharding = sharding(model)  # "fsdp2" / "fsdp1": the dump gathers the full weights (a collective)
+        if self._sharding is not None and options.keep_weights:
+            raise InputError(f"keep_weights=True with a model sharded by {self._sharding.upper()}: a weight copy "
+                             "would hold this rank's shards only; leave keep_weights unset (under FSDP the full "
+                             "weights are gathered at the check of the bad step)")
         self._records: list[StepRecord] = []  # since the last read point, in step order
         self._unread = 0  # index into _records of the first record not analyzed yet
         self._checks = 0
@@ -299,12 +307,14 @@ class Watcher(DumpWriter):
     def _sync_every(self) -> int:
         if self.options.sync_every is not None:
             return min(self.options.sync_every, MAX_SYNC_EVERY)
+        if self._sharding is not None:  # the full weights exist only at the bad step's own check
+            return 1
         return 50 if self._device is not None and self._device.type == "cuda" else 1
 
     def _keep_weights(self) -> bool:
         if self.options.keep_weights is not None:
             return self.options.keep_weights
-        return self._sync_every() > 1
+        return self._sync_every() > 1 and self._sharding is None
 
     def _enqueue(self, rec: StepRecord, dev: list[Tensor]) -> None:
         self._records.append(rec)
@@ -463,7 +473,8 @@ def watch(
     """Watch a training loop for non-finite losses; dump the first bad step so `nanscope inspect DUMP` replays it.
 
     Args:
-        model: the trained module (DDP, torch.compile and PEFT wrappers are fine).
+        model: the trained module (DDP, torch.compile and PEFT wrappers are fine; under FSDP2/FSDP1 the dump
+            gathers the full weights at the agreed bad step, see `nanscope.watch.sharding`).
         dump_dir: where `step{N:08d}-rank{R}/` dump folders go.
         criterion: recorded as 'module:QualName' so a replay can use it again.
         scaler: a `torch.amp.GradScaler` (or an object with `get_scale()`/`_scale`): its skips are counted,

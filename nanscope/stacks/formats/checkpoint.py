@@ -11,6 +11,7 @@ never written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -189,6 +190,9 @@ class KeyFit:
     tied_differ: tuple[tuple[tuple[str, ...], float], ...] = ()
     notes: tuple[str, ...] = ()  # how the loader adapted the model or the keys to the file (said in NS306)
     adapter: Any = None  # nanscope.stacks.formats.peft.AdapterInfo when LoRA weights were loaded
+    # The training wrapper's prefix the file's model keys sit under (a LightningModule attribute such as
+    # "model."; torch.compile's "_orig_mod."): key names above are the model's, the file's are prefix + name.
+    prefix: str = ""
 
     @property
     def fraction(self) -> float:
@@ -243,9 +247,15 @@ def key_fit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> KeyFit:
                 matched.append(k)
             else:
                 mismatched.append((k, tuple(v.shape), tuple(own[k].shape)))
-    missing = sorted(k for k in own if k not in state)
-    non_persistent = {k for k, _ in model.named_buffers()} - set(own)
     unexpected, benign = [], []
+    missing = []
+    tied_to = {k: next((o for o in group if o in state), None) for group in tied_groups(model) for k in group}
+    for k in sorted(k for k in own if k not in state):
+        if tied_to.get(k) is not None:  # safetensors writers (Accelerate, save_pretrained) drop shared tensors
+            benign.append((k, f"tied to {tied_to[k]!r}, which the file holds (one tensor in the model)"))
+        else:
+            missing.append(k)
+    non_persistent = {k for k, _ in model.named_buffers()} - set(own)
     for k in sorted(k for k in state if k not in own):
         if k in non_persistent:
             benign.append((k, "a non-persistent buffer of this model (rebuilt at init)"))
@@ -266,8 +276,22 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
               expected: str = GDPY_EXPECTED) -> KeyFit:
     """Copy every fitting tensor into `model`; refuse a file that is clearly another model's.
 
-    expected: what the message says a fitting file holds (the stack's key names)."""
+    expected: what the message says a fitting file holds (the stack's key names). A file whose keys sit under
+    a training wrapper's prefix (Lightning's `model.`, torch.compile's `_orig_mod.`) loads from under it."""
     fit = key_fit(model, state)
+    if fit.fraction < MIN_FIT and (prefix := wrapper_prefix(model, state)):
+        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        outside = sorted(k for k in state if not k.startswith(prefix))
+        fit = key_fit(model, inner)
+        if fit.fraction >= MIN_FIT:
+            note = (f"the model's weights sit under {prefix!r} in the file (a training wrapper's attribute, e.g. a "
+                    f"LightningModule's): loaded from there" + (f"; {len(outside)} key(s) outside it (the wrapper's "
+                    f"own state, e.g. {outside[0]!r}) were not loaded" if outside else ""))
+            model.load_state_dict({k: inner[k] for k in fit.matched}, strict=False)
+            why = f"outside the model's prefix {prefix!r}: the training wrapper's own state"
+            return dataclasses.replace(fit, benign=fit.benign + tuple((k, why) for k in outside),
+                                       notes=fit.notes + (note,), prefix=prefix)
+        fit = key_fit(model, state)
     if fit.fraction < MIN_FIT:
         some = ", ".join(list(state)[:3])
         raise CheckpointError(
@@ -278,6 +302,22 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
     fitting = {k: state[k] for k in fit.matched}
     model.load_state_dict(fitting, strict=False)
     return fit
+
+
+def wrapper_prefix(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """The leading key prefix (one to three dotted parts) under which most of `model`'s keys are in `state`, or ""."""
+    own = set(model.state_dict())
+    counts: dict[str, int] = {}
+    for k in state:
+        parts = k.split(".")
+        for depth in range(1, min(len(parts), 4)):
+            prefix = ".".join(parts[:depth]) + "."
+            if k[len(prefix):] in own:
+                counts[prefix] = counts.get(prefix, 0) + 1
+    if not counts:
+        return ""
+    best = max(counts, key=lambda p: (counts[p], -len(p)))
+    return best if counts[best] >= MIN_FIT * len(own) else ""
 
 
 def _other_family(state: Mapping[str, torch.Tensor]) -> str:

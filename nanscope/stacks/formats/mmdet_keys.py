@@ -135,11 +135,12 @@ def to_groundingdino(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def box_heads_differ(state: Mapping[str, torch.Tensor]) -> float:
     """The largest difference between the per-layer box heads `bbox_embed.{i}` of a groundingdino state
-    dict (0.0 when they are equal, or when there is only one)."""
-    heads: dict[str, dict[int, torch.Tensor]] = {}
+    dict (0.0 when they are equal, or when there is only one); also under a training wrapper's prefix
+    (`model.bbox_embed.{i}` in a Lightning .ckpt), never the decoder's own references to them."""
+    heads: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for k, v in state.items():
-        if m := re.match(r"bbox_embed\.(\d+)\.(.+)$", k):
-            heads.setdefault(m.group(2), {})[int(m.group(1))] = v
+        if (m := re.match(r"((?:[^.]+\.){0,3}?)bbox_embed\.(\d+)\.(.+)$", k)) and not m.group(1).endswith("decoder."):
+            heads.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = v
     diff = 0.0
     for per_layer in heads.values():
         first = per_layer[min(per_layer)]

@@ -278,7 +278,7 @@ def apply_adapter(model: nn.Module, split: SplitState, cfg: Mapping[str, Any] | 
     lcfg, assumed = _lora_config(peft, split, cfg)
     try:
         wrapped = peft.get_peft_model(model, lcfg, adapter_name=split.adapter_name)
-    except ValueError as exc:  # e.g. target modules not found in the model
+    except (ValueError, NotImplementedError) as exc:  # target modules not found; a model PEFT cannot inspect
         raise CheckpointError(f"{source}: PEFT could not apply the adapter to this model ({exc})") from None
     inner = wrapped.get_base_model()
     fit = key_fit(inner, split.adapter)

@@ -173,14 +173,42 @@ def load_state_file(path: Path, config_data: Mapping[str, Any], *, trust: bool =
             raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file ({exc})") from None
     else:
         state = read_state_dict(path, trust=trust)
+    return _model_for_state(path, state, config_data, seed)
+
+
+def _model_for_state(path: Path, state: dict[str, torch.Tensor], config_data: Mapping[str, Any],
+                     seed: int) -> tuple[nn.Module, Any, KeyFit, dict[str, torch.Tensor]]:
     cfg = build_config(config_data)
     torch.manual_seed(seed)  # weights the file lacks are reported (NS306); make their init reproducible
     with quiet_transformers():
         model = model_class(cfg)(cfg)
-    fit = load_into(model, state, source=f"checkpoint {str(path)!r}",
-                    expected=f"{type(model).__name__} keys such as 'model.encoder.layers.0...' - check the file and "
-                             "the config")
-    return model.eval(), cfg, harmless_keys(model, fit), state
+    fit = harmless_keys(model, load_into(model, state, source=f"checkpoint {str(path)!r}",
+                                         expected=f"{type(model).__name__} keys such as 'model.encoder.layers.0...' - "
+                                                  "check the file and the config"))
+    if fit.missing or fit.unexpected:  # save_pretrained's names (5.x renames and ties keys when it saves)
+        model, fit = _refit_as_transformers(model, cfg, state, fit, seed)
+    return model.eval(), cfg, fit, state
+
+
+RENAMED_NOTE = "keys renamed and tied by transformers' own loading, as from_pretrained reads a save_pretrained file"
+
+
+def _refit_as_transformers(model: nn.Module, cfg: Any, state: dict[str, torch.Tensor], fit: KeyFit,
+                           seed: int) -> tuple[nn.Module, KeyFit]:
+    """The file loaded the way `from_pretrained` loads it (its key renames and tied weights), when that fits
+    better than the names as they are; else the first fit, unchanged."""
+    torch.manual_seed(seed)
+    try:
+        with quiet_transformers():
+            other, info = model_class(cfg).from_pretrained(None, config=cfg, state_dict=state, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
+    except Exception:  # noqa: BLE001 - any failure of this second try keeps the plain fit, which is reported
+        return model, fit
+    refit = fit_from_loading_info(other, info)
+    if len(refit.missing) + len(refit.unexpected) + len(refit.mismatched) >= \
+            len(fit.missing) + len(fit.unexpected) + len(fit.mismatched):
+        return model, fit
+    return other, dataclasses.replace(refit, notes=(*refit.notes, RENAMED_NOTE))
 
 
 def harmless_keys(model: nn.Module, fit: KeyFit) -> KeyFit:

@@ -14,11 +14,12 @@ transformers' own loss built from the model's config; for `--preset hf` verify-f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import weakref
 from pathlib import Path
-from typing import Any, ClassVar, ContextManager
+from typing import Any, ClassVar, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -125,17 +126,16 @@ class TransformersHF(Stack):
              merge_lora: bool = False) -> LoadedModel:
         import transformers
 
-        if adapter is not None:
-            raise ConfigError(f"--adapter {adapter} was given for the transformers stack, which does not apply PEFT "
-                              "adapters yet; merge it first (PeftModel.merge_and_unload(), then save_pretrained)")
-
         from nanscope.stacks.formats.checkpoint import file_sha256
         from nanscope.stacks.formats.shared_state import share_with_model
-        from nanscope.stacks.transformers.loading import load_folder, load_state_file
+        from nanscope.stacks.transformers.loading import RENAMED_NOTE, load_folder, load_state_file
 
         from nanscope.stacks.transformers.mm_loading import is_mm_checkpoint, load_mm_file
 
         path = Path(checkpoint)
+        adapter_path = Path(adapter) if adapter is not None else None
+        if adapter_path is None and path.is_dir() and (base := _adapter_base_folder(path)) is not None:
+            adapter_path, path = path, base  # an adapter folder whose base_model_name_or_path is a local folder
         if path.is_dir():
             model, cfg, fit, weights = load_folder(path, config=config)
             loaded = set(fit.matched)
@@ -146,11 +146,20 @@ class TransformersHF(Stack):
             state = {k: mm.state[k] for k in fit.matched}
             if text_encoder is None and mm.text_encoder is not None:
                 text_encoder = mm.text_encoder  # the mmdet config's language_model.name
+        elif path.is_file() and adapter_path is None and _peft_dump(path):  # a watched PeftModel's weights
+            model, cfg, fit, state = _load_peft_state(path, self._config_data(path, config), trust=trust,
+                                                      merge=merge_lora)
+            weights, adapter_path = path, path
         elif path.is_file():
             model, cfg, fit, raw = load_state_file(path, self._config_data(path, config), trust=trust)
-            state, weights = {k: raw[k] for k in fit.matched}, path
+            # the file's own tensors, by the file's names (they differ from the model's after a rename)
+            state, weights = ({k: raw[fit.prefix + k] for k in fit.matched} if RENAMED_NOTE not in fit.notes
+                              else raw), path
         else:
             raise CheckpointError(f"checkpoint {str(path)!r} does not exist; expected a save_pretrained folder")
+        if adapter_path is not None and adapter_path != path:
+            model, fit = _apply_peft(model, fit, adapter_path, trust=trust, merge=merge_lora)
+            state = {k: v.detach() for k, v in model.state_dict().items()}  # under PEFT's names when unmerged
         tok, te = self._tokenizer(path, config, text_encoder)
         model.to(device).eval()
         set_tokenizer(model, tok)
@@ -163,6 +172,9 @@ class TransformersHF(Stack):
                   "checkpoint_dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in state.values()
                                                if isinstance(v, torch.Tensor) and v.is_floating_point()})
                   if path.is_file() else []}
+        if adapter_path is not None:
+            inputs["adapter"] = str(adapter_path)
+            inputs["lora"] = "merged" if merge_lora else "unmerged (PEFT layers)"
         state = share_with_model(model, state)  # the file's copy of every weight the model holds is freed
         return LoadedModel(self, model, cfg, tok, int(cfg.max_text_len), state, fit, inputs)
 
@@ -174,7 +186,8 @@ class TransformersHF(Stack):
         config_folder = None
         if isinstance(config, (str, os.PathLike)):  # a config.json's folder holds the tokenizer save_pretrained wrote
             config_folder = Path(config) if Path(config).is_dir() else Path(config).parent
-        for folder in (checkpoint, config_folder):
+        own = checkpoint if checkpoint.is_dir() else checkpoint.parent  # save_pretrained put them beside the weights
+        for folder in (own, config_folder):
             if folder is not None and has_tokenizer(folder):
                 return load_tokenizer(folder), str(folder)
         raise ConfigError(f"{str(checkpoint)!r} holds no tokenizer (tokenizer.json or vocab.txt); pass --text-encoder "
@@ -271,6 +284,95 @@ class TransformersHF(Stack):
         tok = _TOKENIZERS.get(det)
         if te is None and tok is not None and Path(str(getattr(tok, "name_or_path", ""))).is_dir():
             te = str(Path(tok.name_or_path).resolve())
-        return {"stack": self.name, "model_class": type(det).__name__, "text_encoder": te,
+        from nanscope.stacks.formats.peft import live_adapter_config
+
+        meta = {"stack": self.name, "model_class": type(det).__name__, "text_encoder": te,
                 "max_text_len": int(det.config.max_text_len), "num_queries": int(det.config.num_queries),
                 "hf_config": json.loads(det.config.to_json_string(use_diff=False))}
+        lora = live_adapter_config(model)  # a PEFT-wrapped model: the dump replays through the same adapter
+        if lora is not None:
+            meta["peft"] = lora
+        return meta
+
+
+def _adapter_base_folder(folder: Path) -> Path | None:
+    """The local save_pretrained folder a PEFT adapter folder names as its base_model_name_or_path, or None."""
+    from nanscope.stacks.formats import peft as ps
+
+    if not (folder / ps.ADAPTER_CONFIG).is_file():
+        return None
+    name = str(ps.read_adapter_config(folder / ps.ADAPTER_CONFIG).get("base_model_name_or_path") or "")
+    return next((c for c in (Path(name), folder / name) if name and (c / "config.json").is_file()), None)
+
+
+def _apply_peft(model: nn.Module, fit: Any, adapter: Path, *, trust: bool, merge: bool) -> tuple[nn.Module, Any]:
+    """A PEFT LoRA adapter (save_pretrained folder or file) on the loaded transformers model, through PEFT's own
+    layers (merged on request); heads the trainer saved with it (modules_to_save) replace the base's."""
+    from nanscope.stacks.formats import peft as ps
+    from nanscope.stacks.formats.checkpoint import key_fit
+
+    a_state, cfg, cfg_file = ps.read_adapter(adapter, trust=trust)
+    split = ps.split_state(a_state, modules_to_save=tuple((cfg or {}).get("modules_to_save") or ()))
+    if split.base:
+        over = key_fit(model, split.base)
+        model.load_state_dict({k: split.base[k] for k in over.matched}, strict=False)
+        split.overrides = tuple(over.matched)
+    return _apply_split(model, fit, split, cfg, cfg_file, f"adapter {str(adapter)!r}", merge)
+
+
+def _peft_dump(path: Path) -> bool:
+    """A state-dict file of a PEFT-wrapped model (a watch dump, or `torch.save(peft_model.state_dict())`) with
+    its adapter_config.json beside it; not the adapter's own weights file."""
+    from nanscope.stacks.formats import peft as ps
+
+    return ps.adapter_config_near(path) is not None and path.name not in ps.ADAPTER_WEIGHTS
+
+
+def _load_peft_state(path: Path, config_data: dict[str, Any], *, trust: bool,
+                     merge: bool) -> tuple[nn.Module, Any, Any, dict[str, torch.Tensor]]:
+    """A PeftModel's own state dict (base layers and LoRA weights under PEFT's names): the base weights into
+    the model, then the adapter through PEFT's layers with the adapter_config.json beside the file."""
+    from nanscope.stacks.formats import peft as ps
+    from nanscope.stacks.formats.checkpoint import read_state_dict
+    from nanscope.stacks.transformers.loading import _model_for_state
+
+    cfg_file = ps.adapter_config_near(path)
+    assert cfg_file is not None
+    cfg = ps.read_adapter_config(cfg_file)
+    split = ps.split_state(read_state_dict(path, trust=trust),
+                           modules_to_save=tuple(cfg.get("modules_to_save") or ()))
+    model, hf_cfg, fit, _ = _model_for_state(path, split.base, config_data, 0)
+    model, fit = _apply_split(model, fit, split, cfg, cfg_file, f"checkpoint {str(path)!r}", merge)
+    return model, hf_cfg, fit, {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def _apply_split(model: nn.Module, fit: Any, split: Any, cfg: Any, cfg_file: Any, where: str,
+                 merge: bool) -> tuple[nn.Module, Any]:
+    from nanscope.stacks.formats import peft as ps
+
+    with input_embeddings_for_peft(model):
+        out, adapter_fit, info = ps.apply_adapter(model, split, cfg, source=where, merge=merge,
+                                                  config_file=str(cfg_file) if cfg_file is not None else None)
+    note = (f"LoRA adapter from {where} applied {'merged' if merge else 'unmerged, through PEFT layers'} "
+            f"(r={info.r}, lora_alpha={info.lora_alpha:g}, {len(info.targets)} modules)")
+    return out, ps.combine_fits(fit, adapter_fit, info, (note,))
+
+
+@contextlib.contextmanager
+def input_embeddings_for_peft(model: nn.Module) -> Iterator[None]:
+    """PEFT (0.21) asks the model for `get_input_embeddings` to find weights tied to them, which transformers'
+    GroundingDino does not answer (NotImplementedError): answer it with the text backbone's word embeddings
+    (none of GroundingDino's ties involve them) while the adapter is applied, then remove the answer."""
+    det = find_detector(model)
+    try:
+        det.get_input_embeddings()
+        yield
+        return
+    except NotImplementedError:
+        pass
+    text = det.model.text_backbone
+    det.get_input_embeddings = text.get_input_embeddings  # an instance attribute, deleted below
+    try:
+        yield
+    finally:
+        del det.get_input_embeddings
