@@ -27,7 +27,7 @@ EXACT_WIDENING = {
 
 def _same_values(file_t: torch.Tensor, own: torch.Tensor) -> bool:
     """Whether `own` (the model's tensor) holds exactly `file_t`'s values (NaNs never count as equal)."""
-    if file_t.shape != own.shape or file_t.is_sparse or own.is_sparse:
+    if file_t.shape != own.shape or any(t.is_sparse or t.is_quantized or t.is_meta for t in (file_t, own)):
         return False
     if file_t.dtype != own.dtype and (file_t.dtype, own.dtype) not in EXACT_WIDENING:
         return False
