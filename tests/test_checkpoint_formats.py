@@ -316,12 +316,13 @@ def test_open_groundingdino_checkpoint_of_the_demo_replays_without_trust(demo_fi
     assert got.key_fit.clean and len(got.key_fit.matched) == len(demo_sd)
 
 
-def test_transformers_stack_refuses_an_adapter_saying_what_to_do(tmp_path):
-    from nanscope.errors import ConfigError
+def test_transformers_stack_names_an_adapter_that_is_not_there(tmp_path):
     from nanscope.stacks import get_stack
+    from nanscope.stacks.transformers.demo import write_hf_model
 
-    with pytest.raises(ConfigError, match="merge_and_unload"):
-        get_stack("hf").load(tmp_path, adapter=tmp_path / "adapter")
+    folder = write_hf_model(tmp_path / "model", num_queries=50)
+    with pytest.raises(CheckpointError, match="adapter .*does not exist; expected a PEFT adapter folder or file"):
+        get_stack("hf").load(folder, adapter=tmp_path / "adapter")
 
 
 def _lightning_checkpoint(model: nn.Module, root: pathlib.Path) -> pathlib.Path:
