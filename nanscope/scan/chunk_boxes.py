@@ -10,6 +10,7 @@ least 1x1 px passes every box check, so the filter never hides a hit.
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, Sequence
 
 SIZE_BINS = 15  # sqrt(box area) in px: < 1, [1, 2), [2, 4) ... [4096, 8192), >= 8192 (engine.Stats.size_hist)
@@ -20,8 +21,8 @@ def box_array(samples: Sequence[Any]) -> tuple[Any, Any, list[int]]:
     import numpy as np
 
     counts = [len(s.boxes) for s in samples]
-    flat = [b for s in samples for b in s.boxes]
-    boxes = np.array(flat, dtype=np.float64).reshape(-1, 4)
+    coords = chain.from_iterable(chain.from_iterable(s.boxes for s in samples))
+    boxes = np.fromiter(coords, dtype=np.float64, count=4 * sum(counts)).reshape(-1, 4)
     owner = np.repeat(np.arange(len(samples)), counts)
     return boxes, owner, counts
 
