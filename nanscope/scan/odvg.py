@@ -196,8 +196,8 @@ def _od_decoder() -> Any:
     box = Tuple[float, float, float, float]  # ints are converted, bools and strings refused
     instance = msgspec.defstruct("Instance", [("bbox", box), ("label", Union[int, str])], gc=False)
     detection = msgspec.defstruct("Detection", [("instances", list[instance])], gc=False)  # type: ignore[valid-type]
-    line = msgspec.defstruct("Line", [("filename", str), ("detection", detection), ("width", Optional[float], None),
-                                      ("height", Optional[float], None)], gc=False)
+    line = msgspec.defstruct("Line", [("filename", str), ("detection", detection), ("width", Optional[Union[int, float]], None),
+                                      ("height", Optional[Union[int, float]], None)], gc=False)
     return msgspec.json.Decoder(line), (msgspec.ValidationError, msgspec.DecodeError)
 
 
