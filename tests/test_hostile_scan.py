@@ -65,3 +65,33 @@ def test_a_line_longer_than_the_limit_is_refused_without_holding_it(tmp_path):
             got.append((n, len(raw)))
     assert got == [(1, len(b'{"filename": "b.jpg"}\n'))]  # the line before it was read whole
     assert [n for n, _ in odvg.iter_lines(path, max_line=4 << 20)] == [1, 2, 3]  # under a larger limit: every line
+
+
+def test_a_unit_with_a_line_longer_than_the_limit_is_bounded_too(tmp_path, monkeypatch):
+    """`--engine ray`'s units: planning reads one block at a time past a line longer than a unit (no copy of the
+    line), and the worker's reader refuses it after MAX_LINE bytes, naming the line; the units around it keep
+    their line numbers and sample indices."""
+    import tracemalloc
+
+    from nanscope.errors import DataError
+    from nanscope.scan import odvg
+    from nanscope.scan.dataset import open_dataset
+    from nanscope.scan.units import iter_unit, plan
+
+    small = b'{"filename": "a.jpg", "grounding": {"caption": "a cat", "regions": []}}\n'
+    big = b'{"filename": "b.jpg", "grounding": {"caption": "' + b"a" * (8 << 20) + b'", "regions": []}}\n'
+    path = tmp_path / "huge.jsonl"
+    path.write_bytes(small * 3 + b"\n" + big + small * 2)
+    ds = open_dataset(path, format="odvg")
+    tracemalloc.start()
+    units = plan(ds, unit_bytes=1 << 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 << 20, peak  # a few blocks of 1 MiB, not the 8 MiB line (and its copies)
+    assert [(u.first_line, u.first_index, u.samples) for u in units] == [(1, 0, 3), (5, 3, 1), (6, 4, 2)]
+    monkeypatch.setattr(odvg, "MAX_LINE", 2 << 20)
+    with pytest.raises(DataError, match=r"huge.jsonl' line 5 is longer than 2 MiB"):
+        list(iter_unit(ds, units[1]))
+    assert [(i, n) for i, n, _ in iter_unit(ds, units[2])] == [(4, 6), (5, 7)]
+    monkeypatch.setattr(odvg, "MAX_LINE", 16 << 20)  # under a larger limit the line is read whole
+    assert [(i, n, len(raw)) for i, n, raw in iter_unit(ds, units[1])] == [(3, 5, len(big))]

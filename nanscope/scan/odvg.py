@@ -30,16 +30,23 @@ except ImportError:  # pragma: no cover - the scan extra installs it
 MAX_LINE = 64 << 20  # bytes of one JSONL line: a longer one is refused before it is held in memory
 
 
-def iter_lines(path: str | os.PathLike[str], *, max_line: int = MAX_LINE) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) of every non-blank line. A line longer than `max_line` bytes is a
-    DataError naming it, raised after reading at most `max_line` bytes of it: memory stays bounded on any file."""
+def iter_lines(path: str | os.PathLike[str], *, max_line: int | None = None, start: int = 0, end: int | None = None,
+               first_line: int = 1) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of every non-blank line, of the whole file or of the newline-aligned byte
+    range [start, end) whose first line is `first_line` (a unit of `nanscope.scan.units`). A line longer than
+    `max_line` bytes (default MAX_LINE) is a DataError naming it, raised after reading at most `max_line` bytes of
+    it: memory stays bounded on any file."""
+    limit = MAX_LINE if max_line is None else max_line
     try:
         with open(path, "rb") as f:
-            n = 0
-            while raw := f.readline(max_line + 1):
+            if start:
+                f.seek(start)
+            n, pos = first_line - 1, start
+            while (end is None or pos < end) and (raw := f.readline(limit + 1)):
                 n += 1
-                if len(raw) > max_line and not raw.endswith(b"\n"):
-                    raise DataError(f"{str(path)!r} line {n} is longer than {max_line >> 20} MiB; expected one "
+                pos += len(raw)
+                if len(raw) > limit and not raw.endswith(b"\n"):
+                    raise DataError(f"{str(path)!r} line {n} is longer than {limit >> 20} MiB; expected one "
                                     "JSON object per line (a caption that long cannot be a training sample)")
                 if raw.strip():
                     yield n, raw
