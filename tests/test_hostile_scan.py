@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,19 +37,59 @@ def test_a_caption_too_long_to_tokenize_is_its_own_finding(tmp_path, capsys):
     assert worst[0]["sample"] == 0 and worst[0]["characters"] == len(caption) > MAX_CAPTION_FACTOR * 256
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "grounding"])
-def test_a_lone_surrogate_is_a_data_error_naming_the_field(tmp_path, capsys, fmt):
-    if fmt == "jsonl":
-        path, where = _vg(tmp_path, "a cat \ud800 next to a dog"), "line 1 field grounding.caption"
-        extra = ["--trainer", "mmdet"]
-    else:
+def _surrogate_case(tmp_path: Path, case: str, text: str) -> tuple[Path, list[str], str, Any]:
+    """A fixture file with `text` (holding a lone surrogate, or U+FFFD in its place) in one text field."""
+    if case == "grounding":
         d = json.loads((FIX / "grounding.json").read_text())
-        d["images"][0]["caption"] = "a cat \udfff next"
-        path, where, extra = tmp_path / "g.json", "field images[0].caption", []
+        d["images"][0]["caption"] = text
+        path = tmp_path / "g.json"
         path.write_text(json.dumps(d))
-    assert main(["scan", str(path), "--text-encoder", TE, "--quiet", *extra]) == 2
-    err = capsys.readouterr().err
-    assert where in err and "lone surrogate" in err and "internal error" not in err, err
+        return path, [], "images[0].caption", d["images"][0]["id"]
+    lines = [json.loads(x) for x in (FIX / "vg.jsonl").read_text().splitlines() if x.strip()]
+    if case == "caption":
+        lines[1]["grounding"]["caption"] = text
+        fld, extra = "grounding.caption", ["--trainer", "mmdet"]
+    else:  # a phrase: Open-GroundingDino rebuilds the caption from the phrases
+        lines[1]["grounding"]["regions"][0]["phrase"] = text
+        fld, extra = "grounding.regions[0].phrase", []
+    path = tmp_path / "vg.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    return path, extra, fld, 1
+
+
+@pytest.mark.parametrize("case", ["caption", "phrase", "grounding"])
+def test_a_lone_surrogate_is_a_finding_and_the_scan_goes_on(tmp_path, capsys, case):
+    """The sample with a lone surrogate is NS210 (error, its field and character), and every other finding is
+    the one of the same file with U+FFFD in the surrogate's place."""
+    text = "a cat \ud800 next to a dog"
+    path, extra, fld, sample_id = _surrogate_case(tmp_path, case, text)
+    res = tmp_path / "r.json"
+    assert main(["scan", str(path), "--text-encoder", TE, "--quiet", "--json", str(res), *extra]) == 1
+    capsys.readouterr()
+    got = json.loads(res.read_text())
+    [ns210] = [f for f in got["findings"] if f["code"] == "NS210"]
+    assert ns210["severity"] == "error" and ns210["count"] == 1 and ns210["hint"]
+    [w] = ns210["where"]
+    assert (w["sample"], w["field"], w["character"], w["value"]) == (sample_id, fld, text.index("\ud800"), "\\ud800")
+    if case != "grounding":
+        assert w["line"] == 2
+    (tmp_path / "ok").mkdir()
+    path2, _, _, _ = _surrogate_case(tmp_path / "ok", case, text.replace("\ud800", "\ufffd"))
+    res2 = tmp_path / "r2.json"
+    main(["scan", str(path2), "--text-encoder", TE, "--quiet", "--json", str(res2), *extra])
+    capsys.readouterr()
+    other = [f for f in got["findings"] if f["code"] != "NS210"]
+    assert other == json.loads(res2.read_text())["findings"]
+
+
+def test_without_a_sample_a_lone_surrogate_is_still_a_data_error():
+    from nanscope.errors import DataError
+    from nanscope.scan.sample import text
+
+    with pytest.raises(DataError, match=r"'f.json' field x holds a lone surrogate '\\udfff' at character 2"):
+        text("ab\udfff", "f.json", None, "x")
+    bad: list = []
+    assert text("ab\udfffc", "f.json", None, "x", bad) == "ab\ufffdc" and bad == [("x", 2, "\\udfff")]
 
 
 def test_a_line_longer_than_the_limit_is_refused_without_holding_it(tmp_path):

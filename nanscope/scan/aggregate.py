@@ -82,7 +82,7 @@ class Aggregate:
             info = CATALOGUE[code]
             n = len(agg.samples)
             pct = 100.0 * n / self.stats.samples if self.stats.samples else 0.0
-            unit = "token(s)" if code in COUNT_TOKENS else ("sample(s)" if code in ("NS104", "NS204", "NS208", "NS209")
+            unit = "token(s)" if code in COUNT_TOKENS else ("sample(s)" if code in ("NS104", "NS204", "NS208", "NS209", "NS210")
                                                            else "box(es)")
             kinds = ", ".join(f"{v} {k}" for k, v in sorted(agg.kinds.items(), key=lambda kv: (-kv[1], kv[0]))[:4])
             msg = (f"{n} of {self.stats.samples} samples ({pct:.3g}%): {agg.count} {unit}"

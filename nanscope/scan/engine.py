@@ -259,6 +259,8 @@ def check_chunk(state: State, samples: list[Sample], prompts: list[Prompt], encs
             groups = box_groups(state, smp, pr, enc)
             hits = (checks.box_hits(smp) if nb else []) + checks.text_hits(smp, pr, groups, n_tok, T,
                                                                               words_cut=words_cut)
+        if smp.bad_text:
+            hits += checks.unicode_hits(smp)
         if state.images is not None:
             hits += checks.image_hits(smp, state.images)[0]
         elif smp.image is not None:

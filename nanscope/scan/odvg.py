@@ -148,13 +148,14 @@ def parse_line(raw: bytes, index: int, line: int, source: str, *, od: bool) -> S
     if "grounding" not in d and "detection" in d:
         raise DataError(f"{source!r} line {line} is a detection (OD) line; pass its label map with --label-map")
     g = S.get(d, "grounding", source, line, "grounding", dict)
-    smp.caption = S.text(g.get("caption", ""), source, line, "grounding.caption")
+    smp.caption = S.text(g.get("caption", ""), source, line, "grounding.caption", smp.bad_text)
     regions = S.get(g, "regions", source, line, "grounding.regions", list)
     for k, r in enumerate(regions):
         fld = f"grounding.regions[{k}]"
         if not isinstance(r, dict):
             raise DataError(f"{S.where_of(source, line, fld)} is {r!r}; expected an object {{bbox, phrase, tokens_positive}}")
-        phrase = S.get(r, "phrase", source, line, f"{fld}.phrase", str)
+        phrase = S.text(S.get(r, "phrase", source, line, f"{fld}.phrase", str), source, line, f"{fld}.phrase",
+                        smp.bad_text)
         tp = r.get("tokens_positive")
         spans = S.spans(tp, source, line, f"{fld}.tokens_positive") if tp is not None else None
         b = S.get(r, "bbox", source, line, f"{fld}.bbox", list)
