@@ -30,6 +30,10 @@ def _samples(seed: int = 0, n: int = 400) -> list[Sample]:
         if boxes and rng.random() < 0.1:
             boxes.append(boxes[0])
             labels.append(labels[0])
+        if boxes and rng.random() < 0.05:  # the same box with -0.0 for 0.0: equal as tuples
+            boxes[-1] = (0.0, 0.0, 5.0, 5.0)
+            boxes.append((-0.0, 0.0, 5.0, 5.0))
+            labels.append(labels[-1])
         out.append(Sample(i, i, f"{i}.jpg", i + 1, W, W and 480.0, OD, boxes, list(range(len(boxes))), labels))
     return out
 
@@ -40,6 +44,8 @@ def test_the_filter_never_hides_a_box_hit():
     need = chunk_boxes.needs_box_checks(samples, boxes, owner, counts)
     with_hits = [bool(checks.box_hits(s)) for s in samples]
     assert all(n for n, h in zip(need, with_hits) if h)
+    dup = [any(h.code == "NS205" for h in checks.box_hits(s)) for s in samples]
+    assert sum(dup) >= 20 and all(n for n, d in zip(need, dup) if d)
     assert sum(need) < len(samples)  # and it does skip the clean ones
 
 

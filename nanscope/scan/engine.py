@@ -206,9 +206,9 @@ def _clean_phrase(caption: str, enc: Any, phrase: str, intended: tuple[int, int]
     first and last characters are on tokens (so its tokens are found and kept)."""
     if intended is None or not phrase:
         return False
-    b = caption.find(phrase)
+    b = intended[0]
     e = b + len(phrase)
-    return (b == intended[0] and e == intended[1] and caption.count(phrase) == 1
+    return (b >= 0 and e == intended[1] and caption.find(phrase) == b and caption.find(phrase, b + 1) < 0
             and enc.char_to_token(b) is not None and enc.char_to_token(e - 1) is not None)
 
 

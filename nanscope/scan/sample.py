@@ -109,6 +109,8 @@ def size(value: Any, source: str, line: int | None, fld: str) -> float | None:
     """An image width/height: absent is allowed (None: size checks are skipped)."""
     if value is None:
         return None
+    if (type(value) is int or type(value) is float) and 0 < value < math.inf:  # the common case, checked cheaply
+        return float(value)
     v = number(value, source, line, fld)
     if not math.isfinite(v) or v <= 0:
         raise DataError(f"{where_of(source, line, fld)} is {value!r}; expected a positive image size in pixels")
