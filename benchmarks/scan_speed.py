@@ -10,8 +10,9 @@ after negatives) and prints, side by side in one run:
 
 - floor vs scan, per size in --sizes: the floor is parsing the same lines with orjson plus the same fast
   tokenizer's batched `encode_batch` (256 per call, single-threaded) on the scan's own captions (built
-  beforehand, untimed); the scan is `nanscope.scan.scan` over the file, in this process, single-threaded
-  (TOKENIZERS_PARALLELISM=false), end to end. Ratio = floor time / scan time (1.0: the scan costs nothing
+  beforehand, untimed); the scan is `nanscope.scan.scan` over the file, in this process
+  (TOKENIZERS_PARALLELISM=false), end to end: as it runs by default (the tokenizer on a helper thread) and
+  in one thread (`engine.PIPELINE = False`). Ratio = floor time / scan time (1.0: the scan costs nothing
   beyond parsing and tokenizing); wall and CPU seconds, interleaved, best of --repeat;
 - start-up: whole processes on a 10-line file, medians of --startup runs: bare Python, Python + import
   `tokenizers` + load the tokenizer, and `nanscope scan` (the CLI) - the split says what the scan adds;
@@ -257,15 +258,23 @@ def main() -> None:
         for size in [int(x) for x in args.sizes.split(",") if x.strip()]:
             data = d / f"o365_{size}.jsonl"
             write_dataset(data, size, names)
-            fl, sc = [], []
+            from nanscope.scan import engine
+
+            fl, sc, one = [], [], []
             for _ in range(args.repeat):
                 fl.append(time_floor(data, lm, te))
                 sc.append(time_scan(data, lm, te))
-            f, s = min(fl, key=lambda c: c.wall), min(sc, key=lambda c: c.wall)
-            fc, scpu = min(c.cpu for c in fl), min(c.cpu for c in sc)
-            print(f"  {size:>8} samples: floor {f.wall:7.2f} s wall {fc:7.2f} s CPU; scan {s.wall:7.2f} s wall "
-                  f"{scpu:7.2f} s CPU; scan at {f.wall / s.wall:.2f}x the floor's speed (wall), {fc / scpu:.2f}x (CPU); "
-                  f"{size / s.wall:.0f} samples/s")
+                engine.PIPELINE = False
+                one.append(time_scan(data, lm, te))
+                engine.PIPELINE = True
+            f = min(fl, key=lambda c: c.wall)
+            fc = min(c.cpu for c in fl)
+            for name, runs in (("scan", sc), ("scan, one thread", one)):
+                s = min(runs, key=lambda c: c.wall)
+                scpu = min(c.cpu for c in runs)
+                print(f"  {size:>8} samples: floor {f.wall:7.2f} s wall {fc:7.2f} s CPU; {name} {s.wall:7.2f} s wall "
+                      f"{scpu:7.2f} s CPU; at {f.wall / s.wall:.2f}x the floor's speed (wall), {fc / scpu:.2f}x (CPU); "
+                      f"{size / s.wall:.0f} samples/s")
             data.unlink()
         for size in [int(x) for x in args.memory.split(",") if x.strip()]:
             f = d / f"mem{size}.jsonl"

@@ -84,7 +84,7 @@ def test_the_worst_negatives_bound_equals_the_loop_over_labels():
 def test_the_shortcuts_change_no_result(monkeypatch, tmp_path):
     """The planted fixtures and a synthetic O365-like file with the shortcuts on and off: `box_groups`' hit-free
     groups (`engine.FAST_TEXT`), the chunk-wide prompts (`engine.FAST_PROMPTS`), the typed decoder
-    (`odvg.FAST_OD`). Rules include grounding lines matched with caption.find in the file's caption, whose spans
+    (`odvg.FAST_OD`), the tokenizer on a helper thread (`engine.PIPELINE`). Rules include grounding lines matched with caption.find in the file's caption, whose spans
     need not be where find looks."""
     import importlib.util
     import json
@@ -112,7 +112,8 @@ def test_the_shortcuts_change_no_result(monkeypatch, tmp_path):
             kw = dict(text_encoder=str(te), rules=rules, label_map=str(lm) if lm else None)
             results = []
             for on in (True, False):
-                for mod, flag in ((engine, "FAST_TEXT"), (engine, "FAST_PROMPTS"), (odvg, "FAST_OD")):
+                for mod, flag in ((engine, "FAST_TEXT"), (engine, "FAST_PROMPTS"), (odvg, "FAST_OD"),
+                                  (engine, "PIPELINE")):
                     monkeypatch.setattr(mod, flag, on)
                 results.append(result_files(scan(data, **kw).result)[0])
             assert results[0] == results[1], (data.name, rules)

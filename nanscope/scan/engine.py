@@ -288,10 +288,17 @@ def _prompt_is_clean(pr: Prompt, max_text_len: int) -> bool:
             and (pr.worst_tokens is None or pr.worst_tokens <= max_text_len))
 
 
+PIPELINE = True  # encode on a helper thread (False: one thread; the benchmark measures both)
+
+
 def _pipelined(state: State, chunks: Iterable[list[tuple[int, int | None, Any]]]
                ) -> Iterator[tuple[list[Any], ChunkOut]]:
     """In one process: the tokenizer encodes chunk k+1 on a helper thread (its batched call releases the GIL)
-    while this thread checks chunk k and reads chunk k+2."""
+    while this thread checks chunk k and reads chunk k+2. Less wall time where a second core is free; on two
+    hyper-threads of one core each thread runs slower, so the CPU time grows (benchmarks/RESULTS.md)."""
+    if not PIPELINE:
+        yield from ((items, process_chunk(state, items)) for items in chunks)
+        return
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanscope-scan-encode") as ex:
