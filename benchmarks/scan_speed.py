@@ -2,7 +2,7 @@
 --workers and --engine ray compare?
 
     python benchmarks/scan_speed.py [--sizes 10000,100000] [--memory 10000,100000,1000000] [--scale 100000]
-                                    [--workers 2] [--startup 5] [--repeat 2]
+                                    [--workers 2] [--startup 5] [--repeat 2] [--grit 20000]
 
 Generates a synthetic Objects365-like ODVG dataset (365 category names of 1-3 words, boxes per image drawn
 around O365's mean of ~15, up to 100; Open-GroundingDino's max_labels=50, so captions hold 5-50 names
@@ -10,14 +10,17 @@ after negatives) and prints, side by side in one run:
 
 - floor vs scan, per size in --sizes: the floor is parsing the same lines with orjson plus the same fast
   tokenizer's batched `encode_batch` (256 per call, single-threaded) on the scan's own captions (built
-  beforehand, untimed); the scan is `nanscope.scan.scan` over the file, in this process, single-threaded
-  (TOKENIZERS_PARALLELISM=false), end to end. Ratio = floor time / scan time (1.0: the scan costs nothing
+  beforehand, untimed); the scan is `nanscope.scan.scan` over the file, in this process
+  (TOKENIZERS_PARALLELISM=false), end to end: as it runs by default (the tokenizer on a helper thread) and
+  in one thread (`engine.PIPELINE = False`). Ratio = floor time / scan time (1.0: the scan costs nothing
   beyond parsing and tokenizing); wall and CPU seconds, interleaved, best of --repeat;
 - start-up: whole processes on a 10-line file, medians of --startup runs: bare Python, Python + import
   `tokenizers` + load the tokenizer, and `nanscope scan` (the CLI) - the split says what the scan adds;
 - memory: peak RSS of a scan subprocess at each --memory size (flat means the same peak);
 - scale, at --scale samples: scan in one process, `--workers N`, and `--engine ray` with N actors on this
-  machine (Ray's start-up included, as a user pays it).
+  machine (Ray's start-up included, as a user pays it);
+- GRIT, with --grit N: CPU per sample of a scan of a GRIT-like parquet file (short alt-text captions, spans)
+  next to the tokenizer alone on its captions, for the GRIT-20M estimate.
 
 The tokenizer is nanscope's tiny local WordPiece (no download). The numbers go to benchmarks/RESULTS.md with
 the machine and its load.
@@ -72,6 +75,57 @@ def write_dataset(path: Path, n: int, names: list[str], seed: int = 0) -> None:
                              "category": names[c]})
             f.write(json.dumps({"filename": f"{i:08d}.jpg", "height": H, "width": W,
                                 "detection": {"instances": inst}}) + "\n")
+
+
+def write_grit(path: Path, n: int, seed: int = 0) -> None:
+    """A GRIT-like parquet file: alt-text captions of 8-20 words (~12-25 tokens), 1-3 noun chunks and one
+    referring expression per caption as character spans with normalized boxes (Kosmos-2's columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanscope.stacks.tiny_text import WORDS
+
+    rng = random.Random(seed)
+    words = sorted(set(WORDS))
+    rows = []
+    for i in range(n):
+        cap_words = [rng.choice(words) for _ in range(rng.randint(8, 20))]
+        caption = " ".join(cap_words)
+        starts = [0]
+        for w in cap_words[:-1]:
+            starts.append(starts[-1] + len(w) + 1)
+        spans = []
+        for _ in range(rng.randint(1, 3)):
+            a = rng.randrange(len(cap_words))
+            b = min(len(cap_words), a + rng.randint(1, 3))
+            x, y = rng.uniform(0, 0.7), rng.uniform(0, 0.7)
+            spans.append([starts[a], starts[b - 1] + len(cap_words[b - 1]), x, y, x + rng.uniform(0.05, 0.3),
+                          y + rng.uniform(0.05, 0.3), rng.random()])
+        rows.append({"key": f"{i:09d}", "caption": caption, "width": W, "height": H, "noun_chunks": spans,
+                     "ref_exps": [[0, len(caption), 0.1, 0.1, 0.9, 0.9, 0.5]]})
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+
+
+def grit_speed(d: Path, te: Path, n: int) -> tuple[Clock, Clock]:
+    """The scan of a GRIT-like parquet file in this process, and the tokenizer alone on its captions (256 per
+    call): GRIT's captions are short, so the per-sample Python weighs more than on the O365-like file."""
+    import pyarrow.parquet as pq
+
+    from nanscope.scan.tokenizer import load
+
+    path = d / "grit.parquet"
+    write_grit(path, n)
+    caps = pq.read_table(str(path), columns=["caption"]).column("caption").to_pylist()
+    tok = load(text_encoder=str(te)).backend
+    with Clock() as t:
+        for k in range(0, len(caps), 256):
+            tok.encode_batch(caps[k:k + 256])
+    from nanscope.scan import scan
+
+    with Clock() as s:
+        scan(path, text_encoder=str(te))
+    path.unlink()
+    return t, s
 
 
 def tokenizer_folder(d: Path) -> Path:
@@ -185,6 +239,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--startup", type=int, default=5, help="start-up runs (0: skip)")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--grit", type=int, default=0, help="samples of a GRIT-like parquet file to scan (0: skip)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
@@ -203,15 +258,23 @@ def main() -> None:
         for size in [int(x) for x in args.sizes.split(",") if x.strip()]:
             data = d / f"o365_{size}.jsonl"
             write_dataset(data, size, names)
-            fl, sc = [], []
+            from nanscope.scan import engine
+
+            fl, sc, one = [], [], []
             for _ in range(args.repeat):
                 fl.append(time_floor(data, lm, te))
                 sc.append(time_scan(data, lm, te))
-            f, s = min(fl, key=lambda c: c.wall), min(sc, key=lambda c: c.wall)
-            fc, scpu = min(c.cpu for c in fl), min(c.cpu for c in sc)
-            print(f"  {size:>8} samples: floor {f.wall:7.2f} s wall {fc:7.2f} s CPU; scan {s.wall:7.2f} s wall "
-                  f"{scpu:7.2f} s CPU; scan at {f.wall / s.wall:.2f}x the floor's speed (wall), {fc / scpu:.2f}x (CPU); "
-                  f"{size / s.wall:.0f} samples/s")
+                engine.PIPELINE = False
+                one.append(time_scan(data, lm, te))
+                engine.PIPELINE = True
+            f = min(fl, key=lambda c: c.wall)
+            fc = min(c.cpu for c in fl)
+            for name, runs in (("scan", sc), ("scan, one thread", one)):
+                s = min(runs, key=lambda c: c.wall)
+                scpu = min(c.cpu for c in runs)
+                print(f"  {size:>8} samples: floor {f.wall:7.2f} s wall {fc:7.2f} s CPU; {name} {s.wall:7.2f} s wall "
+                      f"{scpu:7.2f} s CPU; at {f.wall / s.wall:.2f}x the floor's speed (wall), {fc / scpu:.2f}x (CPU); "
+                      f"{size / s.wall:.0f} samples/s")
             data.unlink()
         for size in [int(x) for x in args.memory.split(",") if x.strip()]:
             f = d / f"mem{size}.jsonl"
@@ -220,6 +283,11 @@ def main() -> None:
             print(f"  peak RSS, {n_done:>8} samples: {mib:7.1f} MiB  ({f.stat().st_size / 2 ** 20:.0f} MiB file, "
                   f"{secs:.1f} s, {n_done / secs:.0f} samples/s incl. start-up)")
             f.unlink()
+        if args.grit:
+            t, sc = grit_speed(d, te, args.grit)
+            print(f"  GRIT-like parquet, {args.grit} samples: tokenizer alone {t.cpu:.2f} s CPU, scan {sc.wall:.2f} s "
+                  f"wall {sc.cpu:.2f} s CPU: {1e3 * sc.cpu / args.grit:.3f} ms CPU per sample "
+                  f"({1e3 * t.cpu / args.grit:.3f} ms of it the tokenizer's)")
         if args.scale:
             data = d / "scale.jsonl"
             write_dataset(data, args.scale, names, seed=2)

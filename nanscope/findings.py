@@ -99,6 +99,10 @@ CATALOGUE: dict[str, CodeInfo] = {
         _c("NS209", "image size differs from the annotation", E,
            "Boxes are normalized by the real image size: re-export width/height, or the boxes were drawn on "
            "another version of the image (resized or EXIF-rotated).", 9),
+        _c("NS210", "caption or phrase is not valid Unicode (a lone surrogate)", E,
+           "Re-export the text as valid UTF-8 or drop the sample (nanscope scan --write-clean drops it): a lone "
+           "UTF-16 surrogate ('\\ud800' in the JSON) has no UTF-8 form, and the trainer's tokenizer raises on it "
+           "(tokenizers: TypeError) when the sample comes up.", 4),
         _c("NS301", "first non-finite value in the forward", E,
            "Fix the operation named here: its inputs held no NaN (no inf, for an inf origin) and its output does.", 5),
         _c("NS302", "first non-finite value in the backward", E,
@@ -153,7 +157,7 @@ CATALOGUE: dict[str, CodeInfo] = {
 
 # Data bugs only `nanscope scan` sees: they need the dataset's files (label map, image sizes, the
 # annotation ids), which a replayed batch does not carry.
-SCAN_ONLY = frozenset({"NS106", "NS205", "NS206", "NS207", "NS208", "NS209"})
+SCAN_ONLY = frozenset({"NS106", "NS205", "NS206", "NS207", "NS208", "NS209", "NS210"})
 
 
 def code_info(code: str) -> CodeInfo:

@@ -210,3 +210,18 @@ def test_outputs_never_overwrite_the_input(tmp_path, capsys):
     before = sha(src)
     assert scan_cli(str(src), "--write-clean", str(src)) == 2
     assert sha(src) == before and "one of the input files" in capsys.readouterr().err
+
+
+def test_a_scan_with_json_output_imports_no_torch(tmp_path):
+    """The JSON writer imports torch only for a sidecar: a scan's --json costs no torch import (it cost ~450 MiB
+    and seconds before)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from nanscope.cli import main; "
+            f"rc = main(['scan', {str(FIX / 'vg.jsonl')!r}, '--text-encoder', {TE!r}, '--quiet', "
+            f"'--json', {str(tmp_path / 'r.json')!r}]); "
+            "print(rc, sorted(m for m in ('torch', 'transformers', 'groundingdino') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[-2] == "1 []", out
+    assert json.loads((tmp_path / "r.json").read_text())["kind"] == "scan"

@@ -151,3 +151,39 @@ def test_write_clean_parts_concatenate_to_the_one_process_copy(tmp_path, te):
     assert joined == (tmp_path / "one.jsonl").read_text()
     one = json.loads((tmp_path / "one.jsonl.changes.json").read_text())["changes"]
     assert sum(p["changes"] for p in manifest["parts"]) == len(one)
+
+
+def test_a_line_past_the_limit_fails_its_unit_naming_the_line(tmp_path, te):
+    """A unit's reader bounds a line as a single-process scan does (odvg.MAX_LINE): the unit with the 65 MiB line
+    is listed with the line's number, the units around it are scanned."""
+    from nanscope.scan.odvg import MAX_LINE
+
+    good = b'{"filename": "a.jpg", "height": 48, "width": 64, "grounding": {"caption": "a cat", "regions": ' \
+           b'[{"bbox": [1, 1, 9, 9], "phrase": "a cat", "tokens_positive": [[0, 5]]}]}}\n'
+    data = tmp_path / "vg.jsonl"
+    with open(data, "wb") as f:
+        f.write(good * 4)
+        f.write(b'{"filename": "b.jpg", "grounding": {"caption": "' + b"a" * (MAX_LINE + 10) + b'", "regions": []}}\n')
+        f.write(good * 3)
+    run = scan(data, text_encoder=te, engine="ray", workers=2, unit_bytes=1 << 20)
+    [(unit, why)] = run.failed
+    assert unit.startswith("vg.jsonl bytes ") and "(lines 5-5)" in unit
+    assert "line 5 is longer than 64 MiB" in why
+    assert run.result.summary["samples"] == 7
+
+
+def test_a_lone_surrogate_is_the_same_finding_as_in_one_process(tmp_path, te):
+    """NS210 from a Ray unit: the JSON equals the single-process scan's, byte for byte."""
+    data = tmp_path / "vg.jsonl"
+    unit_bytes, _, _ = planted_odvg(data)
+    lines = data.read_text().splitlines()
+    d = json.loads(lines[8])
+    d["grounding"]["caption"] = "a cat \ud800 on a mat"
+    lines[8] = json.dumps(d)
+    data.write_text("\n".join(lines) + "\n")
+    local = scan(data, text_encoder=te)
+    far = scan(data, text_encoder=te, engine="ray", workers=2, unit_bytes=unit_bytes)
+    assert far.failed == []
+    assert result_files(far.result)[0] == result_files(local.result)[0]
+    [ns210] = [f for f in far.result.findings if f.code == "NS210"]
+    assert [w["line"] for w in ns210.where] == [9]

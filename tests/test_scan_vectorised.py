@@ -1,9 +1,10 @@
 """The chunk-wide (vectorised) scan code against the per-item Python it replaces: the box filter and size histogram
 (`checks.box_hits`, `engine._size_bin`, on random boxes with planted bad ones), the worst-draw bound, the
-negative draw, and the clean-text shortcut (whole results with it on and off)."""
+negative draw, the typed line decoder, and the shortcuts together (whole results with them on and off)."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -29,6 +30,10 @@ def _samples(seed: int = 0, n: int = 400) -> list[Sample]:
         if boxes and rng.random() < 0.1:
             boxes.append(boxes[0])
             labels.append(labels[0])
+        if boxes and rng.random() < 0.05:  # the same box with -0.0 for 0.0: equal as tuples
+            boxes[-1] = (0.0, 0.0, 5.0, 5.0)
+            boxes.append((-0.0, 0.0, 5.0, 5.0))
+            labels.append(labels[-1])
         out.append(Sample(i, i, f"{i}.jpg", i + 1, W, W and 480.0, OD, boxes, list(range(len(boxes))), labels))
     return out
 
@@ -39,6 +44,8 @@ def test_the_filter_never_hides_a_box_hit():
     need = chunk_boxes.needs_box_checks(samples, boxes, owner, counts)
     with_hits = [bool(checks.box_hits(s)) for s in samples]
     assert all(n for n, h in zip(need, with_hits) if h)
+    dup = [any(h.code == "NS205" for h in checks.box_hits(s)) for s in samples]
+    assert sum(dup) >= 20 and all(n for n, d in zip(need, dup) if d)
     assert sum(need) < len(samples)  # and it does skip the clean ones
 
 
@@ -74,14 +81,17 @@ def test_the_worst_negatives_bound_equals_the_loop_over_labels():
         assert longest_negatives(fast, pos, k) == longest_negatives(loop, pos, k)
 
 
-def test_the_clean_text_shortcut_changes_no_result(monkeypatch, tmp_path):
-    """The planted fixtures and a synthetic O365-like file, with `engine._text_is_clean` on and off."""
+def test_the_shortcuts_change_no_result(monkeypatch, tmp_path):
+    """The planted fixtures and a synthetic O365-like file with the shortcuts on and off: `box_groups`' hit-free
+    groups (`engine.FAST_TEXT`), the chunk-wide prompts (`engine.FAST_PROMPTS`), the typed decoder
+    (`odvg.FAST_OD`), the tokenizer on a helper thread (`engine.PIPELINE`). Rules include grounding lines matched with caption.find in the file's caption, whose spans
+    need not be where find looks."""
     import importlib.util
     import json
     from pathlib import Path
 
     from nanscope.report.json_io import result_files
-    from nanscope.scan import CaptionRules, engine, scan
+    from nanscope.scan import CaptionRules, engine, odvg, scan
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("scan_speed", root / "benchmarks" / "scan_speed.py")
@@ -94,13 +104,60 @@ def test_the_clean_text_shortcut_changes_no_result(monkeypatch, tmp_path):
     fix = root / "fixtures" / "scan"
     cases = [(tmp_path / "o365.jsonl", tmp_path / "lm.json"), (fix / "od.jsonl", fix / "label_map.json"),
              (fix / "vg.jsonl", None)]
+    presets = [CaptionRules.preset("open-groundingdino"), CaptionRules.preset("mmdet"),
+               CaptionRules.preset("open-groundingdino", vg_caption="file", match="find"),
+               CaptionRules.preset("open-groundingdino", match="span", order="label-map", max_labels=8)]
     for data, lm in cases:
-        for trainer in ("open-groundingdino", "mmdet"):
-            kw = dict(text_encoder=str(te), rules=CaptionRules.preset(trainer), label_map=str(lm) if lm else None)
-            monkeypatch.setattr(engine, "FAST_TEXT", True)
-            fast = result_files(scan(data, **kw).result)[0]
-            monkeypatch.setattr(engine, "FAST_TEXT", False)
-            assert result_files(scan(data, **kw).result)[0] == fast, (data.name, trainer)
+        for rules in presets:
+            kw = dict(text_encoder=str(te), rules=rules, label_map=str(lm) if lm else None)
+            results = []
+            for on in (True, False):
+                for mod, flag in ((engine, "FAST_TEXT"), (engine, "FAST_PROMPTS"), (odvg, "FAST_OD"),
+                                  (engine, "PIPELINE")):
+                    monkeypatch.setattr(mod, flag, on)
+                results.append(result_files(scan(data, **kw).result)[0])
+            assert results[0] == results[1], (data.name, rules)
+
+
+def test_the_typed_decoder_equals_the_checked_path(monkeypatch):
+    """Detection lines, well-formed and not: msgspec's typed decoder gives the Sample the orjson path gives, and a
+    line it refuses gets the same DataError (the field named)."""
+    from nanscope.errors import DataError
+    from nanscope.scan import odvg
+
+    inst = [{"bbox": [1, 2.5, 30, 40], "label": 3, "category": "cat"}, {"bbox": [0.0, 0, 1e3, 2], "label": "7"}]
+    lines = [{"filename": "a.jpg", "height": 480, "width": 640, "detection": {"instances": inst}},
+             {"filename": "a.jpg", "detection": {"instances": []}},
+             {"filename": "a.jpg", "width": 640.5, "detection": {"instances": inst, "extra": 1}, "more": [1]},
+             {"filename": "a.jpg", "detection": {"instances": [{"bbox": [1, 2, 3, True], "label": 1}]}},
+             {"filename": "a.jpg", "detection": {"instances": [{"bbox": [1, 2, 3, "4"], "label": 1}]}},
+             {"filename": "a.jpg", "detection": {"instances": [{"bbox": [1, 2, 3], "label": 1}]}},
+             {"filename": "a.jpg", "detection": {"instances": [{"bbox": [1, 2, 3, 4], "label": True}]}},
+             {"filename": "a.jpg", "detection": {"instances": [{"bbox": [1, 2, 3, 4], "label": 1.5}]}},
+             {"filename": "a.jpg", "detection": {"instances": [{"bbox": [1, 2, 3, 4]}]}},
+             {"filename": "a.jpg", "detection": {"instances": [[1, 2, 3, 4]]}},
+             {"filename": 5, "detection": {"instances": inst}},
+             {"filename": "a.jpg", "width": True, "detection": {"instances": inst}},
+             {"filename": "a.jpg", "width": -3, "detection": {"instances": inst}},
+             {"filename": "a.jpg", "grounding": {"caption": "a cat", "regions": []}},
+             {"filename": "a.jpg", "detection": {"instances": inst}, "height": None}]
+    raws = [json.dumps(d).encode() + b"\n" for d in lines]
+    raws += [b'{"filename": "a.jpg", "detection": {"instances": [{"bbox": [NaN, 1, 2, 3], "label": 0}]}}\n',
+             b'{"filename": "a.jpg", "detection": {"instances": [{"bbox": [1, 2, 3, 4], "label": 1}]}',
+             b'{"filename": "a.jpg", "filename": 3, "detection": {"instances": []}}\n', b'[1, 2]\n']
+
+    def parse(raw, fast):
+        monkeypatch.setattr(odvg, "FAST_OD", fast)
+        try:
+            s = odvg.parse_line(raw, 4, 5, "d.jsonl", od=True)
+        except DataError as exc:
+            return "error", str(exc)
+        return "sample", (s.index, s.id, s.file, s.line, s.width, s.height, s.mode, s.boxes, s.annotations, s.labels,
+                          [tuple(map(type, b)) for b in s.boxes])
+
+    for raw in raws:
+        assert parse(raw, True) == parse(raw, False), raw
+    assert parse(raws[0], True)[0] == "sample" and parse(raws[4], True)[0] == "error"
 
 
 def _draw_reference(samples, rules, label_map, costs):

@@ -30,6 +30,10 @@ class CodeAgg:
     kinds: dict[str, int] = field(default_factory=dict)
     worst: list[tuple[float, int, list[dict[str, Any]]]] = field(default_factory=list)  # min-heap (score, -index, where)
 
+    def takes(self, score: float, index: int) -> bool:
+        """Whether `offer(score, index, ...)` would keep the sample."""
+        return len(self.worst) < WORST or (score, -index) > self.worst[0][:2]
+
     def offer(self, score: float, index: int, where: list[dict[str, Any]]) -> None:
         item = (score, -index, where)
         if len(self.worst) < WORST:
@@ -72,7 +76,9 @@ class Aggregate:
                     kind = h.where.get("kind") or h.where.get("why") or ""
                     if kind:
                         agg.kinds[kind] = agg.kinds.get(kind, 0) + 1
-                agg.offer(float(sum(h.score for h in hs)), sh.index, [_where(sh, h) for h in hs[:HITS_PER_SAMPLE]])
+                score = float(sum(h.score for h in hs))
+                if agg.takes(score, sh.index):  # the locations are built only for a sample that enters the worst
+                    agg.offer(score, sh.index, [_where(sh, h) for h in hs[:HITS_PER_SAMPLE]])
 
     # ------------------------------------------------------------------ to a Result
 
@@ -82,7 +88,7 @@ class Aggregate:
             info = CATALOGUE[code]
             n = len(agg.samples)
             pct = 100.0 * n / self.stats.samples if self.stats.samples else 0.0
-            unit = "token(s)" if code in COUNT_TOKENS else ("sample(s)" if code in ("NS104", "NS204", "NS208", "NS209")
+            unit = "token(s)" if code in COUNT_TOKENS else ("sample(s)" if code in ("NS104", "NS204", "NS208", "NS209", "NS210")
                                                            else "box(es)")
             kinds = ", ".join(f"{v} {k}" for k, v in sorted(agg.kinds.items(), key=lambda kv: (-kv[1], kv[0]))[:4])
             msg = (f"{n} of {self.stats.samples} samples ({pct:.3g}%): {agg.count} {unit}"

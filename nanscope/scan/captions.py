@@ -174,10 +174,23 @@ def _splitmix(x: Any) -> Any:
     not depend on which chunk, worker or shard handles it."""
     import numpy as np
 
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+    x = x + np.uint64(0x9E3779B97F4A7C15)  # a new array; the steps below work in place on it
+    t = x >> np.uint64(30)
+    x ^= t
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    np.right_shift(x, np.uint64(27), out=t)
+    x ^= t
+    x *= np.uint64(0x94D049BB133111EB)
+    np.right_shift(x, np.uint64(31), out=t)
+    x ^= t
+    return x
+
+
+def seed_bits(rules: CaptionRules) -> Any:
+    """The draw's seed as the uint64 every priority is XORed with."""
+    import numpy as np
+
+    return np.uint64((rules.seed * 0x2545F4914F6CDD1D) & _MASK)
 
 
 def priorities(samples: Sequence[Sample], rules: CaptionRules, n: int) -> tuple[Any, Any]:
@@ -186,7 +199,7 @@ def priorities(samples: Sequence[Sample], rules: CaptionRules, n: int) -> tuple[
 
     index = np.array([s.index for s in samples], dtype=np.uint64)[:, None]
     base = (index * np.uint64(n) + np.arange(n, dtype=np.uint64)[None, :]) * np.uint64(2)
-    seed = np.uint64((rules.seed * 0x2545F4914F6CDD1D) & _MASK)
+    seed = seed_bits(rules)
     return _splitmix(base ^ seed), _splitmix((base + np.uint64(1)) ^ seed)
 
 

@@ -255,3 +255,14 @@ def member_hits(sample: Sample) -> list[Hit]:
         kind = "missing" if sample.image.startswith("no image") else "unreadable"
         return [Hit("NS208", None, 1, {"kind": kind, "path": sample.file, "why": sample.image})]
     return size_hits(sample, *sample.image)
+
+
+def unicode_hits(sample: Sample) -> list[Hit]:
+    """NS210: text fields holding a lone surrogate (`Sample.bad_text`), one hit per sample."""
+    if not sample.bad_text:
+        return []
+    fld, at, esc = sample.bad_text[0]
+    return [Hit("NS210", None, 1, {"kind": "lone surrogate", "field": fld, "character": at, "value": esc,
+                                   "fields": [f for f, _, _ in sample.bad_text],
+                                   "why": "no UTF-8 form: the trainer's tokenizer raises on it (the scan checked "
+                                          "the sample with U+FFFD in its place)"}, score=1e9)]

@@ -10,6 +10,7 @@ least 1x1 px passes every box check, so the filter never hides a hit.
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, Sequence
 
 SIZE_BINS = 15  # sqrt(box area) in px: < 1, [1, 2), [2, 4) ... [4096, 8192), >= 8192 (engine.Stats.size_hist)
@@ -20,8 +21,8 @@ def box_array(samples: Sequence[Any]) -> tuple[Any, Any, list[int]]:
     import numpy as np
 
     counts = [len(s.boxes) for s in samples]
-    flat = [b for s in samples for b in s.boxes]
-    boxes = np.array(flat, dtype=np.float64).reshape(-1, 4)
+    coords = chain.from_iterable(chain.from_iterable(s.boxes for s in samples))
+    boxes = np.fromiter(coords, dtype=np.float64, count=4 * sum(counts)).reshape(-1, 4)
     owner = np.repeat(np.arange(len(samples)), counts)
     return boxes, owner, counts
 
@@ -37,15 +38,25 @@ def needs_box_checks(samples: Sequence[Any], boxes: Any, owner: Any, counts: lis
         w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         good = (np.isfinite(boxes).all(axis=1) & (w >= 1.0) & (h >= 1.0) & (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0)
                 & (boxes[:, 2] <= size[:, 0]) & (boxes[:, 3] <= size[:, 1]))  # NaN sizes compare False
-    bad = np.bincount(owner[~good], minlength=n) > 0
-    out = []
-    for s, c, b in zip(samples, counts, bad.tolist()):
-        if b or c == 0:
-            out.append(True)
-        else:
-            names = s.labels if s.labels else s.phrases
-            out.append(len(set(zip(names, s.boxes))) < c)  # a repeated (name, box): NS205
-    return out
+    need = (np.bincount(owner[~good], minlength=n) > 0) | (np.array(counts, dtype=np.int64) == 0)
+    need[_repeated(samples, boxes, owner)] = True
+    return need.tolist()
+
+
+def _repeated(samples: Sequence[Any], boxes: Any, owner: Any) -> Any:
+    """Owners of a (name, box) pair that repeats within a sample (NS205), found by one sort of the chunk's rows
+    (sample, hash of the name, x1, y1, x2, y2); a hash collision only sends a sample to the per-box checks."""
+    import numpy as np
+
+    if len(boxes) < 2:
+        return np.zeros(0, dtype=np.int64)
+    names = chain.from_iterable(s.labels if s.labels else s.phrases for s in samples)
+    h = np.fromiter(map(hash, names), dtype=np.int64, count=len(boxes))
+    b = boxes + 0.0  # -0.0 -> 0.0: the tuples compare equal too
+    order = np.lexsort((b[:, 3], b[:, 2], b[:, 1], b[:, 0], h, owner))
+    rows = np.column_stack((owner[order], h[order]))
+    same = (rows[1:] == rows[:-1]).all(axis=1) & (b[order][1:] == b[order][:-1]).all(axis=1)
+    return owner[order][1:][same]
 
 
 def size_histogram(boxes: Any) -> list[int]:

@@ -9,7 +9,7 @@ What changes, per code (box = one annotation / instance / region box):
   category of one part may then be drawn as a negative of the other part, as with any split prompt.
 - NS102, NS104 on a grounding caption kept from the file: the caption is cut after the last whole word
   that fits and the boxes whose spans fall past the cut are dropped.
-- NS208, NS209: the sample is dropped. NS204 (no boxes) is left as it is, except where the trainer's own loader
+- NS208, NS209, NS210: the sample is dropped. NS204 (no boxes) is left as it is, except where the trainer's own loader
   raises on it (Open-GroundingDino: a VG line without regions): then the sample is dropped, as is an ODVG VG
   sample whose every box is dropped.
 """
@@ -32,7 +32,7 @@ from nanscope.scan.sample import OD, Sample
 from nanscope.scan.tokenizer import backend_of
 
 DROP_BOX = ("NS201", "NS205", "NS206", "NS207", "NS106", "NS103")
-DROP_SAMPLE = ("NS208", "NS209")
+DROP_SAMPLE = ("NS208", "NS209", "NS210")
 TOO_LONG = ("NS102", "NS104")
 
 

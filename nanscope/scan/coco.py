@@ -91,7 +91,7 @@ def parse_item(item: dict[str, Any], index: int, source: str, kind: str) -> S.Sa
     smp = S.Sample(index, img["id"], file, None, width, height, S.OD if kind == COCO else S.VG, [], [])
     if kind == GROUNDING:
         smp.caption = S.text(S.get(img, "caption", source, None, f"images[{k0}].caption", str), source, None,
-                             f"images[{k0}].caption")
+                             f"images[{k0}].caption", smp.bad_text)
     for k, a in item["annotations"]:
         fld = f"annotations[{k}]"
         smp.boxes.append(S.bbox(S.get(a, "bbox", source, None, f"{fld}.bbox", list), source, None, f"{fld}.bbox",
@@ -104,5 +104,5 @@ def parse_item(item: dict[str, Any], index: int, source: str, kind: str) -> S.Sa
                         f"{fld}.tokens_positive")
         smp.spans.append(spans)
         phrase = a.get("phrase")
-        smp.phrases.append(S.text(phrase, source, None, f"{fld}.phrase") if phrase is not None else "")
+        smp.phrases.append(S.text(phrase, source, None, f"{fld}.phrase", smp.bad_text) if phrase is not None else "")
     return smp

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from nanscope.replay.positive_map import BoxTokens, box_tokens, encode
-from nanscope.scan import checks, chunk_boxes, coco, grit, odvg
+from nanscope.scan import checks, chunk_boxes, chunk_prompts, coco, grit, odvg
 from nanscope.scan.captions import CaptionRules, LabelCosts, Prompt, prompts as make_prompts
 from nanscope.scan.sample import OD, Sample
 
@@ -80,30 +80,29 @@ class Stats:
             for k, v in enumerate(src):
                 dst[k] += v
 
-    def add_sample(self, n_tokens: int, over: bool, boxes: list[tuple[float, float, float, float]]) -> None:
-        self.samples += 1
-        self.boxes += len(boxes)
-        self.tokens_sum += n_tokens
-        self.tokens_min = n_tokens if self.tokens_min is None else min(self.tokens_min, n_tokens)
-        self.tokens_max = max(self.tokens_max, n_tokens)
+    def add_chunk(self, n_tokens: list[int], over: int, n_boxes: list[int]) -> None:
+        """A chunk's samples: tokens per caption, how many lose words to max_text_len, boxes per sample (the size
+        histogram is added apart: `chunk_boxes.size_histogram` or `add_sizes`)."""
+        if not n_tokens:
+            return
+        self.samples += len(n_tokens)
+        self.boxes += sum(n_boxes)
+        self.tokens_sum += sum(n_tokens)
+        lo = min(n_tokens)
+        self.tokens_min = lo if self.tokens_min is None else min(self.tokens_min, lo)
+        self.tokens_max = max(self.tokens_max, max(n_tokens))
         self.over += over
-        self.token_hist[min(n_tokens // TOKEN_BIN, TOKEN_BINS - 1)] += 1
-        self.box_count_hist[min(len(boxes), BOX_COUNT_BINS - 1)] += 1
+        th, bh = self.token_hist, self.box_count_hist
+        for n in n_tokens:
+            th[min(n // TOKEN_BIN, TOKEN_BINS - 1)] += 1
+        for n in n_boxes:
+            bh[min(n, BOX_COUNT_BINS - 1)] += 1
+
+    def add_sizes(self, boxes: list[tuple[float, float, float, float]]) -> None:
         for x1, y1, x2, y2 in boxes:
             b = _size_bin(x2 - x1, y2 - y1)
             if b is not None:
                 self.size_hist[b] += 1
-
-    def add_counts(self, n_tokens: int, over: bool, n_boxes: int) -> None:
-        """`add_sample` without the size histogram (a chunk adds it at once: `chunk_boxes.size_histogram`)."""
-        self.samples += 1
-        self.boxes += n_boxes
-        self.tokens_sum += n_tokens
-        self.tokens_min = n_tokens if self.tokens_min is None else min(self.tokens_min, n_tokens)
-        self.tokens_max = max(self.tokens_max, n_tokens)
-        self.over += over
-        self.token_hist[min(n_tokens // TOKEN_BIN, TOKEN_BINS - 1)] += 1
-        self.box_count_hist[min(n_boxes, BOX_COUNT_BINS - 1)] += 1
 
 
 @dataclass
@@ -151,14 +150,23 @@ def _bounded(pr: Prompt, limit: int) -> Prompt:
     return pr
 
 
+FAST_PROMPTS = True  # Open-GroundingDino's detection prompts chunk-wide (tests compare with it off)
+
+
 def _prompts(state: State, samples: list[Sample]) -> list[Prompt]:
+    if (FAST_PROMPTS and state.mode == OD and samples and samples[0].mode == OD and state.label_map is not None
+            and chunk_prompts.supported(state.rules, state.costs)):
+        return chunk_prompts.od_prompts(samples, state.rules, state.label_map, state.costs)  # type: ignore[arg-type]
     return make_prompts(samples, state.rules, state.label_map, state.costs, state.max_text_len,
                         grounding_json=state.format in ("grounding", *grit.FORMATS))
 
 
-def box_groups(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[tuple[Any, list[int]]]:
+def box_groups(state: State, smp: Sample, pr: Prompt, enc: Any, *, skip_clean: bool = False
+               ) -> list[tuple[Any, list[int]]]:
     """(BoxTokens, boxes) per distinct phrase (or spans) and intended place, with nanscope's positive-map code:
-    the tokens are computed once per distinct text, not once per box. Boxes the trainer drops are left out."""
+    the tokens are computed once per distinct text, not once per box. Boxes the trainer drops are left out.
+    `skip_clean` (caption.find prompts whose tokens all fit max_text_len): leave out the groups `_clean_phrase`
+    proves hit-free too (`checks.text_hits` finds nothing for them)."""
     groups: dict[Any, list[int]] = {}
     span_mode = pr.spans is not None
     if span_mode:
@@ -168,8 +176,14 @@ def box_groups(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[tuple[An
     else:
         keys = zip(pr.phrases, pr.intended)  # type: ignore[arg-type]
     dropped = pr.dropped
+    clean: set[Any] = set()
+    if skip_clean and not span_mode:  # the distinct keys in C, each tested once
+        distinct = dict.fromkeys(zip(pr.phrases, pr.intended))  # type: ignore[arg-type]
+        clean = {k for k in distinct if _clean_phrase(pr.caption, enc, k[0], k[1])}
+        if len(clean) == len(distinct):
+            return []
     for j, key in enumerate(keys):
-        if dropped and j in dropped:
+        if (dropped and j in dropped) or key in clean:
             continue
         g = groups.get(key)
         if g is None:
@@ -184,6 +198,18 @@ def box_groups(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[tuple[An
               else box_tokens(enc, pr.caption, phrases=[text], max_text_len=T))[0]
         out.append((BoxTokens(boxes[0], *bt[1:]), boxes))  # a namedtuple's _replace costs several times more
     return out
+
+
+def _clean_phrase(caption: str, enc: Any, phrase: str, intended: tuple[int, int] | None) -> bool:
+    """Whether `checks.text_hits` finds nothing for the boxes of `phrase` put at `intended`, when the caption's
+    tokens all fit max_text_len: caption.find finds it there and only there (so inside no other name), and its
+    first and last characters are on tokens (so its tokens are found and kept)."""
+    if intended is None or not phrase:
+        return False
+    b = intended[0]
+    e = b + len(phrase)
+    return (b >= 0 and e == intended[1] and caption.find(phrase) == b and caption.find(phrase, b + 1) < 0
+            and enc.char_to_token(b) is not None and enc.char_to_token(e - 1) is not None)
 
 
 def sample_tokens(state: State, smp: Sample, pr: Prompt, enc: Any) -> list[Any]:
@@ -219,19 +245,22 @@ def check_chunk(state: State, samples: list[Sample], prompts: list[Prompt], encs
         need_box = chunk_boxes.needs_box_checks(samples, boxes, owner, counts)
         for k, v in enumerate(chunk_boxes.size_histogram(boxes)):
             out.stats.size_hist[k] += v
-    for smp, pr, enc, nb in zip(samples, prompts, encs, need_box):
-        n_tok = len(enc)  # no Python list of ids
+    n_tokens = list(map(len, encs))  # no Python list of ids
+    over = 0
+    for smp, pr, enc, nb, n_tok in zip(samples, prompts, encs, need_box, n_tokens):
         words_cut = n_tok > T and any(t not in state.separators for t in enc.tokens[T:])
-        if small:
-            out.stats.add_sample(n_tok, words_cut, smp.boxes)
-        else:
-            out.stats.add_counts(n_tok, words_cut, len(smp.boxes))
-        if FAST_TEXT and n_tok <= T and _text_is_clean(pr, enc, T):
+        over += words_cut
+        if FAST_TEXT and n_tok <= T and pr.phrases is not None:
+            groups = box_groups(state, smp, pr, enc, skip_clean=True)
             hits = checks.box_hits(smp) if nb else []
+            if groups or not _prompt_is_clean(pr, T):
+                hits += checks.text_hits(smp, pr, groups, n_tok, T, words_cut=words_cut)
         else:
             groups = box_groups(state, smp, pr, enc)
             hits = (checks.box_hits(smp) if nb else []) + checks.text_hits(smp, pr, groups, n_tok, T,
                                                                               words_cut=words_cut)
+        if smp.bad_text:
+            hits += checks.unicode_hits(smp)
         if state.images is not None:
             hits += checks.image_hits(smp, state.images)[0]
         elif smp.image is not None:
@@ -241,37 +270,35 @@ def check_chunk(state: State, samples: list[Sample], prompts: list[Prompt], encs
             out.hits.append(SampleHits(smp.index, smp.id, smp.file, smp.line, list(smp.annotations), hits))
         if state.keep and str(smp.id) in state.keep:
             out.kept.append((smp, pr))
+    out.stats.add_chunk(n_tokens, over, [len(s.boxes) for s in samples])
+    if small:
+        for smp in samples:
+            out.stats.add_sizes(smp.boxes)
     return out
 
 
-FAST_TEXT = True  # the shortcut below (tests compare the results with it off)
+FAST_TEXT = True  # the shortcuts of `box_groups(skip_clean=True)` and `_prompt_is_clean` (tests compare with it off)
 
 
-def _text_is_clean(pr: Prompt, enc: Any, max_text_len: int) -> bool:
-    """Whether `checks.text_hits` must find nothing, decided without building the boxes' tokens: a caption.find
-    prompt (the tokenizer kept every token: the caller checks n_tokens <= max_text_len) with no box dropped, no
-    possible overflow in another draw, no loader crash, no two ids of one name, and every distinct phrase found
-    first where it was put, only once in the caption (so inside no other name) and with a token at its first and
-    last character. Anything else goes through the full checks."""
-    if pr.phrases is None or pr.dropped or (pr.worst_tokens is not None and pr.worst_tokens > max_text_len):
-        return False
-    if pr.crash is not None or pr.same_name or pr.clipped_from is not None:  # text_hits reports each of these
-        return False
-    cap = pr.caption
-    c2t = enc.char_to_token
-    for phrase, it in set(zip(pr.phrases, pr.intended)):
-        if it is None or not phrase:
-            return False
-        b = cap.find(phrase)
-        if b != it[0] or cap.count(phrase) > 1 or c2t(b) is None or c2t(b + len(phrase) - 1) is None:
-            return False
-    return True
+def _prompt_is_clean(pr: Prompt, max_text_len: int) -> bool:
+    """Whether `checks.text_hits` finds nothing but its groups' hits: no loader crash, no box dropped, no two ids
+    of one name, no caption clipped before tokenizing, no possible overflow in another draw (the caller checks
+    that the tokens fit max_text_len)."""
+    return (pr.crash is None and not pr.dropped and not pr.same_name and pr.clipped_from is None
+            and (pr.worst_tokens is None or pr.worst_tokens <= max_text_len))
+
+
+PIPELINE = True  # encode on a helper thread (False: one thread; the benchmark measures both)
 
 
 def _pipelined(state: State, chunks: Iterable[list[tuple[int, int | None, Any]]]
                ) -> Iterator[tuple[list[Any], ChunkOut]]:
     """In one process: the tokenizer encodes chunk k+1 on a helper thread (its batched call releases the GIL)
-    while this thread checks chunk k and reads chunk k+2."""
+    while this thread checks chunk k and reads chunk k+2. Less wall time where a second core is free; on two
+    hyper-threads of one core each thread runs slower, so the CPU time grows (benchmarks/RESULTS.md)."""
+    if not PIPELINE:
+        yield from ((items, process_chunk(state, items)) for items in chunks)
+        return
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanscope-scan-encode") as ex:

@@ -38,7 +38,8 @@ def parse_record(rec: Any, index: int, source: str, *, key: Any, file: str, imag
         raise DataError(f"{at} field width/height is missing; expected the image size in pixels (GRIT's boxes are "
                         "normalized to it)")
     smp = S.Sample(index, key, file, None, W, H, S.VG, [], [])
-    smp.caption = cap
+    smp.caption = S.text(cap, at, None, "caption", smp.bad_text)
+    cap = smp.caption
     smp.image = image
     for name in SPAN_FIELDS:
         items = rec.get(name)

@@ -30,16 +30,23 @@ except ImportError:  # pragma: no cover - the scan extra installs it
 MAX_LINE = 64 << 20  # bytes of one JSONL line: a longer one is refused before it is held in memory
 
 
-def iter_lines(path: str | os.PathLike[str], *, max_line: int = MAX_LINE) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) of every non-blank line. A line longer than `max_line` bytes is a
-    DataError naming it, raised after reading at most `max_line` bytes of it: memory stays bounded on any file."""
+def iter_lines(path: str | os.PathLike[str], *, max_line: int | None = None, start: int = 0, end: int | None = None,
+               first_line: int = 1) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of every non-blank line, of the whole file or of the newline-aligned byte
+    range [start, end) whose first line is `first_line` (a unit of `nanscope.scan.units`). A line longer than
+    `max_line` bytes (default MAX_LINE) is a DataError naming it, raised after reading at most `max_line` bytes of
+    it: memory stays bounded on any file."""
+    limit = MAX_LINE if max_line is None else max_line
     try:
         with open(path, "rb") as f:
-            n = 0
-            while raw := f.readline(max_line + 1):
+            if start:
+                f.seek(start)
+            n, pos = first_line - 1, start
+            while (end is None or pos < end) and (raw := f.readline(limit + 1)):
                 n += 1
-                if len(raw) > max_line and not raw.endswith(b"\n"):
-                    raise DataError(f"{str(path)!r} line {n} is longer than {max_line >> 20} MiB; expected one "
+                pos += len(raw)
+                if len(raw) > limit and not raw.endswith(b"\n"):
+                    raise DataError(f"{str(path)!r} line {n} is longer than {limit >> 20} MiB; expected one "
                                     "JSON object per line (a caption that long cannot be a training sample)")
                 if raw.strip():
                     yield n, raw
@@ -103,6 +110,10 @@ def _json(raw: bytes, source: str, line: int) -> dict[str, Any]:
 
 def parse_line(raw: bytes, index: int, line: int, source: str, *, od: bool) -> S.Sample:
     """One ODVG line -> Sample; `od` when the dataset has a label map."""
+    if od and FAST_OD:
+        smp = _typed_od(raw, index, line, source)
+        if smp is not None:
+            return smp
     d = _json(raw, source, line)
     file = S.get(d, "filename", source, line, "filename", str)
     width = S.size(d.get("width"), source, line, "width")
@@ -137,13 +148,14 @@ def parse_line(raw: bytes, index: int, line: int, source: str, *, od: bool) -> S
     if "grounding" not in d and "detection" in d:
         raise DataError(f"{source!r} line {line} is a detection (OD) line; pass its label map with --label-map")
     g = S.get(d, "grounding", source, line, "grounding", dict)
-    smp.caption = S.text(g.get("caption", ""), source, line, "grounding.caption")
+    smp.caption = S.text(g.get("caption", ""), source, line, "grounding.caption", smp.bad_text)
     regions = S.get(g, "regions", source, line, "grounding.regions", list)
     for k, r in enumerate(regions):
         fld = f"grounding.regions[{k}]"
         if not isinstance(r, dict):
             raise DataError(f"{S.where_of(source, line, fld)} is {r!r}; expected an object {{bbox, phrase, tokens_positive}}")
-        phrase = S.get(r, "phrase", source, line, f"{fld}.phrase", str)
+        phrase = S.text(S.get(r, "phrase", source, line, f"{fld}.phrase", str), source, line, f"{fld}.phrase",
+                        smp.bad_text)
         tp = r.get("tokens_positive")
         spans = S.spans(tp, source, line, f"{fld}.tokens_positive") if tp is not None else None
         b = S.get(r, "bbox", source, line, f"{fld}.bbox", list)
@@ -154,6 +166,47 @@ def parse_line(raw: bytes, index: int, line: int, source: str, *, od: bool) -> S
             smp.phrases.append(phrase)
             smp.spans.append(spans)
     return smp
+
+
+FAST_OD = True  # detection lines through msgspec's typed decoder when it is installed (tests compare with it off)
+_OD_DECODER: Any = None  # built on first use: (decoder, the errors it raises), or False without msgspec
+
+
+def _typed_od(raw: bytes, index: int, line: int, source: str) -> S.Sample | None:
+    """A detection line decoded straight into its fields by msgspec, which checks the types in C as it parses
+    (bbox: 4 numbers, label: int or str, filename: str, width/height: number or absent); None for any line it
+    refuses (invalid JSON, NaN, a wrong type, a missing field), which then takes the path that names the field."""
+    global _OD_DECODER
+    if _OD_DECODER is None:
+        _OD_DECODER = _od_decoder()
+    if _OD_DECODER is False:
+        return None
+    decoder, errors = _OD_DECODER
+    try:
+        d = decoder.decode(raw)
+    except errors:
+        return None
+    insts = d.detection.instances
+    smp = S.Sample(index, index, d.filename, line, S.size(d.width, source, line, "width"),
+                   S.size(d.height, source, line, "height"), S.OD, [i.bbox for i in insts],
+                   list(range(len(insts))), [str(i.label) for i in insts])
+    return smp
+
+
+def _od_decoder() -> Any:
+    try:
+        import msgspec
+    except ImportError:  # pragma: no cover - the scan extra installs it
+        return False
+
+    from typing import Optional, Tuple, Union
+
+    box = Tuple[float, float, float, float]  # ints are converted, bools and strings refused
+    instance = msgspec.defstruct("Instance", [("bbox", box), ("label", Union[int, str])], gc=False)
+    detection = msgspec.defstruct("Detection", [("instances", list[instance])], gc=False)  # type: ignore[valid-type]
+    line = msgspec.defstruct("Line", [("filename", str), ("detection", detection), ("width", Optional[Union[int, float]], None),
+                                      ("height", Optional[Union[int, float]], None)], gc=False)
+    return msgspec.json.Decoder(line), (msgspec.ValidationError, msgspec.DecodeError)
 
 
 _NUMBER = {int, float}

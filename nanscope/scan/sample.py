@@ -9,6 +9,7 @@ label map) are data bugs the checks report, not input errors.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,9 @@ class Sample:
     spans: list[tuple[tuple[int, int], ...] | None] = field(default_factory=list)  # VG: tokens_positive per box
     caption: str | None = None  # VG: the caption in the file
     image: Any = None  # webdataset: the image member's (width, height), or why it is missing / unreadable
+    bad_text: list[tuple[str, int, str]] = field(default_factory=list)  # (field, character, escape) of each text
+    # that is not valid Unicode (a lone surrogate): the text holds U+FFFD in its place, so the sample is still
+    # checked, and the scan reports it (NS210)
 
 
 def where_of(source: str, line: int | None, fld: str) -> str:
@@ -79,22 +83,34 @@ def spans(value: Any, source: str, line: int | None, fld: str) -> tuple[tuple[in
     return tuple(out)
 
 
-def text(value: Any, source: str, line: int | None, fld: str) -> str:
+def text(value: Any, source: str, line: int | None, fld: str, bad: list[tuple[str, int, str]] | None = None) -> str:
+    """A string field. A lone surrogate ("\\ud800" in the JSON: no UTF-8, no tokenizer can read it) is recorded in
+    `bad` (field, character, its escape) and replaced by U+FFFD, which keeps every character offset; without
+    `bad` it is a DataError naming the field."""
     if not isinstance(value, str):
         raise DataError(f"{where_of(source, line, fld)} is {value!r}; expected a string")
     if not value.isascii():
         try:
             value.encode("utf-8")
-        except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" in the JSON): no tokenizer can read it
-            raise DataError(f"{where_of(source, line, fld)} holds a lone surrogate {value[exc.start]!r} at character "
-                            f"{exc.start}; expected valid Unicode text (the trainer's tokenizer fails on it too)") from None
+        except UnicodeEncodeError as exc:
+            if bad is None:
+                raise DataError(f"{where_of(source, line, fld)} holds a lone surrogate {value[exc.start]!r} at "
+                                f"character {exc.start}; expected valid Unicode text (the trainer's tokenizer fails on "
+                                "it too)") from None
+            bad.append((fld, exc.start, f"\\u{ord(value[exc.start]):04x}"))
+            value = _SURROGATE.sub("\ufffd", value)
     return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def size(value: Any, source: str, line: int | None, fld: str) -> float | None:
     """An image width/height: absent is allowed (None: size checks are skipped)."""
     if value is None:
         return None
+    if (type(value) is int or type(value) is float) and 0 < value < math.inf:  # the common case, checked cheaply
+        return float(value)
     v = number(value, source, line, fld)
     if not math.isfinite(v) or v <= 0:
         raise DataError(f"{where_of(source, line, fld)} is {value!r}; expected a positive image size in pixels")

@@ -6,13 +6,11 @@ parquet file, one for a JSON document. `iter_unit` yields a unit's (index, line,
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from nanscope.errors import DataError
 
 UNIT_BYTES = 32 << 20  # JSONL bytes per unit: a few seconds of one worker's time, a few MiB of results
 
@@ -49,16 +47,14 @@ def _line_ranges(path: str, unit_bytes: int) -> list[tuple[int, int, int, int, i
             data = f.read(unit_bytes)
             cut = data.rfind(b"\n")
             if len(data) == unit_bytes and start + len(data) < size:
-                if cut < 0:  # one line longer than a unit: read on to its end
-                    rest = b""
-                    while (nl := rest.find(b"\n")) < 0:
-                        more = f.read(unit_bytes)
-                        if not more:
-                            break
-                        rest += more
-                    data += rest[:nl + 1] if nl >= 0 else rest
-                else:
-                    data = data[:cut + 1]
+                if cut < 0:  # one line longer than a unit: a unit of its own, found without holding it
+                    length, blank = _line_end(f, data, unit_bytes)
+                    out.append((start, start + length, line, index, 1, 0 if blank else 1))
+                    start += length
+                    line += 1
+                    index += not blank
+                    continue
+                data = data[:cut + 1]
             lines = data.split(b"\n")
             if lines and lines[-1] == b"":
                 lines.pop()
@@ -68,6 +64,21 @@ def _line_ranges(path: str, unit_bytes: int) -> list[tuple[int, int, int, int, i
             line += len(lines)
             index += samples
     return out
+
+
+def _line_end(f: Any, head: bytes, block: int) -> tuple[int, bool]:
+    """(bytes up to and including the newline that ends the line `head` starts, whether it is blank), read on from
+    `f` one block at a time: memory stays at one block however long the line (its worker refuses it past
+    `odvg.MAX_LINE`, naming it)."""
+    length, blank = len(head), not head.strip()
+    while more := f.read(block):
+        nl = more.find(b"\n")
+        part = more if nl < 0 else more[:nl + 1]
+        length += len(part)
+        blank = blank and not part.strip()
+        if nl >= 0:
+            break
+    return length, blank
 
 
 def plan(ds: Any, *, unit_bytes: int = UNIT_BYTES) -> list[Unit]:
@@ -90,20 +101,13 @@ def plan(ds: Any, *, unit_bytes: int = UNIT_BYTES) -> list[Unit]:
 
 
 def iter_unit(ds: Any, unit: Unit) -> Iterator[tuple[int, int | None, Any]]:
-    from nanscope.scan import coco, parquet, wds
+    from nanscope.scan import coco, odvg, parquet, wds
 
     index = unit.first_index
-    if unit.kind == "lines":
-        try:
-            with open(unit.path, "rb") as f:
-                f.seek(unit.start)
-                data = f.read(unit.end - unit.start)
-        except OSError as exc:
-            raise DataError(f"{unit.path!r} cannot be read: {exc.strerror or exc}") from None
-        for n, raw in enumerate(io.BytesIO(data), unit.first_line):
-            if raw.strip():
-                yield index, n, raw
-                index += 1
+    if unit.kind == "lines":  # line by line, each bounded as in a single-process scan (odvg.MAX_LINE)
+        for n, raw in odvg.iter_lines(unit.path, start=unit.start, end=unit.end, first_line=unit.first_line):
+            yield index, n, raw
+            index += 1
     elif unit.kind == "tar":
         for key, file, rec, image in wds.iter_samples(unit.path):
             yield index, None, {"key": key, "file": file, "record": rec, "image": image, "source": unit.path}
