@@ -49,6 +49,26 @@ def test_the_filter_never_hides_a_box_hit():
     assert sum(need) < len(samples)  # and it does skip the clean ones
 
 
+def test_the_repeated_pairs_are_the_samples_with_a_duplicate():
+    """One hashed key per box finds exactly the samples whose (name, box) pairs repeat (as `checks.box_hits` says,
+    NS205) among the samples whose boxes are all finite with x2 > x1, y2 > y1 (box_hits checks no others for
+    duplicates): a key that left out a coordinate or the sample would flag more, one that kept -0.0 apart from
+    0.0 fewer."""
+    samples = _samples(2, 600)
+    base = (10.0, 20.0, 50.0, 60.0)
+    for c in range(4):  # near misses: one coordinate apart, another label, the same pair in the next sample
+        other = tuple(v + 1.0 if k == c else v for k, v in enumerate(base))
+        samples.append(Sample(len(samples), 0, "", 1, 640.0, 480.0, OD, [base, other], [0, 1], ["1", "1"]))
+    samples.append(Sample(len(samples), 0, "", 1, 640.0, 480.0, OD, [base, base], [0, 1], ["1", "2"]))
+    samples += [Sample(len(samples) + k, 0, "", 1, 640.0, 480.0, OD, [base], [0], ["1"]) for k in range(2)]
+    boxes, owner, _ = chunk_boxes.box_array(samples)
+    got = set(chunk_boxes._repeated(samples, boxes, owner).tolist())
+    ok = [all(math.isfinite(x1 + y1 + x2 + y2) and x2 > x1 and y2 > y1 for x1, y1, x2, y2 in s.boxes) for s in samples]
+    want = {i for i, s in enumerate(samples) if ok[i] and any(h.code == "NS205" for h in checks.box_hits(s))}
+    assert len(want) >= 20
+    assert {i for i in got if ok[i]} == want
+
+
 def test_the_size_histogram_equals_the_per_box_bins():
     samples = _samples(1)
     boxes, _, _ = chunk_boxes.box_array(samples)

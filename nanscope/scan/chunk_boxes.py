@@ -44,19 +44,24 @@ def needs_box_checks(samples: Sequence[Any], boxes: Any, owner: Any, counts: lis
 
 
 def _repeated(samples: Sequence[Any], boxes: Any, owner: Any) -> Any:
-    """Owners of a (name, box) pair that repeats within a sample (NS205), found by one sort of the chunk's rows
-    (sample, hash of the name, x1, y1, x2, y2); a hash collision only sends a sample to the per-box checks."""
+    """Owners of a (name, box) pair that repeats within a sample (NS205), found by one sort of the chunk on one
+    64-bit key per box mixed from (sample, hash of the name, the bits of x1, y1, x2, y2); a collision only sends
+    a sample to the per-box checks, which report the real duplicates (`checks.box_hits`)."""
     import numpy as np
 
     if len(boxes) < 2:
         return np.zeros(0, dtype=np.int64)
     names = chain.from_iterable(s.labels if s.labels else s.phrases for s in samples)
-    h = np.fromiter(map(hash, names), dtype=np.int64, count=len(boxes))
-    b = boxes + 0.0  # -0.0 -> 0.0: the tuples compare equal too
-    order = np.lexsort((b[:, 3], b[:, 2], b[:, 1], b[:, 0], h, owner))
-    rows = np.column_stack((owner[order], h[order]))
-    same = (rows[1:] == rows[:-1]).all(axis=1) & (b[order][1:] == b[order][:-1]).all(axis=1)
-    return owner[order][1:][same]
+    key = np.fromiter(map(hash, names), dtype=np.int64, count=len(boxes)).view(np.uint64)
+    bits = (boxes + 0.0).view(np.uint64)  # [N, 4] (-0.0 -> 0.0: the tuples compare equal too)
+    key ^= owner.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    for c in range(4):  # equal (sample, name, box) rows get equal keys; different ones collide with odds ~2**-64
+        key *= np.uint64(0xBF58476D1CE4E5B9)
+        key ^= bits[:, c]
+        key ^= key >> np.uint64(29)
+    order = np.argsort(key)
+    k = key[order]
+    return owner[order][1:][k[1:] == k[:-1]]
 
 
 def size_histogram(boxes: Any) -> list[int]:

@@ -29,6 +29,7 @@ class _Tables:
 
     position: "_Positions"  # label -> its position (-1: not in the label map)
     names: list[str]
+    phrase: list[str]  # names + [""]: a box's phrase by its label position, "" at -1 (not in the label map)
     length: Any  # [n] int64: characters of each name
     cost: Any  # [n] int64: tokens of each name with its separator
     rank: Any  # [n] int64: position in costs.by_cost (longest first)
@@ -52,8 +53,8 @@ def _tables(costs: LabelCosts, label_map: Mapping[str, str]) -> _Tables:
         return _CACHE[0][2]
     keys = costs.keys
     names = [label_map[k] for k in keys]
-    t = _Tables(_Positions((k, i) for i, k in enumerate(keys)), names, np.array([len(x) for x in names], dtype=np.int64),
-                np.array([costs.cost[k] for k in keys], dtype=np.int64),
+    t = _Tables(_Positions((k, i) for i, k in enumerate(keys)), names, [*names, ""],
+                np.array([len(x) for x in names], dtype=np.int64), np.array([costs.cost[k] for k in keys], dtype=np.int64),
                 np.array([costs.rank[k] for k in keys], dtype=np.int64), np.array(costs.prefix, dtype=np.int64))
     _CACHE[:] = [(costs, label_map, t)]
     return t
@@ -93,7 +94,7 @@ def od_prompts(samples: Sequence[Sample], rules: CaptionRules, label_map: Mappin
     names_of = t.names
     drawn_names = list(map(names_of.__getitem__, best[valid].tolist()))  # every caption's names, row after row
     intended_all = list(zip(begin.tolist(), end.tolist()))  # [N] (begin, end) of each box's name
-    phrases_all = [names_of[i] if i >= 0 else "" for i in labels_at]
+    phrases_all = list(map(t.phrase.__getitem__, labels_at))  # [N] each box's name ("" at -1: not in the map)
     shuffled = rules.order == "shuffle"
     span = rules.match == "span"
     same = costs.same_name if rules.match == "find" else {}

@@ -182,6 +182,10 @@ def box_groups(state: State, smp: Sample, pr: Prompt, enc: Any, *, skip_clean: b
         clean = {k for k in distinct if _clean_phrase(pr.caption, enc, k[0], k[1])}
         if len(clean) == len(distinct):
             return []
+        if not dropped:  # each remaining key's boxes by one comparison pass in C, in first-occurrence order
+            pairs = list(zip(pr.phrases, pr.intended))  # type: ignore[arg-type]
+            groups = {k: [j for j, p in enumerate(pairs) if p == k] for k in distinct if k not in clean}
+            keys = ()
     for j, key in enumerate(keys):
         if (dropped and j in dropped) or key in clean:
             continue
