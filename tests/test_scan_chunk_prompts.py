@@ -51,7 +51,42 @@ def test_chunk_prompts_equal_the_per_sample_prompts():
         assert chunk_prompts.supported(rules, costs)
         fast = chunk_prompts.od_prompts(samples, rules, lm, costs)
         slow = prompts(samples, rules, lm, costs, 256)
-        assert [dataclasses.asdict(p) for p in fast] == [dataclasses.asdict(p) for p in slow]
+        assert [_fields(p) for p in fast] == [_fields(p) for p in slow]
+
+
+def _fields(p) -> dict:
+    d = dataclasses.asdict(p)
+    d.pop("found_once")  # od_prompts' hint alone (tested below against caption.find)
+    return d
+
+
+def test_found_once_is_what_caption_find_says():
+    """`Prompt.found_once` is set only where caption.find finds every box's phrase where it was put and nowhere
+    else, and holds each distinct phrase's first and last character; on captions of plain names (no '.', no edge
+    space) it is set wherever that holds (names inside names, repeated names and a.b among the random maps)."""
+    rng = random.Random(2)
+    seen = {True: 0, False: 0}
+    edge = {"0": "cat", "1": "dog", "2": "cat . dog", "3": "dog .", "4": " cat", "5": "cat "}  # found across separators
+    cases = [_case(rng) for _ in range(300)]
+    for k in range(40):
+        rules = CaptionRules(max_labels=None, negatives=None, order=["shuffle", "label-map"][k % 2], seed=k, match="find")
+        cases.append((edge, rules, [Sample(k * 100 + i, 0, "", 1, None, None, OD, [(0.0, 0.0, 1.0, 1.0)], [0], [str(i)])
+                                    for i in range(6)]))
+    for lm, rules, samples in cases:
+        costs = label_costs(_Words(), lm, rules.trainer)
+        for p in chunk_prompts.od_prompts(samples, rules, lm, costs):
+            if p.phrases is None or p.dropped:
+                assert p.found_once is None
+                continue
+            once = all(p.caption.find(ph) == b and p.caption.find(ph, b + 1) < 0
+                       for ph, (b, e) in zip(p.phrases, p.intended))
+            if p.found_once is not None:
+                assert once
+                assert set(p.found_once) == {c for b, e in p.intended for c in (b, e - 1)}
+            elif all("." not in ph and ph.strip() == ph for ph in p.phrases):
+                assert not once
+            seen[p.found_once is not None] += 1
+    assert min(seen.values()) >= 50
 
 
 def test_the_draw_does_not_depend_on_the_chunking():

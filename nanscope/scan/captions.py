@@ -77,6 +77,8 @@ class Prompt:
     crash: str | None = None  # why the trainer's own loader raises on this sample (None: it loads)
     same_name: dict[int, tuple[str, ...]] = field(default_factory=dict)  # box -> other label-map ids of its name
     clipped_from: int | None = None  # characters of a caption past MAX_CAPTION_FACTOR x max_text_len, cut before tokenizing
+    found_once: list[int] | None = None  # chunk_prompts, match="find": caption.find finds every box's phrase where it
+    # was put and nowhere else; the first and last character of each distinct phrase (None: not proven)
 
 
 # Samples a trainer's loader raises on, by its rules (the scan reports them as errors whatever the code's severity).

@@ -34,6 +34,10 @@ class _Tables:
     cost: Any  # [n] int64: tokens of each name with its separator
     rank: Any  # [n] int64: position in costs.by_cost (longest first)
     prefix: Any  # [n + 1] int64: costs.prefix
+    inside: Any  # None (label maps over ONCE_LABELS) or (plain [n] bool, ptr [n + 1], holders [nnz]): see _holders
+
+
+ONCE_LABELS = 2048  # label maps up to this size get `Prompt.found_once` (n * n substring tests, once per scan)
 
 
 class _Positions(dict):  # type: ignore[type-arg]
@@ -55,9 +59,45 @@ def _tables(costs: LabelCosts, label_map: Mapping[str, str]) -> _Tables:
     names = [label_map[k] for k in keys]
     t = _Tables(_Positions((k, i) for i, k in enumerate(keys)), names, [*names, ""],
                 np.array([len(x) for x in names], dtype=np.int64), np.array([costs.cost[k] for k in keys], dtype=np.int64),
-                np.array([costs.rank[k] for k in keys], dtype=np.int64), np.array(costs.prefix, dtype=np.int64))
+                np.array([costs.rank[k] for k in keys], dtype=np.int64), np.array(costs.prefix, dtype=np.int64),
+                _holders(names) if len(names) <= ONCE_LABELS else None)
     _CACHE[:] = [(costs, label_map, t)]
     return t
+
+
+def _holders(names: list[str]) -> tuple[Any, Any, Any]:
+    """`(plain [n] bool, ptr [n + 1], holders [nnz])`: names[i] is plain when it is not empty, holds no '.' and
+    neither starts nor ends with a space; holders[ptr[i]:ptr[i + 1]] are the other positions j whose name holds
+    names[i] (equal names included).
+
+    In a caption `n1 . n2 . ... nk .` a plain name occurs only inside names: an occurrence holds no '.', so it lies
+    in one dot-free run, which is a space, part of one name, a space; it cannot take either space. So caption.find
+    finds a plain name where it was put and nowhere else exactly when no other drawn name holds it."""
+    import numpy as np
+
+    plain = np.array([bool(x) and "." not in x and x[0] != " " and x[-1] != " " for x in names], dtype=bool)
+    ptr, holders = [0], []
+    for i, x in enumerate(names):
+        holders.extend(j for j, y in enumerate(names) if x in y and j != i)
+        ptr.append(len(holders))
+    return plain, np.array(ptr, dtype=np.int64), np.array(holders, dtype=np.int64)
+
+
+def _found_once(t: _Tables, valid: Any, best: Any, prow: Any, plab: Any, B: int) -> Any:
+    """[B] bool: every positive of the row is a plain name that no other drawn name of its caption holds."""
+    import numpy as np
+
+    plain, ptr, holders = t.inside
+    drawn = np.zeros((B, len(t.names)), dtype=bool)  # [B, n]
+    drawn[np.nonzero(valid)[0], best[valid]] = True
+    ok = np.ones(B, dtype=bool)
+    ok[prow[~plain[plab]]] = False
+    cnt = ptr[plab + 1] - ptr[plab]  # [P] holders of each positive
+    if cnt.sum():
+        row = np.repeat(prow, cnt)
+        at = np.repeat(ptr[plab] - np.cumsum(cnt) + cnt, cnt) + np.arange(int(cnt.sum()))  # each holder's index
+        ok[row[drawn[row, holders[at]]]] = False
+    return ok
 
 
 def supported(rules: CaptionRules, costs: LabelCosts | None) -> bool:
@@ -90,6 +130,13 @@ def od_prompts(samples: Sequence[Sample], rules: CaptionRules, label_map: Mappin
     begin = place[owner, label]  # [N] (a label the map lacks: ignored below)
     end = begin + t.length[label]
     worst = _worst(costs.specials, t, prow, plab, ks)
+    once: list[Any] = [None] * B
+    if t.inside is not None and rules.match == "find":  # each row's distinct positives' first and last characters
+        pb = place[prow, plab]
+        chars = np.stack((pb, pb + t.length[plab] - 1), axis=1).ravel().tolist()
+        cut = np.searchsorted(prow, np.arange(B + 1)) * 2
+        once = [chars[x:y] if ok else None
+                for x, y, ok in zip(cut[:-1].tolist(), cut[1:].tolist(), _found_once(t, valid, best, prow, plab, B).tolist())]
     labels_at = label.tolist()
     names_of = t.names
     drawn_names = list(map(names_of.__getitem__, best[valid].tolist()))  # every caption's names, row after row
@@ -101,7 +148,7 @@ def od_prompts(samples: Sequence[Sample], rules: CaptionRules, label_map: Mappin
     join = SEPARATOR.join
     out = []
     a = d = 0
-    for s, m, w, c in zip(samples, drawn.tolist(), worst.tolist(), counts):
+    for s, m, w, c, o in zip(samples, drawn.tolist(), worst.tolist(), counts, once):
         b, e = a + c, d + m
         names = drawn_names[d:e]
         caption = join(names) + " ."
@@ -117,7 +164,8 @@ def od_prompts(samples: Sequence[Sample], rules: CaptionRules, label_map: Mappin
             spans = [((x,) if x is not None else ()) for x in intended]
             out.append(Prompt(caption, None, spans, intended, dropped, w, names))
             continue
-        pr = Prompt(caption, phrases, None, intended, dropped, w, names, reordered=shuffled)
+        pr = Prompt(caption, phrases, None, intended, dropped, w, names, reordered=shuffled,
+                    found_once=None if dropped else o)
         if same:
             pr.same_name = {j: same[lb] for j, lb in enumerate(s.labels) if lb in same}
         out.append(pr)

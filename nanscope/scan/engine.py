@@ -146,7 +146,7 @@ def prepare_all(state: State, samples: list[Sample]) -> list[Prompt]:
 def _bounded(pr: Prompt, limit: int) -> Prompt:
     if len(pr.caption) <= limit:
         return pr
-    pr.clipped_from, pr.caption = len(pr.caption), pr.caption[:limit]
+    pr.clipped_from, pr.caption, pr.found_once = len(pr.caption), pr.caption[:limit], None
     return pr
 
 
@@ -177,6 +177,9 @@ def box_groups(state: State, smp: Sample, pr: Prompt, enc: Any, *, skip_clean: b
         keys = zip(pr.phrases, pr.intended)  # type: ignore[arg-type]
     dropped = pr.dropped
     clean: set[Any] = set()
+    if skip_clean and not span_mode and pr.found_once is not None and None not in list(
+            map(enc.char_to_token, pr.found_once)):  # every phrase found once where it was put, on tokens
+        return []
     if skip_clean and not span_mode:  # the distinct keys in C, each tested once
         distinct = dict.fromkeys(zip(pr.phrases, pr.intended))  # type: ignore[arg-type]
         clean = {k for k in distinct if _clean_phrase(pr.caption, enc, k[0], k[1])}
