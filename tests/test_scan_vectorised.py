@@ -227,3 +227,33 @@ def test_the_chunk_wide_draw_equals_the_row_by_row_draw():
                           [str(rng.randrange(n + 2)) for _ in range(rng.randrange(0, 8))])
                    for _ in range(rng.randrange(1, 30))]
         assert draw_negatives(samples, rules, lm, costs) == _draw_reference(samples, rules, lm, costs)
+
+
+def test_the_aggregate_counts_every_hit_once():
+    """`Aggregate.add` (one-code samples taken whole) against counts made here from the hits: per code the samples,
+    the summed counts, the kinds (`kind`, else `why`) and the worst samples' scores, with one- and many-code samples."""
+    from collections import Counter
+
+    from nanscope.scan.aggregate import Aggregate
+    from nanscope.scan.engine import ChunkOut, SampleHits
+
+    rng = random.Random(3)
+    out = ChunkOut()
+    for i in range(300):
+        hits = []
+        for _ in range(rng.randint(1, 6)):
+            code = rng.choice(["NS106"] * 4 + ["NS102", "NS205"])
+            where = rng.choice([{"kind": "another occurrence"}, {"why": "truncated"}, {"kind": "", "why": "x"}, {}])
+            hits.append(checks.Hit(code, rng.randrange(5), rng.randint(1, 3), where, rng.choice([1.0, 0.5, 2.25])))
+        out.hits.append(SampleHits(i, f"id{i}", "f.jsonl", i + 1, list(range(5)), hits))
+    agg = Aggregate()
+    agg.add(out)
+    for code in ("NS106", "NS102", "NS205"):
+        mine = [(sh, [h for h in sh.hits if h.code == code]) for sh in out.hits]
+        mine = [(sh, hs) for sh, hs in mine if hs]
+        a = agg.codes[code]
+        assert a.samples == [sh.id for sh, _ in mine]
+        assert a.count == sum(h.count for _, hs in mine for h in hs)
+        assert a.kinds == dict(Counter(k for _, hs in mine for h in hs if (k := h.where.get("kind") or h.where.get("why"))))
+        scores = sorted(((sum(h.score for h in hs), -sh.index) for sh, hs in mine), reverse=True)[:8]
+        assert [(s, ni) for s, ni, _ in a.ranked()] == scores

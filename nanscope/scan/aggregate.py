@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Mapping, Sequence
 
 from nanscope.findings import CATALOGUE, Finding, Severity
@@ -56,6 +57,9 @@ def _where(sh: SampleHits, hit: Any) -> dict[str, Any]:
     return w
 
 
+_CODE, _COUNT, _SCORE, _WHERE = attrgetter("code"), attrgetter("count"), attrgetter("score"), attrgetter("where")
+
+
 @dataclass
 class Aggregate:
     stats: Stats = field(default_factory=Stats)
@@ -63,20 +67,27 @@ class Aggregate:
 
     def add(self, out: ChunkOut) -> None:
         self.stats.merge(out.stats)
+        codes = self.codes
         for sh in out.hits:
             by_code: dict[str, list[Any]] = {}
-            for h in sh.hits:
-                by_code.setdefault(h.code, []).append(h)
+            if len(set(map(_CODE, sh.hits))) == 1:  # most samples: hits of one code
+                by_code[sh.hits[0].code] = sh.hits
+            else:
+                for h in sh.hits:
+                    by_code.setdefault(h.code, []).append(h)
             for code, hs in by_code.items():
-                agg = self.codes.setdefault(code, CodeAgg())
+                agg = codes.get(code)
+                if agg is None:
+                    agg = codes[code] = CodeAgg()
                 agg.samples.append(sh.id)
                 agg.indices.append(sh.index)
-                agg.count += sum(h.count for h in hs)
-                for h in hs:
-                    kind = h.where.get("kind") or h.where.get("why") or ""
+                agg.count += sum(map(_COUNT, hs))
+                kinds = agg.kinds
+                for w in map(_WHERE, hs):
+                    kind = w.get("kind") or w.get("why")
                     if kind:
-                        agg.kinds[kind] = agg.kinds.get(kind, 0) + 1
-                score = float(sum(h.score for h in hs))
+                        kinds[kind] = kinds.get(kind, 0) + 1
+                score = float(sum(map(_SCORE, hs)))
                 if agg.takes(score, sh.index):  # the locations are built only for a sample that enters the worst
                     agg.offer(score, sh.index, [_where(sh, h) for h in hs[:HITS_PER_SAMPLE]])
 

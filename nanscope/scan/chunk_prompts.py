@@ -68,19 +68,35 @@ def _tables(costs: LabelCosts, label_map: Mapping[str, str]) -> _Tables:
 def _holders(names: list[str]) -> tuple[Any, Any, Any]:
     """`(plain [n] bool, ptr [n + 1], holders [nnz])`: names[i] is plain when it is not empty, holds no '.' and
     neither starts nor ends with a space; holders[ptr[i]:ptr[i + 1]] are the other positions j whose name holds
-    names[i] (equal names included).
+    names[i] (equal names included), for a plain names[i] (none for the others: never read).
 
     In a caption `n1 . n2 . ... nk .` a plain name occurs only inside names: an occurrence holds no '.', so it lies
     in one dot-free run, which is a space, part of one name, a space; it cannot take either space. So caption.find
     finds a plain name where it was put and nowhere else exactly when no other drawn name holds it."""
+    from bisect import bisect_right
+
     import numpy as np
 
-    plain = np.array([bool(x) and "." not in x and x[0] != " " and x[-1] != " " for x in names], dtype=bool)
+    plain = [bool(x) and "." not in x and x[0] != " " and x[-1] != " " for x in names]
+    sep = "\n"
+    if any(sep in x for x in names):  # one text of all the names, a character none holds between them
+        sep = next(chr(c) for c in range(1, 0x110000) if not any(chr(c) in x for x in names))
+    text = sep.join(names)
+    starts = [0]
+    for x in names[:-1]:
+        starts.append(starts[-1] + len(x) + 1)
     ptr, holders = [0], []
     for i, x in enumerate(names):
-        holders.extend(j for j, y in enumerate(names) if x in y and j != i)
+        if plain[i]:
+            found = set()
+            k = text.find(x)
+            while k >= 0:  # each occurrence lies in one name: x holds no separator
+                found.add(bisect_right(starts, k) - 1)
+                k = text.find(x, k + 1)
+            found.discard(i)
+            holders.extend(sorted(found))
         ptr.append(len(holders))
-    return plain, np.array(ptr, dtype=np.int64), np.array(holders, dtype=np.int64)
+    return np.array(plain, dtype=bool), np.array(ptr, dtype=np.int64), np.array(holders, dtype=np.int64)
 
 
 def _found_once(t: _Tables, valid: Any, best: Any, prow: Any, plab: Any, B: int) -> Any:
