@@ -119,17 +119,20 @@ def text_hits(sample: Sample, prompt: Prompt, groups: Sequence[tuple[BoxTokens, 
     if prompt.crash is not None:  # counted by box_hits' own NS204 (count 0 here): this adds the severity
         out.append(Hit("NS204", None, 0, {"kind": CRASHES, "why": prompt.crash}, score=1e9))
     inside: dict[str, str | None] = {}  # phrase -> a longer name of this caption holding it (computed once)
-    for j, why in sorted(prompt.dropped.items()):
+    for j, why in sorted(prompt.dropped.items()) if prompt.dropped else ():
         if why.startswith("label missing"):
             out.append(Hit("NS207", j, 1, {"label": sample.labels[j], "why": why}))
     for bt, boxes in groups:
         first = len(out)
         _box_text_hits(out, sample, prompt, boxes[0], bt, max_text_len, inside)
         found = out[first:]
-        if found:  # most groups have no hit: no generator per box
+        if len(found) == 1:  # the common hit: one per box, its copies made in one pass
+            h = found[0]
+            out.extend([Hit(h.code, j, h.count, h.where, h.score) for j in boxes[1:]])
+        elif found:  # most groups have no hit: no generator per box
             for j in boxes[1:]:
                 out.extend(Hit(h.code, j, h.count, h.where, h.score) for h in found)
-    placed = {h.box for h in out if h.code == "NS106"}
+    placed = {h.box for h in out if h.code == "NS106"} if prompt.same_name else set()
     for j, others in sorted(prompt.same_name.items()):
         if j not in placed and j not in prompt.dropped:
             out.append(Hit("NS106", j, 1, {"phrase": prompt.phrases[j] if prompt.phrases else "",
@@ -152,7 +155,8 @@ def text_hits(sample: Sample, prompt: Prompt, groups: Sequence[tuple[BoxTokens, 
                                           "max_text_len": max_text_len,
                                           "why": "fits in this draw; the longest draw of negatives does not"},
                        score=prompt.worst_tokens))
-    overflow = [j for j, why in prompt.dropped.items() if why.startswith("positive caption overflow")]
+    overflow = ([j for j, why in prompt.dropped.items() if why.startswith("positive caption overflow")]
+                if prompt.dropped else [])
     if overflow:
         out.append(Hit("NS104", None, 1, {"kind": "positives dropped", "boxes_dropped": len(overflow),
                                           "max_text_len": max_text_len,

@@ -167,6 +167,8 @@ def box_groups(state: State, smp: Sample, pr: Prompt, enc: Any, *, skip_clean: b
     the tokens are computed once per distinct text, not once per box. Boxes the trainer drops are left out.
     `skip_clean` (caption.find prompts whose tokens all fit max_text_len): leave out the groups `_clean_phrase`
     proves hit-free too (`checks.text_hits` finds nothing for them)."""
+    if skip_clean and pr.found_once is not None and None not in list(map(enc.char_to_token, pr.found_once)):
+        return []  # every phrase is found once, where it was put (chunk_prompts), on tokens: _clean_phrase holds
     groups: dict[Any, list[int]] = {}
     span_mode = pr.spans is not None
     if span_mode:
@@ -177,9 +179,6 @@ def box_groups(state: State, smp: Sample, pr: Prompt, enc: Any, *, skip_clean: b
         keys = zip(pr.phrases, pr.intended)  # type: ignore[arg-type]
     dropped = pr.dropped
     clean: set[Any] = set()
-    if skip_clean and not span_mode and pr.found_once is not None and None not in list(
-            map(enc.char_to_token, pr.found_once)):  # every phrase found once where it was put, on tokens
-        return []
     if skip_clean and not span_mode:  # the distinct keys in C, each tested once
         distinct = dict.fromkeys(zip(pr.phrases, pr.intended))  # type: ignore[arg-type]
         clean = {k for k in distinct if _clean_phrase(pr.caption, enc, k[0], k[1])}
