@@ -151,8 +151,10 @@ def od_prompts(samples: Sequence[Sample], rules: CaptionRules, label_map: Mappin
         pb = place[prow, plab]
         chars = np.stack((pb, pb + t.length[plab] - 1), axis=1).ravel().tolist()
         cut = np.searchsorted(prow, np.arange(B + 1)) * 2
-        once = [chars[x:y] if ok else None
-                for x, y, ok in zip(cut[:-1].tolist(), cut[1:].tolist(), _found_once(t, valid, best, prow, plab, B).tolist())]
+        ok = _found_once(t, valid, best, prow, plab, B).tolist()
+        once = [chars[x:y] if k else None for x, y, k in zip(cut[:-1].tolist(), cut[1:].tolist(), ok)]
+    missing = np.zeros(B, dtype=bool)
+    missing[owner[label < 0]] = True  # [B] rows with a label the map lacks
     labels_at = label.tolist()
     names_of = t.names
     drawn_names = list(map(names_of.__getitem__, best[valid].tolist()))  # every caption's names, row after row
@@ -164,14 +166,14 @@ def od_prompts(samples: Sequence[Sample], rules: CaptionRules, label_map: Mappin
     join = SEPARATOR.join
     out = []
     a = d = 0
-    for s, m, w, c, o in zip(samples, drawn.tolist(), worst.tolist(), counts, once):
+    for s, m, w, c, o, miss in zip(samples, drawn.tolist(), worst.tolist(), counts, once, missing.tolist()):
         b, e = a + c, d + m
         names = drawn_names[d:e]
         caption = join(names) + " ."
         intended: list[Any] = intended_all[a:b]
         phrases = phrases_all[a:b]
         dropped = {}
-        if -1 in labels_at[a:b]:
+        if miss:
             dropped = {j: MISSING for j, i in enumerate(labels_at[a:b]) if i < 0}
             for j in dropped:
                 intended[j] = None
