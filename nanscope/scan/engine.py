@@ -246,6 +246,7 @@ def check_chunk(state: State, samples: list[Sample], prompts: list[Prompt], encs
     small = len(samples) < SMALL_CHUNK and "numpy" not in sys.modules  # a few samples: no numpy import for them
     if small:
         need_box = [True] * len(samples)
+        counts = [len(s.boxes) for s in samples]
     else:
         boxes, owner, counts = chunk_boxes.box_array(samples)
         need_box = chunk_boxes.needs_box_checks(samples, boxes, owner, counts)
@@ -253,10 +254,11 @@ def check_chunk(state: State, samples: list[Sample], prompts: list[Prompt], encs
             out.stats.size_hist[k] += v
     n_tokens = list(map(len, encs))  # no Python list of ids
     over = 0
+    separators, images, keep, fast = state.separators, state.images, state.keep, FAST_TEXT
     for smp, pr, enc, nb, n_tok in zip(samples, prompts, encs, need_box, n_tokens):
-        words_cut = n_tok > T and any(t not in state.separators for t in enc.tokens[T:])
+        words_cut = n_tok > T and any(t not in separators for t in enc.tokens[T:])
         over += words_cut
-        if FAST_TEXT and n_tok <= T and pr.phrases is not None:
+        if fast and n_tok <= T and pr.phrases is not None:
             groups = box_groups(state, smp, pr, enc, skip_clean=True)
             hits = checks.box_hits(smp) if nb else []
             if groups or not _prompt_is_clean(pr, T):
@@ -267,16 +269,16 @@ def check_chunk(state: State, samples: list[Sample], prompts: list[Prompt], encs
                                                                               words_cut=words_cut)
         if smp.bad_text:
             hits += checks.unicode_hits(smp)
-        if state.images is not None:
-            hits += checks.image_hits(smp, state.images)[0]
+        if images is not None:
+            hits += checks.image_hits(smp, images)[0]
         elif smp.image is not None:
             hits += checks.member_hits(smp)
         if hits:
             out.stats.flagged += 1
             out.hits.append(SampleHits(smp.index, smp.id, smp.file, smp.line, list(smp.annotations), hits))
-        if state.keep and str(smp.id) in state.keep:
+        if keep and str(smp.id) in keep:
             out.kept.append((smp, pr))
-    out.stats.add_chunk(n_tokens, over, [len(s.boxes) for s in samples])
+    out.stats.add_chunk(n_tokens, over, counts)
     if small:
         for smp in samples:
             out.stats.add_sizes(smp.boxes)
