@@ -9,6 +9,10 @@ only for the labels a caption holds, the names' places are one cumulative sum ov
 each box finds its label's place with one sorted search over the chunk, and the worst-draw bound
 (`captions.longest_negatives`) is computed for every row at once. What is left per sample is the caption's join
 and the lists a `Prompt` holds. `tests/test_scan_vectorised.py` compares every field with `od_prompt`'s.
+
+With match="find" it also proves, for every row at once, which captions hold each box's phrase exactly once,
+where it was put (`Prompt.found_once`, from the label map's name-inside-name table, `_holders`): the text checks
+then skip those samples after two `char_to_token` calls per phrase (`engine.box_groups`).
 """
 
 from __future__ import annotations

@@ -166,7 +166,8 @@ def box_groups(state: State, smp: Sample, pr: Prompt, enc: Any, *, skip_clean: b
     """(BoxTokens, boxes) per distinct phrase (or spans) and intended place, with nanscope's positive-map code:
     the tokens are computed once per distinct text, not once per box. Boxes the trainer drops are left out.
     `skip_clean` (caption.find prompts whose tokens all fit max_text_len): leave out the groups `_clean_phrase`
-    proves hit-free too (`checks.text_hits` finds nothing for them)."""
+    proves hit-free too (`checks.text_hits` finds nothing for them); with `Prompt.found_once` (chunk_prompts proved
+    the caption.find part for every phrase) only the tokens of each phrase's first and last character are asked."""
     if skip_clean and pr.found_once is not None and None not in list(map(enc.char_to_token, pr.found_once)):
         return []  # every phrase is found once, where it was put (chunk_prompts), on tokens: _clean_phrase holds
     groups: dict[Any, list[int]] = {}
