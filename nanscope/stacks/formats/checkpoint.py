@@ -213,10 +213,12 @@ def tied_groups(model: nn.Module) -> list[tuple[str, ...]]:
     return [tuple(ks) for ks in by_id.values() if len(ks) > 1]
 
 
-def differing_ties(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[tuple[tuple[str, ...], float]]:
-    """Tied groups whose values in `state` are not all equal, with the largest absolute difference."""
+def differing_ties(model: nn.Module, state: Mapping[str, torch.Tensor],
+                   groups: list[tuple[str, ...]] | None = None) -> list[tuple[tuple[str, ...], float]]:
+    """Tied groups (`tied_groups(model)` unless given) whose values in `state` are not all equal, with the
+    largest absolute difference."""
     out = []
-    for keys in tied_groups(model):
+    for keys in (tied_groups(model) if groups is None else groups):
         present = [k for k in keys if k in state]
         if len(present) < 2 or len({tuple(state[k].shape) for k in present}) != 1:
             continue
@@ -247,9 +249,9 @@ def key_fit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> KeyFit:
                 matched.append(k)
             else:
                 mismatched.append((k, tuple(v.shape), tuple(own[k].shape)))
-    unexpected, benign = [], []
-    missing = []
-    tied_to = {k: next((o for o in group if o in state), None) for group in tied_groups(model) for k in group}
+    missing, unexpected, benign = [], [], []
+    groups = tied_groups(model)
+    tied_to = {k: next((o for o in group if o in state), None) for group in groups for k in group}
     for k in sorted(k for k in own if k not in state):
         if tied_to.get(k) is not None:  # safetensors writers (Accelerate, save_pretrained) drop shared tensors
             benign.append((k, f"tied to {tied_to[k]!r}, which the file holds (one tensor in the model)"))
@@ -266,7 +268,7 @@ def key_fit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> KeyFit:
         else:
             unexpected.append(k)
     return KeyFit(tuple(sorted(matched)), tuple(missing), tuple(unexpected), tuple(sorted(mismatched)),
-                  tuple(benign), _converted(own, state, matched), tuple(differing_ties(model, state)))
+                  tuple(benign), _converted(own, state, matched), tuple(differing_ties(model, state, groups)))
 
 
 GDPY_EXPECTED = "groundingdino weights such as 'transformer.encoder.layers.0...' - check --config and the file"
@@ -278,20 +280,12 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
 
     expected: what the message says a fitting file holds (the stack's key names). A file whose keys sit under
     a training wrapper's prefix (Lightning's `model.`, torch.compile's `_orig_mod.`) loads from under it."""
-    fit = key_fit(model, state)
-    if fit.fraction < MIN_FIT and (prefix := wrapper_prefix(model, state)):
-        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        outside = sorted(k for k in state if not k.startswith(prefix))
-        fit = key_fit(model, inner)
-        if fit.fraction >= MIN_FIT:
-            note = (f"the model's weights sit under {prefix!r} in the file (a training wrapper's attribute, e.g. a "
-                    f"LightningModule's): loaded from there" + (f"; {len(outside)} key(s) outside it (the wrapper's "
-                    f"own state, e.g. {outside[0]!r}) were not loaded" if outside else ""))
-            model.load_state_dict({k: inner[k] for k in fit.matched}, strict=False)
-            why = f"outside the model's prefix {prefix!r}: the training wrapper's own state"
-            return dataclasses.replace(fit, benign=fit.benign + tuple((k, why) for k in outside),
-                                       notes=fit.notes + (note,), prefix=prefix)
-        fit = key_fit(model, state)
+    fit, loaded, prefix = key_fit(model, state), state, ""
+    if fit.fraction < MIN_FIT and (found := wrapper_prefix(model, state)):
+        inner = {k[len(found):]: v for k, v in state.items() if k.startswith(found)}
+        inner_fit = key_fit(model, inner)
+        if inner_fit.fraction >= MIN_FIT:
+            fit, loaded, prefix = inner_fit, inner, found
     if fit.fraction < MIN_FIT:
         some = ", ".join(list(state)[:3])
         raise CheckpointError(
@@ -299,9 +293,16 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
             f"{len(fit.matched) + len(fit.missing) + len(fit.mismatched)} model weights are in it "
             f"(its keys start with {some}); expected {expected}{_other_family(state)}"
         )
-    fitting = {k: state[k] for k in fit.matched}
-    model.load_state_dict(fitting, strict=False)
-    return fit
+    model.load_state_dict({k: loaded[k] for k in fit.matched}, strict=False)
+    if not prefix:
+        return fit
+    outside = sorted(k for k in state if not k.startswith(prefix))
+    note = (f"the model's weights sit under {prefix!r} in the file (a training wrapper's attribute, e.g. a "
+            f"LightningModule's): loaded from there" + (f"; {len(outside)} key(s) outside it (the wrapper's "
+            f"own state, e.g. {outside[0]!r}) were not loaded" if outside else ""))
+    why = f"outside the model's prefix {prefix!r}: the training wrapper's own state"
+    return dataclasses.replace(fit, benign=fit.benign + tuple((k, why) for k in outside),
+                               notes=fit.notes + (note,), prefix=prefix)
 
 
 def wrapper_prefix(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:

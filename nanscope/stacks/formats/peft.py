@@ -189,12 +189,19 @@ def read_adapter(path: Path, *, trust: bool = False) -> tuple[dict[str, torch.Te
     return read_state_dict(path, trust=trust), (read_adapter_config(cfg_path) if cfg_path else None), cfg_path
 
 
+def local_base(folder: Path, config: Mapping[str, Any], accept: Any = Path.is_file) -> Path | None:
+    """The adapter config's base_model_name_or_path as a local path (as given, or relative to the adapter
+    folder) that `accept` takes (default: a file), or None."""
+    name = str(config.get("base_model_name_or_path") or "")
+    return next((c for c in (Path(name), folder / name) if name and accept(c)), None)
+
+
 def base_checkpoint_of(folder: Path, config: Mapping[str, Any]) -> Path:
     """The base checkpoint an adapter folder names (base_model_name_or_path) when it is a local file."""
+    found = local_base(folder, config)
+    if found is not None:
+        return found
     name = str(config.get("base_model_name_or_path") or "")
-    for cand in (Path(name), folder / name):
-        if name and cand.is_file():
-            return cand
     raise CheckpointError(
         f"{str(folder)!r} is a PEFT adapter folder: it holds only the LoRA weights, not the model. Pass the base "
         f"checkpoint it was trained from as CHECKPOINT and this folder as --adapter {folder} (its "
@@ -210,7 +217,7 @@ def adapter_alone_message(folder: Path, command: str = "inspect") -> str | None:
         return None
     cfg = read_adapter_config(cfg_file)
     name = str(cfg.get("base_model_name_or_path") or "")
-    local = next((c for c in (Path(name), folder / name) if name and c.is_file()), None)
+    local = local_base(folder, cfg)
     base = (f"its base checkpoint {str(local)!r} (adapter_config.json's base_model_name_or_path) is found and read "
             f"with it" if local is not None else
             f"the base checkpoint it was trained from as CHECKPOINT and this folder as --adapter {folder} "
@@ -292,6 +299,12 @@ def apply_adapter(model: nn.Module, split: SplitState, cfg: Mapping[str, Any] | 
                        bool(lcfg.use_rslora), bool(lcfg.use_dora), merge, config_file)
     out = wrapped.merge_and_unload() if merge else inner
     return out, fit, info
+
+
+def applied_note(where: str, info: AdapterInfo, merge: bool) -> str:
+    """NS306's note on an adapter `apply_adapter` applied."""
+    return (f"LoRA adapter from {where} applied {'merged' if merge else 'unmerged, through PEFT layers'} "
+            f"(r={info.r}, lora_alpha={info.lora_alpha:g}, {len(info.targets)} modules)")
 
 
 def combine_fits(base: Any, adapter: Any, info: AdapterInfo, notes: tuple[str, ...] = ()) -> Any:

@@ -293,9 +293,7 @@ class GroundingDinoPy(Stack):
         out, adapter_fit, info = ps.apply_adapter(
             model, split, adapter_cfg, source=where, merge=merge,
             config_file=str(adapter_cfg_file) if adapter_cfg_file is not None else None)
-        note = (f"LoRA adapter from {where} applied {'merged' if merge else 'unmerged, through PEFT layers'} "
-                f"(r={info.r}, lora_alpha={info.lora_alpha:g}, {len(info.targets)} modules)")
-        return out, ps.combine_fits(base_fit, adapter_fit, info, (note,))
+        return out, ps.combine_fits(base_fit, adapter_fit, info, (ps.applied_note(where, info, merge),))
 
     def load_tokenizer(self, *, config: ConfigSource = None,
                        text_encoder: str | None = None) -> tuple[Any, int]:

@@ -163,7 +163,8 @@ def load_folder(folder: Path, *, config: str | os.PathLike[str] | None = None) -
 
 def load_state_file(path: Path, config_data: Mapping[str, Any], *, trust: bool = False,
                     seed: int = 0) -> tuple[nn.Module, Any, KeyFit, dict[str, torch.Tensor]]:
-    """A state-dict file plus a config dict -> (model, config, key fit, the file's tensors)."""
+    """A state-dict file plus a config dict -> (model, config, key fit, the file's tensors the model took: by
+    the model's names, or every tensor by the file's own names when transformers' loading renamed them)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -186,11 +187,10 @@ def _model_for_state(path: Path, state: dict[str, torch.Tensor], config_data: Ma
                                          expected=f"{type(model).__name__} keys such as 'model.encoder.layers.0...' - "
                                                   "check the file and the config"))
     if fit.missing or fit.unexpected:  # save_pretrained's names (5.x renames and ties keys when it saves)
-        model, fit = _refit_as_transformers(model, cfg, state, fit, seed)
-    return model.eval(), cfg, fit, state
-
-
-RENAMED_NOTE = "keys renamed and tied by transformers' own loading, as from_pretrained reads a save_pretrained file"
+        other, refit = _refit_as_transformers(model, cfg, state, fit, seed)
+        if refit is not fit:
+            return other.eval(), cfg, refit, state
+    return model.eval(), cfg, fit, {k: state[fit.prefix + k] for k in fit.matched}
 
 
 def _refit_as_transformers(model: nn.Module, cfg: Any, state: dict[str, torch.Tensor], fit: KeyFit,
@@ -208,7 +208,8 @@ def _refit_as_transformers(model: nn.Module, cfg: Any, state: dict[str, torch.Te
     if len(refit.missing) + len(refit.unexpected) + len(refit.mismatched) >= \
             len(fit.missing) + len(fit.unexpected) + len(fit.mismatched):
         return model, fit
-    return other, dataclasses.replace(refit, notes=(*refit.notes, RENAMED_NOTE))
+    return other, dataclasses.replace(refit, notes=(*refit.notes, "keys renamed and tied by transformers' own "
+                                                     "loading, as from_pretrained reads a save_pretrained file"))
 
 
 def harmless_keys(model: nn.Module, fit: KeyFit) -> KeyFit:

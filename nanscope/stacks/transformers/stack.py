@@ -128,7 +128,7 @@ class TransformersHF(Stack):
 
         from nanscope.stacks.formats.checkpoint import file_sha256
         from nanscope.stacks.formats.shared_state import share_with_model
-        from nanscope.stacks.transformers.loading import RENAMED_NOTE, load_folder, load_state_file
+        from nanscope.stacks.transformers.loading import load_folder, load_state_file
 
         from nanscope.stacks.transformers.mm_loading import is_mm_checkpoint, load_mm_file
 
@@ -151,10 +151,8 @@ class TransformersHF(Stack):
                                                       merge=merge_lora)
             weights, adapter_path = path, path
         elif path.is_file():
-            model, cfg, fit, raw = load_state_file(path, self._config_data(path, config), trust=trust)
-            # the file's own tensors, by the file's names (they differ from the model's after a rename)
-            state, weights = ({k: raw[fit.prefix + k] for k in fit.matched} if RENAMED_NOTE not in fit.notes
-                              else raw), path
+            model, cfg, fit, state = load_state_file(path, self._config_data(path, config), trust=trust)
+            weights = path
         else:
             raise CheckpointError(f"checkpoint {str(path)!r} does not exist; expected a save_pretrained folder")
         if adapter_path is not None and adapter_path != path:
@@ -301,8 +299,8 @@ def _adapter_base_folder(folder: Path) -> Path | None:
 
     if not (folder / ps.ADAPTER_CONFIG).is_file():
         return None
-    name = str(ps.read_adapter_config(folder / ps.ADAPTER_CONFIG).get("base_model_name_or_path") or "")
-    return next((c for c in (Path(name), folder / name) if name and (c / "config.json").is_file()), None)
+    return ps.local_base(folder, ps.read_adapter_config(folder / ps.ADAPTER_CONFIG),
+                         accept=lambda c: (c / "config.json").is_file())
 
 
 def _apply_peft(model: nn.Module, fit: Any, adapter: Path, *, trust: bool, merge: bool) -> tuple[nn.Module, Any]:
@@ -353,9 +351,7 @@ def _apply_split(model: nn.Module, fit: Any, split: Any, cfg: Any, cfg_file: Any
     with input_embeddings_for_peft(model):
         out, adapter_fit, info = ps.apply_adapter(model, split, cfg, source=where, merge=merge,
                                                   config_file=str(cfg_file) if cfg_file is not None else None)
-    note = (f"LoRA adapter from {where} applied {'merged' if merge else 'unmerged, through PEFT layers'} "
-            f"(r={info.r}, lora_alpha={info.lora_alpha:g}, {len(info.targets)} modules)")
-    return out, ps.combine_fits(fit, adapter_fit, info, (note,))
+    return out, ps.combine_fits(fit, adapter_fit, info, (ps.applied_note(where, info, merge),))
 
 
 @contextlib.contextmanager
@@ -366,12 +362,12 @@ def input_embeddings_for_peft(model: nn.Module) -> Iterator[None]:
     det = find_detector(model)
     try:
         det.get_input_embeddings()
-        yield
-        return
     except NotImplementedError:
         pass
-    text = det.model.text_backbone
-    det.get_input_embeddings = text.get_input_embeddings  # an instance attribute, deleted below
+    else:  # the model answers it itself
+        yield
+        return
+    det.get_input_embeddings = det.model.text_backbone.get_input_embeddings  # an instance attribute, deleted below
     try:
         yield
     finally:
