@@ -297,8 +297,8 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
     if not prefix:
         return fit
     outside = sorted(k for k in state if not k.startswith(prefix))
-    note = (f"the model's weights sit under {prefix!r} in the file (a training wrapper's attribute, e.g. a "
-            f"LightningModule's): loaded from there" + (f"; {len(outside)} key(s) outside it (the wrapper's "
+    note = (f"the model's weights sit under {prefix!r} in the file (a training wrapper's attribute: a "
+            f"LightningModule's, an MMEngine BaseModel's): loaded from there" + (f"; {len(outside)} key(s) outside it (the wrapper's "
             f"own state, e.g. {outside[0]!r}) were not loaded" if outside else ""))
     why = f"outside the model's prefix {prefix!r}: the training wrapper's own state"
     return dataclasses.replace(fit, benign=fit.benign + tuple((k, why) for k in outside),
